@@ -1,0 +1,654 @@
+//! The `MtprotoGateway` custom resource: the desired shape of one gateway fleet.
+//!
+//! Validation lives in the schema where the API server can enforce it (ranges, enums, CEL
+//! rules for cross-field checks), so an invalid object is refused at `kubectl apply` time with
+//! a message naming the field, instead of failing later inside the reconciler.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the operator's resources.
+pub const GROUP: &str = "mtproto-edge.io";
+
+/// Port of the gateway's admin server (metrics and probes); fixed so probes and policies agree.
+pub const ADMIN_PORT: i32 = 9090;
+
+/// Desired state of a gateway fleet.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mtproto-edge.io",
+    version = "v1alpha1",
+    kind = "MtprotoGateway",
+    namespaced,
+    status = "MtprotoGatewayStatus",
+    shortname = "mtgw",
+    category = "mtproto",
+    doc = "A fleet of MTProto gateways: Deployment, Services, config, RBAC, PDB, HPA and policies managed by mtproto-operator",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether all desired gateway pods are ready"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired gateway pods"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Ready gateway pods"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "Client-facing address",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("!has(self.spec.autoscaling) || !self.spec.autoscaling.enabled || (self.spec.replicas >= self.spec.autoscaling.minReplicas && self.spec.replicas <= self.spec.autoscaling.maxReplicas)")
+        .message("spec.replicas must lie within spec.autoscaling.minReplicas..maxReplicas when autoscaling is enabled")
+        .field_path(".spec.replicas"),
+    validation = Rule::new("self.spec.listeners.all(l, l.port != 9090 && l.port != self.spec.session.grpcPort)")
+        .message("listener ports must differ from the admin port 9090 and spec.session.grpcPort")
+        .field_path(".spec.listeners"),
+    cel
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MtprotoGatewaySpec {
+    /// Desired number of gateway pods (also the target of `kubectl scale` and the HPA).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Container image that runs `mtproto-gateway`.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Image pull policy of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+
+    /// Names of Secrets used to pull the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+
+    /// CPU and memory of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Gateway log level.
+    #[serde(default)]
+    pub log_level: LogLevel,
+
+    /// Seconds a pod gets to drain open connections after SIGTERM.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+
+    /// Client-facing listeners; each becomes a port on the client Service.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(
+        validation = Rule::new("self.all(l, self.exists_one(m, m.port == l.port))").message("listener ports must be unique"),
+        validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))").message("listener names must be unique")
+    )]
+    pub listeners: Vec<Listener>,
+
+    /// RSA private keys used by the handshake. The first is primary; the others are still
+    /// served so clients pinned to an older key keep working during rotation.
+    #[schemars(length(min = 1, max = 8))]
+    pub rsa_keys: Vec<SecretKeyRef>,
+
+    /// Where the gateway finds session services.
+    pub session: SessionSpec,
+
+    /// Auth-key store and cache.
+    #[serde(default)]
+    pub auth_keys: AuthKeysSpec,
+
+    /// Connection limits and timeouts.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+
+    /// How clients reach the fleet.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Horizontal pod autoscaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// PodDisruptionBudget for voluntary evictions.
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
+
+    /// Pod placement.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+
+    /// Prometheus scraping.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+
+    /// NetworkPolicy around the gateway pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+fn default_grace() -> i64 {
+    60
+}
+
+/// Image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// The value Kubernetes expects in a container spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Gateway log level.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    /// The value the gateway config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// One client-facing listener.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    /// Port name on the Services (a DNS label).
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Container and Service port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// MTProto transport carried on this port.
+    #[serde(default)]
+    pub transport: Transport,
+    /// Whether a PROXY protocol header precedes client bytes.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// MTProto transport kinds a listener accepts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Websocket,
+    Http,
+}
+
+impl Transport {
+    /// The value the gateway config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Websocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// PROXY protocol handling on a listener.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+impl ProxyProtocol {
+    /// The value the gateway config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// A key inside a Secret in the gateway's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub secret_name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// Session discovery.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSpec {
+    /// How requests reach sessions: one unary call per frame or a long-lived stream.
+    #[serde(default)]
+    pub mode: SessionMode,
+    /// How auth keys map to session pods.
+    #[serde(default)]
+    pub ring: RingMode,
+    /// The session Service whose EndpointSlices the gateway watches.
+    pub service: SessionServiceRef,
+    /// Port of the reverse-path gRPC server sessions call back on.
+    #[serde(default = "default_grpc_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub grpc_port: i32,
+}
+
+fn default_grpc_port() -> i32 {
+    20110
+}
+
+/// Session transport mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionMode {
+    #[default]
+    Unary,
+    Stream,
+}
+
+impl SessionMode {
+    /// The value the gateway config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unary => "unary",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+/// Consistent-hash ring flavour.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RingMode {
+    /// go-zero compatible ring, so Go teamgram sessions agree on key ownership.
+    #[default]
+    Gozero,
+    /// Ketama-style ring for fleets of our own sessions only.
+    Ketama,
+}
+
+impl RingMode {
+    /// The value the gateway config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gozero => "gozero",
+            Self::Ketama => "ketama",
+        }
+    }
+}
+
+/// The session Service to discover.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionServiceRef {
+    /// Service name.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Service namespace; defaults to the gateway's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: Option<String>,
+    /// Name of the gRPC port on that Service.
+    #[serde(default = "default_port_name")]
+    #[schemars(length(min = 1, max = 15))]
+    pub port_name: String,
+}
+
+fn default_port_name() -> String {
+    "grpc".to_owned()
+}
+
+/// Auth-key storage.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthKeysSpec {
+    /// Secret key holding the Redis URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<SecretKeyRef>,
+    /// Secret key holding the MySQL URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_url: Option<SecretKeyRef>,
+    /// In-memory auth-key cache size per pod.
+    #[serde(default = "default_cache_bytes")]
+    #[schemars(range(min = 0, max = 68_719_476_736i64))]
+    pub cache_capacity_bytes: i64,
+    /// How long a cached key stays fresh.
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(range(min = 1, max = 604_800))]
+    pub cache_ttl_seconds: i64,
+}
+
+fn default_cache_bytes() -> i64 {
+    64 * 1024 * 1024
+}
+
+fn default_cache_ttl() -> i64 {
+    3600
+}
+
+impl Default for AuthKeysSpec {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            mysql_url: None,
+            cache_capacity_bytes: default_cache_bytes(),
+            cache_ttl_seconds: default_cache_ttl(),
+        }
+    }
+}
+
+/// Connection limits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Open connections per pod.
+    #[serde(default = "default_max_conns")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_connections: i64,
+    /// Open connections per client IP per pod.
+    #[serde(default = "default_max_conns_per_ip")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections_per_ip: i64,
+    /// Time allowed for the auth-key exchange.
+    #[serde(default = "default_handshake_timeout")]
+    #[schemars(range(min = 1, max = 600))]
+    pub handshake_timeout_seconds: i64,
+    /// Idle connections are closed after this long.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub idle_timeout_seconds: i64,
+}
+
+fn default_max_conns() -> i64 {
+    100_000
+}
+fn default_max_conns_per_ip() -> i64 {
+    256
+}
+fn default_handshake_timeout() -> i64 {
+    30
+}
+fn default_idle_timeout() -> i64 {
+    300
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_conns(),
+            max_connections_per_ip: default_max_conns_per_ip(),
+            handshake_timeout_seconds: default_handshake_timeout(),
+            idle_timeout_seconds: default_idle_timeout(),
+        }
+    }
+}
+
+/// Client-facing Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'")
+        .message("externalTrafficPolicy needs type NodePort or LoadBalancer")
+        .field_path(".externalTrafficPolicy")
+)]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations for the Service (load-balancer settings and the like).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Keep client source IPs by routing only to local pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<ExternalTrafficPolicy>,
+}
+
+/// Kubernetes Service type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The value Kubernetes expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Service external traffic policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ExternalTrafficPolicy {
+    Cluster,
+    Local,
+}
+
+impl ExternalTrafficPolicy {
+    /// The value Kubernetes expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cluster => "Cluster",
+            Self::Local => "Local",
+        }
+    }
+}
+
+/// Horizontal pod autoscaling. The HPA scales the MtprotoGateway itself through its scale
+/// subresource, so `spec.replicas` stays the one source of truth for the Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas")
+        .message("minReplicas must not exceed maxReplicas")
+        .field_path(".minReplicas"),
+    validation = Rule::new("!self.enabled || has(self.targetCpuUtilizationPercentage) || has(self.targetConnectionsPerPod)")
+        .message("autoscaling needs targetCpuUtilizationPercentage or targetConnectionsPerPod")
+        .field_path(".targetCpuUtilizationPercentage")
+)]
+pub struct AutoscalingSpec {
+    /// Whether the HPA exists.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Lower bound of replicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Upper bound of replicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation target, percent of requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+    /// Average open connections per pod (needs a custom-metrics adapter serving
+    /// `mtproto_gateway_connections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub target_connections_per_pod: Option<i64>,
+}
+
+/// PodDisruptionBudget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    /// Whether the PDB exists.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Pods that may be down at once during voluntary disruptions.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_unavailable: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> i32 {
+    1
+}
+
+impl Default for DisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: 1,
+        }
+    }
+}
+
+/// Pod placement.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Node labels the pods require.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How pods spread over zones and nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+}
+
+/// Prometheus integration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// ServiceMonitor for the Prometheus operator (created only when its CRD exists).
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+/// ServiceMonitor settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    /// Whether to create the ServiceMonitor.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval.
+    #[serde(default = "default_interval")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub interval: String,
+}
+
+fn default_interval() -> String {
+    "30s".to_owned()
+}
+
+impl Default for ServiceMonitorSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: default_interval(),
+        }
+    }
+}
+
+/// NetworkPolicy settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Whether to create the NetworkPolicy.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Client CIDRs allowed on the listeners; empty means anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_cidrs: Vec<String>,
+    /// Namespaces (by `kubernetes.io/metadata.name`) allowed to scrape the admin port;
+    /// empty means any namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_namespaces: Vec<String>,
+}
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MtprotoGatewayStatus {
+    /// `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Pods of the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Ready pods of the Deployment.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods, for the scale subresource and the HPA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Where clients connect (`host:port` of the first listener).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}

@@ -1,0 +1,3 @@
+//! mtproto-operator: reconciles `MtprotoGateway` objects into running gateway fleets.
+
+pub mod crd;
