@@ -1,0 +1,3 @@
+//! The MTProto edge gateway: see `docs/architecture.md` for the path of a byte.
+
+pub mod protocol;

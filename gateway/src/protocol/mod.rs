@@ -1,0 +1,6 @@
+//! Sans-IO MTProto: everything here is pure functions and state machines over
+//! bytes. No sockets, no tokio, no clocks: time and randomness are passed in.
+
+pub mod crypto;
+pub mod transport;
+pub mod tl;
