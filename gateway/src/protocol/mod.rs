@@ -2,5 +2,10 @@
 //! bytes. No sockets, no tokio, no clocks: time and randomness are passed in.
 
 pub mod crypto;
-pub mod transport;
+pub mod dh;
+pub mod handshake;
+pub mod message;
+pub mod pq;
+pub mod rsa;
 pub mod tl;
+pub mod transport;
