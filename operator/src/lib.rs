@@ -1,3 +1,13 @@
 //! mtproto-operator: reconciles `MtprotoGateway` objects into running gateway fleets.
+//!
+//! The reconciler is a pipeline: dereference (read Secrets) → [`validate`] (pure) →
+//! [`build`] (pure) → apply (server-side apply) → [`conditions`] → status.
 
+pub mod build;
+pub mod conditions;
 pub mod crd;
+pub mod error;
+pub mod validate;
+
+#[cfg(test)]
+mod fixtures;

@@ -1,0 +1,530 @@
+//! The ConfigMap with the rendered config and the Deployment that runs the gateway.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecretKeySelector, SecretProjection, SecurityContext, Sysctl, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use super::config::DATA_DIR;
+use super::{common_labels, meta, selector_labels, Names, CONFIG_HASH_ANNOTATION, CONFIG_KEY};
+use crate::crd::{MtprotoGatewaySpec, SecretKeyRef, ADMIN_PORT};
+use crate::validate::{ValidatedGateway, CONFIG_DIR};
+
+/// Non-root uid/gid the gateway runs as (the distroless "nonroot" user).
+const RUN_AS: i64 = 65532;
+/// Env var the gateway reads its Redis URL from.
+pub const REDIS_ENV: &str = "MTPROTO_GATEWAY_AUTH_KEYS__REDIS_URL";
+/// Env var the gateway reads its MySQL URL from.
+pub const MYSQL_ENV: &str = "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL";
+
+pub(super) fn config_map(
+    v: &ValidatedGateway,
+    names: &Names,
+    owner: &OwnerReference,
+    text: String,
+) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(v, &names.config, owner),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), text)])),
+        ..ConfigMap::default()
+    }
+}
+
+/// Hash of the config text and the referenced Secret values.
+fn config_hash(config_text: &str, secrets_hash: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(config_text.as_bytes());
+    h.update([0]);
+    h.update(secrets_hash.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+pub(super) fn deployment(
+    spec: &MtprotoGatewaySpec,
+    v: &ValidatedGateway,
+    names: &Names,
+    owner: &OwnerReference,
+    config_text: &str,
+) -> Deployment {
+    let mut pod_labels = common_labels(&v.name);
+    pod_labels.extend(selector_labels(&v.name));
+    let annotations = BTreeMap::from([(
+        CONFIG_HASH_ANNOTATION.to_owned(),
+        config_hash(config_text, &v.secrets_hash),
+    )]);
+    let low_port = spec.listeners.iter().any(|l| l.port < 1024);
+
+    Deployment {
+        metadata: meta(v, &names.base, owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&v.name)),
+                ..LabelSelector::default()
+            },
+            // Surge first, so capacity never dips while pods drain their connections.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".to_owned())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names.base.clone()),
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        // Lets the non-root, capability-free process bind ports below 1024.
+                        sysctls: low_port.then(|| {
+                            vec![Sysctl {
+                                name: "net.ipv4.ip_unprivileged_port_start".to_owned(),
+                                value: "0".to_owned(),
+                            }]
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
+                        spec.image_pull_secrets
+                            .iter()
+                            .map(|n| LocalObjectReference { name: n.clone() })
+                            .collect()
+                    }),
+                    containers: vec![container(spec)],
+                    volumes: Some(volumes(v, names)),
+                    node_selector: (!spec.placement.node_selector.is_empty())
+                        .then(|| spec.placement.node_selector.clone()),
+                    tolerations: (!spec.placement.tolerations.is_empty())
+                        .then(|| spec.placement.tolerations.clone()),
+                    affinity: spec.placement.affinity.clone(),
+                    topology_spread_constraints: (!spec
+                        .placement
+                        .topology_spread_constraints
+                        .is_empty())
+                    .then(|| spec.placement.topology_spread_constraints.clone()),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn container(spec: &MtprotoGatewaySpec) -> Container {
+    let mut ports: Vec<ContainerPort> = spec
+        .listeners
+        .iter()
+        .map(|l| ContainerPort {
+            name: Some(l.name.clone()),
+            container_port: l.port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        })
+        .collect();
+    ports.push(ContainerPort {
+        name: Some("grpc".to_owned()),
+        container_port: spec.session.grpc_port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    });
+    ports.push(ContainerPort {
+        name: Some("admin".to_owned()),
+        container_port: ADMIN_PORT,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    });
+
+    let mut env = vec![EnvVar {
+        name: "POD_IP".to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if let Some(r) = &spec.auth_keys.redis_url {
+        env.push(secret_env(REDIS_ENV, r));
+    }
+    if let Some(m) = &spec.auth_keys.mysql_url {
+        env.push(secret_env(MYSQL_ENV, m));
+    }
+
+    Container {
+        name: "gateway".to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        command: Some(vec!["mtproto-gateway".to_owned()]),
+        args: Some(vec![
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        ports: Some(ports),
+        env: Some(env),
+        resources: spec.resources.clone(),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "data".to_owned(),
+                mount_path: DATA_DIR.to_owned(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: r.secret_name.clone(),
+                key: r.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("admin".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// One projected volume holds the config and every RSA key at the paths the config names.
+fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
+    let mut sources = vec![VolumeProjection {
+        config_map: Some(ConfigMapProjection {
+            name: names.config.clone(),
+            items: Some(vec![KeyToPath {
+                key: CONFIG_KEY.to_owned(),
+                path: CONFIG_KEY.to_owned(),
+                ..KeyToPath::default()
+            }]),
+            optional: Some(false),
+        }),
+        ..VolumeProjection::default()
+    }];
+    let mut by_secret: BTreeMap<&str, Vec<KeyToPath>> = BTreeMap::new();
+    for k in &v.rsa_keys {
+        by_secret
+            .entry(k.source.secret_name.as_str())
+            .or_default()
+            .push(KeyToPath {
+                key: k.source.key.clone(),
+                path: k.relative_path.clone(),
+                mode: Some(0o440),
+            });
+    }
+    sources.extend(
+        by_secret
+            .into_iter()
+            .map(|(secret, items)| VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.to_owned(),
+                    items: Some(items),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            }),
+    );
+
+    vec![
+        Volume {
+            name: "config".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(sources),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "data".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::built;
+    use super::*;
+    use crate::fixtures::{dereferenced, gateway};
+    use crate::validate::validate;
+
+    fn pod(d: &Deployment) -> &PodSpec {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn deployment_runs_the_gateway_contract() {
+        let (_, b) = built();
+        let d = &b.deployment;
+        let spec = d.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.selector.match_labels, Some(selector_labels("edge")));
+        let p = pod(d);
+        assert_eq!(p.termination_grace_period_seconds, Some(60));
+        assert_eq!(p.service_account_name.as_deref(), Some("edge"));
+        let c = &p.containers[0];
+        assert_eq!(
+            c.image.as_deref(),
+            Some("ghcr.io/example/mtproto-gateway:1.0")
+        );
+        assert_eq!(
+            c.args.as_deref(),
+            Some(
+                &[
+                    "--config".to_owned(),
+                    "/etc/mtproto-gateway/gateway.toml".to_owned()
+                ][..]
+            )
+        );
+        let env = c.env.as_ref().expect("env");
+        let pod_ip = env.iter().find(|e| e.name == "POD_IP").expect("POD_IP");
+        assert_eq!(
+            pod_ip
+                .value_from
+                .as_ref()
+                .and_then(|f| f.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("status.podIP")
+        );
+        let redis = env.iter().find(|e| e.name == REDIS_ENV).expect("redis env");
+        let sel = redis
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .expect("secretKeyRef");
+        assert_eq!((sel.name.as_str(), sel.key.as_str()), ("store", "redis"));
+        assert!(env.iter().any(|e| e.name == MYSQL_ENV));
+
+        let ports: Vec<_> = c
+            .ports
+            .as_ref()
+            .expect("ports")
+            .iter()
+            .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("tcp".to_owned(), 10443),
+                ("ws".to_owned(), 8080),
+                ("grpc".to_owned(), 20110),
+                ("admin".to_owned(), 9090)
+            ]
+        );
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness");
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("liveness");
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn pods_are_locked_down() {
+        let (_, b) = built();
+        let p = pod(&b.deployment);
+        let psc = p.security_context.as_ref().expect("pod security context");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert!(psc.sysctls.is_none(), "no low ports in the fixture");
+        let sc = p.containers[0]
+            .security_context
+            .as_ref()
+            .expect("security context");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        assert!(sc
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.add.as_ref())
+            .is_none());
+    }
+
+    #[test]
+    fn low_port_gets_unprivileged_port_sysctl() {
+        let mut gw = gateway();
+        gw.spec.listeners[0].port = 443;
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        let b = super::super::build(&gw, &v).expect("build");
+        let sysctls = pod(&b.deployment)
+            .security_context
+            .as_ref()
+            .and_then(|s| s.sysctls.clone())
+            .expect("sysctls");
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+    }
+
+    #[test]
+    fn keys_and_config_are_projected_where_the_config_points() {
+        let (_, b) = built();
+        let vols = pod(&b.deployment).volumes.as_ref().expect("volumes");
+        let sources = vols[0]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .expect("projected");
+        assert_eq!(
+            sources[0].config_map.as_ref().map(|c| c.name.as_str()),
+            Some("edge-config")
+        );
+        let secret = sources[1].secret.as_ref().expect("secret projection");
+        assert_eq!(secret.name, "rsa-keys");
+        let paths: Vec<_> = secret
+            .items
+            .as_ref()
+            .expect("items")
+            .iter()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("primary.pem", "rsa/rsa-keys/primary.pem"),
+                ("old", "rsa/rsa-keys/old.pem")
+            ]
+        );
+        let mounts = pod(&b.deployment).containers[0]
+            .volume_mounts
+            .clone()
+            .expect("mounts");
+        assert!(mounts
+            .iter()
+            .any(|m| m.mount_path == CONFIG_DIR && m.name == "config"));
+        assert!(mounts
+            .iter()
+            .any(|m| m.mount_path == DATA_DIR && m.name == "data"));
+    }
+
+    fn hash_of(d: &Deployment) -> String {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_HASH_ANNOTATION).cloned())
+            .expect("hash annotation")
+    }
+
+    #[test]
+    fn config_or_secret_change_rolls_the_template() {
+        let gw = gateway();
+        let d = dereferenced();
+        let base = hash_of(
+            &super::super::build(&gw, &validate(&gw, &d).expect("valid"))
+                .expect("b")
+                .deployment,
+        );
+
+        let mut rotated = d.clone();
+        rotated.secrets.get_mut("rsa-keys").expect("rsa").insert(
+            "old".into(),
+            crate::fixtures::PEM.replace("MIIB", "MIIC").into_bytes(),
+        );
+        let after_secret = hash_of(
+            &super::super::build(&gw, &validate(&gw, &rotated).expect("valid"))
+                .expect("b")
+                .deployment,
+        );
+        assert_ne!(base, after_secret);
+
+        let mut gw2 = gw.clone();
+        gw2.spec.limits.max_connections = 5;
+        let after_config = hash_of(
+            &super::super::build(&gw2, &validate(&gw2, &d).expect("valid"))
+                .expect("b")
+                .deployment,
+        );
+        assert_ne!(base, after_config);
+
+        let mut gw3 = gw.clone();
+        gw3.spec.replicas = 7;
+        let after_scale = hash_of(
+            &super::super::build(&gw3, &validate(&gw3, &d).expect("valid"))
+                .expect("b")
+                .deployment,
+        );
+        assert_eq!(base, after_scale, "scaling must not restart pods");
+    }
+}

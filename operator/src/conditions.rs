@@ -1,0 +1,333 @@
+//! Pure computation of the gateway's status conditions from the Deployment it owns.
+//!
+//! `lastTransitionTime` only moves when a condition's status flips, so watchers can tell
+//! "still not ready" from "became not ready again".
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// All desired pods are ready and updated.
+pub const READY: &str = "Ready";
+/// A rollout or scale is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Something needs attention: an invalid spec, a failed apply or a stuck rollout.
+pub const DEGRADED: &str = "Degraded";
+
+/// Inputs that decide the conditions.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    /// `metadata.generation` of the gateway.
+    pub generation: i64,
+    /// Desired replicas.
+    pub replicas: i32,
+    /// The owned Deployment as last read (after apply), if any.
+    pub deployment: Option<&'a Deployment>,
+    /// Why this reconcile failed, if it did: (reason, message).
+    pub failure: Option<(&'a str, &'a str)>,
+}
+
+/// Replica counts taken from the Deployment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replicas {
+    pub total: i32,
+    pub ready: i32,
+}
+
+/// Replica counts as the Deployment reports them.
+pub fn replicas(deployment: Option<&Deployment>) -> Replicas {
+    let status = deployment.and_then(|d| d.status.as_ref());
+    Replicas {
+        total: status.and_then(|s| s.replicas).unwrap_or(0),
+        ready: status.and_then(|s| s.ready_replicas).unwrap_or(0),
+    }
+}
+
+fn deployment_condition<'a>(
+    d: &'a Deployment,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::apps::v1::DeploymentCondition> {
+    d.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == type_))
+}
+
+/// Computes `Ready`, `Progressing` and `Degraded`, keeping transition times from `previous`
+/// for conditions whose status did not change.
+pub fn compute(o: &Observed<'_>, previous: &[Condition], now: Time) -> Vec<Condition> {
+    let (ready, progressing, degraded) = decide(o);
+    [ready, progressing, degraded]
+        .into_iter()
+        .map(|(type_, status, reason, message)| {
+            let status = if status { "True" } else { "False" }.to_owned();
+            let last_transition_time = previous
+                .iter()
+                .find(|p| p.type_ == type_ && p.status == status)
+                .map(|p| p.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            Condition {
+                type_: type_.to_owned(),
+                status,
+                reason: reason.to_owned(),
+                message,
+                observed_generation: Some(o.generation),
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+type Decision = (&'static str, bool, &'static str, String);
+
+fn decide(o: &Observed<'_>) -> (Decision, Decision, Decision) {
+    let counts = replicas(o.deployment);
+    let want = o.replicas;
+
+    if let Some((reason, message)) = o.failure {
+        let reason = reason_const(reason);
+        return (
+            (READY, false, reason, message.to_owned()),
+            (
+                PROGRESSING,
+                false,
+                reason,
+                "reconcile failed; retrying".to_owned(),
+            ),
+            (DEGRADED, true, reason, message.to_owned()),
+        );
+    }
+
+    let Some(d) = o.deployment else {
+        return (
+            (
+                READY,
+                false,
+                "DeploymentMissing",
+                "the Deployment does not exist yet".to_owned(),
+            ),
+            (
+                PROGRESSING,
+                true,
+                "Creating",
+                "creating the Deployment".to_owned(),
+            ),
+            (DEGRADED, false, "AsExpected", String::new()),
+        );
+    };
+    let status = d.status.as_ref();
+    let observed = status.and_then(|s| s.observed_generation).unwrap_or(0);
+    let d_gen = d.metadata.generation.unwrap_or(0);
+    let updated = status.and_then(|s| s.updated_replicas).unwrap_or(0);
+    let available = status.and_then(|s| s.available_replicas).unwrap_or(0);
+    let settled = observed >= d_gen
+        && updated == want
+        && counts.ready == want
+        && available == want
+        && counts.total == want;
+
+    let stuck = deployment_condition(d, "Progressing").is_some_and(|c| {
+        c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
+    let replica_failure = deployment_condition(d, "ReplicaFailure").filter(|c| c.status == "True");
+
+    let ready = if settled && want == 0 {
+        (
+            READY,
+            true,
+            "ScaledToZero",
+            "no replicas requested".to_owned(),
+        )
+    } else if settled {
+        (
+            READY,
+            true,
+            "AllReplicasReady",
+            format!("{want}/{want} replicas ready"),
+        )
+    } else {
+        (
+            READY,
+            false,
+            "ReplicasNotReady",
+            format!("{}/{want} replicas ready, {updated} updated", counts.ready),
+        )
+    };
+    let progressing = if settled {
+        (PROGRESSING, false, "RolloutComplete", String::new())
+    } else if stuck {
+        (
+            PROGRESSING,
+            false,
+            "ProgressDeadlineExceeded",
+            "rollout stalled".to_owned(),
+        )
+    } else {
+        (
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("{updated}/{want} replicas updated"),
+        )
+    };
+    let degraded = if stuck {
+        (
+            DEGRADED,
+            true,
+            "ProgressDeadlineExceeded",
+            "the Deployment rollout exceeded its deadline".to_owned(),
+        )
+    } else if let Some(c) = replica_failure {
+        (
+            DEGRADED,
+            true,
+            "ReplicaFailure",
+            c.message.clone().unwrap_or_default(),
+        )
+    } else {
+        (DEGRADED, false, "AsExpected", String::new())
+    };
+    (ready, progressing, degraded)
+}
+
+/// Condition reasons must be static CamelCase; map error labels onto them.
+fn reason_const(label: &str) -> &'static str {
+    match label {
+        "missing_secret" => "SecretNotFound",
+        "invalid_spec" => "InvalidSpec",
+        "apply" => "ApplyFailed",
+        _ => "ReconcileFailed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn deployment(
+        generation: i64,
+        observed: i64,
+        total: i32,
+        ready: i32,
+        updated: i32,
+    ) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..ObjectMeta::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(total),
+                ready_replicas: Some(ready),
+                available_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("timestamp"))
+    }
+
+    fn get<'a>(c: &'a [Condition], type_: &str) -> &'a Condition {
+        c.iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
+    }
+
+    fn observed(d: Option<&Deployment>, replicas: i32) -> Observed<'_> {
+        Observed {
+            generation: 4,
+            replicas,
+            deployment: d,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn settled_deployment_is_ready() {
+        let d = deployment(2, 2, 3, 3, 3);
+        let c = compute(&observed(Some(&d), 3), &[], t(10));
+        assert_eq!(get(&c, READY).status, "True");
+        assert_eq!(get(&c, READY).reason, "AllReplicasReady");
+        assert_eq!(get(&c, PROGRESSING).status, "False");
+        assert_eq!(get(&c, DEGRADED).status, "False");
+        assert!(c.iter().all(|c| c.observed_generation == Some(4)));
+    }
+
+    #[test]
+    fn rollout_in_progress_is_not_ready() {
+        for d in [
+            deployment(3, 2, 3, 3, 3),
+            deployment(2, 2, 4, 3, 1),
+            deployment(2, 2, 3, 2, 3),
+        ] {
+            let c = compute(&observed(Some(&d), 3), &[], t(10));
+            assert_eq!(get(&c, READY).status, "False", "{d:?}");
+            assert_eq!(get(&c, PROGRESSING).status, "True");
+            assert_eq!(get(&c, PROGRESSING).reason, "RollingOut");
+        }
+    }
+
+    #[test]
+    fn scaled_to_zero_is_ready() {
+        let d = deployment(2, 2, 0, 0, 0);
+        let c = compute(&observed(Some(&d), 0), &[], t(10));
+        assert_eq!(get(&c, READY).reason, "ScaledToZero");
+        assert_eq!(get(&c, READY).status, "True");
+    }
+
+    #[test]
+    fn missing_deployment_is_progressing() {
+        let c = compute(&observed(None, 3), &[], t(10));
+        assert_eq!(get(&c, READY).status, "False");
+        assert_eq!(get(&c, PROGRESSING).reason, "Creating");
+    }
+
+    #[test]
+    fn stalled_rollout_is_degraded() {
+        let mut d = deployment(2, 2, 3, 1, 3);
+        if let Some(s) = d.status.as_mut() {
+            s.conditions = Some(vec![DeploymentCondition {
+                type_: "Progressing".into(),
+                status: "False".into(),
+                reason: Some("ProgressDeadlineExceeded".into()),
+                ..DeploymentCondition::default()
+            }]);
+        }
+        let c = compute(&observed(Some(&d), 3), &[], t(10));
+        assert_eq!(get(&c, DEGRADED).status, "True");
+        assert_eq!(get(&c, PROGRESSING).status, "False");
+        assert_eq!(get(&c, READY).status, "False");
+    }
+
+    #[test]
+    fn failure_sets_degraded_with_reason() {
+        let o = Observed {
+            failure: Some(("missing_secret", "spec.rsaKeys[0]: Secret rsa not found")),
+            ..observed(None, 3)
+        };
+        let c = compute(&o, &[], t(10));
+        assert_eq!(get(&c, DEGRADED).status, "True");
+        assert_eq!(get(&c, DEGRADED).reason, "SecretNotFound");
+        assert!(get(&c, READY).message.contains("spec.rsaKeys[0]"));
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_flip() {
+        let d = deployment(2, 2, 3, 3, 3);
+        let first = compute(&observed(Some(&d), 3), &[], t(10));
+        let again = compute(&observed(Some(&d), 3), &first, t(20));
+        assert_eq!(get(&again, READY).last_transition_time, t(10));
+
+        let scaling = deployment(3, 3, 3, 3, 3);
+        let flipped = compute(&observed(Some(&scaling), 5), &again, t(30));
+        assert_eq!(get(&flipped, READY).last_transition_time, t(30));
+        assert_eq!(get(&flipped, DEGRADED).last_transition_time, t(10));
+    }
+}

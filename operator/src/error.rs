@@ -1,0 +1,89 @@
+//! Reconcile errors. Each has a short stable label for the failure metric and Events.
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object lacks a field the API server always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+
+    /// A referenced Secret or key does not exist (yet).
+    #[error("{0}")]
+    MissingSecret(String),
+
+    /// The spec passed the schema but is still unusable.
+    #[error("invalid spec: {0}")]
+    Invalid(String),
+
+    /// Reading a referenced object failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Server-side apply of an owned object failed.
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Deleting an object that is no longer wanted failed.
+    #[error("deleting {kind} {name}: {source}")]
+    Delete {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Writing status failed.
+    #[error("patching status: {0}")]
+    Status(#[source] kube::Error),
+
+    /// Rendering the gateway config failed.
+    #[error("rendering gateway config: {0}")]
+    Render(#[from] toml::ser::Error),
+
+    /// Adding or removing the finalizer failed, or the wrapped step failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Stable label for `mtproto_operator_reconcile_errors_total{error=...}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingField(_) => "missing_field",
+            Self::MissingSecret(_) => "missing_secret",
+            Self::Invalid(_) => "invalid_spec",
+            Self::Read { .. } => "read",
+            Self::Apply { .. } => "apply",
+            Self::Delete { .. } => "delete",
+            Self::Status(_) => "status",
+            Self::Render(_) => "render",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Whether the user must change something (as opposed to a transient API failure).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Self::MissingSecret(_) | Self::Invalid(_) => true,
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_user_error(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Test fixtures shared by the unit tests.
+
+use serde_json::json;
+
+use crate::crd::MtprotoGateway;
+use crate::validate::Dereferenced;
+
+pub const PEM: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n";
+
+/// A gateway using most features, as the API server would return it (defaults filled in by
+/// serde, generation and uid set).
+pub fn gateway() -> MtprotoGateway {
+    serde_json::from_value(json!({
+        "apiVersion": "mtproto-edge.io/v1alpha1",
+        "kind": "MtprotoGateway",
+        "metadata": {"name": "edge", "namespace": "edge", "uid": "0000-1111", "generation": 3},
+        "spec": {
+            "replicas": 3,
+            "image": "ghcr.io/example/mtproto-gateway:1.0",
+            "listeners": [
+                {"name": "tcp", "port": 10443},
+                {"name": "ws", "port": 8080, "transport": "websocket", "proxyProtocol": "required"}
+            ],
+            "rsaKeys": [
+                {"secretName": "rsa-keys", "key": "primary.pem"},
+                {"secretName": "rsa-keys", "key": "old"}
+            ],
+            "session": {"mode": "stream", "service": {"name": "session", "namespace": "teamgram"}},
+            "authKeys": {
+                "redisUrl": {"secretName": "store", "key": "redis"},
+                "mysqlUrl": {"secretName": "store", "key": "mysql"}
+            },
+            "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                        "annotations": {"lb.example/proxy-protocol": "true"}},
+            "autoscaling": {"enabled": true, "minReplicas": 2, "maxReplicas": 10,
+                            "targetCpuUtilizationPercentage": 70, "targetConnectionsPerPod": 20000},
+            "networkPolicy": {"enabled": true, "clientCidrs": ["0.0.0.0/0"]}
+        }
+    }))
+    .expect("fixture parses")
+}
+
+/// Secrets that satisfy every reference of `gateway()`.
+pub fn dereferenced() -> Dereferenced {
+    let mut d = Dereferenced::default();
+    d.secrets.insert(
+        "rsa-keys".into(),
+        [
+            ("primary.pem".to_owned(), PEM.as_bytes().to_vec()),
+            ("old".to_owned(), PEM.as_bytes().to_vec()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    d.secrets.insert(
+        "store".into(),
+        [
+            ("redis".to_owned(), b"redis://redis:6379".to_vec()),
+            ("mysql".to_owned(), b"mysql://u:p@mysql/teamgram".to_vec()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    d
+}

@@ -1,0 +1,313 @@
+//! Pure validation: turns a gateway plus the objects it references into a [`ValidatedGateway`]
+//! the builders can trust, or an error that names what is wrong.
+//!
+//! The schema and CEL rules already refuse most bad input at the API server; what remains here
+//! needs other objects (Secrets) or is awkward in CEL (CIDR syntax on older servers).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use sha2::{Digest, Sha256};
+
+use crate::crd::{MtprotoGateway, SecretKeyRef};
+use crate::error::Error;
+
+/// Where the gateway reads its configuration and keys inside the pod.
+pub const CONFIG_DIR: &str = "/etc/mtproto-gateway";
+
+/// Data of the Secrets a gateway references, by Secret name then key.
+pub type SecretData = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
+
+/// What the reconciler found in the cluster for one gateway.
+#[derive(Debug, Default, Clone)]
+pub struct Dereferenced {
+    /// Referenced Secrets that exist (missing ones are absent).
+    pub secrets: SecretData,
+    /// Whether the `ServiceMonitor` API is served.
+    pub service_monitor_api: bool,
+}
+
+/// One RSA key as the pod sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RsaKeyFile {
+    /// The Secret key it comes from.
+    pub source: SecretKeyRef,
+    /// Path of the file relative to [`CONFIG_DIR`].
+    pub relative_path: String,
+}
+
+impl RsaKeyFile {
+    /// Absolute path inside the pod.
+    pub fn path(&self) -> String {
+        format!("{CONFIG_DIR}/{}", self.relative_path)
+    }
+}
+
+/// A gateway whose references resolved and whose settings are consistent.
+#[derive(Debug, Clone)]
+pub struct ValidatedGateway {
+    /// Namespace of the gateway (and of everything the operator creates for it, except the
+    /// Role that lets it read EndpointSlices in the session namespace).
+    pub namespace: String,
+    /// Name of the gateway.
+    pub name: String,
+    /// Namespace of the session Service.
+    pub session_namespace: String,
+    /// RSA key files in the order the gateway should load them (first = primary).
+    pub rsa_keys: Vec<RsaKeyFile>,
+    /// SHA-256 (hex) over every referenced Secret value, so a Secret edit rolls the pods.
+    pub secrets_hash: String,
+    /// Whether to create a ServiceMonitor.
+    pub service_monitor: bool,
+}
+
+/// Checks `gw` against the objects it references.
+pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGateway, Error> {
+    let namespace = gw
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = gw
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let spec = &gw.spec;
+
+    let mut seen = Vec::new();
+    let mut rsa_keys = Vec::with_capacity(spec.rsa_keys.len());
+    for (i, key) in spec.rsa_keys.iter().enumerate() {
+        if seen.contains(&key) {
+            return Err(Error::Invalid(format!(
+                "spec.rsaKeys[{i}]: {}/{} is listed twice",
+                key.secret_name, key.key
+            )));
+        }
+        seen.push(key);
+        let value = secret_value(deref, key, &format!("spec.rsaKeys[{i}]"))?;
+        if !looks_like_pem_private_key(value) {
+            return Err(Error::Invalid(format!(
+                "spec.rsaKeys[{i}]: Secret {} key {} is not a PEM private key",
+                key.secret_name, key.key
+            )));
+        }
+        rsa_keys.push(RsaKeyFile {
+            source: key.clone(),
+            relative_path: rsa_relative_path(key),
+        });
+    }
+
+    if let Some(r) = &spec.auth_keys.redis_url {
+        secret_value(deref, r, "spec.authKeys.redisUrl")?;
+    }
+    if let Some(m) = &spec.auth_keys.mysql_url {
+        secret_value(deref, m, "spec.authKeys.mysqlUrl")?;
+    }
+
+    for (i, cidr) in spec.network_policy.client_cidrs.iter().enumerate() {
+        if !is_cidr(cidr) {
+            return Err(Error::Invalid(format!(
+                "spec.networkPolicy.clientCidrs[{i}]: {cidr:?} is not a CIDR"
+            )));
+        }
+    }
+
+    let session_namespace = spec
+        .session
+        .service
+        .namespace
+        .clone()
+        .unwrap_or_else(|| namespace.clone());
+
+    Ok(ValidatedGateway {
+        namespace,
+        name,
+        session_namespace,
+        secrets_hash: hash_referenced(gw, &deref.secrets),
+        rsa_keys,
+        service_monitor: spec.metrics.service_monitor.enabled && deref.service_monitor_api,
+    })
+}
+
+/// Every Secret key a gateway references, in spec order.
+pub fn referenced_keys(gw: &MtprotoGateway) -> Vec<&SecretKeyRef> {
+    let spec = &gw.spec;
+    spec.rsa_keys
+        .iter()
+        .chain(spec.auth_keys.redis_url.iter())
+        .chain(spec.auth_keys.mysql_url.iter())
+        .collect()
+}
+
+fn secret_value<'a>(
+    deref: &'a Dereferenced,
+    key: &SecretKeyRef,
+    field: &str,
+) -> Result<&'a [u8], Error> {
+    let secret = deref.secrets.get(&key.secret_name).ok_or_else(|| {
+        Error::MissingSecret(format!("{field}: Secret {} not found", key.secret_name))
+    })?;
+    secret.get(&key.key).map(Vec::as_slice).ok_or_else(|| {
+        Error::MissingSecret(format!(
+            "{field}: Secret {} has no key {}",
+            key.secret_name, key.key
+        ))
+    })
+}
+
+/// The file name keeps a `.pem` suffix whether or not the Secret key has one.
+fn rsa_relative_path(key: &SecretKeyRef) -> String {
+    if key.key.ends_with(".pem") {
+        format!("rsa/{}/{}", key.secret_name, key.key)
+    } else {
+        format!("rsa/{}/{}.pem", key.secret_name, key.key)
+    }
+}
+
+fn looks_like_pem_private_key(value: &[u8]) -> bool {
+    std::str::from_utf8(value)
+        .map(|s| {
+            let s = s.trim_start();
+            s.starts_with("-----BEGIN") && s.contains("PRIVATE KEY-----")
+        })
+        .unwrap_or(false)
+}
+
+fn is_cidr(s: &str) -> bool {
+    let Some((addr, prefix)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return false;
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    prefix.parse::<u8>().is_ok_and(|p| p <= max) && !prefix.starts_with('+')
+}
+
+/// Hashes only referenced keys, so unrelated keys in a shared Secret do not restart pods.
+fn hash_referenced(gw: &MtprotoGateway, secrets: &SecretData) -> String {
+    let mut h = Sha256::new();
+    for key in referenced_keys(gw) {
+        h.update(key.secret_name.as_bytes());
+        h.update([0]);
+        h.update(key.key.as_bytes());
+        h.update([0]);
+        if let Some(v) = secrets.get(&key.secret_name).and_then(|s| s.get(&key.key)) {
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(v);
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{dereferenced, gateway};
+
+    #[test]
+    fn valid_gateway_resolves_keys_and_namespaces() {
+        let gw = gateway();
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        assert_eq!(v.namespace, "edge");
+        assert_eq!(v.session_namespace, "teamgram");
+        assert_eq!(v.rsa_keys.len(), 2);
+        assert_eq!(
+            v.rsa_keys[0].path(),
+            "/etc/mtproto-gateway/rsa/rsa-keys/primary.pem"
+        );
+        assert_eq!(
+            v.rsa_keys[1].path(),
+            "/etc/mtproto-gateway/rsa/rsa-keys/old.pem"
+        );
+        assert!(!v.service_monitor, "ServiceMonitor API absent");
+    }
+
+    #[test]
+    fn missing_secret_names_the_field() {
+        let gw = gateway();
+        let mut d = dereferenced();
+        d.secrets.remove("rsa-keys");
+        let err = validate(&gw, &d).expect_err("missing secret");
+        assert!(err.to_string().contains("spec.rsaKeys[0]"), "{err}");
+        assert_eq!(err.metric_label(), "missing_secret");
+    }
+
+    #[test]
+    fn missing_key_is_reported() {
+        let gw = gateway();
+        let mut d = dereferenced();
+        d.secrets.get_mut("store").expect("store").remove("mysql");
+        let err = validate(&gw, &d).expect_err("missing key");
+        assert!(err.to_string().contains("spec.authKeys.mysqlUrl"), "{err}");
+    }
+
+    #[test]
+    fn non_pem_key_is_refused() {
+        let gw = gateway();
+        let mut d = dereferenced();
+        d.secrets
+            .get_mut("rsa-keys")
+            .expect("rsa")
+            .insert("old".into(), b"not a key".to_vec());
+        let err = validate(&gw, &d).expect_err("not pem");
+        assert!(err.to_string().contains("spec.rsaKeys[1]"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_rsa_key_is_refused() {
+        let mut gw = gateway();
+        let first = gw.spec.rsa_keys[0].clone();
+        gw.spec.rsa_keys.push(first);
+        let err = validate(&gw, &dereferenced()).expect_err("dup");
+        assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn bad_cidr_is_refused() {
+        let mut gw = gateway();
+        gw.spec.network_policy.client_cidrs = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
+        let err = validate(&gw, &dereferenced()).expect_err("cidr");
+        assert!(err.to_string().contains("clientCidrs[1]"), "{err}");
+        for ok in ["0.0.0.0/0", "2001:db8::/32"] {
+            assert!(is_cidr(ok), "{ok}");
+        }
+        for bad in ["10.0.0.0", "x/8", "10.0.0.0/+8", "::/129"] {
+            assert!(!is_cidr(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hash_follows_referenced_values_only() {
+        let gw = gateway();
+        let d = dereferenced();
+        let base = validate(&gw, &d).expect("valid").secrets_hash;
+
+        let mut unrelated = d.clone();
+        unrelated
+            .secrets
+            .get_mut("store")
+            .expect("store")
+            .insert("unrelated".into(), b"x".to_vec());
+        assert_eq!(validate(&gw, &unrelated).expect("valid").secrets_hash, base);
+
+        let mut rotated = d.clone();
+        rotated
+            .secrets
+            .get_mut("store")
+            .expect("store")
+            .insert("redis".into(), b"redis://other:6379".to_vec());
+        assert_ne!(validate(&gw, &rotated).expect("valid").secrets_hash, base);
+    }
+
+    #[test]
+    fn service_monitor_needs_both_flag_and_api() {
+        let mut gw = gateway();
+        gw.spec.metrics.service_monitor.enabled = true;
+        let mut d = dereferenced();
+        assert!(!validate(&gw, &d).expect("valid").service_monitor);
+        d.service_monitor_api = true;
+        assert!(validate(&gw, &d).expect("valid").service_monitor);
+    }
+}
