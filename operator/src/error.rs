@@ -20,7 +20,7 @@ pub enum Error {
     Read {
         what: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 
     /// Server-side apply of an owned object failed.
@@ -29,7 +29,7 @@ pub enum Error {
         kind: &'static str,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 
     /// Deleting an object that is no longer wanted failed.
@@ -38,12 +38,12 @@ pub enum Error {
         kind: &'static str,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 
     /// Writing status failed.
     #[error("patching status: {0}")]
-    Status(#[source] kube::Error),
+    Status(#[source] Box<kube::Error>),
 
     /// Rendering the gateway config failed.
     #[error("rendering gateway config: {0}")]

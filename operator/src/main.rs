@@ -1,1 +1,194 @@
-fn main() {}
+//! `mtproto-operator`: serves health and metrics, waits for leadership, then reconciles
+//! `MtprotoGateway` objects until SIGTERM or until leadership is lost.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use kube::api::{Api, ListParams};
+use kube::Client;
+use mtproto_operator::controller::{self, Context};
+use mtproto_operator::crd::MtprotoGateway;
+use mtproto_operator::leader::{Elector, Timing};
+use mtproto_operator::metrics::Metrics;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// Command line; every flag also reads an env var so the chart can set it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Namespace of the leader Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "OPERATOR_LEASE_NAME",
+        default_value = "mtproto-operator-leader"
+    )]
+    lease_name: String,
+    /// Seconds a lease lasts without renewal; a standby takes over after this.
+    #[arg(long, env = "OPERATOR_LEASE_TTL_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    lease_ttl_seconds: u64,
+    /// This replica's identity in the Lease and in Events (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Debug)]
+struct Health {
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("mtproto-operator-{}", std::process::id()));
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health {
+        ready: AtomicBool::new(false),
+        metrics: metrics.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    info!(addr = %args.http_addr, %identity, "serving /metrics /healthz /readyz");
+    tokio::spawn(serve(listener, health.clone()));
+
+    let client = Client::try_default()
+        .await
+        .context("building a Kubernetes client")?;
+    Api::<MtprotoGateway>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("MtprotoGateway CRD is not queryable; install it with `kubectl apply -f crds/` or the Helm chart")?;
+    health.ready.store(true, Ordering::SeqCst);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        // The receiver lives until main returns; a send error only means we are exiting.
+        let _ = stop_tx.send(true);
+    });
+
+    let timing = Timing::from_ttl(Duration::from_secs(args.lease_ttl_seconds));
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        timing,
+    );
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = stopped(stop_rx.clone()) => return Ok(()),
+    }
+    metrics.set_leader(true);
+
+    let ctx = Arc::new(Context::new(client, metrics.clone(), &identity));
+    let reconciling = controller::run(ctx, stopped(stop_rx.clone()));
+    tokio::select! {
+        () = reconciling => {
+            metrics.set_leader(false);
+            elector.release().await;
+            Ok(())
+        }
+        reason = elector.hold() => {
+            metrics.set_leader(false);
+            error!(%reason, "lost leadership; exiting so a fresh start rejoins the election");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    if let Err(e) = axum::serve(listener, app).await {
+        error!(error = %e, "health/metrics server stopped");
+    }
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if h.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn metrics(
+    State(h): State<Arc<Health>>,
+) -> (
+    StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+) {
+    let content_type = [(
+        axum::http::header::CONTENT_TYPE,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )];
+    match h.metrics.encode() {
+        Ok(body) => (StatusCode::OK, content_type, body),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            content_type,
+            e.to_string(),
+        ),
+    }
+}

@@ -1,0 +1,662 @@
+//! The reconciler: dereference → validate → build → apply → conditions → status, plus the
+//! watch wiring that decides when it runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::build::{self, service_monitor_resource, Built, MANAGER, OWNER_NAMESPACE_LABEL};
+use crate::conditions::{self, Observed, READY};
+use crate::crd::{MtprotoGateway, MtprotoGatewayStatus};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::validate::{referenced_keys, validate, Dereferenced};
+
+/// Finalizer that removes objects garbage collection cannot reach (the EndpointSlice reader
+/// Role in another namespace).
+pub const FINALIZER: &str = "mtproto-edge.io/cleanup";
+/// Steady-state resync; owned-object watches trigger everything else.
+const RESYNC: Duration = Duration::from_secs(300);
+/// First retry delay after a failure; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Upper bound of the retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Shared state of all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<MtprotoGateway>, u32>>,
+}
+
+impl Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context whose Events name `instance` as the reporting replica.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: &str) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(instance.to_owned()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn backoff(&self, gw: &MtprotoGateway) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(ObjectRef::from_obj(gw)).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_delay(*n)
+    }
+
+    fn succeeded(&self, gw: &MtprotoGateway) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ObjectRef::from_obj(gw));
+    }
+
+    async fn publish(
+        &self,
+        gw: &MtprotoGateway,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &gw.object_ref(&())).await {
+            warn!(error = %e, "publishing event failed");
+        }
+    }
+}
+
+/// Delay after `failures` consecutive failures: 1 s, 2 s, 4 s, … capped at 5 min.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let controller = Controller::new(
+        Api::<MtprotoGateway>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let store = controller.store();
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
+        .owns(Api::<Role>::all(client.clone()), owned.clone())
+        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+        // A Secret edit must roll the pods, so a change to any referenced Secret requeues
+        // the gateways that reference it.
+        .watches(
+            Api::<Secret>::all(client),
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|gw| {
+                        gw.namespace() == ns
+                            && referenced_keys(gw).iter().any(|k| k.secret_name == name)
+                    })
+                    .map(|gw| ObjectRef::from_obj(&*gw))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(object = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile did not complete"),
+            }
+        })
+        .await;
+}
+
+/// One reconcile of one gateway.
+pub async fn reconcile(gw: Arc<MtprotoGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.measure();
+    let ns = gw
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<MtprotoGateway> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, gw, |event| async {
+        match event {
+            Finalizer::Apply(gw) => apply(&gw, &ctx).await,
+            Finalizer::Cleanup(gw) => cleanup(&gw, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Retry with per-object exponential backoff and count the failure.
+pub fn error_policy(gw: Arc<MtprotoGateway>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(err.metric_label());
+    let delay = ctx.backoff(&gw);
+    warn!(gateway = %gw.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
+    let deref = dereference(gw, &ctx.client).await?;
+    let outcome = match validate(gw, &deref).and_then(|v| build::build(gw, &v).map(|b| (v, b))) {
+        Ok((v, built)) => apply_all(gw, &built, &v.session_namespace, &ctx.client)
+            .await
+            .map(|d| (build::endpoint(gw, &v), d)),
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok((endpoint, deployment)) => {
+            let first_for_generation =
+                gw.status.as_ref().and_then(|s| s.observed_generation) != gw.metadata.generation;
+            let status = status_for(gw, Some(&deployment), endpoint, None);
+            patch_status(gw, &status, ctx).await?;
+            if first_for_generation {
+                ctx.publish(
+                    gw,
+                    EventType::Normal,
+                    "Applied",
+                    "Apply",
+                    format!(
+                        "applied generation {} ({} replicas)",
+                        gw.metadata.generation.unwrap_or(0),
+                        gw.spec.replicas
+                    ),
+                )
+                .await;
+            }
+            announce_transitions(gw, &status, ctx).await;
+            ctx.succeeded(gw);
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(err) => {
+            let deployment = current_deployment(gw, &ctx.client).await;
+            let endpoint = gw.status.as_ref().and_then(|s| s.endpoint.clone());
+            let status = status_for(
+                gw,
+                deployment.as_ref(),
+                endpoint,
+                Some((err.metric_label(), &err.to_string())),
+            );
+            if let Err(e) = patch_status(gw, &status, ctx).await {
+                warn!(error = %e, "could not record the failure in status");
+            }
+            let reason = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == conditions::DEGRADED)
+                .map(|c| c.reason.clone())
+                .unwrap_or_else(|| "ReconcileFailed".to_owned());
+            ctx.publish(
+                gw,
+                EventType::Warning,
+                &reason,
+                "Reconcile",
+                err.to_string(),
+            )
+            .await;
+            Err(err)
+        }
+    }
+}
+
+async fn cleanup(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
+    prune_foreign_readers(gw, None, &ctx.client).await?;
+    info!(gateway = %gw.name_any(), "cleaned up; owned objects follow by garbage collection");
+    Ok(Action::await_change())
+}
+
+/// Reads the Secrets the gateway references and whether ServiceMonitors are served.
+async fn dereference(gw: &MtprotoGateway, client: &Client) -> Result<Dereferenced, Error> {
+    let ns = gw
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let keys = referenced_keys(gw);
+    let names: BTreeSet<&str> = keys.iter().map(|k| k.secret_name.as_str()).collect();
+    let mut out = Dereferenced::default();
+    for name in names {
+        let found = secrets.get_opt(name).await.map_err(|source| Error::Read {
+            what: format!("Secret {ns}/{name}"),
+            source: Box::new(source),
+        })?;
+        if let Some(secret) = found {
+            let data = secret.data.unwrap_or_default();
+            let wanted = keys
+                .iter()
+                .filter(|k| k.secret_name == name)
+                .filter_map(|k| data.get(&k.key).map(|v| (k.key.clone(), v.0.clone())))
+                .collect();
+            out.secrets.insert(name.to_owned(), wanted);
+        }
+    }
+    if gw.spec.metrics.service_monitor.enabled {
+        out.service_monitor_api = match client
+            .list_api_group_resources("monitoring.coreos.com/v1")
+            .await
+        {
+            Ok(list) => list.resources.iter().any(|r| r.name == "servicemonitors"),
+            Err(kube::Error::Api(s)) if s.code == 404 => false,
+            Err(source) => {
+                return Err(Error::Read {
+                    what: "API discovery of monitoring.coreos.com/v1".to_owned(),
+                    source: Box::new(source),
+                })
+            }
+        };
+    }
+    Ok(out)
+}
+
+async fn ssa<K>(client: &Client, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let meta = obj.meta();
+    let name = meta
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
+    let ns = meta
+        .namespace
+        .as_deref()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: <K as k8s_openapi::Resource>::KIND,
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Deletes `name` only if this gateway controls it, so a disabled feature never removes a
+/// user's own object of the same name.
+async fn delete_owned<K>(
+    gw: &MtprotoGateway,
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let err = |source| Error::Delete {
+        kind: <K as k8s_openapi::Resource>::KIND,
+        name: name.to_owned(),
+        source: Box::new(source),
+    };
+    let Some(existing) = api.get_opt(name).await.map_err(err)? else {
+        return Ok(());
+    };
+    if !is_controlled_by(existing.meta(), gw) {
+        return Ok(());
+    }
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(err(source)),
+    }
+}
+
+fn is_controlled_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    gw: &MtprotoGateway,
+) -> bool {
+    let uid = gw.metadata.uid.as_deref();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+/// Applies everything in dependency order and returns the Deployment as the server has it.
+async fn apply_all(
+    gw: &MtprotoGateway,
+    b: &Built,
+    session_ns: &str,
+    client: &Client,
+) -> Result<Deployment, Error> {
+    let ns = b
+        .deployment
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = gw.name_any();
+    // Config and identity first, so the Deployment never starts pods against a stale config.
+    ssa(client, &b.config_map).await?;
+    ssa(client, &b.service_account).await?;
+    ssa(client, &b.role).await?;
+    ssa(client, &b.role_binding).await?;
+    let foreign = (session_ns != ns).then_some(session_ns);
+    prune_foreign_readers(gw, foreign, client).await?;
+    if foreign.is_some() {
+        let reader = build::Names::new(&name).endpoint_reader;
+        delete_owned::<RoleBinding>(gw, client, &ns, &reader).await?;
+        delete_owned::<Role>(gw, client, &ns, &reader).await?;
+    }
+    ssa(client, &b.client_service).await?;
+    ssa(client, &b.grpc_service).await?;
+    let deployment = ssa(client, &b.deployment).await?;
+
+    match &b.pdb {
+        Some(p) => drop(ssa(client, p).await?),
+        None => delete_owned::<PodDisruptionBudget>(gw, client, &ns, &name).await?,
+    }
+    match &b.hpa {
+        Some(h) => drop(ssa(client, h).await?),
+        None => delete_owned::<HorizontalPodAutoscaler>(gw, client, &ns, &name).await?,
+    }
+    match &b.network_policy {
+        Some(n) => drop(ssa(client, n).await?),
+        None => delete_owned::<NetworkPolicy>(gw, client, &ns, &name).await?,
+    }
+    apply_service_monitor(gw, b.service_monitor.as_ref(), client, &ns, &name).await?;
+    Ok(deployment)
+}
+
+async fn apply_service_monitor(
+    gw: &MtprotoGateway,
+    sm: Option<&DynamicObject>,
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &service_monitor_resource());
+    match sm {
+        Some(sm) => {
+            api.patch(
+                name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(sm),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "ServiceMonitor",
+                name: name.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
+        // Without the API there is nothing to delete; a 404 on the resource type says so.
+        None if gw.spec.metrics.service_monitor.enabled => {}
+        None => match api.get_opt(name).await {
+            Ok(Some(existing)) if is_controlled_by(&existing.metadata, gw) => {
+                match api.delete(name, &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(source) => {
+                        return Err(Error::Delete {
+                            kind: "ServiceMonitor",
+                            name: name.to_owned(),
+                            source: Box::new(source),
+                        })
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Read {
+                    what: format!("ServiceMonitor {ns}/{name}"),
+                    source: Box::new(source),
+                })
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Removes EndpointSlice reader Roles/RoleBindings this gateway left in namespaces other than
+/// `keep` (all of them when `keep` is `None`).
+async fn prune_foreign_readers(
+    gw: &MtprotoGateway,
+    keep: Option<&str>,
+    client: &Client,
+) -> Result<(), Error> {
+    let ns = gw.namespace().unwrap_or_default();
+    let selector = format!(
+        "app.kubernetes.io/instance={},{OWNER_NAMESPACE_LABEL}={ns}",
+        gw.name_any()
+    );
+    let lp = ListParams::default().labels(&selector);
+    prune::<RoleBinding>(client, &lp, keep).await?;
+    prune::<Role>(client, &lp, keep).await
+}
+
+async fn prune<K>(client: &Client, lp: &ListParams, keep: Option<&str>) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let all: Api<K> = Api::all(client.clone());
+    let list = all.list(lp).await.map_err(|source| Error::Read {
+        what: format!("{} list", <K as k8s_openapi::Resource>::KIND),
+        source: Box::new(source),
+    })?;
+    for obj in list.items {
+        let obj_ns = obj.namespace().unwrap_or_default();
+        if Some(obj_ns.as_str()) == keep {
+            continue;
+        }
+        let name = obj.name_any();
+        match Api::<K>::namespaced(client.clone(), &obj_ns)
+            .delete(&name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {
+                info!(namespace = %obj_ns, %name, kind = <K as k8s_openapi::Resource>::KIND, "pruned")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: <K as k8s_openapi::Resource>::KIND,
+                    name,
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn current_deployment(gw: &MtprotoGateway, client: &Client) -> Option<Deployment> {
+    let ns = gw.namespace()?;
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get_opt(&gw.name_any())
+        .await
+        .ok()
+        .flatten()
+}
+
+fn status_for(
+    gw: &MtprotoGateway,
+    deployment: Option<&Deployment>,
+    endpoint: Option<String>,
+    failure: Option<(&str, &str)>,
+) -> MtprotoGatewayStatus {
+    let previous = gw
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let observed = Observed {
+        generation: gw.metadata.generation.unwrap_or(0),
+        replicas: gw.spec.replicas,
+        deployment,
+        failure,
+    };
+    let counts = conditions::replicas(deployment);
+    MtprotoGatewayStatus {
+        observed_generation: gw.metadata.generation,
+        conditions: conditions::compute(&observed, previous, Time(Timestamp::now())),
+        replicas: counts.total,
+        ready_replicas: counts.ready,
+        selector: Some(build::selector_string(&gw.name_any())),
+        endpoint,
+    }
+}
+
+async fn patch_status(
+    gw: &MtprotoGateway,
+    status: &MtprotoGatewayStatus,
+    ctx: &Context,
+) -> Result<(), Error> {
+    if gw.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let ns = gw
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<MtprotoGateway> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": MtprotoGateway::api_version(&()),
+        "kind": MtprotoGateway::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &gw.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|e| Error::Status(Box::new(e)))?;
+    Ok(())
+}
+
+/// Events when readiness flips, so `kubectl describe` tells the fleet's story.
+async fn announce_transitions(gw: &MtprotoGateway, status: &MtprotoGatewayStatus, ctx: &Context) {
+    let was = gw
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+        .map(|c| c.status.as_str());
+    let Some(now) = status.conditions.iter().find(|c| c.type_ == READY) else {
+        return;
+    };
+    if was == Some(now.status.as_str()) {
+        return;
+    }
+    let reason = if now.status == "True" {
+        "Ready"
+    } else {
+        "NotReady"
+    };
+    ctx.publish(
+        gw,
+        EventType::Normal,
+        reason,
+        "Observe",
+        now.message.clone(),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_delay(1), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5), Duration::from_secs(16));
+        assert_eq!(backoff_delay(40), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn ownership_check_matches_controller_uid() {
+        let gw = crate::fixtures::gateway();
+        let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta::default();
+        assert!(!is_controlled_by(&meta, &gw));
+        let owner = build::owner_ref(&gw).expect("owner");
+        meta.owner_references = Some(vec![owner.clone()]);
+        assert!(is_controlled_by(&meta, &gw));
+        let mut other = owner;
+        other.uid = "someone-else".into();
+        meta.owner_references = Some(vec![other]);
+        assert!(!is_controlled_by(&meta, &gw));
+    }
+}
