@@ -1,6 +1,7 @@
 //! Auth keys and what is known about them, shared by the handshake, the
 //! encrypted path and the session layer.
 
+pub mod cache;
 pub mod store;
 
 use std::fmt;

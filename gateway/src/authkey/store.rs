@@ -26,6 +26,9 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError>;
 }
 
+/// Salts kept per key; the ones that expire first are dropped beyond it.
+const MAX_SALTS_PER_KEY: usize = 128;
+
 /// In-process store: keys vanish with the process.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -66,8 +69,12 @@ impl AuthKeyStore for MemoryStore {
 
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
         if let Some((_, salts)) = self.lock().get_mut(&auth_key_id) {
-            salts.retain(|s| s.valid_until > salt.valid_since - 3600);
             salts.push(salt);
+            if salts.len() > MAX_SALTS_PER_KEY {
+                salts.sort_by_key(|s| s.valid_until);
+                let excess = salts.len() - MAX_SALTS_PER_KEY;
+                salts.drain(..excess);
+            }
         }
         Ok(())
     }

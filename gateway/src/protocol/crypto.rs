@@ -200,11 +200,19 @@ mod tests {
         let auth_key = telethon_auth_key();
         let plaintext: Vec<u8> = (0..64).collect();
         assert_eq!(
-            hex::encode(msg_key_large(&auth_key, &plaintext, Direction::ClientToServer)),
+            hex::encode(msg_key_large(
+                &auth_key,
+                &plaintext,
+                Direction::ClientToServer
+            )),
             "476b5c6715531cb7f4862c4e6d0cc477bb7550e3f5b0f4bd078bc2e84d227617"
         );
         assert_eq!(
-            hex::encode(msg_key_large(&auth_key, &plaintext, Direction::ServerToClient)),
+            hex::encode(msg_key_large(
+                &auth_key,
+                &plaintext,
+                Direction::ServerToClient
+            )),
             "0eb33b67aa7ab277c938d3873af7dc3d3ad4a39045f6c36556ca4359f17affae"
         );
     }
@@ -222,5 +230,4 @@ mod tests {
             assert_eq!(data, original);
         }
     }
-
 }

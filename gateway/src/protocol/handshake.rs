@@ -207,7 +207,11 @@ impl Handshake {
         }
     }
 
-    fn req_pq(&mut self, r: &mut TlReader<'_>, rng: &mut impl RngCore) -> Result<Step, HandshakeError> {
+    fn req_pq(
+        &mut self,
+        r: &mut TlReader<'_>,
+        rng: &mut impl RngCore,
+    ) -> Result<Step, HandshakeError> {
         if let State::Storing(..) = self.state {
             return Err(HandshakeError::OutOfOrder("req_pq", self.state.name()));
         }
@@ -245,7 +249,10 @@ impl Handshake {
             pq,
         } = self.state
         else {
-            return Err(HandshakeError::OutOfOrder("req_DH_params", self.state.name()));
+            return Err(HandshakeError::OutOfOrder(
+                "req_DH_params",
+                self.state.name(),
+            ));
         };
         if r.int128()? != nonce || r.int128()? != server_nonce {
             return Err(HandshakeError::NonceMismatch);
@@ -326,7 +333,11 @@ impl Handshake {
         Ok(Step::Reply(out))
     }
 
-    fn set_client_dh_params(&mut self, r: &mut TlReader<'_>, now: i64) -> Result<Step, HandshakeError> {
+    fn set_client_dh_params(
+        &mut self,
+        r: &mut TlReader<'_>,
+        now: i64,
+    ) -> Result<Step, HandshakeError> {
         let State::DhSent(ex) = &self.state else {
             return Err(HandshakeError::OutOfOrder(
                 "set_client_DH_params",
@@ -370,7 +381,9 @@ impl Handshake {
         let shared = g_b.modpow(&ex.a, &params.prime);
         let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
 
-        let salt = i64::from_le_bytes(std::array::from_fn(|i| ex.new_nonce[i] ^ ex.server_nonce[i]));
+        let salt = i64::from_le_bytes(std::array::from_fn(|i| {
+            ex.new_nonce[i] ^ ex.server_nonce[i]
+        }));
         let expires_at = (ex.key_type != AuthKeyType::Perm).then(|| now + i64::from(ex.expires_in));
         let new_key = NewAuthKey {
             info: AuthKeyInfo::new(key.clone(), ex.key_type, expires_at),
@@ -392,7 +405,10 @@ impl Handshake {
     /// Answers the client once the new key's fate is known.
     pub fn on_store_result(&mut self, outcome: StoreOutcome) -> Result<Vec<u8>, HandshakeError> {
         let State::Storing(mut ex, key) = std::mem::replace(&mut self.state, State::Idle) else {
-            return Err(HandshakeError::OutOfOrder("store result", self.state.name()));
+            return Err(HandshakeError::OutOfOrder(
+                "store result",
+                self.state.name(),
+            ));
         };
         let (constructor, number) = match outcome {
             StoreOutcome::Stored => (id::DH_GEN_OK, 1),

@@ -222,8 +222,26 @@ pub fn decrypt_as_server_reply(key: &AuthKey, frame: &[u8]) -> Option<Vec<u8>> {
     (large[8..24] == msg_key).then_some(plaintext)
 }
 
+/// Next server msg_id: time-based, strictly increasing after `last`, and
+/// ≡ 1 mod 4 for responses, ≡ 3 mod 4 for other server messages.
+pub fn next_server_msg_id(last: i64, unix_secs: i64, subsec_nanos: u32, response: bool) -> i64 {
+    let base = (unix_secs << 32) | (i64::from(subsec_nanos) << 2);
+    let want = if response { 1 } else { 3 };
+    let mut id = base.max(last + 1);
+    while id.rem_euclid(4) != want {
+        id += 1;
+    }
+    id
+}
+
 /// Builds the plaintext header + body of one message.
-pub fn plaintext_message(salt: i64, session_id: i64, msg_id: i64, seq_no: i32, body: &[u8]) -> Vec<u8> {
+pub fn plaintext_message(
+    salt: i64,
+    session_id: i64,
+    msg_id: i64,
+    seq_no: i32,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(PLAINTEXT_HEADER + body.len());
     out.extend_from_slice(&salt.to_le_bytes());
     out.extend_from_slice(&session_id.to_le_bytes());
@@ -249,7 +267,10 @@ mod tests {
         let plain = plaintext_message(11, 22, 33 << 2, 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let mut frame = encrypt_as_client(&key, &plain, 24, &mut rand::thread_rng());
         let d = decrypt(&key, &mut frame, false).unwrap();
-        assert_eq!((d.salt, d.session_id, d.msg_id, d.seq_no), (11, 22, 33 << 2, 1));
+        assert_eq!(
+            (d.salt, d.session_id, d.msg_id, d.seq_no),
+            (11, 22, 33 << 2, 1)
+        );
         assert_eq!(d.body, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let expected = sha256(&[&key.bytes()[88..120], d.plaintext]);
         assert_eq!(
@@ -266,7 +287,10 @@ mod tests {
         for at in [8, 23, 24, 40, clean.len() - 1] {
             let mut frame = clean.clone();
             frame[at] ^= 0x40;
-            assert_eq!(decrypt(&key, &mut frame, false).unwrap_err(), MessageError::BadMsgKey);
+            assert_eq!(
+                decrypt(&key, &mut frame, false).unwrap_err(),
+                MessageError::BadMsgKey
+            );
         }
     }
 
@@ -275,7 +299,10 @@ mod tests {
         let key = key();
         for len in [0usize, 4, 8, 16, 23] {
             let mut frame = vec![0u8; len];
-            assert_eq!(decrypt(&key, &mut frame, false).unwrap_err(), MessageError::TooShort(len));
+            assert_eq!(
+                decrypt(&key, &mut frame, false).unwrap_err(),
+                MessageError::TooShort(len)
+            );
         }
         // A 16-byte encrypted_data (teamgram panicked on it).
         let mut frame = vec![0u8; 24 + 16];
@@ -295,9 +322,15 @@ mod tests {
         let key = key();
         let plain = plaintext_message(1, 2, 4, 1, &[0; 12]);
         let mut frame = encrypt_as_client(&key, &plain, 4, &mut rand::thread_rng());
-        assert_eq!(decrypt(&key, &mut frame, false).unwrap_err(), MessageError::BadPadding(4));
+        assert_eq!(
+            decrypt(&key, &mut frame, false).unwrap_err(),
+            MessageError::BadPadding(4)
+        );
         let mut frame = encrypt_as_client(&key, &plain, 1028, &mut rand::thread_rng());
-        assert_eq!(decrypt(&key, &mut frame, false).unwrap_err(), MessageError::BadPadding(1028));
+        assert_eq!(
+            decrypt(&key, &mut frame, false).unwrap_err(),
+            MessageError::BadPadding(1028)
+        );
     }
 
     #[test]
@@ -334,6 +367,17 @@ mod tests {
             let back = decrypt_as_server_reply(&key, &out).unwrap();
             assert_eq!(&back[..plain.len()], &plain[..]);
         }
+    }
+
+    #[test]
+    fn server_msg_ids_increase_with_the_right_residue() {
+        let a = next_server_msg_id(0, 1_800_000_000, 5, true);
+        assert_eq!(a % 4, 1);
+        assert_eq!(a >> 32, 1_800_000_000);
+        let b = next_server_msg_id(a, 1_800_000_000, 5, false);
+        assert!(b > a && b % 4 == 3);
+        let c = next_server_msg_id(b, 1_799_999_999, 0, true);
+        assert!(c > b && c % 4 == 1);
     }
 
     #[test]

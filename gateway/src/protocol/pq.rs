@@ -105,7 +105,9 @@ mod tests {
             assert!(pair.p >= 1 << 30 && pair.q < 1 << 31);
             for n in [pair.p, pair.q] {
                 let n = u64::from(n);
-                assert!((2..=65_536u64).take_while(|d| d * d <= n).all(|d| n % d != 0));
+                assert!((2..=65_536u64)
+                    .take_while(|d| d * d <= n)
+                    .all(|d| n % d != 0));
             }
             assert_eq!(pair.pq() / u64::from(pair.p), u64::from(pair.q));
         }

@@ -239,7 +239,10 @@ mod tests {
         let pem = key.private_pkcs1_pem().unwrap();
         let back = ServerKey::from_pem(&pem).unwrap();
         assert_eq!(back.fingerprint(), key.fingerprint());
-        assert!(key.public_pkcs1_pem().unwrap().starts_with("-----BEGIN RSA PUBLIC KEY-----"));
+        assert!(key
+            .public_pkcs1_pem()
+            .unwrap()
+            .starts_with("-----BEGIN RSA PUBLIC KEY-----"));
         assert!(ServerKey::from_pem("not a key").is_err());
     }
 
@@ -288,12 +291,18 @@ t6N/byY9Nw9p21Og3AoXSL2q/2IJ1WRUhebgAdGVMlV1fkuOQoEzR7EdpqtQD9Cs
         let mut c = encrypt_rsa_pad(&key.public_key(), &data, &mut rng).unwrap();
         c[100] ^= 1;
         let m = key.decrypt_raw(&c, &mut rng).unwrap();
-        assert_eq!(unpad(&m, true, |_| Some(96)), Err(RsaDecryptError::BadPadding));
+        assert_eq!(
+            unpad(&m, true, |_| Some(96)),
+            Err(RsaDecryptError::BadPadding)
+        );
         assert_eq!(
             key.decrypt_raw(&[0xff; 256], &mut rng).unwrap_err(),
             RsaDecryptError::NotBelowModulus
         );
-        assert_eq!(key.decrypt_raw(&[1; 255], &mut rng).unwrap_err(), RsaDecryptError::WrongLength(255));
+        assert_eq!(
+            key.decrypt_raw(&[1; 255], &mut rng).unwrap_err(),
+            RsaDecryptError::WrongLength(255)
+        );
     }
 
     #[test]

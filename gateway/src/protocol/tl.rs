@@ -37,7 +37,6 @@ pub mod id {
     pub const BAD_MSG_NOTIFICATION: u32 = 0xa7ef_f811;
     pub const GET_FUTURE_SALTS: u32 = 0xb921_bd04;
     pub const FUTURE_SALTS: u32 = 0xae50_0895;
-    pub const FUTURE_SALT: u32 = 0x0949_d9dc;
     pub const DESTROY_SESSION: u32 = 0xe751_2126;
     pub const DESTROY_SESSION_OK: u32 = 0xe220_45fc;
     pub const DESTROY_SESSION_NONE: u32 = 0x62d3_50c9;

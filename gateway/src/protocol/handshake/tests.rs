@@ -118,7 +118,8 @@ fn req_dh_params(hs: &mut Handshake, c: &Client, variant: Variant, legacy: bool)
         panic!("expected server_DH_params_ok");
     };
     let mut r = TlReader::new(&reply);
-    r.expect(id::SERVER_DH_PARAMS_OK, "server_DH_params_ok").unwrap();
+    r.expect(id::SERVER_DH_PARAMS_OK, "server_DH_params_ok")
+        .unwrap();
     assert_eq!(r.int128().unwrap(), c.nonce);
     assert_eq!(r.int128().unwrap(), c.server_nonce);
     let mut answer = r.bytes().unwrap().to_vec();
@@ -126,7 +127,9 @@ fn req_dh_params(hs: &mut Handshake, c: &Client, variant: Variant, legacy: bool)
     let (key, iv) = handshake_key_iv(&c.new_nonce, &c.server_nonce);
     ige_decrypt(&mut answer, &key, &iv);
     let mut inner = TlReader::new(&answer[20..]);
-    inner.expect(id::SERVER_DH_INNER_DATA, "server_DH_inner_data").unwrap();
+    inner
+        .expect(id::SERVER_DH_INNER_DATA, "server_DH_inner_data")
+        .unwrap();
     assert_eq!(inner.int128().unwrap(), c.nonce);
     assert_eq!(inner.int128().unwrap(), c.server_nonce);
     assert_eq!(inner.u32().unwrap(), 3);
@@ -183,7 +186,11 @@ fn complete(variant: Variant, legacy: bool) -> NewAuthKey {
     let g_a = req_dh_params(&mut hs, &c, variant, legacy);
     let (b, g_b) = client_secret();
     let step = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap();
     let Step::StoreKey(new_key) = step else {
         panic!("expected StoreKey");
@@ -236,7 +243,11 @@ fn collision_answers_dh_gen_retry_and_checks_retry_id() {
     req_dh_params(&mut hs, &c, Variant::Plain, false);
     let (_, g_b) = client_secret();
     let Step::StoreKey(first) = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap()
     else {
         panic!("expected StoreKey");
@@ -246,7 +257,11 @@ fn collision_answers_dh_gen_retry_and_checks_retry_id() {
 
     let (_, g_b2) = client_secret();
     let err = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b2, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b2, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap_err();
     assert!(matches!(err, HandshakeError::BadRetryId { .. }), "{err}");
 
@@ -254,7 +269,11 @@ fn collision_answers_dh_gen_retry_and_checks_retry_id() {
     let c = req_pq(&mut hs, false);
     req_dh_params(&mut hs, &c, Variant::Plain, false);
     let Step::StoreKey(first) = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap()
     else {
         panic!("expected StoreKey");
@@ -262,7 +281,11 @@ fn collision_answers_dh_gen_retry_and_checks_retry_id() {
     hs.on_store_result(StoreOutcome::Collision).unwrap();
     let retry_id = i64::from_le_bytes(first.info.key.aux_hash());
     let step = hs
-        .on_message(&set_client_dh_msg(&c, retry_id, &g_b2, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, retry_id, &g_b2, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap();
     let Step::StoreKey(second) = step else {
         panic!("expected StoreKey");
@@ -280,7 +303,11 @@ fn steps_out_of_order_are_errors_not_panics() {
     let c = req_pq(&mut hs, true);
     let (_, g_b) = client_secret();
     let err = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b, false), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b, false),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap_err();
     assert!(matches!(err, HandshakeError::OutOfOrder(..)), "{err}");
 
@@ -295,7 +322,11 @@ fn steps_out_of_order_are_errors_not_panics() {
         fingerprint: 0,
     };
     let err = hs
-        .on_message(&req_dh_params_msg(&c, &[0; 256]), NOW, &mut rand::thread_rng())
+        .on_message(
+            &req_dh_params_msg(&c, &[0; 256]),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap_err();
     assert!(matches!(err, HandshakeError::OutOfOrder(..)), "{err}");
     assert!(hs.on_store_result(StoreOutcome::Stored).is_err());
@@ -315,25 +346,49 @@ fn wrong_nonce_pq_fingerprint_and_padding_are_refused() {
         hs.on_message(&wrong, NOW, &mut rng),
         Err(HandshakeError::NonceMismatch)
     ));
-    let bad_pq = Client { p: c.p + 2, ..Client { ..c } };
+    let bad_pq = Client {
+        p: c.p + 2,
+        ..Client { ..c }
+    };
     let c = Client { ..bad_pq };
     let msg = req_dh_params_msg(&c, &good);
-    assert!(matches!(hs.on_message(&msg, NOW, &mut rng), Err(HandshakeError::BadPq)));
-    let c = Client { p: c.p - 2, fingerprint: 42, ..c };
+    assert!(matches!(
+        hs.on_message(&msg, NOW, &mut rng),
+        Err(HandshakeError::BadPq)
+    ));
+    let c = Client {
+        p: c.p - 2,
+        fingerprint: 42,
+        ..c
+    };
     assert!(matches!(
         hs.on_message(&req_dh_params_msg(&c, &good), NOW, &mut rng),
         Err(HandshakeError::UnknownFingerprint(42))
     ));
-    let c = Client { fingerprint: test_key().fingerprint(), ..c };
+    let c = Client {
+        fingerprint: test_key().fingerprint(),
+        ..c
+    };
     let legacy = encrypt_legacy(&test_key().public_key(), &data, &mut rng).unwrap();
     assert!(matches!(
         hs.on_message(&req_dh_params_msg(&c, &legacy), NOW, &mut rng),
         Err(HandshakeError::Rsa(RsaDecryptError::BadPadding))
     ));
     // Inner data that names another server_nonce.
-    let other = Client { server_nonce: [9; 16], ..c };
-    let mismatched = encrypt_rsa_pad(&test_key().public_key(), &inner_data(&other, Variant::Plain), &mut rng).unwrap();
-    let c = Client { server_nonce: other_nonce(&hs), ..other };
+    let other = Client {
+        server_nonce: [9; 16],
+        ..c
+    };
+    let mismatched = encrypt_rsa_pad(
+        &test_key().public_key(),
+        &inner_data(&other, Variant::Plain),
+        &mut rng,
+    )
+    .unwrap();
+    let c = Client {
+        server_nonce: other_nonce(&hs),
+        ..other
+    };
     assert!(matches!(
         hs.on_message(&req_dh_params_msg(&c, &mismatched), NOW, &mut rng),
         Err(HandshakeError::InnerMismatch)
@@ -368,12 +423,22 @@ fn temp_key_without_positive_expiry_is_refused() {
 fn g_b_out_of_range_and_bad_hash_are_refused() {
     let p = &dh::params().prime;
     let one = BigUint::from(1u32);
-    for g_b in [one.clone(), BigUint::from(2u32), p - &one, p - (&one << 100), &one << 1000] {
+    for g_b in [
+        one.clone(),
+        BigUint::from(2u32),
+        p - &one,
+        p - (&one << 100),
+        &one << 1000,
+    ] {
         let mut hs = Handshake::new(settings(true));
         let c = req_pq(&mut hs, true);
         req_dh_params(&mut hs, &c, Variant::Plain, false);
         let err = hs
-            .on_message(&set_client_dh_msg(&c, 0, &g_b, false), NOW, &mut rand::thread_rng())
+            .on_message(
+                &set_client_dh_msg(&c, 0, &g_b, false),
+                NOW,
+                &mut rand::thread_rng(),
+            )
             .unwrap_err();
         assert!(matches!(err, HandshakeError::GbOutOfRange), "{err}");
     }
@@ -382,7 +447,11 @@ fn g_b_out_of_range_and_bad_hash_are_refused() {
     req_dh_params(&mut hs, &c, Variant::Plain, false);
     let (_, g_b) = client_secret();
     let err = hs
-        .on_message(&set_client_dh_msg(&c, 0, &g_b, true), NOW, &mut rand::thread_rng())
+        .on_message(
+            &set_client_dh_msg(&c, 0, &g_b, true),
+            NOW,
+            &mut rand::thread_rng(),
+        )
         .unwrap_err();
     assert!(matches!(err, HandshakeError::BadClientDhHash), "{err}");
 }
@@ -394,9 +463,17 @@ fn truncated_messages_never_panic() {
     let msgs = MSGS.get_or_init(|| {
         let mut hs = Handshake::new(settings(true));
         let c = req_pq(&mut hs, true);
-        let enc = encrypt_rsa_pad(&test_key().public_key(), &inner_data(&c, Variant::Plain), &mut rand::thread_rng()).unwrap();
+        let enc = encrypt_rsa_pad(
+            &test_key().public_key(),
+            &inner_data(&c, Variant::Plain),
+            &mut rand::thread_rng(),
+        )
+        .unwrap();
         let (_, g_b) = client_secret();
-        vec![req_dh_params_msg(&c, &enc), set_client_dh_msg(&c, 0, &g_b, false)]
+        vec![
+            req_dh_params_msg(&c, &enc),
+            set_client_dh_msg(&c, 0, &g_b, false),
+        ]
     });
     for msg in msgs {
         for cut in 0..msg.len() {

@@ -189,7 +189,10 @@ fn check_len(len: usize, max_frame: usize) -> Result<(), TransportError> {
     if len == 0 {
         Err(TransportError::EmptyFrame)
     } else if len > max_frame {
-        Err(TransportError::FrameTooLarge { len, max: max_frame })
+        Err(TransportError::FrameTooLarge {
+            len,
+            max: max_frame,
+        })
     } else {
         Ok(())
     }

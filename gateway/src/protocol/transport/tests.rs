@@ -117,7 +117,12 @@ fn oversized_and_empty_frames_are_refused_before_buffering() {
 
 #[test]
 fn http_and_tls_prefixes_are_refused() {
-    for prefix in [&b"POST /api"[..], b"GET / HTTP/1.1", b"HEAD /", b"OPTIONS *"] {
+    for prefix in [
+        &b"POST /api"[..],
+        b"GET / HTTP/1.1",
+        b"HEAD /",
+        b"OPTIONS *",
+    ] {
         let mut buf = BytesMut::from(prefix);
         assert_eq!(
             Transport::new(1024).decode(&mut buf).unwrap_err(),
@@ -139,7 +144,10 @@ fn error_code_404_bytes_per_transport() {
             &[0xee, 0xee, 0xee, 0xee],
             &[0x04, 0, 0, 0, 0x6c, 0xfe, 0xff, 0xff],
         ),
-        (&full_packet(0, &[0; 8]), &full_packet(0, &(-404i32).to_le_bytes())),
+        (
+            &full_packet(0, &[0; 8]),
+            &full_packet(0, &(-404i32).to_le_bytes()),
+        ),
     ];
     for (hello, expected) in cases {
         let mut t = Transport::new(1024);
@@ -228,7 +236,9 @@ fn obfuscated_round_trip_keeps_ctr_in_step_for_every_framing() {
             let mut f = Vec::new();
             match framing {
                 FramingKind::Abridged if len / 4 < 0x7f => f.push((len / 4) as u8),
-                FramingKind::Abridged => f.extend_from_slice(&(((len / 4) as u32) << 8 | 0x7f).to_le_bytes()),
+                FramingKind::Abridged => {
+                    f.extend_from_slice(&(((len / 4) as u32) << 8 | 0x7f).to_le_bytes())
+                }
                 _ => f.extend_from_slice(&(len as u32).to_le_bytes()),
             }
             f.extend_from_slice(&payload);

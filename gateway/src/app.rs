@@ -1,0 +1,153 @@
+//! Assembles the gateway from its configuration: keys, session, listeners.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::authkey::cache::KeyCache;
+use crate::authkey::store::MemoryStore;
+use crate::config::{Config, SessionMode};
+use crate::protocol::handshake::HandshakeSettings;
+use crate::protocol::pq::PqPool;
+use crate::protocol::rsa::ServerKey;
+use crate::server::registry::Registry;
+use crate::server::{self, Limits, Shared};
+use crate::session::embedded::EmbeddedSession;
+use crate::session::SessionService;
+
+/// File names of the generated key in the data directory.
+pub const GENERATED_PRIVATE_KEY: &str = "server-rsa-private.pem";
+pub const GENERATED_PUBLIC_KEY: &str = "server-rsa-public.pem";
+
+/// Loads the configured RSA keys, or loads/generates the one in the data directory.
+pub fn load_keys(config: &Config) -> anyhow::Result<Vec<ServerKey>> {
+    if !config.rsa_private_keys.is_empty() {
+        return config
+            .rsa_private_keys
+            .iter()
+            .map(|path| {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("rsa_private_keys: cannot read {}", path.display()))?;
+                ServerKey::from_pem(&pem).with_context(|| {
+                    format!("rsa_private_keys: {} is not a usable key", path.display())
+                })
+            })
+            .collect();
+    }
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("data_dir: cannot create {}", dir.display()))?;
+    let private_path = dir.join(GENERATED_PRIVATE_KEY);
+    let key = if private_path.exists() {
+        let pem = std::fs::read_to_string(&private_path)
+            .with_context(|| format!("cannot read {}", private_path.display()))?;
+        ServerKey::from_pem(&pem)
+            .with_context(|| format!("{} is not a usable key", private_path.display()))?
+    } else {
+        let key = ServerKey::generate(&mut rand::thread_rng())?;
+        write_private(&private_path, &key.private_pkcs1_pem()?)?;
+        key
+    };
+    let public_path = dir.join(GENERATED_PUBLIC_KEY);
+    std::fs::write(&public_path, key.public_pkcs1_pem()?)
+        .with_context(|| format!("cannot write {}", public_path.display()))?;
+    info!(
+        fingerprint = format!("{:016x}", key.fingerprint() as u64),
+        public_key = %public_path.display(),
+        "using the generated server RSA key; give clients this public key"
+    );
+    Ok(vec![key])
+}
+
+fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(pem.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A configured gateway, bound and ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+    grace: Duration,
+}
+
+impl Gateway {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let keys = load_keys(config)?;
+        for key in &keys {
+            info!(
+                fingerprint = format!("{:016x}", key.fingerprint() as u64),
+                "serving RSA key"
+            );
+        }
+        let handshake = Arc::new(HandshakeSettings {
+            keys,
+            pq_pool: PqPool::generate(256, &mut rand::thread_rng()),
+            accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
+        });
+        let registry = Arc::new(Registry::default());
+        let session: Arc<dyn SessionService> = match config.session.mode {
+            SessionMode::Embedded => Arc::new(EmbeddedSession::new(
+                Arc::new(MemoryStore::default()),
+                registry.clone(),
+            )),
+        };
+        let l = &config.limits;
+        let limits = Limits {
+            handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            write_timeout: Duration::from_secs(l.write_timeout_secs),
+            max_frame_bytes: l.max_frame_bytes,
+            outbox_capacity: l.outbox_capacity,
+            max_sessions_per_connection: l.max_sessions_per_connection,
+        };
+        let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
+        let listeners = server::bind_all(&addresses).await?;
+        for listener in &listeners {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "listening for MTProto TCP clients");
+            }
+        }
+        let shared = Arc::new(Shared::new(
+            handshake,
+            session,
+            registry,
+            KeyCache::new(l.auth_key_cache_entries),
+            limits,
+            "embedded".into(),
+        ));
+        Ok(Self {
+            listeners,
+            shared,
+            grace: Duration::from_secs(l.shutdown_grace_secs),
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
+        server::serve(self.listeners, self.shared, shutdown, self.grace).await;
+    }
+}

@@ -1,0 +1,291 @@
+//! Configuration: defaults, then a TOML file (`--config`), then environment
+//! variables (`MTPROTO_GATEWAY_*`, `__` between section and key), then flags.
+//! Errors name the field and say how to fix it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
+
+/// Command-line flags. Each one overrides the same setting from the file and environment.
+#[derive(Debug, Parser)]
+#[command(name = "mtproto-gateway", version, about = "MTProto edge gateway")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, value_name = "PATH", env = "MTPROTO_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to accept MTProto TCP clients on (all TCP transports are detected). Repeatable.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
+    /// primary, all are offered to clients (key rotation). Without one, a key is
+    /// generated and kept in the data directory.
+    #[arg(long = "rsa-private-key", value_name = "PATH")]
+    pub rsa_private_key: Vec<PathBuf>,
+    /// Directory for the generated RSA key and other state.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub log_level: String,
+    pub data_dir: PathBuf,
+    pub rsa_private_keys: Vec<PathBuf>,
+    /// Accept `p_q_inner_data` padded the pre-RSA_PAD way (Telethon and other older clients).
+    pub accept_legacy_rsa_padding: bool,
+    pub listeners: Vec<Listener>,
+    pub session: SessionConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub transport: ListenerTransport,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTransport {
+    /// Abridged, intermediate, padded intermediate, full and obfuscated2, detected per connection.
+    #[default]
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub mode: SessionMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// The built-in reference session, in this process.
+    Embedded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub handshake_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    pub max_frame_bytes: usize,
+    pub outbox_capacity: usize,
+    pub max_sessions_per_connection: usize,
+    pub auth_key_cache_entries: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            data_dir: PathBuf::from("mtproto-gateway-data"),
+            rsa_private_keys: Vec::new(),
+            accept_legacy_rsa_padding: true,
+            listeners: vec![Listener {
+                address: SocketAddr::from(([0, 0, 0, 0], 10443)),
+                transport: ListenerTransport::Tcp,
+                proxy_protocol: ProxyProtocol::Off,
+            }],
+            session: SessionConfig {
+                mode: SessionMode::Embedded,
+            },
+            limits: LimitsConfig {
+                handshake_timeout_secs: 30,
+                idle_timeout_secs: 300,
+                write_timeout_secs: 30,
+                max_frame_bytes: 1 << 20,
+                outbox_capacity: 256,
+                max_sessions_per_connection: 64,
+                auth_key_cache_entries: 1_000_000,
+                shutdown_grace_secs: 30,
+            },
+        }
+    }
+}
+
+/// Flags that were given, as a figment layer.
+#[derive(Debug, Default, Serialize)]
+struct CliOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rsa_private_keys: Option<Vec<PathBuf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listeners: Option<Vec<Listener>>,
+}
+
+impl Config {
+    /// Builds the configuration from all layers and validates it.
+    pub fn load(cli: &Cli) -> anyhow::Result<Self> {
+        Self::load_from(cli, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_from(cli: &Cli, env: Env) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &cli.config {
+            if !path.exists() {
+                anyhow::bail!("--config {}: file not found", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let overrides = CliOverrides {
+            log_level: cli.log_level.clone(),
+            data_dir: cli.data_dir.clone(),
+            rsa_private_keys: (!cli.rsa_private_key.is_empty())
+                .then(|| cli.rsa_private_key.clone()),
+            listeners: (!cli.listen.is_empty()).then(|| {
+                cli.listen
+                    .iter()
+                    .map(|&address| Listener {
+                        address,
+                        transport: ListenerTransport::Tcp,
+                        proxy_protocol: ProxyProtocol::Off,
+                    })
+                    .collect()
+            }),
+        };
+        let config: Config = figment
+            .merge(env.ignore(&["CONFIG"]))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        let checks: [(bool, &str); 7] = [
+            (!self.listeners.is_empty(), "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)"),
+            ((1024..=16 << 20).contains(&l.max_frame_bytes), "limits.max_frame_bytes must be between 1024 and 16777216"),
+            (l.handshake_timeout_secs >= 1, "limits.handshake_timeout_secs must be at least 1"),
+            (l.idle_timeout_secs >= 1, "limits.idle_timeout_secs must be at least 1"),
+            (l.write_timeout_secs >= 1, "limits.write_timeout_secs must be at least 1"),
+            (l.outbox_capacity >= 1, "limits.outbox_capacity must be at least 1"),
+            (l.max_sessions_per_connection >= 1 && l.auth_key_cache_entries >= 1, "limits.max_sessions_per_connection and limits.auth_key_cache_entries must be at least 1"),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                anyhow::bail!("invalid configuration: {message}");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("mtproto-gateway").chain(args.iter().copied()))
+    }
+
+    fn no_env() -> Env {
+        Env::prefixed("MTPROTO_GATEWAY_TEST_UNUSED_").split("__")
+    }
+
+    #[test]
+    fn defaults_listen_on_10443() {
+        let c = Config::load_from(&cli(&[]), no_env()).unwrap();
+        assert_eq!(c.listeners[0].address, "0.0.0.0:10443".parse().unwrap());
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn file_then_flags_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "log_level = \"debug\"\n[limits]\nidle_timeout_secs = 60\nhandshake_timeout_secs = 5\nwrite_timeout_secs = 5\nmax_frame_bytes = 4096\noutbox_capacity = 8\nmax_sessions_per_connection = 4\nauth_key_cache_entries = 10\nshutdown_grace_secs = 1\n[[listeners]]\naddress = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.limits.idle_timeout_secs, 60);
+        assert_eq!(c.listeners[0].address, "127.0.0.1:7000".parse().unwrap());
+        let c = Config::load_from(
+            &cli(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:7001",
+                "--log-level",
+                "warn",
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].address, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.log_level, "warn");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[limits]\nidle_timeout_secs = \"soon\"\n").unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("idle_timeout_secs"), "{err}");
+        std::fs::write(&path, "listen_on = 1\n").unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
+        std::fs::write(
+            &path,
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"carrier_pigeon\"\n",
+        )
+        .unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("carrier_pigeon"), "{err}");
+        let err =
+            Config::load_from(&cli(&["--config", "/nonexistent.toml"]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent.toml"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MTPROTO_GATEWAY_LIMITS__IDLE_TIMEOUT_SECS", "77");
+            jail.set_env("MTPROTO_GATEWAY_LOG_LEVEL", "trace");
+            let c = Config::load(&cli(&[])).map_err(|e| e.to_string())?;
+            assert_eq!(c.limits.idle_timeout_secs, 77);
+            assert_eq!(c.log_level, "trace");
+            jail.set_env("MTPROTO_GATEWAY_LIMITS__MAX_FRAME_BYTES", "10");
+            let err = Config::load(&cli(&[])).unwrap_err().to_string();
+            assert!(err.contains("limits.max_frame_bytes"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,389 @@
+//! One client connection: read bytes, let the transport cut frames, run the
+//! handshake or decrypt, forward to the session, and write what comes back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, warn};
+
+use super::registry::ConnectionId;
+use super::Shared;
+use crate::authkey::AuthKeyInfo;
+use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
+use crate::protocol::message::{self, MessageError};
+use crate::protocol::tl::id;
+use crate::protocol::transport::{error_code, InboundFrame, Transport, TransportError};
+use crate::session::{SessionClientData, SessionClientEvent, SessionError};
+
+/// Bytes asked of the socket per read; the buffer grows only as frames need.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Close {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    #[error("write failed or timed out")]
+    Write,
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("message: {0}")]
+    Message(#[from] MessageError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("auth key {0} is unknown")]
+    UnknownKey(i64),
+    #[error("auth key {0} has expired")]
+    ExpiredKey(i64),
+    #[error("connection bound to auth key {bound} got a message for {got}")]
+    KeyChanged { bound: i64, got: i64 },
+    #[error("session service: {0}")]
+    Session(SessionError),
+    #[error("more than {0} sessions on one connection")]
+    TooManySessions(usize),
+    #[error("no auth key within the handshake deadline")]
+    HandshakeTimeout,
+    #[error("idle")]
+    IdleTimeout,
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl Close {
+    /// The transport error code to send before closing, where MTProto has one.
+    fn code(&self) -> Option<i32> {
+        match self {
+            Close::UnknownKey(_) | Close::ExpiredKey(_) => Some(error_code::AUTH_KEY_NOT_FOUND),
+            Close::Session(SessionError::AuthKeyUnregistered) => {
+                Some(error_code::AUTH_KEY_NOT_FOUND)
+            }
+            _ => None,
+        }
+    }
+}
+
+struct Connection {
+    id: ConnectionId,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    transport: Transport,
+    handshake: Option<Handshake>,
+    key: Option<Arc<AuthKeyInfo>>,
+    sessions: Vec<i64>,
+    outbox: mpsc::Sender<Bytes>,
+    out: BytesMut,
+    last_plain_msg_id: i64,
+}
+
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
+    let mut conn = Connection {
+        id,
+        peer,
+        transport: Transport::new(shared.limits.max_frame_bytes),
+        shared,
+        handshake: None,
+        key: None,
+        sessions: Vec::new(),
+        outbox,
+        out: BytesMut::new(),
+        last_plain_msg_id: 0,
+    };
+    let (reader, mut writer) = stream.into_split();
+    let close = conn.serve(reader, &mut writer, inbox, shutdown).await;
+    match &close {
+        Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
+        _ => info!(conn = id, %peer, transport = ?conn.transport.framing(), "closed: {close}"),
+    }
+    if let Some(code) = close.code() {
+        conn.transport
+            .encode_error(code, &mut conn.out, &mut rand::thread_rng());
+    }
+    if !conn.out.is_empty() {
+        let write_timeout = conn.shared.limits.write_timeout;
+        let _ = timeout(write_timeout, writer.write_all(&conn.out)).await;
+    }
+    let _ = writer.shutdown().await;
+    conn.detach_sessions();
+}
+
+impl Connection {
+    async fn serve(
+        &mut self,
+        mut reader: tokio::net::tcp::OwnedReadHalf,
+        writer: &mut OwnedWriteHalf,
+        mut inbox: mpsc::Receiver<Bytes>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Close {
+        let limits = self.shared.limits.clone();
+        let handshake_deadline = Instant::now() + limits.handshake_timeout;
+        let mut idle_deadline = Instant::now() + limits.idle_timeout;
+        let mut buf = BytesMut::new();
+        loop {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                read = reader.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) => return Close::ClientClosed,
+                        Ok(_) => {}
+                        Err(e) => return Close::Read(e),
+                    }
+                    idle_deadline = Instant::now() + limits.idle_timeout;
+                    loop {
+                        let frame = match self.transport.decode(&mut buf) {
+                            Ok(Some(frame)) => frame,
+                            Ok(None) => break,
+                            Err(e) => return e.into(),
+                        };
+                        if let Err(close) = self.on_frame(frame).await {
+                            return close;
+                        }
+                    }
+                    if buf.is_empty() && buf.capacity() > READ_CHUNK {
+                        // Give back what a large frame needed.
+                        buf = BytesMut::new();
+                    }
+                }
+                Some(payload) = inbox.recv() => {
+                    self.on_server_message(&payload);
+                    idle_deadline = Instant::now() + limits.idle_timeout;
+                }
+                _ = sleep_until(handshake_deadline), if self.key.is_none() => return Close::HandshakeTimeout,
+                _ = sleep_until(idle_deadline) => return Close::IdleTimeout,
+                _ = shutdown.changed() => return Close::Shutdown,
+            }
+            if !self.out.is_empty() {
+                if timeout(limits.write_timeout, writer.write_all(&self.out))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    return Close::Write;
+                }
+                self.out.clear();
+                if self.out.capacity() > READ_CHUNK {
+                    self.out = BytesMut::new();
+                }
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: InboundFrame) -> Result<(), Close> {
+        let auth_key_id = message::auth_key_id(&frame.payload)?;
+        if auth_key_id == 0 {
+            self.on_plain(frame).await
+        } else {
+            self.on_encrypted(auth_key_id, frame).await
+        }
+    }
+
+    async fn on_plain(&mut self, frame: InboundFrame) -> Result<(), Close> {
+        let plain = message::parse_plain(&frame.payload, frame.padded)?;
+        let body = plain.body.to_vec();
+        let mut handshake = self
+            .handshake
+            .take()
+            .unwrap_or_else(|| Handshake::new(self.shared.handshake.clone()));
+        let heavy = matches!(
+            Handshake::constructor(&body),
+            Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
+        );
+        let now = unix_now().as_secs() as i64;
+        let (mut handshake, step) = if heavy {
+            // RSA and 2048-bit modpow: keep them off the async workers.
+            tokio::task::spawn_blocking(move || {
+                let step = handshake.on_message(&body, now, &mut rand::thread_rng());
+                (handshake, step)
+            })
+            .await
+            .map_err(|_| Close::Handshake(HandshakeError::OutOfOrder("blocking task", "aborted")))?
+        } else {
+            let step = handshake.on_message(&body, now, &mut rand::thread_rng());
+            (handshake, step)
+        };
+        let reply = match step {
+            Err(e) => {
+                debug!(
+                    conn = self.id,
+                    state = handshake.state_name(),
+                    "handshake failed: {e}"
+                );
+                return Err(e.into());
+            }
+            Ok(Step::Nothing) => None,
+            Ok(Step::Reply(reply)) => Some(reply),
+            Ok(Step::StoreKey(new_key)) => {
+                let outcome = match self.shared.session.set_auth_key(&new_key).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        warn!(
+                            conn = self.id,
+                            auth_key_id = new_key.info.id(),
+                            "storing new auth key failed: {e}"
+                        );
+                        StoreOutcome::Failed
+                    }
+                };
+                if outcome == StoreOutcome::Stored {
+                    info!(
+                        conn = self.id,
+                        peer = %self.peer,
+                        auth_key_id = new_key.info.id(),
+                        key_type = ?new_key.info.key_type,
+                        "auth key created"
+                    );
+                    self.shared.keys.insert(new_key.info);
+                }
+                Some(handshake.on_store_result(outcome)?)
+            }
+        };
+        self.handshake = Some(handshake);
+        if let Some(reply) = reply {
+            let now = unix_now();
+            self.last_plain_msg_id = message::next_server_msg_id(
+                self.last_plain_msg_id,
+                now.as_secs() as i64,
+                now.subsec_nanos(),
+                true,
+            );
+            let msg = message::encode_plain(self.last_plain_msg_id, &reply);
+            self.transport
+                .encode_frame(&msg, &mut self.out, &mut rand::thread_rng());
+        }
+        Ok(())
+    }
+
+    /// Finds the key for this connection: once, then it is bound.
+    async fn bind_key(&mut self, auth_key_id: i64) -> Result<Arc<AuthKeyInfo>, Close> {
+        if let Some(key) = &self.key {
+            if key.id() != auth_key_id {
+                return Err(Close::KeyChanged {
+                    bound: key.id(),
+                    got: auth_key_id,
+                });
+            }
+            return Ok(key.clone());
+        }
+        let info = match self.shared.keys.get(auth_key_id) {
+            Some(info) => info,
+            None => match self.shared.session.query_auth_key(auth_key_id).await {
+                Ok(info) => self.shared.keys.insert(info),
+                Err(SessionError::AuthKeyUnregistered) => {
+                    return Err(Close::UnknownKey(auth_key_id))
+                }
+                Err(e) => return Err(Close::Session(e)),
+            },
+        };
+        if info.is_expired(unix_now().as_secs() as i64) {
+            self.shared.keys.remove(auth_key_id);
+            return Err(Close::ExpiredKey(auth_key_id));
+        }
+        self.key = Some(info.clone());
+        self.handshake = None;
+        Ok(info)
+    }
+
+    async fn on_encrypted(&mut self, auth_key_id: i64, frame: InboundFrame) -> Result<(), Close> {
+        let info = self.bind_key(auth_key_id).await?;
+        let InboundFrame {
+            mut payload,
+            quick_ack,
+            padded,
+        } = frame;
+        let decrypted = message::decrypt(&info.key, &mut payload, padded)?;
+        if quick_ack {
+            self.transport
+                .encode_quick_ack(decrypted.quick_ack_token, &mut self.out);
+        }
+        let (salt, session_id) = (decrypted.salt, decrypted.session_id);
+        let plaintext_len = decrypted.plaintext.len();
+        let conn_type = if self.sessions.contains(&session_id) {
+            0
+        } else {
+            if self.sessions.len() >= self.shared.limits.max_sessions_per_connection {
+                return Err(Close::TooManySessions(self.sessions.len()));
+            }
+            self.sessions.push(session_id);
+            i32::from(
+                self.shared
+                    .registry
+                    .attach(auth_key_id, session_id, self.id, &self.outbox),
+            )
+        };
+        // Forward plaintext from byte 16 (msg_id onwards, padding included) without copying.
+        payload.advance(24 + 16);
+        payload.truncate(plaintext_len - 16);
+        let data = SessionClientData {
+            server_id: self.shared.server_id.clone(),
+            conn_type,
+            auth_key_id,
+            key_type: info.key_type as i32,
+            perm_auth_key_id: info.perm_auth_key_id,
+            session_id,
+            client_ip: self.peer.ip().to_string(),
+            quick_ack: 0,
+            salt,
+            payload: payload.freeze(),
+        };
+        self.shared
+            .session
+            .send_data(data)
+            .await
+            .map_err(Close::Session)
+    }
+
+    /// Encrypts one server message for this connection's key and frames it.
+    fn on_server_message(&mut self, plaintext: &[u8]) {
+        let Some(info) = &self.key else { return };
+        let mut rng = rand::thread_rng();
+        let mut frame = BytesMut::with_capacity(plaintext.len() + 64);
+        message::encrypt(&info.key, plaintext, &mut frame, &mut rng);
+        self.transport.encode_frame(&frame, &mut self.out, &mut rng);
+    }
+
+    /// Leaves the registry; tells the session about sessions whose last connection this was.
+    fn detach_sessions(&mut self) {
+        let Some(info) = &self.key else { return };
+        for &session_id in &self.sessions {
+            if self.shared.registry.detach(info.id(), session_id, self.id) {
+                let event = SessionClientEvent {
+                    server_id: self.shared.server_id.clone(),
+                    auth_key_id: info.id(),
+                    key_type: info.key_type as i32,
+                    perm_auth_key_id: info.perm_auth_key_id,
+                    session_id,
+                    client_ip: self.peer.ip().to_string(),
+                };
+                let session = self.shared.session.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session.close_session(event).await {
+                        debug!("close_session failed: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}

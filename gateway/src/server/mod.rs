@@ -1,0 +1,143 @@
+//! The IO shell: listeners and one task per connection around the sans-IO
+//! protocol core.
+
+mod connection;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::authkey::cache::KeyCache;
+use crate::protocol::handshake::HandshakeSettings;
+use crate::session::SessionService;
+use registry::Registry;
+
+/// Per-connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// From accept until the connection's first valid encrypted message.
+    pub handshake_timeout: Duration,
+    /// Without traffic in either direction.
+    pub idle_timeout: Duration,
+    /// A write that cannot complete in this time closes the connection (slow reader).
+    pub write_timeout: Duration,
+    pub max_frame_bytes: usize,
+    /// Server messages queued for one connection before delivery reports "not delivered".
+    pub outbox_capacity: usize,
+    /// Distinct session ids one connection may carry.
+    pub max_sessions_per_connection: usize,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub handshake: Arc<HandshakeSettings>,
+    pub session: Arc<dyn SessionService>,
+    pub registry: Arc<Registry>,
+    pub keys: KeyCache,
+    pub limits: Limits,
+    /// This gateway's id as sessions address it.
+    pub server_id: String,
+    next_connection_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        handshake: Arc<HandshakeSettings>,
+        session: Arc<dyn SessionService>,
+        registry: Arc<Registry>,
+        keys: KeyCache,
+        limits: Limits,
+        server_id: String,
+    ) -> Self {
+        Self {
+            handshake,
+            session,
+            registry,
+            keys,
+            limits,
+            server_id,
+            next_connection_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Accepts on every listener until `shutdown` flips, then waits up to `grace`
+/// for open connections to finish.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    // Each connection holds a clone of `done_tx`; when all are dropped, they are all closed.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let done_tx = done_tx.clone();
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener, shared, shutdown, done_tx,
+        )));
+    }
+    drop(done_tx);
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    for task in &accept_tasks {
+        task.abort();
+    }
+    info!("draining connections for up to {grace:?}");
+    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        warn!("grace period over with connections still open");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    done_tx: mpsc::Sender<()>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    connection::run(stream, peer, shared, shutdown).await;
+                    drop(done);
+                });
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                warn!(listener = ?local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Binds every address, naming the one that failed.
+pub async fn bind_all(addresses: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::with_capacity(addresses.len());
+    for addr in addresses {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        out.push(listener);
+    }
+    Ok(out)
+}

@@ -1,0 +1,265 @@
+//! The embedded reference session: keeps auth keys in an [`AuthKeyStore`],
+//! answers MTProto service messages and refuses API calls with a clear
+//! `rpc_error`, delivering replies through [`GatewayDelivery`] exactly as a
+//! remote session does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::{Rng, RngCore};
+use tracing::{debug, warn};
+
+use super::reference::{self, Reply, SALT_PERIOD_SECS};
+use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
+use crate::authkey::store::{AuthKeyStore, StoreError};
+use crate::authkey::{AuthKeyInfo, FutureSalt};
+use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
+use crate::protocol::message::{next_server_msg_id, plaintext_message};
+use crate::protocol::tl::{id, TlWrite};
+
+/// A salt stays acceptable this long after its window ends, for messages in flight.
+const SALT_GRACE_SECS: i64 = 1800;
+/// Upper bound on tracked sessions; the oldest is forgotten beyond it.
+const MAX_SESSIONS: usize = 1_000_000;
+
+#[derive(Debug, Default)]
+struct SessionState {
+    content_messages_sent: i32,
+    last_msg_id: i64,
+}
+
+impl SessionState {
+    fn seq_no(&mut self, content_related: bool) -> i32 {
+        if content_related {
+            self.content_messages_sent += 1;
+            self.content_messages_sent * 2 - 1
+        } else {
+            self.content_messages_sent * 2
+        }
+    }
+
+    fn msg_id(&mut self, response: bool) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_msg_id = next_server_msg_id(
+            self.last_msg_id,
+            now.as_secs() as i64,
+            now.subsec_nanos(),
+            response,
+        );
+        self.last_msg_id
+    }
+}
+
+#[derive(Debug)]
+pub struct EmbeddedSession {
+    store: Arc<dyn AuthKeyStore>,
+    gateway: Arc<dyn GatewayDelivery>,
+    sessions: Mutex<HashMap<(i64, i64), SessionState>>,
+}
+
+impl EmbeddedSession {
+    pub fn new(store: Arc<dyn AuthKeyStore>, gateway: Arc<dyn GatewayDelivery>) -> Self {
+        Self {
+            store,
+            gateway,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), SessionState>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The salt clients should use now, creating one when none is current.
+    async fn current_salt(
+        &self,
+        auth_key_id: i64,
+        now: i64,
+    ) -> Result<(i64, Vec<FutureSalt>), SessionError> {
+        let salts = self.store.salts(auth_key_id).await.map_err(unavailable)?;
+        let current = salts
+            .iter()
+            .filter(|s| i64::from(s.valid_since) <= now && now < i64::from(s.valid_until))
+            .max_by_key(|s| s.valid_until)
+            .map(|s| s.salt);
+        if let Some(salt) = current {
+            return Ok((salt, salts));
+        }
+        let since = now as i32;
+        let salt = FutureSalt {
+            valid_since: since,
+            valid_until: since + SALT_PERIOD_SECS,
+            salt: rand::thread_rng().gen(),
+        };
+        self.store
+            .add_salt(auth_key_id, salt)
+            .await
+            .map_err(unavailable)?;
+        let mut salts = salts;
+        salts.push(salt);
+        Ok((salt.salt, salts))
+    }
+
+    /// Wraps replies (in a container when there are several) and hands them to the gateway.
+    async fn deliver(&self, auth_key_id: i64, session_id: i64, salt: i64, replies: Vec<Reply>) {
+        if replies.is_empty() {
+            return;
+        }
+        let plaintext = {
+            let mut sessions = self.sessions();
+            let state = sessions.entry((auth_key_id, session_id)).or_default();
+            if replies.len() == 1 {
+                let reply = &replies[0];
+                let msg_id = state.msg_id(reply.is_response);
+                let seq_no = state.seq_no(reply.content_related);
+                plaintext_message(salt, session_id, msg_id, seq_no, &reply.body)
+            } else {
+                let mut container = Vec::new();
+                container.put_u32(id::MSG_CONTAINER);
+                container.put_u32(replies.len() as u32);
+                for reply in &replies {
+                    container.put_i64(state.msg_id(reply.is_response));
+                    container.put_i32(state.seq_no(reply.content_related));
+                    container.put_u32(reply.body.len() as u32);
+                    container.put_raw(&reply.body);
+                }
+                let msg_id = state.msg_id(false);
+                let seq_no = state.seq_no(false);
+                plaintext_message(salt, session_id, msg_id, seq_no, &container)
+            }
+        };
+        if !self
+            .gateway
+            .send_data_to_gateway(auth_key_id, session_id, Bytes::from(plaintext))
+            .await
+        {
+            debug!(auth_key_id, session_id, "no live connection took the reply");
+        }
+    }
+}
+
+fn unavailable(e: StoreError) -> SessionError {
+    SessionError::Unavailable(e.to_string())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl SessionService for EmbeddedSession {
+    async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError> {
+        match self.store.get(auth_key_id).await {
+            Ok(Some(info)) => Ok(info),
+            Ok(None) => Err(SessionError::AuthKeyUnregistered),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError> {
+        match self.store.insert(key.info.clone(), key.first_salt).await {
+            Ok(()) => Ok(StoreOutcome::Stored),
+            Err(StoreError::Collision(_)) => Ok(StoreOutcome::Collision),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
+        let payload = &data.payload[..];
+        if payload.len() < 16 {
+            warn!(
+                auth_key_id = data.auth_key_id,
+                "payload shorter than a message header"
+            );
+            return Ok(());
+        }
+        let msg_id = i64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+        let seq_no = i32::from_le_bytes(payload[8..12].try_into().unwrap_or([0; 4]));
+        let len = u32::from_le_bytes(payload[12..16].try_into().unwrap_or([0; 4])) as usize;
+        let Some(body) = payload.get(16..16 + len) else {
+            warn!(
+                auth_key_id = data.auth_key_id,
+                "message length exceeds payload"
+            );
+            return Ok(());
+        };
+        let now = unix_now();
+        let (salt, salts) = self.current_salt(data.auth_key_id, now).await?;
+        let salt_ok = salts.iter().any(|s| {
+            s.salt == data.salt
+                && i64::from(s.valid_since) - 60 <= now
+                && now <= i64::from(s.valid_until) + SALT_GRACE_SECS
+        });
+        if !salt_ok {
+            let reply = reference::bad_server_salt(msg_id, seq_no, salt);
+            self.deliver(data.auth_key_id, data.session_id, salt, vec![reply])
+                .await;
+            return Ok(());
+        }
+        if let Err(code) = reference::check_msg_id(msg_id, now) {
+            let reply = reference::bad_msg_notification(msg_id, seq_no, code);
+            self.deliver(data.auth_key_id, data.session_id, salt, vec![reply])
+                .await;
+            return Ok(());
+        }
+        let mut replies = Vec::new();
+        let is_new = {
+            let mut sessions = self.sessions();
+            let key = (data.auth_key_id, data.session_id);
+            let is_new = !sessions.contains_key(&key);
+            if is_new {
+                if sessions.len() >= MAX_SESSIONS {
+                    if let Some(&evict) = sessions.keys().next() {
+                        sessions.remove(&evict);
+                    }
+                }
+                sessions.insert(key, SessionState::default());
+            }
+            is_new
+        };
+        if is_new {
+            let unique_id = rand::thread_rng().next_u64() as i64;
+            replies.push(reference::new_session_created(msg_id, unique_id, salt));
+        }
+        let outcome = reference::respond(
+            msg_id,
+            body,
+            data.session_id,
+            now,
+            salt,
+            &mut rand::thread_rng(),
+        );
+        for (since, until, salt) in outcome.new_salts {
+            let future = FutureSalt {
+                valid_since: since,
+                valid_until: until,
+                salt,
+            };
+            self.store
+                .add_salt(data.auth_key_id, future)
+                .await
+                .map_err(unavailable)?;
+        }
+        if let Some(destroyed) = outcome.destroyed_session {
+            self.sessions().remove(&(data.auth_key_id, destroyed));
+        }
+        replies.extend(outcome.replies);
+        self.deliver(data.auth_key_id, data.session_id, salt, replies)
+            .await;
+        Ok(())
+    }
+
+    async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
+        self.sessions()
+            .remove(&(event.auth_key_id, event.session_id));
+        Ok(())
+    }
+}
