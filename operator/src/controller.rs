@@ -294,21 +294,34 @@ async fn dereference(gw: &MtprotoGateway, client: &Client) -> Result<Dereference
         }
     }
     if gw.spec.metrics.service_monitor.enabled {
-        out.service_monitor_api = match client
-            .list_api_group_resources("monitoring.coreos.com/v1")
-            .await
-        {
-            Ok(list) => list.resources.iter().any(|r| r.name == "servicemonitors"),
-            Err(kube::Error::Api(s)) if s.code == 404 => false,
-            Err(source) => {
-                return Err(Error::Read {
-                    what: "API discovery of monitoring.coreos.com/v1".to_owned(),
-                    source: Box::new(source),
-                })
-            }
-        };
+        out.service_monitor_api = service_monitor_served(client).await?;
     }
     Ok(out)
+}
+
+/// Whether `monitoring.coreos.com/v1` serves ServiceMonitors. Asks the group list first, so
+/// clusters without the Prometheus operator see no 404s.
+async fn service_monitor_served(client: &Client) -> Result<bool, Error> {
+    let read_err = |source| Error::Read {
+        what: "API discovery of monitoring.coreos.com".to_owned(),
+        source: Box::new(source),
+    };
+    let groups = client.list_api_groups().await.map_err(read_err)?;
+    let served = groups
+        .groups
+        .iter()
+        .any(|g| g.name == "monitoring.coreos.com" && g.versions.iter().any(|v| v.version == "v1"));
+    if !served {
+        return Ok(false);
+    }
+    let resources = client
+        .list_api_group_resources("monitoring.coreos.com/v1")
+        .await
+        .map_err(read_err)?;
+    Ok(resources
+        .resources
+        .iter()
+        .any(|r| r.name == "servicemonitors"))
 }
 
 async fn ssa<K>(client: &Client, obj: &K) -> Result<K, Error>
