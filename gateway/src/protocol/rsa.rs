@@ -223,15 +223,16 @@ pub fn encrypt_legacy(
     Some(left_pad_256(&c.to_bytes_be()).to_vec())
 }
 
+/// One generated key shared by the tests of this crate (key generation is slow).
+#[cfg(test)]
+pub(crate) fn test_key() -> &'static ServerKey {
+    static KEY: std::sync::OnceLock<ServerKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| ServerKey::generate(&mut rand::thread_rng()).expect("keygen"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::OnceLock;
-
-    pub(crate) fn test_key() -> &'static ServerKey {
-        static KEY: OnceLock<ServerKey> = OnceLock::new();
-        KEY.get_or_init(|| ServerKey::generate(&mut rand::thread_rng()).expect("keygen"))
-    }
 
     #[test]
     fn pem_round_trip_keeps_fingerprint() {
@@ -312,6 +313,3 @@ t6N/byY9Nw9p21Og3AoXSL2q/2IJ1WRUhebgAdGVMlV1fkuOQoEzR7EdpqtQD9Cs
         assert_eq!(&out[253..], &[1, 2, 3]);
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::test_key;

@@ -15,13 +15,16 @@ pub type ConnectionId = u64;
 /// A connection's inbox for server messages (plaintext from the salt on).
 pub type Outbox = mpsc::Sender<Bytes>;
 
+/// (auth_key_id, session_id) → the connections carrying it, oldest first.
+type SessionMap = HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>;
+
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: Mutex<HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>>,
+    sessions: Mutex<SessionMap>,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -153,7 +153,8 @@ enum State {
     Detecting,
     Established {
         framing: Framing,
-        obfuscation: Option<Obfuscation>,
+        /// Boxed: only obfuscated connections pay for the two cipher states.
+        obfuscation: Option<Box<Obfuscation>>,
     },
 }
 
@@ -221,7 +222,7 @@ impl Transport {
                     self.deobfuscated = 0;
                     self.state = State::Established {
                         framing: Framing::new(accepted.framing),
-                        obfuscation: Some(accepted.obfuscation),
+                        obfuscation: Some(Box::new(accepted.obfuscation)),
                     };
                 }
             }
