@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need (idempotently),
+# then runs lints, unit tests and the end-to-end suites.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    skip the end-to-end suites
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+
+# Build outputs and tool environments live outside the checkout, keyed by
+# version, so fresh clones on the same machine (CI) reuse them.
+export MTPROTO_CACHE="${MTPROTO_CACHE:-$HOME/.cache/mtproto-edge}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MTPROTO_CACHE/cargo-target}"
+mkdir -p "$MTPROTO_CACHE"
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "dependencies"
+"$ROOT/scripts/install-deps.sh"
+VENV="$("$ROOT/scripts/install-deps.sh" --print-venv)"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "benches compile"
+cargo bench -p mtproto-gateway --no-run --locked
+
+if [[ $QUICK == 1 ]]; then
+    exit 0
+fi
+
+step "gateway e2e (Telethon)"
+cargo build -p mtproto-gateway --locked
+export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
+(cd e2e/gateway && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
