@@ -342,25 +342,34 @@ cmd_up() {
   log "up in $((SECONDS - t0))s (apiserver ready after ${t_ready}s): https://127.0.0.1:$PORT_APISERVER, KUBECONFIG=$KUBECONFIG_FILE"
 }
 
-stop_all() {
-  local c pid i
-  [[ -d "$PIDS" ]] || return 0
-  # reverse order: kwok first, etcd last
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    c=${COMPONENTS[$i]}
+# stop_group <component...>: SIGTERM them together, wait up to 15s, then SIGKILL
+stop_group() {
+  local c pid pids=() names=()
+  for c in "$@"; do
     if alive "$c"; then
-      pid=$(pid_of "$c")
+      pid=$(pid_of "$c"); pids+=("$pid"); names+=("$c")
       kill -TERM "$pid" 2>/dev/null || true
-      local deadline=$((SECONDS + 15))
-      while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-      if kill -0 "$pid" 2>/dev/null; then
-        log "$c (pid $pid) ignored SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-      fi
-      log "stopped $c (pid $pid)"
     fi
-    rm -f "$PIDS/$c"
   done
+  local i deadline=$((SECONDS + 15))
+  for i in "${!pids[@]}"; do
+    while kill -0 "${pids[$i]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      log "${names[$i]} (pid ${pids[$i]}) ignored SIGTERM; sending SIGKILL"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+    log "stopped ${names[$i]} (pid ${pids[$i]})"
+  done
+  for c in "$@"; do rm -f "$PIDS/$c"; done
+}
+
+stop_all() {
+  [[ -d "$PIDS" ]] || return 0
+  # clients first (together), then the apiserver, etcd last (the apiserver hangs on
+  # shutdown when etcd is gone first)
+  stop_group kwok kube-scheduler kube-controller-manager
+  stop_group kube-apiserver
+  stop_group etcd
 }
 
 cmd_down() {
