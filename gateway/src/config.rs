@@ -12,6 +12,19 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 
+/// Top-level settings that environment variables may set. Other variables with
+/// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
+/// and the like for a Service of that name.
+const ENV_SETTINGS: [&str; 7] = [
+    "log_level",
+    "data_dir",
+    "rsa_private_keys",
+    "accept_legacy_rsa_padding",
+    "listeners",
+    "session",
+    "limits",
+];
+
 /// Command-line flags. Each one overrides the same setting from the file and environment.
 #[derive(Debug, Parser)]
 #[command(name = "mtproto-gateway", version, about = "MTProto edge gateway")]
@@ -147,6 +160,17 @@ impl Config {
         Self::load_from(cli, Env::prefixed(ENV_PREFIX).split("__"))
     }
 
+    fn env_filter(env: Env) -> Env {
+        env.filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            ENV_SETTINGS.iter().any(|s| {
+                key.strip_prefix(*s).is_some_and(|rest| {
+                    rest.is_empty() || rest.starts_with('.') || rest.starts_with("__")
+                })
+            })
+        })
+    }
+
     fn load_from(cli: &Cli, env: Env) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &cli.config {
@@ -172,7 +196,7 @@ impl Config {
             }),
         };
         let config: Config = figment
-            .merge(env.ignore(&["CONFIG"]))
+            .merge(Self::env_filter(env))
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -280,6 +304,8 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MTPROTO_GATEWAY_LIMITS__IDLE_TIMEOUT_SECS", "77");
             jail.set_env("MTPROTO_GATEWAY_LOG_LEVEL", "trace");
+            jail.set_env("MTPROTO_GATEWAY_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("MTPROTO_GATEWAY_BIN", "/usr/bin/true");
             let c = Config::load(&cli(&[])).map_err(|e| e.to_string())?;
             assert_eq!(c.limits.idle_timeout_secs, 77);
             assert_eq!(c.log_level, "trace");
