@@ -46,6 +46,9 @@ tools_bin() {
   if [[ -n "${MTPROTO_K8S_BIN:-}" ]]; then echo "$MTPROTO_K8S_BIN"; else "$HERE/build-tools.sh" --print-bin; fi
 }
 BIN="$(tools_bin)"
+# the binaries a running plane was started from (so `down` finds it even if BIN changed)
+RUN_BIN="$BIN"
+[[ -f "$STATE/bin" ]] && RUN_BIN="$(cat "$STATE/bin")"
 
 need_tools() {
   local b missing=0
@@ -82,7 +85,7 @@ alive() {
   local pid; pid=$(pid_of "$1")
   [[ -n "$pid" ]] || return 1
   [[ -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$BIN/$1 " || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$RUN_BIN/$1 " || return 1
 }
 
 start() { # start <component> <args...>
@@ -323,6 +326,8 @@ cmd_up() {
   done
   local t0=$SECONDS t_ready
   mkdir -p "$LOGS" "$PIDS" "$STATE/home"
+  echo "$BIN" >"$STATE/bin"
+  RUN_BIN="$BIN"
   gen_pki
   write_kubeconfigs
   start_etcd
@@ -379,6 +384,7 @@ cmd_down() {
   stop_all
   if [[ -d "$STATE" ]]; then
     rm -rf "${STATE:?}"
+    rm -f "$STATE.lock"
     log "removed $STATE"
   else
     log "nothing to do (no state in $STATE)"
