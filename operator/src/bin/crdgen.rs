@@ -16,7 +16,8 @@ fn main() -> anyhow::Result<()> {
             let root = PathBuf::from(root.unwrap_or("."));
             for file in CRD_FILES {
                 let path = root.join(file);
-                std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, &yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
         }

@@ -114,10 +114,14 @@ pub fn common_labels(name: &str) -> BTreeMap<String, String> {
     l
 }
 
-/// The controller owner reference that lets garbage collection follow the gateway.
+/// The controller owner reference that lets garbage collection follow the gateway; with
+/// `blockOwnerDeletion` a foreground delete of the gateway waits for its children.
 pub fn owner_ref(gw: &MtprotoGateway) -> Result<OwnerReference, Error> {
-    gw.controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))
+    let mut owner = gw
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 fn meta(v: &ValidatedGateway, name: &str, owner: &OwnerReference) -> ObjectMeta {
@@ -196,6 +200,7 @@ mod tests {
             assert_eq!(owners[0].kind, "MtprotoGateway");
             assert_eq!(owners[0].uid, "0000-1111");
             assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(owners[0].block_owner_deletion, Some(true));
             assert_eq!(m.namespace.as_deref(), Some("edge"));
             let labels = m.labels.as_ref().expect("labels");
             assert_eq!(labels["app.kubernetes.io/instance"], "edge");

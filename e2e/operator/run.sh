@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Operator end-to-end test against the local real control plane (e2e/k8s).
+#
+#   e2e/operator/run.sh
+#
+# Steps (each bounded in time; any failure exits non-zero):
+#   1. unit tests, fmt and clippy of the operator crate; crds/ must match the Rust types
+#   2. helm lint + helm template (with and without optional parts) + server-side dry-run
+#   3. control plane up (idempotent; brought down at exit only if this script started it)
+#   4. helm install of charts/mtproto-operator: CRD, RBAC and the operator Deployment, whose
+#      pods kwok runs as fakes (there is no container runtime here), so "operator Ready" is
+#      the Deployment's rollout as Kubernetes reports it
+#   5. two real operator processes run locally *as the chart's ServiceAccount* (a token
+#      minted for it), so the chart's RBAC is what they are tested with; they elect a
+#      leader on the chart's Lease name in the release namespace
+#   6. Rust integration tests (operator/tests/e2e.rs, `--ignored`): objects, owner
+#      references, status, printer columns, kubectl scale, Secret roll, delete cascade,
+#      invalid CRs refused, missing Secret reported; then leader failover (SIGKILL)
+#   7. helm upgrade, then helm uninstall (operator gone, CRD and gateways' CRD kept)
+#
+# Env: MTPROTO_K8S_STATE / MTPROTO_K8S_PORT_BASE are passed through to controlplane.sh.
+#      E2E_READY_BUDGET_MS (default 5000) bounds apply->Ready.
+#      E2E_KEEP=1 leaves the control plane up even if this script started it.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="$(mktemp -d "${TMPDIR:-/tmp}/mtproto-operator-e2e.XXXXXX")"
+RELEASE=mtproto-operator
+RELEASE_NS=mtproto-system
+LEASE_TTL=6
+PIDS=()
+STARTED_CP=0
+
+log() { printf '[operator-e2e] %s\n' "$*" >&2; }
+die() { printf '[operator-e2e] FAIL: %s\n' "$*" >&2; exit 1; }
+
+cleanup() {
+  local rc=$?
+  for pid in "${PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  if [[ $rc -ne 0 ]]; then
+    for f in "$OUT"/op-*.log; do
+      [[ -f $f ]] || continue
+      log "---- last lines of $f"; tail -n 30 "$f" >&2 || true
+    done
+  fi
+  if [[ $STARTED_CP == 1 && "${E2E_KEEP:-0}" != 1 ]]; then
+    e2e/k8s/controlplane.sh down >/dev/null 2>&1 || true
+  fi
+  log "artifacts in $OUT (exit $rc)"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+# --- 1. crate checks ------------------------------------------------------------------
+log "unit tests, fmt, clippy, CRD drift"
+cargo fmt -p mtproto-operator -- --check || die "cargo fmt"
+cargo clippy -q -p mtproto-operator --all-targets -- -D warnings || die "clippy"
+cargo test -q -p mtproto-operator --lib || die "unit tests"
+cargo build -q -p mtproto-operator --bins || die "build"
+mkdir -p "$OUT/crds" "$OUT/charts/mtproto-operator/crds"
+"$CARGO_TARGET_DIR/debug/crdgen" "$OUT" 2>/dev/null || die "crdgen"
+for f in crds/mtprotogateways.mtproto-edge.io.yaml charts/mtproto-operator/crds/mtprotogateways.mtproto-edge.io.yaml; do
+  diff -u "$f" "$OUT/$f" >/dev/null || die "$f drifted from the Rust types: run cargo run -p mtproto-operator --bin crdgen"
+done
+cargo test -q -p mtproto-operator --test e2e --no-run 2>/dev/null || die "building e2e tests"
+
+# --- 3. control plane (before helm: it brings the tools onto PATH) -----------------------
+if ! e2e/k8s/controlplane.sh status >/dev/null 2>&1; then
+  STARTED_CP=1
+  log "starting the control plane"
+fi
+timeout 600 e2e/k8s/controlplane.sh up >/dev/null || die "control plane did not come up"
+eval "$(e2e/k8s/controlplane.sh env)"
+command -v helm >/dev/null || die "helm not on PATH (e2e/k8s/build-tools.sh builds it)"
+
+# --- 2. chart static checks -----------------------------------------------------------
+log "helm lint / template"
+helm lint --strict charts/mtproto-operator >/dev/null || die "helm lint"
+helm lint --strict charts/mtproto-operator --set exampleGateway.enabled=true \
+  --set metrics.serviceMonitor.enabled=true >/dev/null || die "helm lint (all options)"
+if helm lint charts/mtproto-operator --set replicaCount=-1 >/dev/null 2>&1; then
+  die "values.schema.json accepted replicaCount=-1"
+fi
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" >"$OUT/rendered.yaml" || die "helm template"
+for kind in Deployment ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Service PodDisruptionBudget; do
+  grep -q "^kind: $kind\$" "$OUT/rendered.yaml" || die "rendered chart lacks a $kind"
+done
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set exampleGateway.enabled=true \
+  | grep -q '^kind: MtprotoGateway$' || die "exampleGateway.enabled renders no MtprotoGateway"
+kubectl create namespace "$RELEASE_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply --server-side --force-conflicts --dry-run=server -f "$OUT/rendered.yaml" >/dev/null \
+  || die "rendered chart refused by the API server (dry run)"
+
+# --- 4. helm install ----------------------------------------------------------------------
+log "helm install"
+helm uninstall "$RELEASE" -n "$RELEASE_NS" --wait >/dev/null 2>&1 || true
+helm install "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --wait --timeout 90s \
+  --set leaderElection.leaseTtlSeconds=$LEASE_TTL >"$OUT/helm-install.txt" || die "helm install"
+kubectl wait --for=condition=Established crd/mtprotogateways.mtproto-edge.io --timeout=30s >/dev/null \
+  || die "CRD not established"
+kubectl -n "$RELEASE_NS" rollout status deployment/"$RELEASE" --timeout=60s >/dev/null \
+  || die "operator Deployment not Ready"
+ready=$(kubectl -n "$RELEASE_NS" get deployment "$RELEASE" -o jsonpath='{.status.readyReplicas}')
+[[ $ready == 2 ]] || die "operator Deployment has $ready ready replicas, want 2"
+log "operator Deployment Ready (2/2, pods run by kwok)"
+
+# --- 5. real operators as the chart's ServiceAccount ----------------------------------
+token=$(kubectl -n "$RELEASE_NS" create token "$RELEASE" --duration=1h) || die "token for the chart's ServiceAccount"
+server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+ca=$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+cat >"$OUT/operator-kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster: {server: "$server", certificate-authority-data: "$ca"}
+users:
+- name: operator
+  user: {token: "$token"}
+contexts:
+- name: operator
+  context: {cluster: e2e, user: operator}
+current-context: operator
+EOF
+# Free ports for the two operators' HTTP servers.
+read -r PORT_A PORT_B < <(python3 -c 'import socket
+s=[socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(*[x.getsockname()[1] for x in s])')
+ops=""
+for id in a b; do
+  port=$([[ $id == a ]] && echo "$PORT_A" || echo "$PORT_B")
+  KUBECONFIG="$OUT/operator-kubeconfig" POD_NAMESPACE="$RELEASE_NS" RUST_LOG="info,kube=warn" \
+    OPERATOR_LEASE_NAME="$RELEASE" OPERATOR_LEASE_TTL_SECONDS=$LEASE_TTL \
+    "$CARGO_TARGET_DIR/debug/mtproto-operator" --http-addr "127.0.0.1:$port" --identity "local-op-$id" \
+    >"$OUT/op-$id.log" 2>&1 &
+  PIDS+=($!)
+  ops="${ops:+$ops,}local-op-$id:$!:$port"
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || die "operator $id not ready (log: $OUT/op-$id.log)"
+done
+log "operators running: $ops"
+
+# --- 6. integration tests -----------------------------------------------------------------
+export E2E_OPERATORS="$ops" E2E_LEASE_NAMESPACE="$RELEASE_NS" E2E_LEASE_NAME="$RELEASE"
+export E2E_REPORT="$OUT/report.txt"
+log "integration tests"
+timeout 600 cargo test -q -p mtproto-operator --test e2e -- --ignored --test-threads=1 --skip leader_failover \
+  || die "integration tests"
+timeout 300 cargo test -q -p mtproto-operator --test e2e -- --ignored --exact leader_failover \
+  || die "leader failover test"
+
+# --- 7. helm upgrade / uninstall ------------------------------------------------------
+log "helm upgrade / uninstall"
+helm upgrade "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --wait --timeout 90s \
+  --set replicaCount=3 --set leaderElection.leaseTtlSeconds=$LEASE_TTL >/dev/null || die "helm upgrade"
+[[ $(kubectl -n "$RELEASE_NS" get deployment "$RELEASE" -o jsonpath='{.status.readyReplicas}') == 3 ]] \
+  || die "helm upgrade did not scale the operator to 3"
+helm uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null || die "helm uninstall"
+if kubectl -n "$RELEASE_NS" get deployment "$RELEASE" >/dev/null 2>&1; then
+  die "operator Deployment still present after uninstall"
+fi
+kubectl get crd mtprotogateways.mtproto-edge.io >/dev/null || die "CRD must survive helm uninstall"
+
+log "PASS"
+cat "$E2E_REPORT" >&2

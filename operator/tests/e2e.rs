@@ -1,0 +1,803 @@
+//! End-to-end tests against a real API server (the e2e/k8s control plane: kube-apiserver,
+//! kube-controller-manager, kube-scheduler, etcd and kwok for pods) with real operator
+//! processes running beside it. Run through `e2e/operator/run.sh`, which starts everything
+//! and sets:
+//!
+//! - `KUBECONFIG`: admin access for the test itself;
+//! - `E2E_OPERATORS`: `identity:pid:http_port` of each running operator, comma separated;
+//! - `E2E_LEASE_NAMESPACE`, `E2E_LEASE_NAME`: the Lease the operators elect on;
+//! - `E2E_REPORT` (optional): file to append measurements to;
+//! - `E2E_READY_BUDGET_MS` (optional, default 5000): upper bound for apply→Ready.
+//!
+//! Every test makes its own namespace, so they do not depend on one another, except
+//! `leader_failover`, which kills the leader and must run last (run.sh runs it alone).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mtproto_operator::crd::MtprotoGateway;
+
+const SESSION_NS: &str = "teamgram";
+const POLL: Duration = Duration::from_millis(50);
+const WAIT: Duration = Duration::from_secs(30);
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG points at the e2e control plane")
+}
+
+/// Polls `f` until it yields `Some`, panicking with `what` after `timeout`.
+async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn kubectl(args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl on PATH")
+}
+
+fn report(line: &str) {
+    println!("{line}");
+    if let Ok(path) = std::env::var("E2E_REPORT") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+fn rsa_pem() -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(["genrsa", "2048"])
+        .output()
+        .expect("openssl on PATH");
+    assert!(out.status.success(), "openssl genrsa failed");
+    out.stdout
+}
+
+async fn ensure_namespace(c: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(c.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
+/// A fresh namespace holding the Secrets the example gateway references.
+async fn namespace_with_secrets(c: &Client, prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let ns = format!("{prefix}-{nanos:x}");
+    ensure_namespace(c, &ns).await;
+    ensure_namespace(c, SESSION_NS).await;
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    for (name, data) in [
+        (
+            "gateway-rsa",
+            BTreeMap::from([
+                ("primary.pem".to_owned(), ByteString(rsa_pem())),
+                ("previous.pem".to_owned(), ByteString(rsa_pem())),
+            ]),
+        ),
+        (
+            "gateway-store",
+            BTreeMap::from([
+                (
+                    "redis".to_owned(),
+                    ByteString(b"redis://redis:6379/0".to_vec()),
+                ),
+                (
+                    "mysql".to_owned(),
+                    ByteString(b"mysql://gw:pw@mysql:3306/teamgram".to_vec()),
+                ),
+            ]),
+        ),
+    ] {
+        let s = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            ..Secret::default()
+        };
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("create secret");
+    }
+    ns
+}
+
+/// The example CR shipped in e2e/operator/gateway.yaml.
+fn example(ns: &str) -> MtprotoGateway {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../e2e/operator/gateway.yaml");
+    let text = std::fs::read_to_string(path).expect("read example CR");
+    let mut gw: MtprotoGateway = serde_saphyr::from_str(&text).expect("example CR parses");
+    gw.metadata.namespace = Some(ns.to_owned());
+    gw
+}
+
+async fn apply_gateway(c: &Client, gw: &MtprotoGateway) -> MtprotoGateway {
+    let ns = gw.namespace().expect("namespace");
+    Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .patch(
+            &gw.name_any(),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(gw),
+        )
+        .await
+        .expect("apply MtprotoGateway")
+}
+
+fn condition<'a>(gw: &'a MtprotoGateway, type_: &str) -> Option<&'a Condition> {
+    gw.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits for Ready=True describing the current generation.
+async fn wait_ready(c: &Client, ns: &str, name: &str, timeout: Duration) -> MtprotoGateway {
+    let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), ns);
+    wait_until(&format!("{ns}/{name} Ready"), timeout, || async {
+        let gw = api.get(name).await.ok()?;
+        let ready = condition(&gw, "Ready")?;
+        (ready.status == "True"
+            && ready.observed_generation == gw.metadata.generation
+            && gw.status.as_ref()?.observed_generation == gw.metadata.generation)
+            .then_some(gw)
+    })
+    .await
+}
+
+async fn ready_example(c: &Client, prefix: &str) -> (String, MtprotoGateway) {
+    let ns = namespace_with_secrets(c, prefix).await;
+    let gw = apply_gateway(c, &example(&ns)).await;
+    let gw = wait_ready(c, &ns, &gw.name_any(), WAIT).await;
+    (ns, gw)
+}
+
+fn assert_owned(meta: &ObjectMeta, gw: &MtprotoGateway) {
+    let owners = meta.owner_references.as_ref().expect("owner references");
+    let o = owners
+        .iter()
+        .find(|o| o.kind == "MtprotoGateway")
+        .expect("owned by the gateway");
+    assert_eq!(
+        Some(o.uid.as_str()),
+        gw.metadata.uid.as_deref(),
+        "{:?}",
+        meta.name
+    );
+    assert_eq!(o.controller, Some(true));
+    assert_eq!(o.block_owner_deletion, Some(true));
+    assert_eq!(o.api_version, "mtproto-edge.io/v1alpha1");
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn example_cr_becomes_a_ready_fleet() -> TestResult {
+    let c = client().await;
+    let ns = namespace_with_secrets(&c, "e2e-fleet").await;
+
+    let started = Instant::now();
+    let applied = apply_gateway(&c, &example(&ns)).await;
+    let gw = wait_ready(&c, &ns, "edge", WAIT).await;
+    let elapsed = started.elapsed();
+    report(&format!(
+        "apply->Ready: {} ms (3 replicas)",
+        elapsed.as_millis()
+    ));
+    let budget = std::env::var("E2E_READY_BUDGET_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000u128);
+    assert!(
+        elapsed.as_millis() <= budget,
+        "apply->Ready took {elapsed:?} (budget {budget} ms)"
+    );
+    assert_eq!(applied.metadata.uid, gw.metadata.uid);
+
+    // Status.
+    let status = gw.status.clone().expect("status");
+    assert_eq!(status.observed_generation, gw.metadata.generation);
+    assert_eq!((status.replicas, status.ready_replicas), (3, 3));
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=edge,app.kubernetes.io/name=mtproto-gateway")
+    );
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("edge.{ns}.svc:10443").as_str())
+    );
+    for (type_, want) in [
+        ("Ready", "True"),
+        ("Progressing", "False"),
+        ("Degraded", "False"),
+    ] {
+        let cond = condition(&gw, type_).unwrap_or_else(|| panic!("{type_} condition"));
+        assert_eq!(cond.status, want, "{type_}: {cond:?}");
+        assert_eq!(cond.observed_generation, gw.metadata.generation);
+        assert!(!cond.reason.is_empty());
+    }
+    assert_eq!(gw.finalizers(), ["mtproto-edge.io/cleanup"]);
+
+    // Deployment.
+    let d = Api::<Deployment>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&d.metadata, &gw);
+    let spec = d.spec.as_ref().expect("deployment spec");
+    assert_eq!(spec.replicas, Some(3));
+    let tmpl = &spec.template;
+    let annotations = tmpl
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert!(annotations.contains_key("mtproto-edge.io/config-hash"));
+    let pod = tmpl.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    assert_eq!(pod.service_account_name.as_deref(), Some("edge"));
+    let ctr = &pod.containers[0];
+    assert_eq!(
+        ctr.image.as_deref(),
+        Some("ghcr.io/mtproto-edge/mtproto-gateway:0.1.0")
+    );
+    assert_eq!(
+        ctr.args.clone().unwrap_or_default(),
+        ["--config", "/etc/mtproto-gateway/gateway.toml"]
+    );
+    let env: Vec<_> = ctr.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        env,
+        [
+            "POD_IP",
+            "MTPROTO_GATEWAY_AUTH_KEYS__REDIS_URL",
+            "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL"
+        ]
+    );
+    let sc = ctr.security_context.as_ref().expect("security context");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert!(ctr.readiness_probe.is_some() && ctr.liveness_probe.is_some());
+
+    // Services.
+    let svcs: Api<Service> = Api::namespaced(c.clone(), &ns);
+    let client_svc = svcs.get("edge").await?;
+    assert_owned(&client_svc.metadata, &gw);
+    let s = client_svc.spec.as_ref().expect("service spec");
+    assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(s.external_traffic_policy.as_deref(), Some("Local"));
+    let ports: Vec<_> = s.ports.iter().flatten().map(|p| p.port).collect();
+    assert_eq!(ports, [10443, 10080]);
+    let grpc = svcs.get("edge-grpc").await?;
+    assert_owned(&grpc.metadata, &gw);
+    assert_eq!(
+        grpc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("None")
+    );
+
+    // Config.
+    let cm = Api::<ConfigMap>::namespaced(c.clone(), &ns)
+        .get("edge-config")
+        .await?;
+    assert_owned(&cm.metadata, &gw);
+    let toml_text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("gateway.toml"))
+        .expect("gateway.toml");
+    let cfg: toml::Table = toml_text.parse()?;
+    assert_eq!(
+        cfg["listeners"][0]["address"].as_str(),
+        Some("0.0.0.0:10443")
+    );
+    assert_eq!(cfg["listeners"][1]["transport"].as_str(), Some("websocket"));
+    assert_eq!(
+        cfg["session"]["kubernetes"]["namespace"].as_str(),
+        Some(SESSION_NS)
+    );
+    assert_eq!(
+        cfg["rsa_private_keys"][0].as_str(),
+        Some("/etc/mtproto-gateway/rsa/gateway-rsa/primary.pem")
+    );
+
+    // PDB, HPA, NetworkPolicy, ServiceAccount.
+    let pdb = Api::<PodDisruptionBudget>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&pdb.metadata, &gw);
+    let hpa = Api::<HorizontalPodAutoscaler>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&hpa.metadata, &gw);
+    assert_eq!(hpa.spec.scale_target_ref.kind, "MtprotoGateway");
+    assert_eq!(
+        (hpa.spec.min_replicas, hpa.spec.max_replicas),
+        (Some(2), 10)
+    );
+    let np = Api::<NetworkPolicy>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&np.metadata, &gw);
+    let sa = Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&sa.metadata, &gw);
+
+    // Least-privilege RBAC in the session namespace.
+    let reader = format!("{ns}-edge-endpointslice-reader");
+    let role = Api::<Role>::namespaced(c.clone(), SESSION_NS)
+        .get(&reader)
+        .await?;
+    let rules = role.rules.unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.clone().unwrap_or_default(),
+        ["endpointslices"]
+    );
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    let rb = Api::<RoleBinding>::namespaced(c.clone(), SESSION_NS)
+        .get(&reader)
+        .await?;
+    let subject = &rb.subjects.unwrap_or_default()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("edge", Some(ns.as_str()))
+    );
+
+    // Printer columns.
+    let out = kubectl(&["get", "mtprotogateways", "-n", &ns]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let mut lines = table.lines();
+    let header: Vec<_> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "REPLICAS", "AVAILABLE", "AGE"],
+        "{table}"
+    );
+    let row: Vec<_> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..4], ["edge", "True", "3", "3"], "{table}");
+
+    // Events tell the story.
+    let events = Api::<Event>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    let reasons: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("edge"))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(reasons.iter().any(|r| r == "Applied"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "Ready"), "{reasons:?}");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn kubectl_scale_changes_the_deployment() -> TestResult {
+    let c = client().await;
+    let (ns, gw) = ready_example(&c, "e2e-scale").await;
+    let out = kubectl(&["scale", "mtprotogateway/edge", "--replicas=5", "-n", &ns]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    wait_until("Deployment scaled to 5", WAIT, || async {
+        let d = deployments.get("edge").await.ok()?;
+        (d.spec?.replicas == Some(5)).then_some(())
+    })
+    .await;
+    let after = wait_ready(&c, &ns, "edge", WAIT).await;
+    assert!(after.metadata.generation > gw.metadata.generation);
+    let status = after.status.expect("status");
+    assert_eq!((status.replicas, status.ready_replicas), (5, 5));
+
+    let scale = kubectl(&[
+        "get",
+        "mtprotogateway/edge",
+        "-n",
+        &ns,
+        "--subresource=scale",
+        "-o",
+        "jsonpath={.spec.replicas}/{.status.replicas}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&scale.stdout), "5/5");
+    Ok(())
+}
+
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get("mtproto-edge.io/config-hash")
+        .cloned()
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn editing_a_referenced_secret_rolls_the_pods() -> TestResult {
+    let c = client().await;
+    let (ns, _) = ready_example(&c, "e2e-roll").await;
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    let before = template_hash(&deployments.get("edge").await?).expect("hash");
+    let rs_before: Vec<_> = Api::<ReplicaSet>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    assert_eq!(rs_before.len(), 1);
+
+    let patch = serde_json::json!({"data": {"primary.pem": ByteString(rsa_pem())}});
+    Api::<Secret>::namespaced(c.clone(), &ns)
+        .patch(
+            "gateway-rsa",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+
+    let after = wait_until("pod template hash to change", WAIT, || async {
+        let h = template_hash(&deployments.get("edge").await.ok()?)?;
+        (h != before).then_some(h)
+    })
+    .await;
+    assert_ne!(after, before);
+    let rs_after = wait_until("a second ReplicaSet", WAIT, || async {
+        let rs = Api::<ReplicaSet>::namespaced(c.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        (rs.items.len() == 2).then_some(rs.items)
+    })
+    .await;
+    assert!(rs_after.iter().any(|r| !rs_before.contains(&r.name_any())));
+    wait_ready(&c, &ns, "edge", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn deleting_the_gateway_deletes_what_it_owned() -> TestResult {
+    let c = client().await;
+    let (ns, _) = ready_example(&c, "e2e-delete").await;
+    let reader = format!("{ns}-edge-endpointslice-reader");
+    Api::<Role>::namespaced(c.clone(), SESSION_NS)
+        .get(&reader)
+        .await?;
+
+    Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .delete("edge", &DeleteParams::default())
+        .await?;
+
+    macro_rules! gone {
+        ($kind:ty, $ns:expr, $name:expr) => {{
+            let api: Api<$kind> = Api::namespaced(c.clone(), $ns);
+            let what = format!("{} {}/{} to be deleted", stringify!($kind), $ns, $name);
+            wait_until(&what, WAIT, || async {
+                match api.get_opt($name).await {
+                    Ok(None) => Some(()),
+                    _ => None,
+                }
+            })
+            .await;
+        }};
+    }
+    gone!(MtprotoGateway, &ns, "edge");
+    gone!(Deployment, &ns, "edge");
+    gone!(Service, &ns, "edge");
+    gone!(Service, &ns, "edge-grpc");
+    gone!(ConfigMap, &ns, "edge-config");
+    gone!(PodDisruptionBudget, &ns, "edge");
+    gone!(HorizontalPodAutoscaler, &ns, "edge");
+    gone!(NetworkPolicy, &ns, "edge");
+    gone!(ServiceAccount, &ns, "edge");
+    gone!(Role, SESSION_NS, &reader);
+    gone!(RoleBinding, SESSION_NS, &reader);
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn invalid_gateways_are_refused_naming_the_field() -> TestResult {
+    let c = client().await;
+    let ns = namespace_with_secrets(&c, "e2e-invalid").await;
+    let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), &ns);
+
+    type Mutation = fn(&mut MtprotoGateway);
+    let cases: [(&str, Mutation, &[&str]); 6] = [
+        (
+            "negative replicas",
+            |g| g.spec.replicas = -1,
+            &["spec.replicas"],
+        ),
+        (
+            "duplicate listener ports",
+            |g| g.spec.listeners[1].port = 10443,
+            &["spec.listeners", "listener ports must be unique"],
+        ),
+        (
+            "listener on the admin port",
+            |g| g.spec.listeners[0].port = 9090,
+            &["spec.listeners", "admin port 9090"],
+        ),
+        (
+            "autoscaling bounds reversed",
+            |g| {
+                if let Some(a) = g.spec.autoscaling.as_mut() {
+                    a.min_replicas = 20;
+                }
+            },
+            &[
+                "spec.autoscaling.minReplicas",
+                "minReplicas must not exceed maxReplicas",
+            ],
+        ),
+        (
+            "externalTrafficPolicy on ClusterIP",
+            |g| g.spec.service.type_ = mtproto_operator::crd::ServiceType::ClusterIP,
+            &["spec.service.externalTrafficPolicy"],
+        ),
+        (
+            "no RSA keys",
+            |g| g.spec.rsa_keys.clear(),
+            &["spec.rsaKeys"],
+        ),
+    ];
+    for (what, mutate, needles) in cases {
+        let mut gw = example(&ns);
+        gw.metadata.name = Some("bad".to_owned());
+        mutate(&mut gw);
+        let err = api
+            .create(&PostParams::default(), &gw)
+            .await
+            .expect_err(&format!("{what}: the API server must refuse it"));
+        let msg = match err {
+            kube::Error::Api(s) => {
+                assert_eq!(s.code, 422, "{what}: {s:?}");
+                s.message
+            }
+            other => panic!("{what}: unexpected error {other}"),
+        };
+        for n in needles {
+            assert!(msg.contains(n), "{what}: {msg:?} should mention {n:?}");
+        }
+        report(&format!("refused ({what}): {msg}"));
+    }
+
+    // An unknown enum value, through kubectl as a user would meet it.
+    let bad = std::env::temp_dir().join(format!("{ns}-bad.yaml"));
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../e2e/operator/gateway.yaml"
+    ))?
+    .replace("transport: websocket", "transport: quic");
+    std::fs::write(&bad, text)?;
+    let out = kubectl(&["apply", "-n", &ns, "-f", bad.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&bad);
+    assert!(
+        !out.status.success(),
+        "kubectl apply of transport: quic must fail"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.listeners[1].transport"), "{stderr}");
+    assert!(api.get_opt("edge").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn missing_secret_degrades_then_recovers() -> TestResult {
+    let c = client().await;
+    let ns = namespace_with_secrets(&c, "e2e-missing").await;
+    let mut gw = example(&ns);
+    gw.spec.rsa_keys[1].secret_name = "rotated-rsa".to_owned();
+    gw.spec.rsa_keys[1].key = "next.pem".to_owned();
+    apply_gateway(&c, &gw).await;
+
+    let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), &ns);
+    let degraded = wait_until("Degraded=True SecretNotFound", WAIT, || async {
+        let g = api.get("edge").await.ok()?;
+        let d = condition(&g, "Degraded")?;
+        (d.status == "True" && d.reason == "SecretNotFound").then(|| d.message.clone())
+    })
+    .await;
+    assert!(degraded.contains("spec.rsaKeys[1]"), "{degraded}");
+    let g = api.get("edge").await?;
+    assert_eq!(
+        condition(&g, "Ready").map(|r| r.status.as_str()),
+        Some("False")
+    );
+    let events = Api::<Event>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    assert!(events
+        .items
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("SecretNotFound")
+            && e.type_.as_deref() == Some("Warning")));
+
+    let s = Secret {
+        metadata: ObjectMeta {
+            name: Some("rotated-rsa".to_owned()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "next.pem".to_owned(),
+            ByteString(rsa_pem()),
+        )])),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(c.clone(), &ns)
+        .create(&PostParams::default(), &s)
+        .await?;
+    let ready = wait_ready(&c, &ns, "edge", WAIT).await;
+    assert_eq!(
+        condition(&ready, "Degraded").map(|d| d.status.as_str()),
+        Some("False")
+    );
+    Ok(())
+}
+
+struct Operator {
+    identity: String,
+    pid: String,
+    port: String,
+}
+
+fn operators() -> Vec<Operator> {
+    std::env::var("E2E_OPERATORS")
+        .expect("E2E_OPERATORS set by run.sh")
+        .split(',')
+        .filter_map(|o| {
+            let mut p = o.split(':');
+            Some(Operator {
+                identity: p.next()?.to_owned(),
+                pid: p.next()?.to_owned(),
+                port: p.next()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn leader_gauge(port: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{port}/metrics"),
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix("mtproto_operator_leader ")
+            .map(str::to_owned)
+    })
+}
+
+async fn lease_holder(c: &Client) -> Option<String> {
+    let ns = std::env::var("E2E_LEASE_NAMESPACE").ok()?;
+    let name = std::env::var("E2E_LEASE_NAME").ok()?;
+    Api::<Lease>::namespaced(c.clone(), &ns)
+        .get(&name)
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+#[tokio::test]
+#[ignore = "kills the leading operator; run.sh runs it alone, after the other tests"]
+async fn leader_failover() -> TestResult {
+    let c = client().await;
+    let ops = operators();
+    assert_eq!(ops.len(), 2, "two operator replicas expected");
+
+    let leader = wait_until("a lease holder", WAIT, || lease_holder(&c)).await;
+    let (lead, standby): (Vec<_>, Vec<_>) = ops.iter().partition(|o| o.identity == leader);
+    let (lead, standby) = (lead.first().expect("leader is one of ours"), standby[0]);
+    assert_eq!(leader_gauge(&lead.port).as_deref(), Some("1"));
+    assert_eq!(leader_gauge(&standby.port).as_deref(), Some("0"));
+
+    // A hard kill: no graceful release, the standby must wait out the lease.
+    let killed = Instant::now();
+    let status = Command::new("kill").args(["-KILL", &lead.pid]).status()?;
+    assert!(status.success(), "kill the leader");
+    let new_leader = wait_until(
+        "the standby to take the lease",
+        Duration::from_secs(60),
+        || async { lease_holder(&c).await.filter(|h| h == &standby.identity) },
+    )
+    .await;
+    report(&format!(
+        "leader failover after SIGKILL: {} ms ({} -> {new_leader})",
+        killed.elapsed().as_millis(),
+        lead.identity
+    ));
+    wait_until("the new leader's gauge", WAIT, || async {
+        (leader_gauge(&standby.port).as_deref() == Some("1")).then_some(())
+    })
+    .await;
+
+    // The new leader reconciles.
+    let (ns, _) = ready_example(&c, "e2e-failover").await;
+    report(&format!(
+        "new leader {new_leader} reconciled {ns}/edge to Ready"
+    ));
+    Ok(())
+}
