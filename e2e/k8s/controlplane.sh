@@ -112,6 +112,17 @@ wait_for() {
   done
 }
 
+# wait_healthy <component> <seconds> <check...>: poll the check, fail fast if the process died
+wait_healthy() {
+  local name=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    check_alive_or_die "$name"
+    ((SECONDS < deadline)) || die "$name not healthy after ${timeout}s (see $LOGS/$name.log)"
+    sleep 0.2
+  done
+}
+
 check_alive_or_die() {
   local name=$1
   alive "$name" && return 0
@@ -206,7 +217,7 @@ start_etcd() {
     --listen-peer-urls="http://127.0.0.1:$PORT_ETCD_PEER" --initial-advertise-peer-urls="http://127.0.0.1:$PORT_ETCD_PEER" \
     --initial-cluster="testbed=http://127.0.0.1:$PORT_ETCD_PEER" \
     --unsafe-no-fsync=true --log-level=warn --quota-backend-bytes=$((2 * 1024 * 1024 * 1024))
-  wait_for 30 "etcd /health" http_ok "http://127.0.0.1:$PORT_ETCD/health" || { check_alive_or_die etcd; die "etcd not healthy"; }
+  wait_healthy etcd 30 http_ok "http://127.0.0.1:$PORT_ETCD/health"
 }
 
 start_apiserver() {
@@ -229,12 +240,7 @@ start_apiserver() {
     --allow-privileged=true \
     --enable-priority-and-fairness=false --profiling=false \
     --cert-dir="$STATE/apiserver-certs"
-  local deadline=$((SECONDS + 90))
-  until https_ok "https://127.0.0.1:$PORT_APISERVER/readyz" >/dev/null 2>&1; do
-    check_alive_or_die kube-apiserver
-    ((SECONDS < deadline)) || die "kube-apiserver not ready after 90s (see $LOGS/kube-apiserver.log)"
-    sleep 0.2
-  done
+  wait_healthy kube-apiserver 90 https_ok "https://127.0.0.1:$PORT_APISERVER/readyz"
 }
 
 start_kcm() {
@@ -337,9 +343,9 @@ cmd_up() {
   start_kcm
   start_scheduler
   start_kwok
-  wait_for 60 "kube-controller-manager /healthz" selfsigned_ok "https://127.0.0.1:$PORT_KCM/healthz" || { check_alive_or_die kube-controller-manager; die "kube-controller-manager unhealthy"; }
-  wait_for 60 "kube-scheduler /healthz" selfsigned_ok "https://127.0.0.1:$PORT_SCHED/healthz" || { check_alive_or_die kube-scheduler; die "kube-scheduler unhealthy"; }
-  wait_for 60 "kwok /healthz" http_ok "http://127.0.0.1:$PORT_KWOK/healthz" || { check_alive_or_die kwok; die "kwok unhealthy"; }
+  wait_healthy kube-controller-manager 60 selfsigned_ok "https://127.0.0.1:$PORT_KCM/healthz"
+  wait_healthy kube-scheduler 60 selfsigned_ok "https://127.0.0.1:$PORT_SCHED/healthz"
+  wait_healthy kwok 60 http_ok "http://127.0.0.1:$PORT_KWOK/healthz"
   create_nodes
   wait_for 60 "default ServiceAccount" kubectl -n default get serviceaccount default || die "default ServiceAccount never appeared (kube-controller-manager log: $LOGS/kube-controller-manager.log)"
   wait_for 60 "fake nodes Ready" kubectl wait --for=condition=Ready node -l type=kwok --timeout=5s || die "kwok nodes not Ready (log: $LOGS/kwok.log)"
