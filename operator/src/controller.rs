@@ -205,11 +205,11 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
     let outcome = match validate(gw, &deref).and_then(|v| build::build(gw, &v).map(|b| (v, b))) {
         Ok((v, built)) => apply_all(gw, &built, &v.session_namespace, &ctx.client)
             .await
-            .map(|d| (build::endpoint(gw, &v), d)),
+            .map(|d| (build::endpoint(gw, &v), v.service_monitor, d)),
         Err(e) => Err(e),
     };
     match outcome {
-        Ok((endpoint, deployment)) => {
+        Ok((endpoint, service_monitor, deployment)) => {
             let first_for_generation =
                 gw.status.as_ref().and_then(|s| s.observed_generation) != gw.metadata.generation;
             let status = status_for(gw, Some(&deployment), endpoint, None);
@@ -221,9 +221,14 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
                     "Applied",
                     "Apply",
                     format!(
-                        "applied generation {} ({} replicas)",
+                        "applied generation {} ({} replicas){}",
                         gw.metadata.generation.unwrap_or(0),
-                        gw.spec.replicas
+                        gw.spec.replicas,
+                        if gw.spec.metrics.service_monitor.enabled && !service_monitor {
+                            "; ServiceMonitor skipped: monitoring.coreos.com/v1 is not served"
+                        } else {
+                            ""
+                        }
                     ),
                 )
                 .await;
@@ -265,6 +270,7 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
 
 async fn cleanup(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
     prune_foreign_readers(gw, None, &ctx.client).await?;
+    ctx.succeeded(gw);
     info!(gateway = %gw.name_any(), "cleaned up; owned objects follow by garbage collection");
     Ok(Action::await_change())
 }

@@ -801,3 +801,75 @@ async fn leader_failover() -> TestResult {
     ));
     Ok(())
 }
+
+/// A minimal stand-in for the Prometheus operator's CRD: enough for the API to be served.
+async fn install_service_monitor_crd(c: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }]
+        }
+    }))
+    .expect("CRD literal");
+    let api: Api<CustomResourceDefinition> = Api::all(c.clone());
+    api.patch(
+        "servicemonitors.monitoring.coreos.com",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("install ServiceMonitor CRD");
+    wait_until("ServiceMonitor CRD established", WAIT, || async {
+        let crd = api
+            .get("servicemonitors.monitoring.coreos.com")
+            .await
+            .ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn service_monitor_follows_its_crd_and_the_flag() -> TestResult {
+    use kube::api::DynamicObject;
+    let c = client().await;
+    install_service_monitor_crd(&c).await;
+    let (ns, gw) = ready_example(&c, "e2e-monitor").await;
+    let sms: Api<DynamicObject> = Api::namespaced_with(
+        c.clone(),
+        &ns,
+        &mtproto_operator::build::service_monitor_resource(),
+    );
+    let sm = wait_until("ServiceMonitor created", WAIT, || async {
+        sms.get_opt("edge").await.ok()?
+    })
+    .await;
+    assert_owned(&sm.metadata, &gw);
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "admin");
+    assert_eq!(sm.data["spec"]["endpoints"][0]["interval"], "15s");
+
+    // Turning the flag off removes it.
+    let patch = serde_json::json!({"spec": {"metrics": {"serviceMonitor": {"enabled": false}}}});
+    Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .patch("edge", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_until("ServiceMonitor removed", WAIT, || async {
+        matches!(sms.get_opt("edge").await, Ok(None)).then_some(())
+    })
+    .await;
+    Ok(())
+}
