@@ -386,7 +386,9 @@ stop_all() {
 cmd_down() {
   mkdir -p "$(dirname "$STATE")"
   exec 8>"$STATE.lock"
-  flock -w 300 8 || die "could not get lock $STATE.lock"
+  # Daemons started by an early version of this script inherited the lock fd; don't let that
+  # block `down` for long.
+  flock -w 20 8 || log "warning: $STATE.lock still held after 20s; stopping anyway"
   stop_all
   if [[ -d "$STATE" ]]; then
     rm -rf "${STATE:?}"
