@@ -73,7 +73,8 @@ build_k8s() {
   mkdir -p "$w"
   (
     cd "$w"
-    if [[ ! -f go.mod ]]; then
+    if [[ ! -f .mod-ready ]]; then
+      rm -f go.mod go.sum tools.go
       go mod init testbed.local/k8s >/dev/null 2>&1
       # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with
       # ./staging paths, which only works inside that repo. Point every staging module at
@@ -97,7 +98,8 @@ import (
 )
 EOF
       go mod edit -require="k8s.io/kubernetes@$K8S_VERSION"
-      "${NICE[@]}" go mod tidy >&2 || { rm -f go.mod go.sum; die "go mod tidy failed for the k8s wrapper"; }
+      "${NICE[@]}" go mod tidy >&2 || die "go mod tidy failed for the k8s wrapper"
+      touch .mod-ready
     fi
     local ld="-s -w"
     ld+=" -X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
@@ -129,11 +131,13 @@ build_etcd() {
     cd "$w"
     # server/v3's go.mod has local replace directives, so `go install pkg@v` is refused:
     # use a wrapper module of its own (keeps grpc/otel versions apart from the k8s one).
-    if [[ ! -f go.mod ]]; then
+    if [[ ! -f .mod-ready ]]; then
+      rm -f go.mod go.sum tools.go
       go mod init testbed.local/etcd >/dev/null 2>&1
       printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
       go mod edit -require="go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-      "${NICE[@]}" go mod tidy >&2 || { rm -f go.mod go.sum; die "go mod tidy failed for etcd"; }
+      "${NICE[@]}" go mod tidy >&2 || die "go mod tidy failed for etcd"
+      touch .mod-ready
     fi
     "${NICE[@]}" go build -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
   ) || die "etcd build failed"
@@ -171,7 +175,7 @@ build_helm() {
   stepdone "helm"
 }
 
-log "cold build into $BIN (GOCACHE=$GOCACHE)"
+log "building into $BIN (GOCACHE=$GOCACHE)"
 build_k8s
 build_etcd
 build_kwok
@@ -180,5 +184,5 @@ build_helm
 all_present || die "some binaries are missing after the build: $(ls "$BIN")"
 "$BIN/kube-apiserver" --version >&2
 T1=$(date +%s)
-log "cold build finished in $((T1 - T0))s"
+log "build finished in $((T1 - T0))s"
 echo "$BIN"
