@@ -11,14 +11,18 @@ use tracing::info;
 
 use crate::authkey::cache::KeyCache;
 use crate::authkey::store::MemoryStore;
-use crate::config::{Config, SessionMode};
+use crate::config::{session_address, Config, SessionMode};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
 use crate::server::registry::Registry;
+use crate::server::reverse::ReversePath;
 use crate::server::{self, Limits, Shared};
 use crate::session::embedded::EmbeddedSession;
+use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
 use crate::session::SessionService;
+use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGatewayServer;
+use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStreamServer;
 
 /// File names of the generated key in the data directory.
 pub const GENERATED_PRIVATE_KEY: &str = "server-rsa-private.pem";
@@ -84,6 +88,8 @@ fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct Gateway {
     listeners: Vec<TcpListener>,
+    /// The reverse-path gRPC server, in remote session modes.
+    grpc: Option<(TcpListener, ReversePath)>,
     shared: Arc<Shared>,
     grace: Duration,
 }
@@ -102,14 +108,46 @@ impl Gateway {
             pq_pool: PqPool::generate(256, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
         });
-        let registry = Arc::new(Registry::default());
-        let session: Arc<dyn SessionService> = match config.session.mode {
-            SessionMode::Embedded => Arc::new(EmbeddedSession::new(
-                Arc::new(MemoryStore::default()),
-                registry.clone(),
-            )),
-        };
         let l = &config.limits;
+        let registry = Arc::new(Registry::new(Duration::from_secs(l.write_timeout_secs)));
+        let s = &config.session;
+        let (session, grpc, server_id): (Arc<dyn SessionService>, _, _) = match s.mode {
+            SessionMode::Embedded => (
+                Arc::new(EmbeddedSession::new(
+                    Arc::new(MemoryStore::default()),
+                    registry.clone(),
+                )),
+                None,
+                "embedded".to_string(),
+            ),
+            SessionMode::Unary | SessionMode::Stream => {
+                let members = s
+                    .endpoints
+                    .iter()
+                    .map(|e| session_address(e))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let settings = RemoteSettings {
+                    mode: if s.mode == SessionMode::Stream {
+                        Mode::Stream
+                    } else {
+                        Mode::Unary
+                    },
+                    call_timeout: Duration::from_millis(s.call_timeout_ms),
+                    retries: s.retries,
+                    backoff: Duration::from_millis(50),
+                };
+                let server_id = config.server_id()?;
+                let listener = TcpListener::bind(s.grpc_listen).await.with_context(|| {
+                    format!("session.grpc_listen: cannot listen on {}", s.grpc_listen)
+                })?;
+                info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
+                (
+                    Arc::new(RemoteSession::new(members, settings)),
+                    Some((listener, ReversePath::new(registry.clone()))),
+                    server_id,
+                )
+            }
+        };
         let limits = Limits {
             handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(l.idle_timeout_secs),
@@ -131,10 +169,11 @@ impl Gateway {
             registry,
             KeyCache::new(l.auth_key_cache_entries),
             limits,
-            "embedded".into(),
+            server_id,
         ));
         Ok(Self {
             listeners,
+            grpc,
             shared,
             grace: Duration::from_secs(l.shutdown_grace_secs),
         })
@@ -147,7 +186,29 @@ impl Gateway {
             .collect()
     }
 
-    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let grpc = self.grpc.map(|(listener, reverse)| {
+            let mut stop = shutdown.clone();
+            let addr = listener.local_addr().ok();
+            info!(?addr, "serving gateway.RPCGateway for session replies");
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(RpcGatewayServer::new(reverse.clone()))
+                    .add_service(RpcGatewayStreamServer::new(reverse))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async move {
+                            let _ = stop.wait_for(|stopped| *stopped).await;
+                        },
+                    ),
+            )
+        });
         server::serve(self.listeners, self.shared, shutdown, self.grace).await;
+        if let Some(task) = grpc {
+            task.await
+                .context("gRPC server task")?
+                .context("gRPC server")?;
+        }
+        Ok(())
     }
 }

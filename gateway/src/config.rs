@@ -46,6 +46,22 @@ pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Session service instance (`grpc://host:port`). Repeatable: requests are
+    /// sharded over them on teamgram's consistent-hash ring. Without one, the
+    /// built-in reference session answers in process.
+    #[arg(long = "session", value_name = "URL")]
+    pub session: Vec<String>,
+    /// How to call session services: one gRPC call per message, or teamgram's
+    /// bidirectional stream.
+    #[arg(long, value_name = "MODE", value_parser = ["unary", "stream"])]
+    pub session_mode: Option<String>,
+    /// Where this gateway serves `gateway.RPCGateway` for replies from sessions.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// This gateway's address as sessions should dial it (default: the gRPC
+    /// listen address, with $POD_IP when that is 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +106,17 @@ pub enum ProxyProtocol {
 #[serde(deny_unknown_fields)]
 pub struct SessionConfig {
     pub mode: SessionMode,
+    /// Static session instances (`grpc://host:port` or `host:port`).
+    pub endpoints: Vec<String>,
+    /// Address of this gateway's `gateway.RPCGateway` server.
+    pub grpc_listen: SocketAddr,
+    /// This gateway's id as sessions dial it; derived from `grpc_listen` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
+    /// Deadline of one session call.
+    pub call_timeout_ms: u64,
+    /// Retries of a transient session failure (with exponential backoff).
+    pub retries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +124,10 @@ pub struct SessionConfig {
 pub enum SessionMode {
     /// The built-in reference session, in this process.
     Embedded,
+    /// Remote sessions, one unary gRPC call per message.
+    Unary,
+    /// Remote sessions over teamgram's bidirectional stream.
+    Stream,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +157,11 @@ impl Default for Config {
             }],
             session: SessionConfig {
                 mode: SessionMode::Embedded,
+                endpoints: Vec::new(),
+                grpc_listen: SocketAddr::from(([0, 0, 0, 0], 20110)),
+                server_id: None,
+                call_timeout_ms: 5000,
+                retries: 3,
             },
             limits: LimitsConfig {
                 handshake_timeout_secs: 30,
@@ -152,6 +188,29 @@ struct CliOverrides {
     rsa_private_keys: Option<Vec<PathBuf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     listeners: Option<Vec<Listener>>,
+    #[serde(skip_serializing_if = "SessionOverrides::is_empty")]
+    session: SessionOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct SessionOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<SessionMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoints: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_id: Option<String>,
+}
+
+impl SessionOverrides {
+    fn is_empty(&self) -> bool {
+        self.mode.is_none()
+            && self.endpoints.is_none()
+            && self.grpc_listen.is_none()
+            && self.server_id.is_none()
+    }
 }
 
 impl Config {
@@ -194,6 +253,17 @@ impl Config {
                     })
                     .collect()
             }),
+            session: SessionOverrides {
+                mode: match cli.session_mode.as_deref() {
+                    Some("stream") => Some(SessionMode::Stream),
+                    Some(_) => Some(SessionMode::Unary),
+                    None if !cli.session.is_empty() => Some(SessionMode::Unary),
+                    None => None,
+                },
+                endpoints: (!cli.session.is_empty()).then(|| cli.session.clone()),
+                grpc_listen: cli.grpc_listen,
+                server_id: cli.server_id.clone(),
+            },
         };
         let config: Config = figment
             .merge(Self::env_filter(env))
@@ -220,8 +290,59 @@ impl Config {
                 anyhow::bail!("invalid configuration: {message}");
             }
         }
+        let s = &self.session;
+        match s.mode {
+            SessionMode::Embedded if !s.endpoints.is_empty() => anyhow::bail!(
+                "invalid configuration: session.endpoints is set but session.mode is embedded; \
+                 set session.mode to unary or stream (or pass --session-mode)"
+            ),
+            SessionMode::Unary | SessionMode::Stream if s.endpoints.is_empty() => anyhow::bail!(
+                "invalid configuration: session.mode {:?} needs session.endpoints (e.g. --session grpc://10.0.0.5:20120)",
+                s.mode
+            ),
+            _ => {}
+        }
+        for endpoint in &s.endpoints {
+            session_address(endpoint)?;
+        }
+        if s.call_timeout_ms == 0 {
+            anyhow::bail!("invalid configuration: session.call_timeout_ms must be at least 1");
+        }
         Ok(())
     }
+
+    /// This gateway's `server_id`: configured, or the gRPC listen address
+    /// with `$POD_IP` in place of an unspecified host.
+    pub fn server_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = &self.session.server_id {
+            return Ok(id.clone());
+        }
+        let listen = self.session.grpc_listen;
+        if !listen.ip().is_unspecified() {
+            return Ok(listen.to_string());
+        }
+        match std::env::var("POD_IP") {
+            Ok(ip) if !ip.is_empty() => Ok(format!("{ip}:{}", listen.port())),
+            _ => anyhow::bail!(
+                "session.server_id: session.grpc_listen is {listen}, so sessions cannot dial it; \
+                 set session.server_id (--server-id) or the POD_IP environment variable"
+            ),
+        }
+    }
+}
+
+/// `grpc://host:port` or `host:port` → `host:port` (the ring member string).
+pub fn session_address(endpoint: &str) -> anyhow::Result<String> {
+    let addr = endpoint.strip_prefix("grpc://").unwrap_or(endpoint);
+    let valid = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !valid {
+        anyhow::bail!(
+            "invalid configuration: session.endpoints entry {endpoint:?} is not grpc://host:port"
+        );
+    }
+    Ok(addr.to_string())
 }
 
 #[cfg(test)]
@@ -271,6 +392,53 @@ mod tests {
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].address, "127.0.0.1:7001".parse().unwrap());
         assert_eq!(c.log_level, "warn");
+    }
+
+    #[test]
+    fn session_flags_select_remote_mode() {
+        let c = Config::load_from(
+            &cli(&[
+                "--session",
+                "grpc://127.0.0.1:9000",
+                "--grpc-listen",
+                "127.0.0.1:9100",
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.session.mode, SessionMode::Unary);
+        assert_eq!(c.server_id().unwrap(), "127.0.0.1:9100");
+        assert_eq!(
+            session_address(&c.session.endpoints[0]).unwrap(),
+            "127.0.0.1:9000"
+        );
+        let c = Config::load_from(
+            &cli(&[
+                "--session",
+                "127.0.0.1:9000",
+                "--session-mode",
+                "stream",
+                "--server-id",
+                "gw-1:1",
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.session.mode, SessionMode::Stream);
+        assert_eq!(c.server_id().unwrap(), "gw-1:1");
+        let err = Config::load_from(&cli(&["--session", "nope"]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("session.endpoints"), "{err}");
+    }
+
+    #[test]
+    fn partial_sections_keep_the_other_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "[limits]\nidle_timeout_secs = 60\n[session]\nmode = \"stream\"\nendpoints = [\"s:1\"]\n").unwrap();
+        let c = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap();
+        assert_eq!(c.limits.idle_timeout_secs, 60);
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20);
+        assert_eq!(c.session.call_timeout_ms, 5000);
     }
 
     #[test]

@@ -41,8 +41,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
-    gateway.serve(shutdown_rx).await;
-    Ok(())
+    gateway.serve(shutdown_rx).await
 }
 
 async fn wait_for_signal() {

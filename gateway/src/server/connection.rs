@@ -6,15 +6,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, warn};
 
-use super::registry::ConnectionId;
+use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::Shared;
 use crate::authkey::AuthKeyInfo;
 use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
@@ -80,8 +80,10 @@ struct Connection {
     handshake: Option<Handshake>,
     key: Option<Arc<AuthKeyInfo>>,
     sessions: Vec<i64>,
-    outbox: mpsc::Sender<Bytes>,
+    outbox: Outbox,
     out: BytesMut,
+    /// Server messages in `out`, acknowledged once `out` is written.
+    written_acks: Vec<oneshot::Sender<()>>,
     last_plain_msg_id: i64,
 }
 
@@ -103,6 +105,7 @@ pub async fn run(
         sessions: Vec::new(),
         outbox,
         out: BytesMut::new(),
+        written_acks: Vec::new(),
         last_plain_msg_id: 0,
     };
     let (reader, mut writer) = stream.into_split();
@@ -128,7 +131,7 @@ impl Connection {
         &mut self,
         mut reader: tokio::net::tcp::OwnedReadHalf,
         writer: &mut OwnedWriteHalf,
-        mut inbox: mpsc::Receiver<Bytes>,
+        mut inbox: mpsc::Receiver<Outgoing>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Close {
         let limits = self.shared.limits.clone();
@@ -162,8 +165,9 @@ impl Connection {
                         buf = BytesMut::new();
                     }
                 }
-                Some(payload) = inbox.recv() => {
-                    self.on_server_message(&payload);
+                Some(outgoing) = inbox.recv() => {
+                    self.on_server_message(&outgoing.payload);
+                    self.written_acks.push(outgoing.written);
                     idle_deadline = Instant::now() + limits.idle_timeout;
                 }
                 _ = sleep_until(handshake_deadline), if self.key.is_none() => return Close::HandshakeTimeout,
@@ -180,6 +184,9 @@ impl Connection {
                 self.out.clear();
                 if self.out.capacity() > READ_CHUNK {
                     self.out = BytesMut::new();
+                }
+                for ack in self.written_acks.drain(..) {
+                    let _ = ack.send(());
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 mod connection;
 pub mod registry;
+pub mod reverse;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;

@@ -4,26 +4,46 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::session::GatewayDelivery;
 
 pub type ConnectionId = u64;
 
-/// A connection's inbox for server messages (plaintext from the salt on).
-pub type Outbox = mpsc::Sender<Bytes>;
+/// A server message for a connection, with a way to say it was written.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Plaintext from the salt on; the connection encrypts it with its key.
+    pub payload: Bytes,
+    /// Completed once the frame is written to the client's socket.
+    pub written: oneshot::Sender<()>,
+}
+
+/// A connection's inbox for server messages.
+pub type Outbox = mpsc::Sender<Outgoing>;
 
 /// (auth_key_id, session_id) → the connections carrying it, oldest first.
 type SessionMap = HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     sessions: Mutex<SessionMap>,
+    /// How long a delivery waits for the connection to write the message.
+    write_wait: Duration,
 }
 
 impl Registry {
+    pub fn new(write_wait: Duration) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            write_wait,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -69,9 +89,10 @@ impl Registry {
 #[async_trait]
 impl GatewayDelivery for Registry {
     /// Hands the message to the newest live connection of the session that has
-    /// room; never blocks and never duplicates.
+    /// room (never to two) and reports whether that connection wrote it.
     async fn send_data_to_gateway(
         &self,
+        _server_id: &str,
         auth_key_id: i64,
         session_id: i64,
         payload: Bytes,
@@ -80,9 +101,20 @@ impl GatewayDelivery for Registry {
             Some(conns) => conns.iter().rev().map(|(_, tx)| tx.clone()).collect(),
             None => return false,
         };
-        candidates
-            .into_iter()
-            .any(|tx| tx.try_send(payload.clone()).is_ok())
+        for tx in candidates {
+            let (written, done) = oneshot::channel();
+            let outgoing = Outgoing {
+                payload: payload.clone(),
+                written,
+            };
+            if tx.try_send(outgoing).is_ok() {
+                return matches!(
+                    tokio::time::timeout(self.write_wait, done).await,
+                    Ok(Ok(()))
+                );
+            }
+        }
+        false
     }
 }
 
@@ -90,41 +122,74 @@ impl GatewayDelivery for Registry {
 mod tests {
     use super::*;
 
+    /// Acts as a connection that writes everything it is given.
+    fn writer(mut rx: mpsc::Receiver<Outgoing>, seen: mpsc::UnboundedSender<Bytes>) {
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                let _ = seen.send(out.payload);
+                let _ = out.written.send(());
+            }
+        });
+    }
+
     #[tokio::test]
-    async fn delivers_to_newest_connection_with_room_and_reports_none() {
-        let registry = Registry::default();
-        let (old_tx, mut old_rx) = mpsc::channel(1);
-        let (new_tx, mut new_rx) = mpsc::channel(1);
+    async fn delivers_once_to_the_newest_connection_that_writes() {
+        let registry = Registry::new(Duration::from_secs(1));
+        let (old_tx, old_rx) = mpsc::channel(1);
+        let (new_tx, new_rx) = mpsc::channel(1);
+        let (seen_old, mut old_seen) = mpsc::unbounded_channel();
+        let (seen_new, mut new_seen) = mpsc::unbounded_channel();
+        writer(old_rx, seen_old);
+        writer(new_rx, seen_new);
         assert!(registry.attach(1, 2, 10, &old_tx));
         assert!(!registry.attach(1, 2, 11, &new_tx));
         assert!(
             registry
-                .send_data_to_gateway(1, 2, Bytes::from_static(b"a"))
+                .send_data_to_gateway("", 1, 2, Bytes::from_static(b"a"))
                 .await
         );
-        assert_eq!(new_rx.recv().await.unwrap(), Bytes::from_static(b"a"));
-        // The newest is full: the older one takes it.
-        new_tx.try_send(Bytes::new()).unwrap();
-        assert!(
-            registry
-                .send_data_to_gateway(1, 2, Bytes::from_static(b"b"))
-                .await
-        );
-        assert_eq!(old_rx.recv().await.unwrap(), Bytes::from_static(b"b"));
-        // Both full: not delivered.
-        old_tx.try_send(Bytes::new()).unwrap();
+        assert_eq!(new_seen.recv().await.unwrap(), Bytes::from_static(b"a"));
+        assert!(old_seen.try_recv().is_err());
         assert!(
             !registry
-                .send_data_to_gateway(1, 2, Bytes::from_static(b"c"))
-                .await
-        );
-        assert!(
-            !registry
-                .send_data_to_gateway(1, 3, Bytes::from_static(b"d"))
+                .send_data_to_gateway("", 1, 3, Bytes::from_static(b"d"))
                 .await
         );
         assert!(!registry.detach(1, 2, 11));
         assert!(registry.detach(1, 2, 10));
         assert_eq!(registry.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn not_written_is_not_delivered() {
+        let registry = Registry::new(Duration::from_millis(50));
+        // A connection that takes the message but never writes it (dead socket).
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(4);
+        registry.attach(1, 2, 10, &tx);
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                drop(out.written);
+            }
+        });
+        assert!(
+            !registry
+                .send_data_to_gateway("", 1, 2, Bytes::from_static(b"x"))
+                .await
+        );
+        // A full outbox is skipped, not waited on.
+        let (full_tx, _full_rx) = mpsc::channel::<Outgoing>(1);
+        let (w, _) = oneshot::channel();
+        full_tx
+            .try_send(Outgoing {
+                payload: Bytes::new(),
+                written: w,
+            })
+            .unwrap();
+        registry.attach(5, 6, 20, &full_tx);
+        assert!(
+            !registry
+                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"y"))
+                .await
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{Rng, RngCore};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::reference::{self, Reply, SALT_PERIOD_SECS};
@@ -29,6 +30,8 @@ const MAX_SESSIONS: usize = 1_000_000;
 struct SessionState {
     content_messages_sent: i32,
     last_msg_id: i64,
+    /// The gateway (`server_id`) that last carried this session: replies go there.
+    gateway: String,
 }
 
 impl SessionState {
@@ -55,22 +58,58 @@ impl SessionState {
     }
 }
 
+/// Messages of one session are handled in order by one of these workers.
+const WORKERS: usize = 16;
+/// Messages queued per worker before `send_data` waits (back-pressure).
+const WORKER_QUEUE: usize = 1024;
+
+/// The reference session. `send_data` queues the message and returns, like
+/// teamgram's session; workers answer it, one session's messages in order.
 #[derive(Debug)]
 pub struct EmbeddedSession {
+    core: Arc<Core>,
+    workers: Vec<mpsc::Sender<SessionClientData>>,
+}
+
+#[derive(Debug)]
+struct Core {
     store: Arc<dyn AuthKeyStore>,
     gateway: Arc<dyn GatewayDelivery>,
     sessions: Mutex<HashMap<(i64, i64), SessionState>>,
 }
 
 impl EmbeddedSession {
+    /// Starts the workers; needs a tokio runtime.
     pub fn new(store: Arc<dyn AuthKeyStore>, gateway: Arc<dyn GatewayDelivery>) -> Self {
-        Self {
+        let core = Arc::new(Core {
             store,
             gateway,
             sessions: Mutex::new(HashMap::new()),
-        }
+        });
+        let workers = (0..WORKERS)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<SessionClientData>(WORKER_QUEUE);
+                let core = core.clone();
+                tokio::spawn(async move {
+                    while let Some(data) = rx.recv().await {
+                        let (auth_key_id, session_id) = (data.auth_key_id, data.session_id);
+                        if let Err(e) = core.process(data).await {
+                            warn!(auth_key_id, session_id, "message not processed: {e}");
+                        }
+                    }
+                });
+                tx
+            })
+            .collect();
+        Self { core, workers }
     }
 
+    pub fn store(&self) -> &Arc<dyn AuthKeyStore> {
+        &self.core.store
+    }
+}
+
+impl Core {
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), SessionState>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -106,13 +145,15 @@ impl EmbeddedSession {
     }
 
     /// Wraps replies (in a container when there are several) and hands them to the gateway.
-    async fn deliver(&self, auth_key_id: i64, session_id: i64, salt: i64, replies: Vec<Reply>) {
+    async fn deliver(&self, data: &SessionClientData, salt: i64, replies: Vec<Reply>) {
         if replies.is_empty() {
             return;
         }
+        let (auth_key_id, session_id) = (data.auth_key_id, data.session_id);
         let plaintext = {
             let mut sessions = self.sessions();
             let state = sessions.entry((auth_key_id, session_id)).or_default();
+            state.gateway.clone_from(&data.server_id);
             if replies.len() == 1 {
                 let reply = &replies[0];
                 let msg_id = state.msg_id(reply.is_response);
@@ -135,44 +176,20 @@ impl EmbeddedSession {
         };
         if !self
             .gateway
-            .send_data_to_gateway(auth_key_id, session_id, Bytes::from(plaintext))
+            .send_data_to_gateway(
+                &data.server_id,
+                auth_key_id,
+                session_id,
+                Bytes::from(plaintext),
+            )
             .await
         {
-            debug!(auth_key_id, session_id, "no live connection took the reply");
-        }
-    }
-}
-
-fn unavailable(e: StoreError) -> SessionError {
-    SessionError::Unavailable(e.to_string())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
-#[async_trait]
-impl SessionService for EmbeddedSession {
-    async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError> {
-        match self.store.get(auth_key_id).await {
-            Ok(Some(info)) => Ok(info),
-            Ok(None) => Err(SessionError::AuthKeyUnregistered),
-            Err(e) => Err(unavailable(e)),
+            debug!(auth_key_id, session_id, gateway = %data.server_id, "no live connection took the reply");
         }
     }
 
-    async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError> {
-        match self.store.insert(key.info.clone(), key.first_salt).await {
-            Ok(()) => Ok(StoreOutcome::Stored),
-            Err(StoreError::Collision(_)) => Ok(StoreOutcome::Collision),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
+    /// Answers one client message.
+    async fn process(&self, data: SessionClientData) -> Result<(), SessionError> {
         let payload = &data.payload[..];
         if payload.len() < 16 {
             warn!(
@@ -200,14 +217,12 @@ impl SessionService for EmbeddedSession {
         });
         if !salt_ok {
             let reply = reference::bad_server_salt(msg_id, seq_no, salt);
-            self.deliver(data.auth_key_id, data.session_id, salt, vec![reply])
-                .await;
+            self.deliver(&data, salt, vec![reply]).await;
             return Ok(());
         }
         if let Err(code) = reference::check_msg_id(msg_id, now) {
             let reply = reference::bad_msg_notification(msg_id, seq_no, code);
-            self.deliver(data.auth_key_id, data.session_id, salt, vec![reply])
-                .await;
+            self.deliver(&data, salt, vec![reply]).await;
             return Ok(());
         }
         let mut replies = Vec::new();
@@ -252,13 +267,57 @@ impl SessionService for EmbeddedSession {
             self.sessions().remove(&(data.auth_key_id, destroyed));
         }
         replies.extend(outcome.replies);
-        self.deliver(data.auth_key_id, data.session_id, salt, replies)
-            .await;
+        self.deliver(&data, salt, replies).await;
         Ok(())
+    }
+}
+
+fn unavailable(e: StoreError) -> SessionError {
+    SessionError::Unavailable(e.to_string())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl SessionService for EmbeddedSession {
+    async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError> {
+        match self.core.store.get(auth_key_id).await {
+            Ok(Some(info)) => Ok(info),
+            Ok(None) => Err(SessionError::AuthKeyUnregistered),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError> {
+        match self
+            .core
+            .store
+            .insert(key.info.clone(), key.first_salt)
+            .await
+        {
+            Ok(()) => Ok(StoreOutcome::Stored),
+            Err(StoreError::Collision(_)) => Ok(StoreOutcome::Collision),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
+        let shard =
+            (data.auth_key_id ^ data.session_id).unsigned_abs() as usize % self.workers.len();
+        self.workers[shard]
+            .send(data)
+            .await
+            .map_err(|_| SessionError::Unavailable("reference session stopped".into()))
     }
 
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
-        self.sessions()
+        self.core
+            .sessions()
             .remove(&(event.auth_key_id, event.session_id));
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! process; the gRPC client implements it over the network.
 
 pub mod embedded;
+pub mod grpc_server;
 pub mod reference;
+pub mod remote;
+pub mod ring;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -64,9 +67,15 @@ pub trait SessionService: Send + Sync + std::fmt::Debug {
 }
 
 /// Session → gateway: deliver a server message (plaintext from the salt on)
-/// to a live connection of that session. True only if it was handed to one.
+/// to a live connection of that session on the gateway named `server_id`.
+/// True only when a connection wrote it to its client.
 #[async_trait]
 pub trait GatewayDelivery: Send + Sync + std::fmt::Debug {
-    async fn send_data_to_gateway(&self, auth_key_id: i64, session_id: i64, payload: Bytes)
-        -> bool;
+    async fn send_data_to_gateway(
+        &self,
+        server_id: &str,
+        auth_key_id: i64,
+        session_id: i64,
+        payload: Bytes,
+    ) -> bool;
 }

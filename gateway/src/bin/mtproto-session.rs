@@ -1,0 +1,112 @@
+//! `mtproto-session`: the reference session as a gRPC service, wire-compatible
+//! with teamgram's `session.RPCSession`/`RPCSessionStream`. It answers MTProto
+//! service messages and refuses API calls, like the gateway's embedded session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use mtproto_edge_proto::session::rpc_session_server::RpcSessionServer;
+use mtproto_edge_proto::session::rpc_session_stream_server::RpcSessionStreamServer;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+use mtproto_gateway::authkey::store::MemoryStore;
+use mtproto_gateway::session::embedded::EmbeddedSession;
+use mtproto_gateway::session::grpc_server::{RemoteGateways, SessionGrpc, SessionStreamGrpc};
+use mtproto_gateway::session::ring::Ring;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mtproto-session",
+    version,
+    about = "Reference MTProto session service"
+)]
+struct Cli {
+    /// gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:20120", env = "MTPROTO_SESSION_LISTEN")]
+    listen: SocketAddr,
+    /// This instance's ring member string (`podIP:port`); default: the listen
+    /// address, with $POD_IP for an unspecified host.
+    #[arg(long, env = "MTPROTO_SESSION_ADVERTISE")]
+    advertise: Option<String>,
+    /// Every session instance on the ring, this one included (repeatable).
+    /// Messages for keys another member owns get `REDIRECT_TO_<owner>`.
+    #[arg(long = "member", value_name = "HOST:PORT")]
+    members: Vec<String>,
+    /// Deadline of a reply delivery to a gateway.
+    #[arg(long, default_value_t = 5000)]
+    gateway_timeout_ms: u64,
+    #[arg(long, default_value = "info", env = "MTPROTO_SESSION_LOG_LEVEL")]
+    log_level: String,
+}
+
+fn advertise(cli: &Cli) -> anyhow::Result<String> {
+    if let Some(a) = &cli.advertise {
+        return Ok(a.clone());
+    }
+    if !cli.listen.ip().is_unspecified() {
+        return Ok(cli.listen.to_string());
+    }
+    let ip = std::env::var("POD_IP").context(
+        "--advertise: the listen address is unspecified; pass --advertise HOST:PORT or set POD_IP",
+    )?;
+    Ok(format!("{ip}:{}", cli.listen.port()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let me = advertise(&cli)?;
+    let members = if cli.members.is_empty() {
+        vec![me.clone()]
+    } else {
+        cli.members.clone()
+    };
+    let gateways = Arc::new(RemoteGateways::new(Duration::from_millis(
+        cli.gateway_timeout_ms,
+    )));
+    let session = Arc::new(EmbeddedSession::new(
+        Arc::new(MemoryStore::default()),
+        gateways,
+    ));
+    let service = Arc::new(SessionGrpc::new(
+        session,
+        Ring::new(members.clone()),
+        me.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("--listen: cannot listen on {}", cli.listen))?;
+    info!(listen = %cli.listen, %me, ?members, "mtproto-session serving session.RPCSession");
+    tonic::transport::Server::builder()
+        .add_service(RpcSessionServer::from_arc(service.clone()))
+        .add_service(RpcSessionStreamServer::new(SessionStreamGrpc(service)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await
+        .context("gRPC server")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

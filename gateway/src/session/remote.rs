@@ -1,0 +1,580 @@
+//! The gateway as a client of remote session services over gRPC, in
+//! teamgram's unary (`session.RPCSession`) or bidirectional-stream
+//! (`session.RPCSessionStream`) mode. Requests are routed on the go-zero ring;
+//! `REDIRECT_TO_<addr>` is followed, transient errors are retried with backoff,
+//! and a node is never evicted because of a blip.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mtproto_edge_proto::mtproto as pb;
+use mtproto_edge_proto::session::rpc_session_client::RpcSessionClient;
+use mtproto_edge_proto::session::rpc_session_stream_client::RpcSessionStreamClient;
+use mtproto_edge_proto::session::{
+    self as spb, session_stream_request::Payload as StreamRequest,
+    session_stream_response::Payload as StreamResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, warn};
+
+use super::ring::Ring;
+use super::{SessionClientData, SessionClientEvent, SessionError, SessionService};
+use crate::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
+use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
+
+/// teamgram's status message for an unknown key (sent with status code 401).
+pub const AUTH_KEY_UNREGISTERED: &str = "AUTH_KEY_UNREGISTERED";
+/// teamgram's status message prefix for a key owned by another instance (code 700).
+pub const REDIRECT_PREFIX: &str = "REDIRECT_TO_";
+const MAX_REDIRECTS: usize = 2;
+/// Requests queued on one stream before callers wait (back-pressure).
+const STREAM_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Unary,
+    Stream,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub mode: Mode,
+    /// Deadline of one call (each attempt).
+    pub call_timeout: Duration,
+    /// Retries of a transient failure before giving up.
+    pub retries: usize,
+    pub backoff: Duration,
+}
+
+/// How a failed call is treated.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    Unregistered,
+    Redirect(String),
+    Transient(String),
+    Fatal(String),
+}
+
+fn classify(code: Code, message: &str) -> Failure {
+    if message.contains(AUTH_KEY_UNREGISTERED) {
+        return Failure::Unregistered;
+    }
+    if let Some(addr) = message.strip_prefix(REDIRECT_PREFIX) {
+        return Failure::Redirect(addr.trim().to_string());
+    }
+    match code {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Cancelled => Failure::Transient(format!("{code:?}: {message}")),
+        _ => Failure::Fatal(format!("{code:?}: {message}")),
+    }
+}
+
+fn classify_status(status: &Status) -> Failure {
+    classify(status.code(), status.message())
+}
+
+/// A stream-mode error reply (teamgram: 700 redirect, 401/other with text).
+fn classify_stream_error(code: i32, message: &str) -> Failure {
+    match code {
+        700 => classify(Code::Unknown, message),
+        401 => Failure::Unregistered,
+        _ => classify(Code::Unknown, message),
+    }
+}
+
+/// One open `SessionDataStream` to a session instance.
+#[derive(Debug)]
+struct StreamLink {
+    tx: mpsc::Sender<spb::SessionStreamRequest>,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<StreamResponse>>>>,
+    next_id: AtomicU64,
+}
+
+impl StreamLink {
+    async fn open(channel: Channel) -> Result<Arc<Self>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let mut responses = RpcSessionStreamClient::new(channel)
+            .session_data_stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let pending: Arc<Mutex<HashMap<String, oneshot::Sender<StreamResponse>>>> = Arc::default();
+        let link = Arc::new(Self {
+            tx,
+            pending: pending.clone(),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(async move {
+            loop {
+                match responses.message().await {
+                    Ok(Some(resp)) => {
+                        let waiter = pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&resp.request_id);
+                        if let (Some(waiter), Some(payload)) = (waiter, resp.payload) {
+                            let _ = waiter.send(payload);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!("session stream ended: {status}");
+                        break;
+                    }
+                }
+            }
+            // Dropping the senders fails every waiting call as transient.
+            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
+        Ok(link)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    async fn call(
+        &self,
+        payload: StreamRequest,
+        deadline: Duration,
+    ) -> Result<StreamResponse, Failure> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        let (done_tx, done_rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), done_tx);
+        let request = spb::SessionStreamRequest {
+            request_id: id.clone(),
+            payload: Some(payload),
+        };
+        let result = tokio::time::timeout(deadline, async {
+            self.tx
+                .send(request)
+                .await
+                .map_err(|_| Failure::Transient("session stream closed".into()))?;
+            done_rx
+                .await
+                .map_err(|_| Failure::Transient("session stream closed".into()))
+        })
+        .await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Transient("session stream call timed out".into())),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RemoteSession {
+    ring: RwLock<Ring>,
+    settings: RemoteSettings,
+    channels: Mutex<HashMap<String, Channel>>,
+    streams: tokio::sync::Mutex<HashMap<String, Arc<StreamLink>>>,
+}
+
+impl RemoteSession {
+    pub fn new(members: Vec<String>, settings: RemoteSettings) -> Self {
+        Self {
+            ring: RwLock::new(Ring::new(members)),
+            settings,
+            channels: Mutex::new(HashMap::new()),
+            streams: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the ring membership (static list today; discovery later).
+    pub fn set_members(&self, members: Vec<String>) {
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Ring::new(members);
+    }
+
+    fn owner(&self, key: i64) -> Result<String, SessionError> {
+        self.ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .owner_of_id(key)
+            .map(str::to_string)
+            .ok_or_else(|| SessionError::Unavailable("no session instances configured".into()))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, SessionError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| SessionError::Unavailable(format!("bad session address {addr}: {e}")))?
+            .connect_timeout(self.settings.call_timeout)
+            .timeout(self.settings.call_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    async fn stream(&self, addr: &str) -> Result<Arc<StreamLink>, Failure> {
+        let mut streams = self.streams.lock().await;
+        if let Some(link) = streams.get(addr).filter(|l| !l.is_closed()) {
+            return Ok(link.clone());
+        }
+        let channel = self
+            .channel(addr)
+            .map_err(|e| Failure::Fatal(e.to_string()))?;
+        let link = StreamLink::open(channel)
+            .await
+            .map_err(|s| classify_status(&s))?;
+        streams.insert(addr.to_string(), link.clone());
+        Ok(link)
+    }
+
+    /// Runs one request against the owner of `ring_key`, following redirects
+    /// and retrying transient failures.
+    async fn route<T, F, Fut>(
+        &self,
+        ring_key: i64,
+        method: &'static str,
+        call: F,
+    ) -> Result<T, SessionError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut target = self.owner(ring_key)?;
+        let (mut redirects, mut attempt) = (0, 0);
+        loop {
+            match call(target.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Unregistered) => return Err(SessionError::AuthKeyUnregistered),
+                Err(Failure::Redirect(addr)) if redirects < MAX_REDIRECTS => {
+                    debug!(method, from = %target, to = %addr, "session redirect");
+                    redirects += 1;
+                    target = addr;
+                }
+                Err(Failure::Redirect(addr)) => {
+                    return Err(SessionError::Redirect(addr));
+                }
+                Err(Failure::Transient(msg)) if attempt < self.settings.retries => {
+                    attempt += 1;
+                    let delay = self.settings.backoff * (1 << attempt.min(6));
+                    warn!(method, session = %target, attempt, "transient session error, retrying in {delay:?}: {msg}");
+                    tokio::time::sleep(delay).await;
+                    // The ring may have changed meanwhile; ask it again unless redirected.
+                    if redirects == 0 {
+                        target = self.owner(ring_key)?;
+                    }
+                }
+                Err(Failure::Transient(msg) | Failure::Fatal(msg)) => {
+                    return Err(SessionError::Unavailable(format!(
+                        "{method} on {target}: {msg}"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn unary_client(&self, addr: &str) -> Result<RpcSessionClient<Channel>, Failure> {
+        self.channel(addr)
+            .map(RpcSessionClient::new)
+            .map_err(|e| Failure::Fatal(e.to_string()))
+    }
+}
+
+fn bool_or_stream_ack(value: bool) -> Result<(), Failure> {
+    if value {
+        Ok(())
+    } else {
+        Err(Failure::Fatal("session answered boolFalse".into()))
+    }
+}
+
+pub fn info_to_proto(info: &AuthKeyInfo) -> pb::AuthKeyInfo {
+    pb::AuthKeyInfo {
+        predicate_name: "authKeyInfo".into(),
+        constructor: pb::AUTH_KEY_INFO,
+        auth_key_id: info.id(),
+        auth_key: info.key.bytes().to_vec(),
+        auth_key_type: info.key_type as i32,
+        perm_auth_key_id: info.perm_auth_key_id,
+        temp_auth_key_id: info.temp_auth_key_id,
+        media_temp_auth_key_id: info.media_temp_auth_key_id,
+    }
+}
+
+/// Converts a session's `AuthKeyInfo`, refusing corrupt ones.
+pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
+    let key = AuthKey::from_slice(&info.auth_key).ok_or_else(|| {
+        format!(
+            "auth key {} has {} bytes, not 256",
+            info.auth_key_id,
+            info.auth_key.len()
+        )
+    })?;
+    if key.id() != info.auth_key_id {
+        return Err(format!(
+            "auth key bytes do not hash to id {}",
+            info.auth_key_id
+        ));
+    }
+    let key_type = match info.auth_key_type {
+        0 => AuthKeyType::Perm,
+        1 => AuthKeyType::Temp,
+        2 => AuthKeyType::MediaTemp,
+        other => return Err(format!("unknown auth_key_type {other}")),
+    };
+    Ok(AuthKeyInfo {
+        key,
+        key_type,
+        perm_auth_key_id: info.perm_auth_key_id,
+        temp_auth_key_id: info.temp_auth_key_id,
+        media_temp_auth_key_id: info.media_temp_auth_key_id,
+        expires_at: None,
+    })
+}
+
+pub fn data_to_proto(data: &SessionClientData) -> spb::SessionClientData {
+    spb::SessionClientData {
+        predicate_name: "sessionClientData".into(),
+        constructor: spb::SESSION_CLIENT_DATA,
+        server_id: data.server_id.clone(),
+        conn_type: data.conn_type,
+        auth_key_id: data.auth_key_id,
+        key_type: data.key_type,
+        perm_auth_key_id: data.perm_auth_key_id,
+        session_id: data.session_id,
+        client_ip: data.client_ip.clone(),
+        quick_ack: data.quick_ack,
+        salt: data.salt,
+        payload: data.payload.to_vec(),
+    }
+}
+
+pub fn event_to_proto(event: &SessionClientEvent) -> spb::SessionClientEvent {
+    spb::SessionClientEvent {
+        predicate_name: "sessionClientEvent".into(),
+        constructor: spb::SESSION_CLIENT_EVENT,
+        server_id: event.server_id.clone(),
+        conn_type: 0,
+        auth_key_id: event.auth_key_id,
+        key_type: event.key_type,
+        perm_auth_key_id: event.perm_auth_key_id,
+        session_id: event.session_id,
+        client_ip: event.client_ip.clone(),
+    }
+}
+
+#[async_trait]
+impl SessionService for RemoteSession {
+    async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError> {
+        let request = spb::TlSessionQueryAuthKey {
+            constructor: spb::QUERY_AUTH_KEY,
+            auth_key_id,
+        };
+        let info = self
+            .route(auth_key_id, "session_queryAuthKey", |addr| {
+                async move {
+                    match self.settings.mode {
+                        Mode::Unary => self
+                            .unary_client(&addr)
+                            .await?
+                            .session_query_auth_key(request)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(|s| classify_status(&s)),
+                        Mode::Stream => {
+                            let link = self.stream(&addr).await?;
+                            match link
+                                .call(
+                                    StreamRequest::QueryAuthKey(request),
+                                    self.settings.call_timeout,
+                                )
+                                .await?
+                            {
+                                StreamResponse::AuthKey(info) => Ok(info),
+                                StreamResponse::Error(e) => {
+                                    Err(classify_stream_error(e.code, &e.message))
+                                }
+                                StreamResponse::Ack(_) => {
+                                    Err(Failure::Fatal("ack for queryAuthKey".into()))
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .await?;
+        info_from_proto(&info).map_err(|e| {
+            warn!(auth_key_id, "session returned a corrupt auth key: {e}");
+            SessionError::Unavailable(e)
+        })
+    }
+
+    /// Always unary, as in teamgram.
+    async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError> {
+        let request = spb::TlSessionSetAuthKey {
+            constructor: spb::SET_AUTH_KEY,
+            auth_key: Some(info_to_proto(&key.info)),
+            future_salt: Some(pb::FutureSalt {
+                predicate_name: "futureSalt".into(),
+                constructor: pb::FUTURE_SALT,
+                valid_since: key.first_salt.valid_since,
+                valid_until: key.first_salt.valid_until,
+                salt: key.first_salt.salt,
+            }),
+            expires_in: key.expires_in,
+        };
+        let stored = self
+            .route(key.info.id(), "session_setAuthKey", |addr| {
+                let request = request.clone();
+                async move {
+                    self.unary_client(&addr)
+                        .await?
+                        .session_set_auth_key(request)
+                        .await
+                        .map(|r| r.into_inner().value())
+                        .map_err(|s| classify_status(&s))
+                }
+            })
+            .await?;
+        // teamgram answers boolFalse when the store refuses the key (e.g. a duplicate id).
+        Ok(if stored {
+            StoreOutcome::Stored
+        } else {
+            StoreOutcome::Collision
+        })
+    }
+
+    async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
+        let request = spb::TlSessionSendDataToSession {
+            constructor: spb::SEND_DATA_TO_SESSION,
+            data: Some(data_to_proto(&data)),
+        };
+        self.route(data.perm_auth_key_id, "session_sendDataToSession", |addr| {
+            let request = request.clone();
+            async move {
+                match self.settings.mode {
+                    Mode::Unary => {
+                        let ok = self
+                            .unary_client(&addr)
+                            .await?
+                            .session_send_data_to_session(request)
+                            .await
+                            .map_err(|s| classify_status(&s))?
+                            .into_inner()
+                            .value();
+                        bool_or_stream_ack(ok)
+                    }
+                    Mode::Stream => {
+                        let link = self.stream(&addr).await?;
+                        match link
+                            .call(StreamRequest::SendData(request), self.settings.call_timeout)
+                            .await?
+                        {
+                            StreamResponse::Ack(ack) => bool_or_stream_ack(ack.success),
+                            StreamResponse::Error(e) => {
+                                Err(classify_stream_error(e.code, &e.message))
+                            }
+                            StreamResponse::AuthKey(_) => {
+                                Err(Failure::Fatal("auth key for sendData".into()))
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
+        let request = spb::TlSessionCloseSession {
+            constructor: spb::CLOSE_SESSION,
+            client: Some(event_to_proto(&event)),
+        };
+        self.route(event.perm_auth_key_id, "session_closeSession", |addr| {
+            let request = request.clone();
+            async move {
+                match self.settings.mode {
+                    Mode::Unary => self
+                        .unary_client(&addr)
+                        .await?
+                        .session_close_session(request)
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| classify_status(&s)),
+                    Mode::Stream => {
+                        let link = self.stream(&addr).await?;
+                        match link
+                            .call(
+                                StreamRequest::CloseSession(request),
+                                self.settings.call_timeout,
+                            )
+                            .await?
+                        {
+                            StreamResponse::Error(e) => {
+                                Err(classify_stream_error(e.code, &e.message))
+                            }
+                            _ => Ok(()),
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_messages_map_to_teamgram_meanings() {
+        assert_eq!(
+            classify(Code::Unknown, "AUTH_KEY_UNREGISTERED"),
+            Failure::Unregistered
+        );
+        assert_eq!(
+            classify(Code::Unknown, "REDIRECT_TO_10.0.0.2:20120"),
+            Failure::Redirect("10.0.0.2:20120".into())
+        );
+        assert!(matches!(
+            classify(Code::Unavailable, "x"),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(classify(Code::Internal, "x"), Failure::Fatal(_)));
+        assert_eq!(
+            classify_stream_error(401, "whatever"),
+            Failure::Unregistered
+        );
+        assert_eq!(
+            classify_stream_error(700, "REDIRECT_TO_a:1"),
+            Failure::Redirect("a:1".into())
+        );
+    }
+
+    #[test]
+    fn corrupt_auth_keys_are_refused() {
+        let info = AuthKeyInfo::new(AuthKey::new([5; 256]), AuthKeyType::Perm, None);
+        let mut proto = info_to_proto(&info);
+        assert_eq!(info_from_proto(&proto).unwrap(), info);
+        proto.auth_key.truncate(200);
+        assert!(info_from_proto(&proto).is_err());
+        let mut proto = info_to_proto(&info);
+        proto.auth_key_id ^= 1;
+        assert!(info_from_proto(&proto).is_err());
+        let mut proto = info_to_proto(&info);
+        proto.auth_key_type = 9;
+        assert!(info_from_proto(&proto).is_err());
+    }
+}
