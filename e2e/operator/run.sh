@@ -15,8 +15,10 @@
 #      leader on the chart's Lease name in the release namespace
 #   6. Rust integration tests (operator/tests/e2e.rs, `--ignored`): objects, owner
 #      references, status, printer columns, kubectl scale, Secret roll, delete cascade,
-#      invalid CRs refused, missing Secret reported; then leader failover (SIGKILL)
-#   7. helm upgrade, then helm uninstall (operator gone, CRD and gateways' CRD kept)
+#      invalid CRs refused, missing Secret reported, ServiceMonitor; then leader failover
+#      (SIGKILL); then the tests' namespaces are deleted while an operator still runs
+#      (the gateways carry a finalizer)
+#   7. helm upgrade, then helm uninstall (operator gone, CRD kept)
 #
 # Env: MTPROTO_K8S_STATE / MTPROTO_K8S_PORT_BASE are passed through to controlplane.sh.
 #      E2E_READY_BUDGET_MS (default 5000) bounds apply->Ready.
@@ -112,6 +114,35 @@ ready=$(kubectl -n "$RELEASE_NS" get deployment "$RELEASE" -o jsonpath='{.status
 [[ $ready == 2 ]] || die "operator Deployment has $ready ready replicas, want 2"
 log "operator Deployment Ready (2/2, pods run by kwok)"
 
+# kube-controller-manager's garbage collector picks up a new CRD kind only on its next
+# discovery resync (every 30 s), and until then cannot cascade deletes from it. Gate on
+# that with a probe: an owned ConfigMap must vanish once its MtprotoGateway is deleted.
+# (Runs before any operator starts, so the probe gets no finalizer.)
+gc_started=$(date +%s)
+kubectl -n "$RELEASE_NS" apply -f - >/dev/null <<EOF || die "GC probe gateway"
+apiVersion: mtproto-edge.io/v1alpha1
+kind: MtprotoGateway
+metadata: {name: gc-probe}
+spec:
+  image: probe
+  listeners: [{name: tcp, port: 10443}]
+  rsaKeys: [{secretName: none, key: none}]
+  session: {service: {name: none}}
+EOF
+probe_uid=$(kubectl -n "$RELEASE_NS" get mtprotogateway gc-probe -o jsonpath='{.metadata.uid}')
+kubectl -n "$RELEASE_NS" apply -f - >/dev/null <<EOF || die "GC probe ConfigMap"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: gc-probe
+  ownerReferences:
+  - {apiVersion: mtproto-edge.io/v1alpha1, kind: MtprotoGateway, name: gc-probe, uid: "$probe_uid"}
+EOF
+kubectl -n "$RELEASE_NS" delete mtprotogateway gc-probe >/dev/null
+kubectl -n "$RELEASE_NS" wait --for=delete configmap/gc-probe --timeout=120s >/dev/null 2>&1 \
+  || die "garbage collector never cascaded from MtprotoGateway"
+log "garbage collector follows MtprotoGateway after $(( $(date +%s) - gc_started )) s"
+
 # --- 5. real operators as the chart's ServiceAccount ----------------------------------
 token=$(kubectl -n "$RELEASE_NS" create token "$RELEASE" --duration=1h) || die "token for the chart's ServiceAccount"
 server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
@@ -157,6 +188,12 @@ timeout 600 cargo test -q -p mtproto-operator --test e2e -- --ignored --test-thr
   || die "integration tests"
 timeout 300 cargo test -q -p mtproto-operator --test e2e -- --ignored --exact leader_failover \
   || die "leader failover test"
+# Remove the tests' namespaces while an operator still runs to lift the gateways' finalizers.
+if [[ -n $(kubectl get namespace -l mtproto-edge.io/e2e=true -o name) ]]; then
+  kubectl delete namespace -l mtproto-edge.io/e2e=true --wait=false >/dev/null
+  kubectl wait --for=delete namespace -l mtproto-edge.io/e2e=true --timeout=90s >/dev/null 2>&1 \
+    || die "test namespaces not deleted (a gateway finalizer left behind?)"
+fi
 
 # --- 7. helm upgrade / uninstall ------------------------------------------------------
 log "helm upgrade / uninstall"

@@ -32,7 +32,12 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mtproto_operator::crd::MtprotoGateway;
 
-const SESSION_NS: &str = "teamgram";
+/// Session namespace the tests point gateways at (the example CR says `teamgram`; tests use
+/// their own so a shared control plane's namespaces are left alone).
+const SESSION_NS: &str = "e2e-operator-sessions";
+/// Label on every namespace the tests create, so run.sh can remove them while the
+/// operators still run (gateways carry a finalizer).
+const E2E_LABEL: &str = "mtproto-edge.io/e2e";
 const POLL: Duration = Duration::from_millis(50);
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -97,6 +102,7 @@ async fn ensure_namespace(c: &Client, name: &str) {
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(E2E_LABEL.to_owned(), "true".to_owned())])),
             ..ObjectMeta::default()
         },
         ..Namespace::default()
@@ -162,6 +168,7 @@ fn example(ns: &str) -> MtprotoGateway {
     let text = std::fs::read_to_string(path).expect("read example CR");
     let mut gw: MtprotoGateway = serde_saphyr::from_str(&text).expect("example CR parses");
     gw.metadata.namespace = Some(ns.to_owned());
+    gw.spec.session.service.namespace = Some(SESSION_NS.to_owned());
     gw
 }
 
