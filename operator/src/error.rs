@@ -73,17 +73,20 @@ impl Error {
             },
         }
     }
+}
 
-    /// Whether the user must change something (as opposed to a transient API failure).
-    pub fn is_user_error(&self) -> bool {
-        match self {
-            Self::MissingSecret(_) | Self::Invalid(_) => true,
-            Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_user_error(),
-                _ => false,
-            },
-            _ => false,
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::finalizer::Error as FinalizerError;
+
+    #[test]
+    fn finalizer_wrapping_keeps_the_inner_label() {
+        let wrapped = Error::Finalizer(Box::new(FinalizerError::ApplyFailed(
+            Error::MissingSecret("x".into()),
+        )));
+        assert_eq!(wrapped.metric_label(), "missing_secret");
+        let bare = Error::Finalizer(Box::new(FinalizerError::UnnamedObject));
+        assert_eq!(bare.metric_label(), "finalizer");
     }
 }
