@@ -194,6 +194,7 @@ if [[ -n $(kubectl get namespace -l mtproto-edge.io/e2e=true -o name) ]]; then
   kubectl wait --for=delete namespace -l mtproto-edge.io/e2e=true --timeout=90s >/dev/null 2>&1 \
     || die "test namespaces not deleted (a gateway finalizer left behind?)"
 fi
+kubectl delete crd -l mtproto-edge.io/e2e=true --ignore-not-found >/dev/null
 
 # --- 7. helm upgrade / uninstall ------------------------------------------------------
 log "helm upgrade / uninstall"

@@ -809,37 +809,38 @@ async fn leader_failover() -> TestResult {
     Ok(())
 }
 
-/// A minimal stand-in for the Prometheus operator's CRD: enough for the API to be served.
-async fn install_service_monitor_crd(c: &Client) {
+/// A minimal stand-in for the Prometheus operator's CRD, enough for the API to be served.
+/// A CRD already in the cluster is left alone; the stand-in carries the e2e label so run.sh
+/// removes it afterwards.
+async fn ensure_service_monitor_crd(c: &Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-        "spec": {
-            "group": "monitoring.coreos.com",
-            "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
-            "scope": "Namespaced",
-            "versions": [{
-                "name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
-            }]
-        }
-    }))
-    .expect("CRD literal");
     let api: Api<CustomResourceDefinition> = Api::all(c.clone());
-    api.patch(
-        "servicemonitors.monitoring.coreos.com",
-        &PatchParams::apply("e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("install ServiceMonitor CRD");
+    let name = "servicemonitors.monitoring.coreos.com";
+    if api.get_opt(name).await.expect("read CRDs").is_none() {
+        let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": name, "labels": {E2E_LABEL: "true"}},
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "names": {"kind": "ServiceMonitor", "plural": "servicemonitors",
+                          "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
+                "scope": "Namespaced",
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+                }]
+            }
+        }))
+        .expect("CRD literal");
+        match api.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("creating the ServiceMonitor CRD: {e}"),
+        }
+    }
     wait_until("ServiceMonitor CRD established", WAIT, || async {
-        let crd = api
-            .get("servicemonitors.monitoring.coreos.com")
-            .await
-            .ok()?;
+        let crd = api.get(name).await.ok()?;
         crd.status?
             .conditions?
             .iter()
@@ -854,7 +855,7 @@ async fn install_service_monitor_crd(c: &Client) {
 async fn service_monitor_follows_its_crd_and_the_flag() -> TestResult {
     use kube::api::DynamicObject;
     let c = client().await;
-    install_service_monitor_crd(&c).await;
+    ensure_service_monitor_crd(&c).await;
     let (ns, gw) = ready_example(&c, "e2e-monitor").await;
     let sms: Api<DynamicObject> = Api::namespaced_with(
         c.clone(),
