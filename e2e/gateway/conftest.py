@@ -9,14 +9,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# Our debug logs, without the HTTP/2 frame traces of the gRPC stack.
+LOG_FILTER = "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info"
+
+
+def binary(name: str) -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    return target / "debug" / name
 
 
 def gateway_binary() -> Path:
     path = os.environ.get("MTPROTO_GATEWAY_BIN")
-    if path:
-        return Path(path)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    return target / "debug" / "mtproto-gateway"
+    return Path(path) if path else binary("mtproto-gateway")
+
+
+def session_binary() -> Path:
+    return gateway_binary().parent / "mtproto-session"
 
 
 def free_port() -> int:
@@ -38,16 +46,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> N
     raise RuntimeError(f"gateway did not listen on {port} within {timeout}s")
 
 
-class Gateway:
-    """A running gateway process and what a client needs to reach it."""
+class Process:
+    """A running gateway or session process listening on `port`."""
 
-    def __init__(self, workdir: Path, args: list[str], port: int, public_key: Path):
+    def __init__(self, workdir: Path, args: list[str], port: int, public_key: Path | None = None,
+                 program: Path | None = None, log_name: str = "gateway.log"):
         self.port = port
         self.public_key = public_key
-        self.log_path = workdir / "gateway.log"
-        self.log = open(self.log_path, "wb")
+        self.args = args
+        self.workdir = workdir
+        self.program = program or gateway_binary()
+        self.log_path = workdir / log_name
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(gateway_binary()), *args],
+            [str(self.program), *args],
             cwd=workdir,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -65,6 +77,21 @@ class Gateway:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def restart(self) -> None:
+        """Starts the same program again with the same arguments."""
+        if self.proc.poll() is None:
+            self.kill()
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(self.program), *self.args], cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port, self.proc)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -77,11 +104,30 @@ class Gateway:
         return self.proc.returncode
 
 
-def start_gateway(workdir: Path, extra: list[str] | None = None) -> Gateway:
+Gateway = Process
+
+
+def start_gateway(workdir: Path, extra: list[str] | None = None, data: Path | None = None) -> Process:
     port = free_port()
-    data = workdir / "data"
-    args = ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--log-level", "debug"]
-    return Gateway(workdir, args + (extra or []), port, data / "server-rsa-public.pem")
+    data = data or workdir / "data"
+    args = ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--log-level", LOG_FILTER]
+    return Process(workdir, args + (extra or []), port, data / "server-rsa-public.pem",
+                   log_name=f"gateway-{port}.log")
+
+
+def start_session(workdir: Path, port: int | None = None, members: list[str] | None = None) -> Process:
+    port = port or free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--log-level", LOG_FILTER]
+    for member in members or []:
+        args += ["--member", member]
+    return Process(workdir, args, port, program=session_binary(), log_name=f"session-{port}.log")
+
+
+def start_remote_gateway(workdir: Path, sessions: list[int], mode: str, data: Path | None = None) -> Process:
+    extra = ["--session-mode", mode, "--grpc-listen", f"127.0.0.1:{free_port()}"]
+    for port in sessions:
+        extra += ["--session", f"grpc://127.0.0.1:{port}"]
+    return start_gateway(workdir, extra, data)
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,22 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
 /// Salts kept per key; the ones that expire first are dropped beyond it.
 const MAX_SALTS_PER_KEY: usize = 128;
 
-/// In-process store: keys vanish with the process.
+/// In-process store: keys vanish with the process. Salts are kept apart from
+/// keys (as teamgram keeps `salts_<id>` apart from `auth_keys`), so a session
+/// can hand out salts for a key another component holds.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    inner: Mutex<HashMap<i64, (AuthKeyInfo, Vec<FutureSalt>)>>,
+    inner: Mutex<Maps>,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    keys: HashMap<i64, AuthKeyInfo>,
+    salts: HashMap<i64, Vec<FutureSalt>>,
 }
 
 impl MemoryStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (AuthKeyInfo, Vec<FutureSalt>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         // A poisoned lock only means another thread panicked mid-update of a
         // plain map; the data is still usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -46,36 +54,73 @@ impl MemoryStore {
 #[async_trait]
 impl AuthKeyStore for MemoryStore {
     async fn get(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, StoreError> {
-        Ok(self.lock().get(&auth_key_id).map(|(info, _)| info.clone()))
+        Ok(self.lock().keys.get(&auth_key_id).cloned())
     }
 
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
-        let mut map = self.lock();
+        let mut maps = self.lock();
         let id = info.id();
-        if map.contains_key(&id) {
+        if maps.keys.contains_key(&id) {
             return Err(StoreError::Collision(id));
         }
-        map.insert(id, (info, vec![salt]));
+        maps.keys.insert(id, info);
+        maps.salts.insert(id, vec![salt]);
         Ok(())
     }
 
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {
         Ok(self
             .lock()
+            .salts
             .get(&auth_key_id)
-            .map(|(_, salts)| salts.clone())
+            .cloned()
             .unwrap_or_default())
     }
 
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
-        if let Some((_, salts)) = self.lock().get_mut(&auth_key_id) {
-            salts.push(salt);
-            if salts.len() > MAX_SALTS_PER_KEY {
-                salts.sort_by_key(|s| s.valid_until);
-                let excess = salts.len() - MAX_SALTS_PER_KEY;
-                salts.drain(..excess);
-            }
+        let mut maps = self.lock();
+        let salts = maps.salts.entry(auth_key_id).or_default();
+        salts.push(salt);
+        if salts.len() > MAX_SALTS_PER_KEY {
+            salts.sort_by_key(|s| s.valid_until);
+            let excess = salts.len() - MAX_SALTS_PER_KEY;
+            salts.drain(..excess);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authkey::{AuthKey, AuthKeyType};
+
+    fn salt(n: i32) -> FutureSalt {
+        FutureSalt {
+            valid_since: n,
+            valid_until: n + 1800,
+            salt: i64::from(n),
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_collide_and_salts_live_apart_from_keys() {
+        let store = MemoryStore::default();
+        let info = AuthKeyInfo::new(AuthKey::new([1; 256]), AuthKeyType::Perm, None);
+        store.insert(info.clone(), salt(0)).await.unwrap();
+        assert!(matches!(
+            store.insert(info.clone(), salt(0)).await,
+            Err(StoreError::Collision(_))
+        ));
+        assert_eq!(store.get(info.id()).await.unwrap(), Some(info.clone()));
+        // A key this store never saw still gets its salts kept.
+        store.add_salt(77, salt(5)).await.unwrap();
+        assert_eq!(store.salts(77).await.unwrap(), vec![salt(5)]);
+        for n in 0..200 {
+            store.add_salt(info.id(), salt(n * 10)).await.unwrap();
+        }
+        let salts = store.salts(info.id()).await.unwrap();
+        assert_eq!(salts.len(), MAX_SALTS_PER_KEY);
+        assert_eq!(salts.last(), Some(&salt(1990)));
     }
 }

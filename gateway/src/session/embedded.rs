@@ -316,6 +316,12 @@ impl SessionService for EmbeddedSession {
     }
 
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
+        debug!(
+            auth_key_id = event.auth_key_id,
+            session_id = event.session_id,
+            gateway = %event.server_id,
+            "session closed by its gateway"
+        );
         self.core
             .sessions()
             .remove(&(event.auth_key_id, event.session_id));

@@ -382,32 +382,30 @@ impl SessionService for RemoteSession {
             auth_key_id,
         };
         let info = self
-            .route(auth_key_id, "session_queryAuthKey", |addr| {
-                async move {
-                    match self.settings.mode {
-                        Mode::Unary => self
-                            .unary_client(&addr)
+            .route(auth_key_id, "session_queryAuthKey", |addr| async move {
+                match self.settings.mode {
+                    Mode::Unary => self
+                        .unary_client(&addr)
+                        .await?
+                        .session_query_auth_key(request)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| classify_status(&s)),
+                    Mode::Stream => {
+                        let link = self.stream(&addr).await?;
+                        match link
+                            .call(
+                                StreamRequest::QueryAuthKey(request),
+                                self.settings.call_timeout,
+                            )
                             .await?
-                            .session_query_auth_key(request)
-                            .await
-                            .map(|r| r.into_inner())
-                            .map_err(|s| classify_status(&s)),
-                        Mode::Stream => {
-                            let link = self.stream(&addr).await?;
-                            match link
-                                .call(
-                                    StreamRequest::QueryAuthKey(request),
-                                    self.settings.call_timeout,
-                                )
-                                .await?
-                            {
-                                StreamResponse::AuthKey(info) => Ok(info),
-                                StreamResponse::Error(e) => {
-                                    Err(classify_stream_error(e.code, &e.message))
-                                }
-                                StreamResponse::Ack(_) => {
-                                    Err(Failure::Fatal("ack for queryAuthKey".into()))
-                                }
+                        {
+                            StreamResponse::AuthKey(info) => Ok(info),
+                            StreamResponse::Error(e) => {
+                                Err(classify_stream_error(e.code, &e.message))
+                            }
+                            StreamResponse::Ack(_) => {
+                                Err(Failure::Fatal("ack for queryAuthKey".into()))
                             }
                         }
                     }
