@@ -17,7 +17,8 @@
 #      references, status, printer columns, kubectl scale, Secret roll, delete cascade,
 #      invalid CRs refused, missing Secret reported, ServiceMonitor; then leader failover
 #      (SIGKILL); then the tests' namespaces are deleted while an operator still runs
-#      (the gateways carry a finalizer)
+#      (the gateways carry a finalizer); the last leader must exit 0 on SIGTERM and
+#      release the Lease
 #   7. helm upgrade, then helm uninstall (operator gone, CRD kept)
 #
 # Env: MTPROTO_K8S_STATE / MTPROTO_K8S_PORT_BASE are passed through to controlplane.sh.
@@ -195,6 +196,18 @@ if [[ -n $(kubectl get namespace -l mtproto-edge.io/e2e=true -o name) ]]; then
     || die "test namespaces not deleted (a gateway finalizer left behind?)"
 fi
 kubectl delete crd -l mtproto-edge.io/e2e=true --ignore-not-found >/dev/null
+
+# A leader stopped with SIGTERM exits 0 and hands the Lease back at once.
+survivor=""
+for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && survivor=$pid; done
+[[ -n $survivor ]] || die "no operator left running after the failover test"
+kill -TERM "$survivor"
+rc=0; timeout 15 tail --pid="$survivor" -f /dev/null || die "leader did not exit within 15 s of SIGTERM"
+wait "$survivor" || rc=$?
+[[ $rc == 0 ]] || die "leader exited with $rc on SIGTERM"
+holder=$(kubectl -n "$RELEASE_NS" get lease "$RELEASE" -o jsonpath='{.spec.holderIdentity}')
+[[ -z $holder ]] || die "lease still held by '$holder' after the leader's SIGTERM"
+log "leader exited 0 on SIGTERM and released the lease"
 
 # --- 7. helm upgrade / uninstall ------------------------------------------------------
 log "helm upgrade / uninstall"

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -134,8 +134,18 @@ pub async fn run(
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
-        .owns(Api::<Role>::all(client.clone()), owned.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
+        // The reader Role may sit in another namespace without an owner reference, so map
+        // it back by label as well.
+        .watches(
+            Api::<Role>::all(client.clone()),
+            owned.clone(),
+            |r: Role| reader_owner(&r.metadata),
+        )
+        .watches(
+            Api::<RoleBinding>::all(client.clone()),
+            owned.clone(),
+            |r: RoleBinding| reader_owner(&r.metadata),
+        )
         .owns(
             Api::<PodDisruptionBudget>::all(client.clone()),
             owned.clone(),
@@ -173,6 +183,23 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The gateway an EndpointSlice reader Role/RoleBinding belongs to: by controller owner
+/// reference in the gateway's namespace, or by labels when it lives in another namespace.
+pub fn reader_owner(meta: &ObjectMeta) -> Option<ObjectRef<MtprotoGateway>> {
+    if let Some(owner) = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true) && o.kind == "MtprotoGateway")
+    {
+        return Some(ObjectRef::new(&owner.name).within(meta.namespace.as_deref()?));
+    }
+    let labels = meta.labels.as_ref()?;
+    let ns = labels.get(OWNER_NAMESPACE_LABEL)?;
+    let name = labels.get("app.kubernetes.io/instance")?;
+    Some(ObjectRef::new(name).within(ns))
 }
 
 /// One reconcile of one gateway.
@@ -396,10 +423,7 @@ where
     }
 }
 
-fn is_controlled_by(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    gw: &MtprotoGateway,
-) -> bool {
+fn is_controlled_by(meta: &ObjectMeta, gw: &MtprotoGateway) -> bool {
     let uid = gw.metadata.uid.as_deref();
     meta.owner_references
         .iter()
@@ -663,6 +687,31 @@ mod tests {
         assert_eq!(backoff_delay(2), Duration::from_secs(2));
         assert_eq!(backoff_delay(5), Duration::from_secs(16));
         assert_eq!(backoff_delay(40), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn reader_roles_map_back_to_their_gateway() {
+        let gw = crate::fixtures::gateway();
+        let v = crate::validate::validate(&gw, &crate::fixtures::dereferenced()).expect("valid");
+        let b = build::build(&gw, &v).expect("build");
+        // Cross-namespace (fixture): by label.
+        let r = reader_owner(&b.role.metadata).expect("mapped");
+        assert_eq!(
+            (r.name.as_str(), r.namespace.as_deref()),
+            ("edge", Some("edge"))
+        );
+
+        let mut same = gw.clone();
+        same.spec.session.service.namespace = None;
+        let v = crate::validate::validate(&same, &crate::fixtures::dereferenced()).expect("valid");
+        let b = build::build(&same, &v).expect("build");
+        let r = reader_owner(&b.role_binding.metadata).expect("mapped");
+        assert_eq!(
+            (r.name.as_str(), r.namespace.as_deref()),
+            ("edge", Some("edge"))
+        );
+
+        assert!(reader_owner(&ObjectMeta::default()).is_none());
     }
 
     #[test]

@@ -881,3 +881,36 @@ async fn service_monitor_follows_its_crd_and_the_flag() -> TestResult {
     .await;
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn deleted_children_are_restored() -> TestResult {
+    let c = client().await;
+    let (ns, gw) = ready_example(&c, "e2e-heal").await;
+    let reader = format!("{ns}-edge-endpointslice-reader");
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), &ns);
+    let roles: Api<Role> = Api::namespaced(c.clone(), SESSION_NS);
+    let old_cm = cms.get("edge-config").await?.metadata.uid;
+    let old_role = roles.get(&reader).await?.metadata.uid;
+
+    cms.delete("edge-config", &DeleteParams::default()).await?;
+    roles.delete(&reader, &DeleteParams::default()).await?;
+
+    let cm = wait_until("ConfigMap recreated", WAIT, || async {
+        cms.get_opt("edge-config")
+            .await
+            .ok()?
+            .filter(|c| c.metadata.uid != old_cm)
+    })
+    .await;
+    assert_owned(&cm.metadata, &gw);
+    wait_until("cross-namespace Role recreated", WAIT, || async {
+        roles
+            .get_opt(&reader)
+            .await
+            .ok()?
+            .filter(|r| r.metadata.uid != old_role)
+    })
+    .await;
+    Ok(())
+}
