@@ -114,6 +114,9 @@ kubectl -n "$RELEASE_NS" rollout status deployment/"$RELEASE" --timeout=60s >/de
 ready=$(kubectl -n "$RELEASE_NS" get deployment "$RELEASE" -o jsonpath='{.status.readyReplicas}')
 [[ $ready == 2 ]] || die "operator Deployment has $ready ready replicas, want 2"
 log "operator Deployment Ready (2/2, pods run by kwok)"
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set exampleGateway.enabled=true \
+  --show-only templates/gateway.yaml | kubectl apply --dry-run=server -f - >/dev/null \
+  || die "the chart's example MtprotoGateway is refused by the CRD"
 
 # kube-controller-manager's garbage collector picks up a new CRD kind only on its next
 # discovery resync (every 30 s), and until then cannot cascade deletes from it. Gate on
