@@ -44,6 +44,8 @@ cargo build -p mtproto-gateway --locked
 export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
 (cd e2e/gateway && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 
+step "Kubernetes test bed (built from Go modules once, cached by version)"
+e2e/k8s/build-tools.sh
+
 step "operator e2e (real kube-apiserver, helm)"
-# Builds the control plane from Go modules on first use (cached by version).
 e2e/operator/run.sh
