@@ -29,8 +29,15 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "Redis and MariaDB on loopback"
+scripts/services.sh up
+eval "$(scripts/services.sh env)"
+
 step "cargo test"
 cargo test --workspace --locked
+
+step "auth key stores against real Redis, MariaDB and SQLite"
+cargo test -p mtproto-gateway --locked --test stores -- --ignored
 
 step "benches compile"
 cargo bench -p mtproto-gateway --no-run --locked

@@ -9,9 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::authkey::cache::KeyCache;
-use crate::authkey::store::MemoryStore;
-use crate::config::{session_address, Config, SessionMode};
+use crate::authkey::cache::{KeyCache, KeySource};
+use crate::authkey::store::{self, StoreKeySource};
+use crate::config::{session_address, Config, KeyLookup, SessionMode};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
@@ -20,7 +20,7 @@ use crate::server::reverse::ReversePath;
 use crate::server::{self, Limits, Shared};
 use crate::session::embedded::EmbeddedSession;
 use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
-use crate::session::SessionService;
+use crate::session::{SessionKeySource, SessionService};
 use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGatewayServer;
 use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStreamServer;
 
@@ -110,13 +110,20 @@ impl Gateway {
         });
         let l = &config.limits;
         let registry = Arc::new(Registry::new(Duration::from_secs(l.write_timeout_secs)));
+        let urls = config.store_urls();
+        let key_store = store::open(&urls)
+            .await
+            .map_err(|e| anyhow::anyhow!("auth_keys: {e}"))?;
+        info!(
+            redis = urls.redis_url.is_some(),
+            mysql = urls.mysql_url.is_some(),
+            sqlite = ?urls.sqlite_path,
+            "auth key store"
+        );
         let s = &config.session;
         let (session, grpc, server_id): (Arc<dyn SessionService>, _, _) = match s.mode {
             SessionMode::Embedded => (
-                Arc::new(EmbeddedSession::new(
-                    Arc::new(MemoryStore::default()),
-                    registry.clone(),
-                )),
+                Arc::new(EmbeddedSession::new(key_store.clone(), registry.clone())),
                 None,
                 "embedded".to_string(),
             ),
@@ -156,6 +163,10 @@ impl Gateway {
             outbox_capacity: l.outbox_capacity,
             max_sessions_per_connection: l.max_sessions_per_connection,
         };
+        let key_source: Arc<dyn KeySource> = match config.auth_keys.lookup {
+            KeyLookup::Session => Arc::new(SessionKeySource(session.clone())),
+            KeyLookup::Store => Arc::new(StoreKeySource(key_store)),
+        };
         let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
         let listeners = server::bind_all(&addresses).await?;
         for listener in &listeners {
@@ -167,7 +178,12 @@ impl Gateway {
             handshake,
             session,
             registry,
-            KeyCache::new(l.auth_key_cache_entries),
+            KeyCache::new(
+                config.auth_keys.cache_capacity_bytes,
+                Duration::from_secs(config.auth_keys.cache_ttl_secs),
+                Duration::from_secs(config.auth_keys.negative_cache_ttl_secs),
+            ),
+            key_source,
             limits,
             server_id,
         ));

@@ -15,13 +15,14 @@ pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
-const ENV_SETTINGS: [&str; 7] = [
+const ENV_SETTINGS: [&str; 8] = [
     "log_level",
     "data_dir",
     "rsa_private_keys",
     "accept_legacy_rsa_padding",
     "listeners",
     "session",
+    "auth_keys",
     "limits",
 ];
 
@@ -74,7 +75,40 @@ pub struct Config {
     pub accept_legacy_rsa_padding: bool,
     pub listeners: Vec<Listener>,
     pub session: SessionConfig,
+    pub auth_keys: AuthKeysConfig,
     pub limits: LimitsConfig,
+}
+
+/// Where auth keys are kept and how the gateway caches them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthKeysConfig {
+    /// Redis tier (`redis://host:6379/0`), read first; teamgram's key layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prepended to every Redis key.
+    pub redis_key_prefix: String,
+    /// MySQL/MariaDB tier (`mysql://user:pass@host:3306/db`); teamgram's schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_url: Option<String>,
+    /// SQLite file; the embedded default uses `<data_dir>/auth_keys.sqlite3`
+    /// when neither Redis nor MySQL is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlite_path: Option<PathBuf>,
+    /// `session`: look keys up through the session service (teamgram's
+    /// `session_queryAuthKey`); `store`: read the tiers above directly.
+    pub lookup: KeyLookup,
+    pub cache_capacity_bytes: u64,
+    pub cache_ttl_secs: u64,
+    /// How long an unknown id is remembered as unknown.
+    pub negative_cache_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLookup {
+    Session,
+    Store,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,7 +173,6 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     pub outbox_capacity: usize,
     pub max_sessions_per_connection: usize,
-    pub auth_key_cache_entries: usize,
     pub shutdown_grace_secs: u64,
 }
 
@@ -163,6 +196,16 @@ impl Default for Config {
                 call_timeout_ms: 5000,
                 retries: 3,
             },
+            auth_keys: AuthKeysConfig {
+                redis_url: None,
+                redis_key_prefix: String::new(),
+                mysql_url: None,
+                sqlite_path: None,
+                lookup: KeyLookup::Session,
+                cache_capacity_bytes: 64 << 20,
+                cache_ttl_secs: 3600,
+                negative_cache_ttl_secs: 10,
+            },
             limits: LimitsConfig {
                 handshake_timeout_secs: 30,
                 idle_timeout_secs: 300,
@@ -170,7 +213,6 @@ impl Default for Config {
                 max_frame_bytes: 1 << 20,
                 outbox_capacity: 256,
                 max_sessions_per_connection: 64,
-                auth_key_cache_entries: 1_000_000,
                 shutdown_grace_secs: 30,
             },
         }
@@ -277,13 +319,34 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
         let checks: [(bool, &str); 7] = [
-            (!self.listeners.is_empty(), "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)"),
-            ((1024..=16 << 20).contains(&l.max_frame_bytes), "limits.max_frame_bytes must be between 1024 and 16777216"),
-            (l.handshake_timeout_secs >= 1, "limits.handshake_timeout_secs must be at least 1"),
-            (l.idle_timeout_secs >= 1, "limits.idle_timeout_secs must be at least 1"),
-            (l.write_timeout_secs >= 1, "limits.write_timeout_secs must be at least 1"),
-            (l.outbox_capacity >= 1, "limits.outbox_capacity must be at least 1"),
-            (l.max_sessions_per_connection >= 1 && l.auth_key_cache_entries >= 1, "limits.max_sessions_per_connection and limits.auth_key_cache_entries must be at least 1"),
+            (
+                !self.listeners.is_empty(),
+                "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
+            ),
+            (
+                (1024..=16 << 20).contains(&l.max_frame_bytes),
+                "limits.max_frame_bytes must be between 1024 and 16777216",
+            ),
+            (
+                l.handshake_timeout_secs >= 1,
+                "limits.handshake_timeout_secs must be at least 1",
+            ),
+            (
+                l.idle_timeout_secs >= 1,
+                "limits.idle_timeout_secs must be at least 1",
+            ),
+            (
+                l.write_timeout_secs >= 1,
+                "limits.write_timeout_secs must be at least 1",
+            ),
+            (
+                l.outbox_capacity >= 1,
+                "limits.outbox_capacity must be at least 1",
+            ),
+            (
+                l.max_sessions_per_connection >= 1,
+                "limits.max_sessions_per_connection must be at least 1",
+            ),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -305,10 +368,44 @@ impl Config {
         for endpoint in &s.endpoints {
             session_address(endpoint)?;
         }
+        let k = &self.auth_keys;
+        if k.lookup == KeyLookup::Store
+            && k.redis_url.is_none()
+            && k.mysql_url.is_none()
+            && k.sqlite_path.is_none()
+        {
+            anyhow::bail!(
+                "invalid configuration: auth_keys.lookup is store but no store is configured; \
+                 set auth_keys.redis_url, auth_keys.mysql_url or auth_keys.sqlite_path"
+            );
+        }
+        if k.cache_capacity_bytes < 4096 {
+            anyhow::bail!(
+                "invalid configuration: auth_keys.cache_capacity_bytes must be at least 4096"
+            );
+        }
         if s.call_timeout_ms == 0 {
             anyhow::bail!("invalid configuration: session.call_timeout_ms must be at least 1");
         }
         Ok(())
+    }
+
+    /// The key stores: the configured tiers, else SQLite in the data
+    /// directory for the embedded session, else none (memory).
+    pub fn store_urls(&self) -> crate::authkey::store::StoreUrls {
+        let k = &self.auth_keys;
+        let sqlite_path = k.sqlite_path.clone().or_else(|| {
+            (k.redis_url.is_none()
+                && k.mysql_url.is_none()
+                && self.session.mode == SessionMode::Embedded)
+                .then(|| self.data_dir.join("auth_keys.sqlite3"))
+        });
+        crate::authkey::store::StoreUrls {
+            redis_url: k.redis_url.clone(),
+            redis_key_prefix: k.redis_key_prefix.clone(),
+            mysql_url: k.mysql_url.clone(),
+            sqlite_path,
+        }
     }
 
     /// This gateway's `server_id`: configured, or the gRPC listen address
@@ -370,7 +467,7 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(
             &path,
-            "log_level = \"debug\"\n[limits]\nidle_timeout_secs = 60\nhandshake_timeout_secs = 5\nwrite_timeout_secs = 5\nmax_frame_bytes = 4096\noutbox_capacity = 8\nmax_sessions_per_connection = 4\nauth_key_cache_entries = 10\nshutdown_grace_secs = 1\n[[listeners]]\naddress = \"127.0.0.1:7000\"\n",
+            "log_level = \"debug\"\n[limits]\nidle_timeout_secs = 60\nhandshake_timeout_secs = 5\nwrite_timeout_secs = 5\nmax_frame_bytes = 4096\noutbox_capacity = 8\nmax_sessions_per_connection = 4\nshutdown_grace_secs = 1\n[[listeners]]\naddress = \"127.0.0.1:7000\"\n",
         )
         .unwrap();
         let c = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap();

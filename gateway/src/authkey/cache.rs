@@ -1,81 +1,227 @@
-//! The gateway's in-process cache of auth keys, in front of the session's
-//! `query_auth_key`. Bounded by entry count.
+//! The gateway's auth key cache in front of a [`KeySource`] (the session's
+//! `query_auth_key`, or the stores directly): bounded in bytes, with a TTL,
+//! short-lived negative entries for unknown ids, one lookup in flight per id
+//! however many connections wait (single-flight), and a re-read of temp keys
+//! that were not bound yet — so a key bound through another gateway works
+//! here without a restart.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::AuthKeyInfo;
+use async_trait::async_trait;
+use moka::future::Cache;
+use moka::Expiry;
+
+use super::{AuthKeyInfo, AuthKeyType};
+
+/// Approximate bytes per entry, for the capacity bound.
+const FOUND_WEIGHT: u32 = 512;
+const MISSING_WEIGHT: u32 = 64;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct LookupError(pub String);
+
+/// Where keys come from on a miss.
+#[async_trait]
+pub trait KeySource: Send + Sync + std::fmt::Debug {
+    /// `Ok(None)` only when the key is known not to exist.
+    async fn lookup(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, LookupError>;
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Found(Arc<AuthKeyInfo>),
+    Missing,
+}
+
+#[derive(Debug)]
+struct EntryExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<i64, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _key: &i64, value: &Entry, _now: Instant) -> Option<Duration> {
+        Some(match value {
+            Entry::Found(_) => self.ttl,
+            Entry::Missing => self.negative_ttl,
+        })
+    }
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub negative_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub lookups: AtomicU64,
+    pub lookup_errors: AtomicU64,
+}
 
 #[derive(Debug)]
 pub struct KeyCache {
-    inner: Mutex<Inner>,
-    capacity: usize,
+    cache: Cache<i64, Entry>,
+    pub stats: CacheStats,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    map: HashMap<i64, Arc<AuthKeyInfo>>,
-    /// Insertion order, for first-in first-out eviction.
-    order: VecDeque<i64>,
+/// A temp key whose binding is unknown here may have been bound elsewhere.
+fn needs_refresh(info: &AuthKeyInfo) -> bool {
+    info.key_type != AuthKeyType::Perm && info.perm_auth_key_id == 0
 }
 
 impl KeyCache {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity_bytes: u64, ttl: Duration, negative_ttl: Duration) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_, v: &Entry| match v {
+                Entry::Found(_) => FOUND_WEIGHT,
+                Entry::Missing => MISSING_WEIGHT,
+            })
+            .expire_after(EntryExpiry { ttl, negative_ttl })
+            .build();
         Self {
-            inner: Mutex::new(Inner::default()),
-            capacity: capacity.max(1),
+            cache,
+            stats: CacheStats::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The key, from the cache or (once per id at a time) from `source`.
+    /// Errors are not cached: the next connection tries again.
+    pub async fn get(
+        &self,
+        auth_key_id: i64,
+        source: &dyn KeySource,
+    ) -> Result<Option<Arc<AuthKeyInfo>>, LookupError> {
+        match self.cache.get(&auth_key_id).await {
+            Some(Entry::Found(info)) if !needs_refresh(&info) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(info));
+            }
+            Some(Entry::Found(_)) => self.cache.invalidate(&auth_key_id).await,
+            Some(Entry::Missing) => {
+                self.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            None => {}
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let entry = self
+            .cache
+            .try_get_with(auth_key_id, async {
+                self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+                match source.lookup(auth_key_id).await {
+                    Ok(Some(info)) => Ok(Entry::Found(Arc::new(info))),
+                    Ok(None) => Ok(Entry::Missing),
+                    Err(e) => {
+                        self.stats.lookup_errors.fetch_add(1, Ordering::Relaxed);
+                        Err(e)
+                    }
+                }
+            })
+            .await
+            .map_err(|e: Arc<LookupError>| (*e).clone())?;
+        Ok(match entry {
+            Entry::Found(info) => Some(info),
+            Entry::Missing => None,
+        })
     }
 
-    pub fn get(&self, auth_key_id: i64) -> Option<Arc<AuthKeyInfo>> {
-        self.lock().map.get(&auth_key_id).cloned()
-    }
-
-    pub fn insert(&self, info: AuthKeyInfo) -> Arc<AuthKeyInfo> {
+    /// Records a key this gateway just created.
+    pub async fn insert(&self, info: AuthKeyInfo) -> Arc<AuthKeyInfo> {
         let info = Arc::new(info);
-        let mut inner = self.lock();
-        let id = info.id();
-        if inner.map.insert(id, info.clone()).is_none() {
-            inner.order.push_back(id);
-        }
-        while inner.map.len() > self.capacity {
-            let Some(oldest) = inner.order.pop_front() else {
-                break;
-            };
-            inner.map.remove(&oldest);
-        }
+        self.cache
+            .insert(info.id(), Entry::Found(info.clone()))
+            .await;
         info
     }
 
-    pub fn remove(&self, auth_key_id: i64) {
-        let mut inner = self.lock();
-        if inner.map.remove(&auth_key_id).is_some() {
-            inner.order.retain(|id| *id != auth_key_id);
-        }
+    pub async fn remove(&self, auth_key_id: i64) {
+        self.cache.invalidate(&auth_key_id).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::{AuthKey, AuthKeyType};
+    use crate::authkey::AuthKey;
+    use std::sync::Mutex;
 
-    #[test]
-    fn evicts_oldest_beyond_capacity() {
-        let cache = KeyCache::new(2);
-        let infos: Vec<_> = (0..3u8)
-            .map(|i| AuthKeyInfo::new(AuthKey::new([i; 256]), AuthKeyType::Perm, None))
-            .collect();
-        for info in &infos {
-            cache.insert(info.clone());
+    /// A source that counts lookups and answers from a map after a delay.
+    #[derive(Debug, Default)]
+    struct Counting {
+        keys: Mutex<std::collections::HashMap<i64, AuthKeyInfo>>,
+        calls: AtomicU64,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl KeySource for Counting {
+        async fn lookup(&self, id: i64) -> Result<Option<AuthKeyInfo>, LookupError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(LookupError("store down".into()));
+            }
+            Ok(self.keys.lock().unwrap().get(&id).cloned())
         }
-        assert!(cache.get(infos[0].id()).is_none());
-        assert!(cache.get(infos[2].id()).is_some());
-        cache.remove(infos[2].id());
-        assert!(cache.get(infos[2].id()).is_none());
+    }
+
+    fn cache() -> KeyCache {
+        KeyCache::new(1 << 20, Duration::from_secs(60), Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_lookup() {
+        let cache = Arc::new(cache());
+        let source = Arc::new(Counting::default());
+        let waiters: Vec<_> = (0..200)
+            .map(|_| {
+                let (cache, source) = (cache.clone(), source.clone());
+                tokio::spawn(async move { cache.get(42, source.as_ref()).await })
+            })
+            .collect();
+        for w in waiters {
+            assert!(w.await.unwrap().unwrap().is_none());
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        // The negative entry answers the next one without a lookup.
+        assert!(cache.get(42, source.as_ref()).await.unwrap().is_none());
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.stats.negative_hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let cache = cache();
+        let source = Counting::default();
+        source.fail.store(true, Ordering::SeqCst);
+        assert!(cache.get(7, &source).await.is_err());
+        source.fail.store(false, Ordering::SeqCst);
+        let info = AuthKeyInfo::new(AuthKey::new([7; 256]), AuthKeyType::Perm, None);
+        source.keys.lock().unwrap().insert(7, info.clone());
+        assert_eq!(cache.get(7, &source).await.unwrap().as_deref(), Some(&info));
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        cache.get(7, &source).await.unwrap();
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn unbound_temp_keys_are_read_again() {
+        let cache = cache();
+        let source = Counting::default();
+        let temp = AuthKeyInfo::new(AuthKey::new([9; 256]), AuthKeyType::Temp, Some(i64::MAX));
+        let id = temp.id();
+        cache.insert(temp.clone()).await;
+        let mut bound = temp.clone();
+        bound.perm_auth_key_id = 1234;
+        source.keys.lock().unwrap().insert(id, bound);
+        let got = cache.get(id, &source).await.unwrap().unwrap();
+        assert_eq!(got.perm_auth_key_id, 1234);
+        // Once bound, it is served from the cache.
+        cache.get(id, &source).await.unwrap();
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
     }
 }

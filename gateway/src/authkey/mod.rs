@@ -2,7 +2,10 @@
 //! encrypted path and the session layer.
 
 pub mod cache;
+pub mod redis_store;
+pub mod sql;
 pub mod store;
+pub mod tiered;
 
 use std::fmt;
 

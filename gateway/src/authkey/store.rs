@@ -26,6 +26,74 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError>;
 }
 
+/// Keys read straight from the stores, bypassing the session.
+#[derive(Debug)]
+pub struct StoreKeySource(pub std::sync::Arc<dyn AuthKeyStore>);
+
+#[async_trait]
+impl super::cache::KeySource for StoreKeySource {
+    async fn lookup(
+        &self,
+        auth_key_id: i64,
+    ) -> Result<Option<AuthKeyInfo>, super::cache::LookupError> {
+        self.0
+            .get(auth_key_id)
+            .await
+            .map_err(|e| super::cache::LookupError(e.to_string()))
+    }
+}
+
+/// Where keys are kept: any of Redis (first), MySQL, SQLite, as tiers; with
+/// none, in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreUrls {
+    pub redis_url: Option<String>,
+    /// Prepended to Redis keys (tests isolate with it).
+    pub redis_key_prefix: String,
+    pub mysql_url: Option<String>,
+    pub sqlite_path: Option<std::path::PathBuf>,
+}
+
+/// Connects the configured stores and stacks them.
+pub async fn open(urls: &StoreUrls) -> Result<std::sync::Arc<dyn AuthKeyStore>, StoreError> {
+    use super::redis_store::RedisStore;
+    use super::sql::SqlStore;
+    use super::tiered::{Tier, TieredStore};
+    use std::sync::Arc;
+
+    let mut tiers = Vec::new();
+    if let Some(url) = &urls.redis_url {
+        let store = RedisStore::connect(url, &urls.redis_key_prefix).await?;
+        tiers.push(Tier {
+            name: "redis",
+            store: Arc::new(store),
+        });
+    }
+    if let Some(url) = &urls.mysql_url {
+        tiers.push(Tier {
+            name: "mysql",
+            store: Arc::new(SqlStore::connect(url).await?),
+        });
+    }
+    if let Some(path) = &urls.sqlite_path {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("sqlite: cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        tiers.push(Tier {
+            name: "sqlite",
+            store: Arc::new(SqlStore::connect(&url).await?),
+        });
+    }
+    Ok(match tiers.len() {
+        0 => Arc::new(MemoryStore::default()),
+        1 => tiers.remove(0).store,
+        _ => Arc::new(TieredStore::new(tiers)),
+    })
+}
+
 /// Salts kept per key; the ones that expire first are dropped beyond it.
 const MAX_SALTS_PER_KEY: usize = 128;
 

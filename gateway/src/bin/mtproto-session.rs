@@ -13,7 +13,7 @@ use mtproto_edge_proto::session::rpc_session_stream_server::RpcSessionStreamServ
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use mtproto_gateway::authkey::store::MemoryStore;
+use mtproto_gateway::authkey::store::{self, StoreUrls};
 use mtproto_gateway::session::embedded::EmbeddedSession;
 use mtproto_gateway::session::grpc_server::{RemoteGateways, SessionGrpc, SessionStreamGrpc};
 use mtproto_gateway::session::ring::Ring;
@@ -36,6 +36,15 @@ struct Cli {
     /// Messages for keys another member owns get `REDIRECT_TO_<owner>`.
     #[arg(long = "member", value_name = "HOST:PORT")]
     members: Vec<String>,
+    /// Redis tier for auth keys (teamgram layout), read first.
+    #[arg(long, env = "MTPROTO_SESSION_REDIS_URL")]
+    redis_url: Option<String>,
+    /// MySQL/MariaDB tier for auth keys (teamgram schema).
+    #[arg(long, env = "MTPROTO_SESSION_MYSQL_URL")]
+    mysql_url: Option<String>,
+    /// SQLite file for auth keys. With no store at all, keys live in memory.
+    #[arg(long)]
+    sqlite_path: Option<std::path::PathBuf>,
     /// Deadline of a reply delivery to a gateway.
     #[arg(long, default_value_t = 5000)]
     gateway_timeout_ms: u64,
@@ -60,7 +69,10 @@ fn advertise(cli: &Cli) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
     let me = advertise(&cli)?;
     let members = if cli.members.is_empty() {
         vec![me.clone()]
@@ -70,10 +82,14 @@ async fn main() -> anyhow::Result<()> {
     let gateways = Arc::new(RemoteGateways::new(Duration::from_millis(
         cli.gateway_timeout_ms,
     )));
-    let session = Arc::new(EmbeddedSession::new(
-        Arc::new(MemoryStore::default()),
-        gateways,
-    ));
+    let urls = StoreUrls {
+        redis_url: cli.redis_url.clone(),
+        redis_key_prefix: String::new(),
+        mysql_url: cli.mysql_url.clone(),
+        sqlite_path: cli.sqlite_path.clone(),
+    };
+    let key_store = store::open(&urls).await.context("auth key store")?;
+    let session = Arc::new(EmbeddedSession::new(key_store, gateways));
     let service = Arc::new(SessionGrpc::new(
         session,
         Ring::new(members.clone()),

@@ -49,6 +49,9 @@ enum Close {
     KeyChanged { bound: i64, got: i64 },
     #[error("session service: {0}")]
     Session(SessionError),
+    /// Not −404: the key may exist, the store just did not answer.
+    #[error("auth key lookup failed: {0}")]
+    KeyLookup(String),
     #[error("more than {0} sessions on one connection")]
     TooManySessions(usize),
     #[error("no auth key within the handshake deadline")]
@@ -256,7 +259,7 @@ impl Connection {
                         key_type = ?new_key.info.key_type,
                         "auth key created"
                     );
-                    self.shared.keys.insert(new_key.info);
+                    self.shared.keys.insert(new_key.info).await;
                 }
                 Some(handshake.on_store_result(outcome)?)
             }
@@ -288,18 +291,18 @@ impl Connection {
             }
             return Ok(key.clone());
         }
-        let info = match self.shared.keys.get(auth_key_id) {
-            Some(info) => info,
-            None => match self.shared.session.query_auth_key(auth_key_id).await {
-                Ok(info) => self.shared.keys.insert(info),
-                Err(SessionError::AuthKeyUnregistered) => {
-                    return Err(Close::UnknownKey(auth_key_id))
-                }
-                Err(e) => return Err(Close::Session(e)),
-            },
+        let info = match self
+            .shared
+            .keys
+            .get(auth_key_id, self.shared.key_source.as_ref())
+            .await
+        {
+            Ok(Some(info)) => info,
+            Ok(None) => return Err(Close::UnknownKey(auth_key_id)),
+            Err(e) => return Err(Close::KeyLookup(e.0)),
         };
         if info.is_expired(unix_now().as_secs() as i64) {
-            self.shared.keys.remove(auth_key_id);
+            self.shared.keys.remove(auth_key_id).await;
             return Err(Close::ExpiredKey(auth_key_id));
         }
         self.key = Some(info.clone());

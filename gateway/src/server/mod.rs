@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::authkey::cache::KeyCache;
+use crate::authkey::cache::{KeyCache, KeySource};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
 use registry::Registry;
@@ -42,6 +42,8 @@ pub struct Shared {
     pub session: Arc<dyn SessionService>,
     pub registry: Arc<Registry>,
     pub keys: KeyCache,
+    /// Where `keys` looks on a miss.
+    pub key_source: Arc<dyn KeySource>,
     pub limits: Limits,
     /// This gateway's id as sessions address it.
     pub server_id: String,
@@ -54,6 +56,7 @@ impl Shared {
         session: Arc<dyn SessionService>,
         registry: Arc<Registry>,
         keys: KeyCache,
+        key_source: Arc<dyn KeySource>,
         limits: Limits,
         server_id: String,
     ) -> Self {
@@ -62,6 +65,7 @@ impl Shared {
             session,
             registry,
             keys,
+            key_source,
             limits,
             server_id,
             next_connection_id: AtomicU64::new(1),

@@ -66,6 +66,24 @@ pub trait SessionService: Send + Sync + std::fmt::Debug {
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError>;
 }
 
+/// Keys looked up through the session (teamgram's `session_queryAuthKey`).
+#[derive(Debug)]
+pub struct SessionKeySource(pub std::sync::Arc<dyn SessionService>);
+
+#[async_trait]
+impl crate::authkey::cache::KeySource for SessionKeySource {
+    async fn lookup(
+        &self,
+        auth_key_id: i64,
+    ) -> Result<Option<AuthKeyInfo>, crate::authkey::cache::LookupError> {
+        match self.0.query_auth_key(auth_key_id).await {
+            Ok(info) => Ok(Some(info)),
+            Err(SessionError::AuthKeyUnregistered) => Ok(None),
+            Err(e) => Err(crate::authkey::cache::LookupError(e.to_string())),
+        }
+    }
+}
+
 /// Session → gateway: deliver a server message (plaintext from the salt on)
 /// to a live connection of that session on the gateway named `server_id`.
 /// True only when a connection wrote it to its client.

@@ -1,0 +1,254 @@
+//! Auth keys in SQL with teamgram's schema: `auth_keys` (body = base64, raw
+//! standard alphabet, no padding) and `auth_key_infos`; MySQL/MariaDB for
+//! fleets, SQLite for the embedded default. Migrations ship in
+//! `gateway/migrations/` and only create what is missing.
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use base64::Engine;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row};
+use tracing::warn;
+
+use super::store::{AuthKeyStore, StoreError};
+use super::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
+
+static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    /// For error messages: which database this is (no credentials).
+    name: String,
+}
+
+fn unavailable(name: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{name}: {e}"))
+}
+
+impl SqlStore {
+    /// Connects (`mysql://…` or `sqlite://…`) and applies the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let name = url.split("://").next().unwrap_or("sql").to_string();
+        let migrator = match name.as_str() {
+            "mysql" | "mariadb" => &MYSQL_MIGRATIONS,
+            "sqlite" => &SQLITE_MIGRATIONS,
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "unsupported database URL scheme {other:?} (use mysql:// or sqlite://)"
+                )))
+            }
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if name == "sqlite" { 1 } else { 8 })
+            .acquire_timeout(std::time::Duration::from_secs(3))
+            .connect(url)
+            .await
+            .map_err(|e| unavailable(&name, e))?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| unavailable(&name, format!("migration: {e}")))?;
+        Ok(Self { pool, name })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        unavailable(&self.name, e)
+    }
+}
+
+/// Decodes a stored `body`; corrupt rows are reported and treated as missing.
+fn decode_body(auth_key_id: i64, body: &str) -> Option<AuthKey> {
+    let bytes = match STANDARD_NO_PAD.decode(body.trim_end_matches('=')) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            warn!(
+                auth_key_id,
+                "auth_keys.body is not base64 ({e}); treating the key as missing"
+            );
+            return None;
+        }
+    };
+    let Some(key) = AuthKey::from_slice(&bytes) else {
+        warn!(
+            auth_key_id,
+            len = bytes.len(),
+            "auth_keys.body is not 256 bytes; treating the key as missing"
+        );
+        return None;
+    };
+    if key.id() != auth_key_id {
+        warn!(
+            auth_key_id,
+            "auth_keys.body does not hash to its auth_key_id; treating the key as missing"
+        );
+        return None;
+    }
+    Some(key)
+}
+
+fn key_type(value: i32) -> AuthKeyType {
+    match value {
+        1 => AuthKeyType::Temp,
+        2 => AuthKeyType::MediaTemp,
+        _ => AuthKeyType::Perm,
+    }
+}
+
+fn salt_from_row(row: &AnyRow) -> Result<FutureSalt, sqlx::Error> {
+    Ok(FutureSalt {
+        salt: row.try_get("salt")?,
+        valid_since: row.try_get("valid_since")?,
+        valid_until: row.try_get("valid_until")?,
+    })
+}
+
+#[async_trait]
+impl AuthKeyStore for SqlStore {
+    async fn get(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, StoreError> {
+        let Some(row) = sqlx::query("SELECT body FROM auth_keys WHERE auth_key_id = ?")
+            .bind(auth_key_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        let body: String = row.try_get("body").map_err(|e| self.err(e))?;
+        let Some(key) = decode_body(auth_key_id, &body) else {
+            return Ok(None);
+        };
+        let infos = sqlx::query(
+            "SELECT auth_key_type, perm_auth_key_id, temp_auth_key_id, media_temp_auth_key_id \
+             FROM auth_key_infos WHERE auth_key_id = ?",
+        )
+        .bind(auth_key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        let expires_at: Option<i64> = sqlx::query(
+            "SELECT expires_at FROM mtproto_edge_auth_key_expiry WHERE auth_key_id = ?",
+        )
+        .bind(auth_key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?
+        .map(|r| r.try_get("expires_at"))
+        .transpose()
+        .map_err(|e| self.err(e))?;
+        let info = match infos {
+            Some(row) => {
+                let read = |col: &str| -> Result<i64, StoreError> {
+                    row.try_get(col).map_err(|e| self.err(e))
+                };
+                let kind: i32 = row.try_get("auth_key_type").map_err(|e| self.err(e))?;
+                AuthKeyInfo {
+                    key,
+                    key_type: key_type(kind),
+                    perm_auth_key_id: read("perm_auth_key_id")?,
+                    temp_auth_key_id: read("temp_auth_key_id")?,
+                    media_temp_auth_key_id: read("media_temp_auth_key_id")?,
+                    expires_at,
+                }
+            }
+            // Databases from before auth_key_infos held only perm keys.
+            None => AuthKeyInfo::new(key, AuthKeyType::Perm, expires_at),
+        };
+        Ok(Some(info))
+    }
+
+    async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
+        let id = info.id();
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let inserted = sqlx::query("INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?)")
+            .bind(id)
+            .bind(STANDARD_NO_PAD.encode(info.key.bytes()))
+            .execute(&mut *tx)
+            .await;
+        if let Err(e) = inserted {
+            return Err(match e.as_database_error() {
+                Some(db) if db.is_unique_violation() => StoreError::Collision(id),
+                _ => self.err(e),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO auth_key_infos \
+             (auth_key_id, auth_key_type, perm_auth_key_id, temp_auth_key_id, media_temp_auth_key_id) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(info.key_type as i32)
+        .bind(info.perm_auth_key_id)
+        .bind(info.temp_auth_key_id)
+        .bind(info.media_temp_auth_key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        if let Some(expires_at) = info.expires_at {
+            sqlx::query(
+                "INSERT INTO mtproto_edge_auth_key_expiry (auth_key_id, expires_at) VALUES (?, ?)",
+            )
+            .bind(id)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        sqlx::query("INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(salt.salt)
+            .bind(salt.valid_since)
+            .bind(salt.valid_until)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT salt, valid_since, valid_until FROM mtproto_edge_salts \
+             WHERE auth_key_id = ? ORDER BY valid_until DESC LIMIT 128",
+        )
+        .bind(auth_key_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(salt_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
+        // Expired salts are pruned as new ones arrive.
+        sqlx::query("DELETE FROM mtproto_edge_salts WHERE auth_key_id = ? AND valid_until < ?")
+            .bind(auth_key_id)
+            .bind(salt.valid_since - 7200)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        let inserted = sqlx::query(
+            "INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)",
+        )
+        .bind(auth_key_id)
+        .bind(salt.salt)
+        .bind(salt.valid_since)
+        .bind(salt.valid_until)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Err(e)
+                if !e
+                    .as_database_error()
+                    .is_some_and(|d| d.is_unique_violation()) =>
+            {
+                Err(self.err(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
