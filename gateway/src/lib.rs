@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod authkey;
+pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod server;

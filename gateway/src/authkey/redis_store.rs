@@ -137,6 +137,28 @@ impl RedisStore {
         })
     }
 
+    /// Writes the `auth_keys2_<id>` JSON entry.
+    async fn put(&self, info: &AuthKeyInfo) -> Result<(), StoreError> {
+        let json = InfoJson {
+            predicate_name: "authKeyInfo".into(),
+            constructor: i64::from(0xccee_efc0_u32 as i32),
+            auth_key_id: info.id(),
+            auth_key: STANDARD.encode(info.key.bytes()),
+            auth_key_type: info.key_type as i32,
+            perm_auth_key_id: info.perm_auth_key_id,
+            temp_auth_key_id: info.temp_auth_key_id,
+            media_temp_auth_key_id: info.media_temp_auth_key_id,
+            expires_at: info.expires_at,
+        };
+        let text = serde_json::to_string(&json).map_err(unavailable)?;
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set_ex(self.key("auth_keys2", info.id()), text, KEY_TTL_SECS)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     /// The legacy hash `auth_keys_<id>` (raw key bytes in field `auth_key`).
     async fn legacy(&self, id: i64) -> Result<Option<AuthKeyInfo>, StoreError> {
         let mut conn = self.conn.clone();
@@ -189,29 +211,16 @@ impl AuthKeyStore for RedisStore {
 
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
         let id = info.id();
-        let json = InfoJson {
-            predicate_name: "authKeyInfo".into(),
-            constructor: i64::from(0xccee_efc0_u32 as i32),
-            auth_key_id: id,
-            auth_key: STANDARD.encode(info.key.bytes()),
-            auth_key_type: info.key_type as i32,
-            perm_auth_key_id: info.perm_auth_key_id,
-            temp_auth_key_id: info.temp_auth_key_id,
-            media_temp_auth_key_id: info.media_temp_auth_key_id,
-            expires_at: info.expires_at,
-        };
-        let text = serde_json::to_string(&json).map_err(unavailable)?;
         let mut conn = self.conn.clone();
-        let key = self.key("auth_keys2", id);
         // Only where nothing real is stored; a cached miss ("*") may be replaced.
-        let existing: Option<String> = conn.get(&key).await.map_err(unavailable)?;
+        let existing: Option<String> = conn
+            .get(self.key("auth_keys2", id))
+            .await
+            .map_err(unavailable)?;
         if existing.as_deref().is_some_and(|v| v != "*") {
             return Err(StoreError::Collision(id));
         }
-        let _: () = conn
-            .set_ex(&key, text, KEY_TTL_SECS)
-            .await
-            .map_err(unavailable)?;
+        self.put(&info).await?;
         self.add_salt(id, salt).await
     }
 
@@ -257,6 +266,25 @@ impl AuthKeyStore for RedisStore {
             .set_ex(self.key("salts", auth_key_id), text, ttl)
             .await
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Rewrites both entries; keys only in the legacy hash are left as they are.
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError> {
+        let mut bound = temp.clone();
+        bound.perm_auth_key_id = perm_auth_key_id;
+        self.put(&bound).await?;
+        if let Some(mut perm) = self.get(perm_auth_key_id).await? {
+            match temp.key_type {
+                AuthKeyType::MediaTemp => perm.media_temp_auth_key_id = temp.id(),
+                _ => perm.temp_auth_key_id = temp.id(),
+            }
+            self.put(&perm).await?;
+        }
         Ok(())
     }
 }

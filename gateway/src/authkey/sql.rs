@@ -251,4 +251,31 @@ impl AuthKeyStore for SqlStore {
             _ => Ok(()),
         }
     }
+
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError> {
+        let column = match temp.key_type {
+            AuthKeyType::MediaTemp => "media_temp_auth_key_id",
+            _ => "temp_auth_key_id",
+        };
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        sqlx::query("UPDATE auth_key_infos SET perm_auth_key_id = ? WHERE auth_key_id = ?")
+            .bind(perm_auth_key_id)
+            .bind(temp.id())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        sqlx::query(&format!(
+            "UPDATE auth_key_infos SET {column} = ? WHERE auth_key_id = ?"
+        ))
+        .bind(temp.id())
+        .bind(perm_auth_key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
 }

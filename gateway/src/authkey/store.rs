@@ -24,6 +24,13 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError>;
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError>;
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError>;
+    /// Records a verified binding: the temp key's perm id, and the perm key's
+    /// temp (or media temp) id.
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError>;
 }
 
 /// Keys read straight from the stores, bypassing the session.
@@ -143,6 +150,24 @@ impl AuthKeyStore for MemoryStore {
             .get(&auth_key_id)
             .cloned()
             .unwrap_or_default())
+    }
+
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError> {
+        let mut maps = self.lock();
+        if let Some(info) = maps.keys.get_mut(&temp.id()) {
+            info.perm_auth_key_id = perm_auth_key_id;
+        }
+        if let Some(perm) = maps.keys.get_mut(&perm_auth_key_id) {
+            match temp.key_type {
+                super::AuthKeyType::MediaTemp => perm.media_temp_auth_key_id = temp.id(),
+                _ => perm.temp_auth_key_id = temp.id(),
+            }
+        }
+        Ok(())
     }
 
     async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {

@@ -84,6 +84,17 @@ impl AuthKeyStore for TieredStore {
         }
         Ok(())
     }
+
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError> {
+        for tier in &self.tiers {
+            tier.store.bind_temp_key(temp, perm_auth_key_id).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +119,9 @@ mod tests {
             Err(StoreError::Unavailable("down".into()))
         }
         async fn add_salt(&self, _: i64, _: FutureSalt) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn bind_temp_key(&self, _: &AuthKeyInfo, _: i64) -> Result<(), StoreError> {
             Err(StoreError::Unavailable("down".into()))
         }
     }

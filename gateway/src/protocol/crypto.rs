@@ -102,6 +102,34 @@ pub fn message_key_iv(
     (key, iv)
 }
 
+/// MTProto 1.0 AES key and IV (SHA1-based), still required for the
+/// `bind_auth_key_inner` message of `auth.bindTempAuthKey`.
+pub fn message_key_iv_v1(
+    auth_key: &[u8; 256],
+    msg_key: &[u8; 16],
+    dir: Direction,
+) -> ([u8; 32], [u8; 32]) {
+    let x = dir.x();
+    let a = sha1(&[msg_key, &auth_key[x..x + 32]]);
+    let b = sha1(&[
+        &auth_key[32 + x..48 + x],
+        msg_key,
+        &auth_key[48 + x..64 + x],
+    ]);
+    let c = sha1(&[&auth_key[64 + x..96 + x], msg_key]);
+    let d = sha1(&[msg_key, &auth_key[96 + x..128 + x]]);
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&a[..8]);
+    key[8..20].copy_from_slice(&b[8..20]);
+    key[20..].copy_from_slice(&c[4..16]);
+    let mut iv = [0u8; 32];
+    iv[..12].copy_from_slice(&a[8..20]);
+    iv[12..20].copy_from_slice(&b[..8]);
+    iv[20..24].copy_from_slice(&c[16..20]);
+    iv[24..].copy_from_slice(&d[..8]);
+    (key, iv)
+}
+
 /// The handshake's temporary AES key and IV, derived from `new_nonce` and
 /// `server_nonce`, that protect `server_DH_inner_data` and `client_DH_inner_data`.
 pub fn handshake_key_iv(new_nonce: &[u8; 32], server_nonce: &[u8; 16]) -> ([u8; 32], [u8; 32]) {

@@ -13,14 +13,17 @@ use rand::{Rng, RngCore};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::bind::{self, BindRequest, Outer};
 use super::reference::{self, Reply, SALT_PERIOD_SECS};
 use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use crate::authkey::store::{AuthKeyStore, StoreError};
-use crate::authkey::{AuthKeyInfo, FutureSalt};
+use crate::authkey::{AuthKeyInfo, AuthKeyType, FutureSalt};
 use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
 use crate::protocol::message::{next_server_msg_id, plaintext_message};
 use crate::protocol::tl::{id, TlWrite};
 
+/// TL `boolTrue`.
+const BOOL_TRUE: u32 = 0x9972_75b5;
 /// A salt stays acceptable this long after its window ends, for messages in flight.
 const SALT_GRACE_SECS: i64 = 1800;
 /// Upper bound on tracked sessions; the oldest is forgotten beyond it.
@@ -188,6 +191,60 @@ impl Core {
         }
     }
 
+    /// Verifies and records `auth.bindTempAuthKey` (teamgram's authsession
+    /// checked none of the inner fields).
+    async fn bind(&self, data: &SessionClientData, msg_id: i64, body: &[u8]) -> Reply {
+        const INVALID: &str = "ENCRYPTED_MESSAGE_INVALID";
+        let Some(request) = BindRequest::parse(body) else {
+            return reference::rpc_error(msg_id, 400, INVALID);
+        };
+        let outer = Outer {
+            msg_id,
+            temp_auth_key_id: data.auth_key_id,
+            session_id: data.session_id,
+        };
+        let (temp, perm) = match (
+            self.store.get(data.auth_key_id).await,
+            self.store.get(request.perm_auth_key_id).await,
+        ) {
+            (Ok(Some(temp)), Ok(Some(perm))) => (temp, perm),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(
+                    auth_key_id = data.auth_key_id,
+                    "bindTempAuthKey: store unavailable: {e}"
+                );
+                return reference::rpc_error(msg_id, 500, "INTERNAL_SERVER_ERROR");
+            }
+            _ => return reference::rpc_error(msg_id, 400, INVALID),
+        };
+        if temp.key_type == AuthKeyType::Perm || perm.key_type != AuthKeyType::Perm {
+            return reference::rpc_error(msg_id, 400, "TEMP_AUTH_KEY_EMPTY");
+        }
+        if let Err(e) = bind::verify(&request, &perm.key, &outer) {
+            warn!(
+                auth_key_id = data.auth_key_id,
+                perm_auth_key_id = request.perm_auth_key_id,
+                "bindTempAuthKey refused: {e}"
+            );
+            return reference::rpc_error(msg_id, 400, INVALID);
+        }
+        if let Err(e) = self.store.bind_temp_key(&temp, perm.id()).await {
+            warn!(
+                auth_key_id = data.auth_key_id,
+                "bindTempAuthKey: could not record the binding: {e}"
+            );
+            return reference::rpc_error(msg_id, 500, "INTERNAL_SERVER_ERROR");
+        }
+        debug!(
+            temp_auth_key_id = temp.id(),
+            perm_auth_key_id = perm.id(),
+            "temp key bound"
+        );
+        let mut bool_true = Vec::new();
+        bool_true.put_u32(BOOL_TRUE);
+        reference::rpc_result(msg_id, &bool_true)
+    }
+
     /// Answers one client message.
     async fn process(&self, data: SessionClientData) -> Result<(), SessionError> {
         let payload = &data.payload[..];
@@ -244,14 +301,14 @@ impl Core {
             let unique_id = rand::thread_rng().next_u64() as i64;
             replies.push(reference::new_session_created(msg_id, unique_id, salt));
         }
-        let outcome = reference::respond(
-            msg_id,
-            body,
-            data.session_id,
+        let ctx = reference::Context {
+            session_id: data.session_id,
             now,
-            salt,
-            &mut rand::thread_rng(),
-        );
+            current_salt: salt,
+            unbound_temp_key: data.key_type != AuthKeyType::Perm as i32
+                && data.perm_auth_key_id == 0,
+        };
+        let outcome = reference::respond(msg_id, body, &ctx, &mut rand::thread_rng());
         for (since, until, salt) in outcome.new_salts {
             let future = FutureSalt {
                 valid_since: since,
@@ -262,6 +319,9 @@ impl Core {
                 .add_salt(data.auth_key_id, future)
                 .await
                 .map_err(unavailable)?;
+        }
+        for (bind_msg_id, body) in &outcome.binds {
+            replies.push(self.bind(&data, *bind_msg_id, body).await);
         }
         if let Some(destroyed) = outcome.destroyed_session {
             self.sessions().remove(&(data.auth_key_id, destroyed));

@@ -3,6 +3,7 @@
 //! (session → gateway). The embedded reference session implements it in
 //! process; the gRPC client implements it over the network.
 
+pub mod bind;
 pub mod embedded;
 pub mod grpc_server;
 pub mod reference;

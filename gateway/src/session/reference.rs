@@ -20,6 +20,8 @@ pub const MAX_FUTURE_SALTS: i32 = 64;
 pub const SALT_PERIOD_SECS: i32 = 1800;
 /// The message API calls get until a real session service is connected.
 pub const API_NOT_SERVED: &str = "API_METHOD_NOT_SERVED_BY_REFERENCE_SESSION";
+/// Telegram's answer to API calls on a temp key not bound to a perm key yet.
+pub const PERM_EMPTY: &str = "AUTH_KEY_PERM_EMPTY";
 
 /// One message to send to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +41,9 @@ pub struct Outcome {
     pub new_salts: Vec<(i32, i32, i64)>,
     /// `destroy_session` for this session id was requested.
     pub destroyed_session: Option<i64>,
+    /// `auth.bindTempAuthKey` calls (msg_id, body) for the session to verify
+    /// against its store and answer.
+    pub binds: Vec<(i64, Vec<u8>)>,
 }
 
 /// Checks a client msg_id (spec "bad_msg_notification" codes 16, 17, 18).
@@ -96,7 +101,7 @@ pub fn new_session_created(first_msg_id: i64, unique_id: i64, server_salt: i64) 
     }
 }
 
-fn rpc_result(req_msg_id: i64, result: &[u8]) -> Reply {
+pub fn rpc_result(req_msg_id: i64, result: &[u8]) -> Reply {
     let mut b = Vec::with_capacity(12 + result.len());
     b.put_u32(id::RPC_RESULT);
     b.put_i64(req_msg_id);
@@ -108,7 +113,7 @@ fn rpc_result(req_msg_id: i64, result: &[u8]) -> Reply {
     }
 }
 
-fn rpc_error(req_msg_id: i64, code: i32, message: &str) -> Reply {
+pub fn rpc_error(req_msg_id: i64, code: i32, message: &str) -> Reply {
     let mut e = Vec::new();
     e.put_u32(id::RPC_ERROR);
     e.put_i32(code);
@@ -116,41 +121,33 @@ fn rpc_error(req_msg_id: i64, code: i32, message: &str) -> Reply {
     rpc_result(req_msg_id, &e)
 }
 
+/// What the session knows about the key and time a message arrived with.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    pub session_id: i64,
+    pub now: i64,
+    /// The salt the client should use now.
+    pub current_salt: i64,
+    /// A temp key not bound to a perm key yet: only service messages and the bind work.
+    pub unbound_temp_key: bool,
+}
+
 /// Answers one client message (already past salt and msg_id checks).
-/// `current_salt` is the salt the client should use now.
-pub fn respond(
-    msg_id: i64,
-    body: &[u8],
-    session_id: i64,
-    now: i64,
-    current_salt: i64,
-    rng: &mut impl RngCore,
-) -> Outcome {
+pub fn respond(msg_id: i64, body: &[u8], ctx: &Context, rng: &mut impl RngCore) -> Outcome {
     let mut out = Outcome::default();
-    respond_into(
-        &mut out,
-        msg_id,
-        body,
-        session_id,
-        now,
-        current_salt,
-        rng,
-        0,
-    );
+    respond_into(&mut out, msg_id, body, ctx, rng, 0);
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 fn respond_into(
     out: &mut Outcome,
     msg_id: i64,
     body: &[u8],
-    session_id: i64,
-    now: i64,
-    current_salt: i64,
+    ctx: &Context,
     rng: &mut impl RngCore,
     depth: u8,
 ) {
+    let (session_id, now, current_salt) = (ctx.session_id, ctx.now, ctx.current_salt);
     let mut r = TlReader::new(body);
     let Ok(constructor) = r.u32() else {
         return;
@@ -165,7 +162,7 @@ fn respond_into(
                 let Ok(inner) = r.take(len as usize) else {
                     return;
                 };
-                respond_into(out, inner_id, inner, session_id, now, current_salt, rng, 1);
+                respond_into(out, inner_id, inner, ctx, rng, 1);
             }
         }
         id::GZIP_PACKED if depth < 2 => {
@@ -177,16 +174,7 @@ fn respond_into(
                 .read_to_end(&mut unpacked)
                 .is_ok()
             {
-                respond_into(
-                    out,
-                    msg_id,
-                    &unpacked,
-                    session_id,
-                    now,
-                    current_salt,
-                    rng,
-                    depth + 1,
-                );
+                respond_into(out, msg_id, &unpacked, ctx, rng, depth + 1);
             }
         }
         id::PING | id::PING_DELAY_DISCONNECT => {
@@ -262,11 +250,13 @@ fn respond_into(
                 is_response: true,
             });
         }
+        super::bind::BIND_TEMP_AUTH_KEY => out.binds.push((msg_id, body.to_vec())),
         id::RPC_DROP_ANSWER => {
             let mut result = Vec::new();
             result.put_u32(id::RPC_ANSWER_UNKNOWN);
             out.replies.push(rpc_result(msg_id, &result));
         }
+        _ if ctx.unbound_temp_key => out.replies.push(rpc_error(msg_id, 401, PERM_EMPTY)),
         _ => out.replies.push(rpc_error(msg_id, 400, API_NOT_SERVED)),
     }
 }
@@ -284,6 +274,15 @@ mod tests {
     use std::io::Write;
 
     const NOW: i64 = 1_800_000_000;
+
+    fn ctx(session_id: i64, current_salt: i64) -> Context {
+        Context {
+            session_id,
+            now: NOW,
+            current_salt,
+            unbound_temp_key: false,
+        }
+    }
 
     fn ping(ping_id: i64) -> Vec<u8> {
         let mut b = Vec::new();
@@ -303,7 +302,7 @@ mod tests {
     #[test]
     fn ping_gets_pong_inside_a_container_and_gzip() {
         let mut rng = rand::thread_rng();
-        let out = respond(40, &ping(7), 1, NOW, 9, &mut rng);
+        let out = respond(40, &ping(7), &ctx(1, 9), &mut rng);
         assert_eq!(parse_pong(&out.replies[0].body), Some((40, 7)));
 
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -328,7 +327,7 @@ mod tests {
             container.put_u32(body.len() as u32);
             container.put_raw(&body);
         }
-        let out = respond(56, &container, 1, NOW, 9, &mut rng);
+        let out = respond(56, &container, &ctx(1, 9), &mut rng);
         let pongs: Vec<_> = out
             .replies
             .iter()
@@ -343,13 +342,24 @@ mod tests {
         let mut call = Vec::new();
         call.put_u32(id::INVOKE_WITH_LAYER);
         call.put_i32(200);
-        let out = respond(60, &call, 1, NOW, 9, &mut rand::thread_rng());
+        let out = respond(60, &call, &ctx(1, 9), &mut rand::thread_rng());
         let mut r = TlReader::new(&out.replies[0].body);
         r.expect(id::RPC_RESULT, "rpc_result").unwrap();
         assert_eq!(r.i64().unwrap(), 60);
         r.expect(id::RPC_ERROR, "rpc_error").unwrap();
         assert_eq!(r.i32().unwrap(), 400);
         assert_eq!(r.bytes().unwrap(), API_NOT_SERVED.as_bytes());
+        let unbound = Context {
+            unbound_temp_key: true,
+            ..ctx(1, 9)
+        };
+        let out = respond(60, &call, &unbound, &mut rand::thread_rng());
+        let mut r = TlReader::new(&out.replies[0].body);
+        r.expect(id::RPC_RESULT, "rpc_result").unwrap();
+        r.i64().unwrap();
+        r.expect(id::RPC_ERROR, "rpc_error").unwrap();
+        assert_eq!(r.i32().unwrap(), 401);
+        assert_eq!(r.bytes().unwrap(), PERM_EMPTY.as_bytes());
     }
 
     #[test]
@@ -357,7 +367,7 @@ mod tests {
         let mut req = Vec::new();
         req.put_u32(id::GET_FUTURE_SALTS);
         req.put_i32(3);
-        let out = respond(64, &req, 1, NOW, 1234, &mut rand::thread_rng());
+        let out = respond(64, &req, &ctx(1, 1234), &mut rand::thread_rng());
         let mut r = TlReader::new(&out.replies[0].body);
         r.expect(id::FUTURE_SALTS, "future_salts").unwrap();
         assert_eq!(r.i64().unwrap(), 64);
@@ -376,7 +386,7 @@ mod tests {
         let mut packed = Vec::new();
         packed.put_u32(id::GZIP_PACKED);
         packed.put_bytes(&gz.finish().unwrap());
-        let out = respond(8, &packed, 1, NOW, 1, &mut rand::thread_rng());
+        let out = respond(8, &packed, &ctx(1, 1), &mut rand::thread_rng());
         assert_eq!(
             out.replies.len(),
             1,
@@ -387,7 +397,7 @@ mod tests {
             &[0xdc, 0xf8, 0xf1, 0x73, 0xff, 0xff, 0xff, 0xff][..],
             &[1, 2, 3],
         ] {
-            let _ = respond(8, junk, 1, NOW, 1, &mut rand::thread_rng());
+            let _ = respond(8, junk, &ctx(1, 1), &mut rand::thread_rng());
         }
     }
 }

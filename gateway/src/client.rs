@@ -1,0 +1,244 @@
+//! A minimal MTProto client over the intermediate transport: creates perm
+//! and temp auth keys (RSA_PAD) and exchanges encrypted messages. It drives
+//! the load generator and the tests that need what third-party clients do not
+//! offer (temp keys and `auth.bindTempAuthKey`).
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rsa::RsaPublicKey;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::authkey::AuthKey;
+use crate::protocol::crypto::{handshake_key_iv, ige_decrypt, ige_encrypt, sha1};
+use crate::protocol::dh;
+use crate::protocol::message::{
+    decrypt_as_server_reply, encode_plain, encrypt_as_client, plaintext_message,
+};
+use crate::protocol::pq::{be_u64, factorize};
+use crate::protocol::rsa::{encrypt_rsa_pad, fingerprint, left_pad_256};
+use crate::protocol::tl::{id, TlReader, TlWrite};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server sent transport error {0}")]
+    TransportError(i32),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+fn protocol(what: impl Into<String>) -> ClientError {
+    ClientError::Protocol(what.into())
+}
+
+/// A key this client created, with the first salt the server derived.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub key: AuthKey,
+    pub salt: i64,
+}
+
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    last_msg_id: i64,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Result<Self, ClientError> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&[0xee; 4]).await?;
+        Ok(Self {
+            stream,
+            last_msg_id: 0,
+        })
+    }
+
+    /// A fresh client msg_id (time-based, divisible by 4, increasing).
+    pub fn next_msg_id(&mut self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = ((now.as_secs() as i64) << 32 | i64::from(now.subsec_nanos()) << 2) & !3;
+        self.last_msg_id = id.max(self.last_msg_id + 4);
+        self.last_msg_id
+    }
+
+    pub async fn send_frame(&mut self, payload: &[u8]) -> Result<(), ClientError> {
+        let mut frame = Vec::with_capacity(4 + payload.len());
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    pub async fn recv_frame(&mut self) -> Result<Vec<u8>, ClientError> {
+        let len = self.stream.read_u32_le().await? as usize;
+        if len > 16 << 20 {
+            return Err(protocol(format!("frame of {len} bytes")));
+        }
+        let mut payload = vec![0; len];
+        self.stream.read_exact(&mut payload).await?;
+        if len == 4 {
+            let code = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            return Err(ClientError::TransportError(code));
+        }
+        Ok(payload)
+    }
+
+    async fn plain_call(&mut self, body: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let msg_id = self.next_msg_id();
+        self.send_frame(&encode_plain(msg_id, body)).await?;
+        let reply = self.recv_frame().await?;
+        if reply.len() < 20 {
+            return Err(protocol("short handshake reply"));
+        }
+        Ok(reply[20..].to_vec())
+    }
+
+    /// Runs the handshake against `server`; `temp` = Some(expires_in) makes a temp key.
+    pub async fn create_key(
+        &mut self,
+        server: &RsaPublicKey,
+        temp: Option<i32>,
+    ) -> Result<CreatedKey, ClientError> {
+        let mut rng = rand::thread_rng();
+        let nonce: [u8; 16] = rand::random();
+        let mut req = Vec::new();
+        req.put_u32(id::REQ_PQ_MULTI);
+        req.put_raw(&nonce);
+        let res_pq = self.plain_call(&req).await?;
+        let mut r = TlReader::new(&res_pq);
+        r.expect(id::RES_PQ, "resPQ")
+            .map_err(|e| protocol(e.to_string()))?;
+        let tl = |e: crate::protocol::tl::TlError| protocol(e.to_string());
+        if r.int128().map_err(tl)? != nonce {
+            return Err(protocol("resPQ nonce"));
+        }
+        let server_nonce = r.int128().map_err(tl)?;
+        let pq = be_u64(r.bytes().map_err(tl)?).ok_or_else(|| protocol("pq"))?;
+        let fingerprints = r.vector_i64(64).map_err(tl)?;
+        let fp = fingerprint(server);
+        if !fingerprints.contains(&fp) {
+            return Err(protocol("server does not offer our key"));
+        }
+        let (p, q) = factorize(pq).ok_or_else(|| protocol("cannot factor pq"))?;
+        let new_nonce: [u8; 32] = rand::random();
+        let mut inner = Vec::new();
+        inner.put_u32(if temp.is_some() {
+            id::P_Q_INNER_DATA_TEMP_DC
+        } else {
+            id::P_Q_INNER_DATA_DC
+        });
+        inner.put_bytes(&pq.to_be_bytes());
+        inner.put_bytes(&(p as u32).to_be_bytes());
+        inner.put_bytes(&(q as u32).to_be_bytes());
+        inner.put_raw(&nonce);
+        inner.put_raw(&server_nonce);
+        inner.put_raw(&new_nonce);
+        inner.put_i32(2);
+        if let Some(expires_in) = temp {
+            inner.put_i32(expires_in);
+        }
+        let encrypted = encrypt_rsa_pad(server, &inner, &mut rng).ok_or_else(|| protocol("rsa"))?;
+        let mut req = Vec::new();
+        req.put_u32(id::REQ_DH_PARAMS);
+        req.put_raw(&nonce);
+        req.put_raw(&server_nonce);
+        req.put_bytes(&(p as u32).to_be_bytes());
+        req.put_bytes(&(q as u32).to_be_bytes());
+        req.put_i64(fp);
+        req.put_bytes(&encrypted);
+        let dh_ok = self.plain_call(&req).await?;
+        let mut r = TlReader::new(&dh_ok);
+        r.expect(id::SERVER_DH_PARAMS_OK, "server_DH_params_ok")
+            .map_err(tl)?;
+        r.int128().map_err(tl)?;
+        r.int128().map_err(tl)?;
+        let mut answer = r.bytes().map_err(tl)?.to_vec();
+        let (tmp_key, tmp_iv) = handshake_key_iv(&new_nonce, &server_nonce);
+        if answer.len() % 16 != 0 || answer.len() < 32 {
+            return Err(protocol("encrypted_answer length"));
+        }
+        ige_decrypt(&mut answer, &tmp_key, &tmp_iv);
+        let mut r = TlReader::new(&answer[20..]);
+        r.expect(id::SERVER_DH_INNER_DATA, "server_DH_inner_data")
+            .map_err(tl)?;
+        r.int128().map_err(tl)?;
+        r.int128().map_err(tl)?;
+        let g = r.u32().map_err(tl)?;
+        let params = dh::params();
+        if g != dh::G || r.bytes().map_err(tl)? != &params.prime_bytes[..] {
+            return Err(protocol("unexpected DH parameters"));
+        }
+        let g_a = rsa::BigUint::from_bytes_be(r.bytes().map_err(tl)?);
+        if !params.in_safe_range(&g_a) {
+            return Err(protocol("g_a out of range"));
+        }
+        let (b, g_b) = params.new_secret(&mut rng);
+        let key = AuthKey::new(left_pad_256(&g_a.modpow(&b, &params.prime).to_bytes_be()));
+        let mut client_inner = Vec::new();
+        client_inner.put_u32(id::CLIENT_DH_INNER_DATA);
+        client_inner.put_raw(&nonce);
+        client_inner.put_raw(&server_nonce);
+        client_inner.put_i64(0);
+        client_inner.put_bytes(&g_b.to_bytes_be());
+        let mut data = sha1(&[&client_inner]).to_vec();
+        data.extend_from_slice(&client_inner);
+        while data.len() % 16 != 0 {
+            data.push(rand::random());
+        }
+        ige_encrypt(&mut data, &tmp_key, &tmp_iv);
+        let mut req = Vec::new();
+        req.put_u32(id::SET_CLIENT_DH_PARAMS);
+        req.put_raw(&nonce);
+        req.put_raw(&server_nonce);
+        req.put_bytes(&data);
+        let answer = self.plain_call(&req).await?;
+        let mut r = TlReader::new(&answer);
+        r.expect(id::DH_GEN_OK, "dh_gen_ok").map_err(tl)?;
+        r.int128().map_err(tl)?;
+        r.int128().map_err(tl)?;
+        let hash = sha1(&[&new_nonce, &[1], &key.aux_hash()]);
+        if r.int128().map_err(tl)?[..] != hash[4..20] {
+            return Err(protocol("new_nonce_hash1"));
+        }
+        let salt = i64::from_le_bytes(std::array::from_fn(|i| new_nonce[i] ^ server_nonce[i]));
+        Ok(CreatedKey { key, salt })
+    }
+
+    /// Sends one encrypted message; returns its msg_id.
+    pub async fn send(
+        &mut self,
+        key: &AuthKey,
+        salt: i64,
+        session_id: i64,
+        msg_id: i64,
+        body: &[u8],
+    ) -> Result<(), ClientError> {
+        let plain = plaintext_message(salt, session_id, msg_id, 1, body);
+        let padding = 12 + (16 - (plain.len() + 12) % 16) % 16;
+        let frame = encrypt_as_client(key, &plain, padding, &mut rand::thread_rng());
+        self.send_frame(&frame).await
+    }
+
+    /// Receives and decrypts one server message: (msg_id, body).
+    pub async fn recv(&mut self, key: &AuthKey) -> Result<(i64, Vec<u8>), ClientError> {
+        let frame = self.recv_frame().await?;
+        let plain = decrypt_as_server_reply(key, &frame)
+            .ok_or_else(|| protocol("reply does not decrypt"))?;
+        let msg_id = i64::from_le_bytes(plain[16..24].try_into().map_err(|_| protocol("header"))?);
+        let len =
+            u32::from_le_bytes(plain[28..32].try_into().map_err(|_| protocol("header"))?) as usize;
+        let body = plain
+            .get(32..32 + len)
+            .ok_or_else(|| protocol("length"))?
+            .to_vec();
+        Ok((msg_id, body))
+    }
+}
