@@ -107,7 +107,6 @@ impl Client {
         server: &RsaPublicKey,
         temp: Option<i32>,
     ) -> Result<CreatedKey, ClientError> {
-        let mut rng = rand::thread_rng();
         let nonce: [u8; 16] = rand::random();
         let mut req = Vec::new();
         req.put_u32(id::REQ_PQ_MULTI);
@@ -145,7 +144,8 @@ impl Client {
         if let Some(expires_in) = temp {
             inner.put_i32(expires_in);
         }
-        let encrypted = encrypt_rsa_pad(server, &inner, &mut rng).ok_or_else(|| protocol("rsa"))?;
+        let encrypted = encrypt_rsa_pad(server, &inner, &mut rand::thread_rng())
+            .ok_or_else(|| protocol("rsa"))?;
         let mut req = Vec::new();
         req.put_u32(id::REQ_DH_PARAMS);
         req.put_raw(&nonce);
@@ -180,7 +180,7 @@ impl Client {
         if !params.in_safe_range(&g_a) {
             return Err(protocol("g_a out of range"));
         }
-        let (b, g_b) = params.new_secret(&mut rng);
+        let (b, g_b) = params.new_secret(&mut rand::thread_rng());
         let key = AuthKey::new(left_pad_256(&g_a.modpow(&b, &params.prime).to_bytes_be()));
         let mut client_inner = Vec::new();
         client_inner.put_u32(id::CLIENT_DH_INNER_DATA);

@@ -59,6 +59,11 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub lookups: AtomicU64,
     pub lookup_errors: AtomicU64,
+    pub lookups_in_flight: AtomicU64,
+    /// Sum of lookup durations, for the mean lookup latency.
+    pub lookup_nanos: AtomicU64,
+    /// Transport errors −404 sent (keys every store says are unknown, or expired).
+    pub not_found_sent: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -112,7 +117,13 @@ impl KeyCache {
             .cache
             .try_get_with(auth_key_id, async {
                 self.stats.lookups.fetch_add(1, Ordering::Relaxed);
-                match source.lookup(auth_key_id).await {
+                self.stats.lookups_in_flight.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let result = source.lookup(auth_key_id).await;
+                self.stats.lookups_in_flight.fetch_sub(1, Ordering::Relaxed);
+                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.stats.lookup_nanos.fetch_add(nanos, Ordering::Relaxed);
+                match result {
                     Ok(Some(info)) => Ok(Entry::Found(Arc::new(info))),
                     Ok(None) => Ok(Entry::Missing),
                     Err(e) => {
@@ -187,6 +198,9 @@ mod tests {
             assert!(w.await.unwrap().unwrap().is_none());
         }
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.stats.lookups.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats.lookups_in_flight.load(Ordering::Relaxed), 0);
+        assert!(cache.stats.lookup_nanos.load(Ordering::Relaxed) >= 20_000_000);
         // The negative entry answers the next one without a lookup.
         assert!(cache.get(42, source.as_ref()).await.unwrap().is_none());
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);

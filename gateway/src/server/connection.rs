@@ -118,6 +118,14 @@ pub async fn run(
         _ => info!(conn = id, %peer, transport = ?conn.transport.framing(), "closed: {close}"),
     }
     if let Some(code) = close.code() {
+        if code == error_code::AUTH_KEY_NOT_FOUND {
+            conn.shared
+                .keys
+                .stats
+                .not_found_sent
+                .fetch_add(1, Ordering::Relaxed);
+            info!(conn = id, %peer, "sent -404: {close}");
+        }
         conn.transport
             .encode_error(code, &mut conn.out, &mut rand::thread_rng());
     }
