@@ -112,3 +112,30 @@ def test_gateways_share_keys_through_redis_and_mariadb(tmp_path):
         assert "tier=mysql" in c.log_text() or "tier=\"mysql\"" in c.log_text()
     finally:
         assert c.stop() == 0
+
+
+def test_remote_gateway_can_read_and_write_keys_in_its_own_store(tmp_path):
+    """auth_keys.lookup/writer = store: the gateway keeps keys in its stores
+    itself; the session service only sees the messages."""
+    import sqlite3
+
+    from conftest import free_port, start_session
+
+    session = start_session(tmp_path)
+    db = tmp_path / "gateway-keys.sqlite3"
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[auth_keys]\nsqlite_path = "{db}"\nlookup = "store"\nwriter = "store"\n')
+    gateway = start_gateway(
+        tmp_path,
+        ["--config", str(config), "--session", f"grpc://127.0.0.1:{session.port}",
+         "--grpc-listen", f"127.0.0.1:{free_port()}"],
+    )
+    try:
+        pin_server_key(gateway.public_key.read_text())
+        key = new_key(gateway.port)
+        assert ping_with_key(gateway.port, key) == 5
+        rows = sqlite3.connect(db).execute("SELECT count(*) FROM auth_keys").fetchone()[0]
+        assert rows == 1
+    finally:
+        assert gateway.stop() == 0
+        session.stop()

@@ -17,7 +17,7 @@ use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
-use crate::server::{self, Limits, Shared};
+use crate::server::{self, Keys, Limits, Shared};
 use crate::session::embedded::EmbeddedSession;
 use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
 use crate::session::{SessionKeySource, SessionService};
@@ -163,6 +163,7 @@ impl Gateway {
             outbox_capacity: l.outbox_capacity,
             max_sessions_per_connection: l.max_sessions_per_connection,
         };
+        let key_writer = (config.auth_keys.writer == KeyLookup::Store).then(|| key_store.clone());
         let key_source: Arc<dyn KeySource> = match config.auth_keys.lookup {
             KeyLookup::Session => Arc::new(SessionKeySource(session.clone())),
             KeyLookup::Store => Arc::new(StoreKeySource(key_store)),
@@ -178,12 +179,15 @@ impl Gateway {
             handshake,
             session,
             registry,
-            KeyCache::new(
-                config.auth_keys.cache_capacity_bytes,
-                Duration::from_secs(config.auth_keys.cache_ttl_secs),
-                Duration::from_secs(config.auth_keys.negative_cache_ttl_secs),
-            ),
-            key_source,
+            Keys {
+                cache: KeyCache::new(
+                    config.auth_keys.cache_capacity_bytes,
+                    Duration::from_secs(config.auth_keys.cache_ttl_secs),
+                    Duration::from_secs(config.auth_keys.negative_cache_ttl_secs),
+                ),
+                source: key_source,
+                writer: key_writer,
+            },
             limits,
             server_id,
         ));

@@ -98,6 +98,9 @@ pub struct AuthKeysConfig {
     /// `session`: look keys up through the session service (teamgram's
     /// `session_queryAuthKey`); `store`: read the tiers above directly.
     pub lookup: KeyLookup,
+    /// Where keys made by handshakes here are written: `session`
+    /// (`session_setAuthKey`, teamgram's way) or `store` (the tiers above).
+    pub writer: KeyLookup,
     pub cache_capacity_bytes: u64,
     pub cache_ttl_secs: u64,
     /// How long an unknown id is remembered as unknown.
@@ -202,6 +205,7 @@ impl Default for Config {
                 mysql_url: None,
                 sqlite_path: None,
                 lookup: KeyLookup::Session,
+                writer: KeyLookup::Session,
                 cache_capacity_bytes: 64 << 20,
                 cache_ttl_secs: 3600,
                 negative_cache_ttl_secs: 10,
@@ -375,7 +379,7 @@ impl Config {
             && k.sqlite_path.is_none()
         {
             anyhow::bail!(
-                "invalid configuration: auth_keys.lookup is store but no store is configured; \
+                "invalid configuration: auth_keys.lookup or auth_keys.writer is store but no store is configured; \
                  set auth_keys.redis_url, auth_keys.mysql_url or auth_keys.sqlite_path"
             );
         }

@@ -121,6 +121,7 @@ pub async fn run(
         if code == error_code::AUTH_KEY_NOT_FOUND {
             conn.shared
                 .keys
+                .cache
                 .stats
                 .not_found_sent
                 .fetch_add(1, Ordering::Relaxed);
@@ -248,7 +249,24 @@ impl Connection {
             Ok(Step::Nothing) => None,
             Ok(Step::Reply(reply)) => Some(reply),
             Ok(Step::StoreKey(new_key)) => {
-                let outcome = match self.shared.session.set_auth_key(&new_key).await {
+                let stored = match &self.shared.keys.writer {
+                    Some(store) => {
+                        match store.insert(new_key.info.clone(), new_key.first_salt).await {
+                            Ok(()) => Ok(StoreOutcome::Stored),
+                            Err(crate::authkey::store::StoreError::Collision(_)) => {
+                                Ok(StoreOutcome::Collision)
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    None => self
+                        .shared
+                        .session
+                        .set_auth_key(&new_key)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                let outcome = match stored {
                     Ok(outcome) => outcome,
                     Err(e) => {
                         warn!(
@@ -267,7 +285,7 @@ impl Connection {
                         key_type = ?new_key.info.key_type,
                         "auth key created"
                     );
-                    self.shared.keys.insert(new_key.info).await;
+                    self.shared.keys.cache.insert(new_key.info).await;
                 }
                 Some(handshake.on_store_result(outcome)?)
             }
@@ -302,7 +320,8 @@ impl Connection {
         let info = match self
             .shared
             .keys
-            .get(auth_key_id, self.shared.key_source.as_ref())
+            .cache
+            .get(auth_key_id, self.shared.keys.source.as_ref())
             .await
         {
             Ok(Some(info)) => info,
@@ -310,7 +329,7 @@ impl Connection {
             Err(e) => return Err(Close::KeyLookup(e.0)),
         };
         if info.is_expired(unix_now().as_secs() as i64) {
-            self.shared.keys.remove(auth_key_id).await;
+            self.shared.keys.cache.remove(auth_key_id).await;
             return Err(Close::ExpiredKey(auth_key_id));
         }
         self.key = Some(info.clone());

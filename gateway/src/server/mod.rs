@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
+use crate::authkey::store::AuthKeyStore;
 use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
 use registry::Registry;
@@ -35,15 +36,23 @@ pub struct Limits {
     pub max_sessions_per_connection: usize,
 }
 
+/// How connections find and record auth keys.
+#[derive(Debug)]
+pub struct Keys {
+    pub cache: KeyCache,
+    /// Where `cache` looks on a miss.
+    pub source: Arc<dyn KeySource>,
+    /// Where new keys are written when not through the session.
+    pub writer: Option<Arc<dyn AuthKeyStore>>,
+}
+
 /// What every connection shares.
 #[derive(Debug)]
 pub struct Shared {
     pub handshake: Arc<HandshakeSettings>,
     pub session: Arc<dyn SessionService>,
     pub registry: Arc<Registry>,
-    pub keys: KeyCache,
-    /// Where `keys` looks on a miss.
-    pub key_source: Arc<dyn KeySource>,
+    pub keys: Keys,
     pub limits: Limits,
     /// This gateway's id as sessions address it.
     pub server_id: String,
@@ -55,8 +64,7 @@ impl Shared {
         handshake: Arc<HandshakeSettings>,
         session: Arc<dyn SessionService>,
         registry: Arc<Registry>,
-        keys: KeyCache,
-        key_source: Arc<dyn KeySource>,
+        keys: Keys,
         limits: Limits,
         server_id: String,
     ) -> Self {
@@ -65,7 +73,6 @@ impl Shared {
             session,
             registry,
             keys,
-            key_source,
             limits,
             server_id,
             next_connection_id: AtomicU64::new(1),
