@@ -56,3 +56,6 @@ e2e/k8s/build-tools.sh
 
 step "operator e2e (real kube-apiserver, helm)"
 e2e/operator/run.sh
+
+step "gateway EndpointSlice discovery (real kube-apiserver)"
+e2e/discovery/run.sh

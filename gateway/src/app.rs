@@ -18,6 +18,7 @@ use crate::protocol::rsa::ServerKey;
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
 use crate::server::{self, Keys, Limits, Shared};
+use crate::session::discovery;
 use crate::session::embedded::EmbeddedSession;
 use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
 use crate::session::{SessionKeySource, SessionService};
@@ -148,8 +149,22 @@ impl Gateway {
                     format!("session.grpc_listen: cannot listen on {}", s.grpc_listen)
                 })?;
                 info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
+                let remote = Arc::new(RemoteSession::new(members, settings));
+                if let Some(k) = &s.kubernetes {
+                    let client = kube::Client::try_default().await.context(
+                        "session.kubernetes: no Kubernetes client config (in-cluster or KUBECONFIG)",
+                    )?;
+                    let target = discovery::Target {
+                        namespace: k.namespace.clone(),
+                        service: k.service.clone(),
+                        port_name: k.port_name.clone(),
+                        not_ready_grace: Duration::from_millis(k.not_ready_grace_ms),
+                    };
+                    info!(namespace = %k.namespace, service = %k.service, "discovering sessions from EndpointSlices");
+                    tokio::spawn(discovery::run(client, target, remote.clone()));
+                }
                 (
-                    Arc::new(RemoteSession::new(members, settings)),
+                    remote,
                     Some((listener, ReversePath::new(registry.clone()))),
                     server_id,
                 )

@@ -154,6 +154,27 @@ pub struct SessionConfig {
     pub call_timeout_ms: u64,
     /// Retries of a transient session failure (with exponential backoff).
     pub retries: usize,
+    /// Find session instances from the EndpointSlices of a Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    pub namespace: String,
+    /// The session Service.
+    pub service: String,
+    /// Its named gRPC port; the slices' only port when unset.
+    #[serde(default)]
+    pub port_name: Option<String>,
+    /// How long a NotReady session keeps its place on the ring.
+    #[serde(default = "default_not_ready_grace_ms")]
+    pub not_ready_grace_ms: u64,
+}
+
+fn default_not_ready_grace_ms() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +219,7 @@ impl Default for Config {
                 server_id: None,
                 call_timeout_ms: 5000,
                 retries: 3,
+                kubernetes: None,
             },
             auth_keys: AuthKeysConfig {
                 redis_url: None,
@@ -359,12 +381,13 @@ impl Config {
         }
         let s = &self.session;
         match s.mode {
-            SessionMode::Embedded if !s.endpoints.is_empty() => anyhow::bail!(
-                "invalid configuration: session.endpoints is set but session.mode is embedded; \
+            SessionMode::Embedded if !s.endpoints.is_empty() || s.kubernetes.is_some() => anyhow::bail!(
+                "invalid configuration: session.endpoints or session.kubernetes is set but session.mode is embedded; \
                  set session.mode to unary or stream (or pass --session-mode)"
             ),
-            SessionMode::Unary | SessionMode::Stream if s.endpoints.is_empty() => anyhow::bail!(
-                "invalid configuration: session.mode {:?} needs session.endpoints (e.g. --session grpc://10.0.0.5:20120)",
+            SessionMode::Unary | SessionMode::Stream if s.endpoints.is_empty() && s.kubernetes.is_none() => anyhow::bail!(
+                "invalid configuration: session.mode {:?} needs session.endpoints (e.g. --session grpc://10.0.0.5:20120) \
+                 or session.kubernetes (a Service to discover)",
                 s.mode
             ),
             _ => {}

@@ -4,6 +4,7 @@
 //! process; the gRPC client implements it over the network.
 
 pub mod bind;
+pub mod discovery;
 pub mod embedded;
 pub mod grpc_server;
 pub mod reference;

@@ -200,6 +200,15 @@ impl RemoteSession {
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Ring::new(members);
     }
 
+    /// The current ring members.
+    pub fn members(&self) -> Vec<String> {
+        self.ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .members()
+            .to_vec()
+    }
+
     fn owner(&self, key: i64) -> Result<String, SessionError> {
         self.ring
             .read()
