@@ -15,6 +15,7 @@ use crate::config::{session_address, Config, KeyLookup, SessionMode};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
+use crate::server::admin::{self, Readiness};
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
 use crate::server::{self, Keys, Limits, Shared};
@@ -91,6 +92,8 @@ pub struct Gateway {
     listeners: Vec<TcpListener>,
     /// The reverse-path gRPC server, in remote session modes.
     grpc: Option<(TcpListener, ReversePath)>,
+    admin: Option<TcpListener>,
+    readiness: Arc<Readiness>,
     shared: Arc<Shared>,
     grace: Duration,
 }
@@ -122,6 +125,7 @@ impl Gateway {
             "auth key store"
         );
         let s = &config.session;
+        let mut remote_session = None;
         let (session, grpc, server_id): (Arc<dyn SessionService>, _, _) = match s.mode {
             SessionMode::Embedded => (
                 Arc::new(EmbeddedSession::new(key_store.clone(), registry.clone())),
@@ -163,6 +167,7 @@ impl Gateway {
                     info!(namespace = %k.namespace, service = %k.service, "discovering sessions from EndpointSlices");
                     tokio::spawn(discovery::run(client, target, remote.clone()));
                 }
+                remote_session = Some(remote.clone());
                 (
                     remote,
                     Some((listener, ReversePath::new(registry.clone()))),
@@ -206,9 +211,15 @@ impl Gateway {
             limits,
             server_id,
         ));
+        let admin = match config.admin_listen {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             listeners,
             grpc,
+            admin,
+            readiness: Arc::new(Readiness::new(remote_session)),
             shared,
             grace: Duration::from_secs(l.shutdown_grace_secs),
         })
@@ -238,7 +249,28 @@ impl Gateway {
                     ),
             )
         });
+        let (admin_stop, admin_stopped) = watch::channel(false);
+        let admin = self.admin.map(|listener| {
+            info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz, /readyz");
+            tokio::spawn(admin::serve(
+                listener,
+                self.shared.clone(),
+                self.readiness.clone(),
+                admin_stopped,
+            ))
+        });
+        let readiness = self.readiness.clone();
+        let mut draining = shutdown.clone();
+        tokio::spawn(async move {
+            if draining.wait_for(|stop| *stop).await.is_ok() {
+                readiness.start_draining();
+            }
+        });
         server::serve(self.listeners, self.shared, shutdown, self.grace).await;
+        let _ = admin_stop.send(true);
+        if let Some(task) = admin {
+            task.await.context("admin task")?.context("admin server")?;
+        }
         if let Some(task) = grpc {
             task.await
                 .context("gRPC server task")?

@@ -15,7 +15,8 @@ pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
-const ENV_SETTINGS: [&str; 8] = [
+const ENV_SETTINGS: [&str; 9] = [
+    "admin_listen",
     "log_level",
     "data_dir",
     "rsa_private_keys",
@@ -59,6 +60,9 @@ pub struct Cli {
     /// Where this gateway serves `gateway.RPCGateway` for replies from sessions.
     #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<SocketAddr>,
+    /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`); off when unset.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
     /// This gateway's address as sessions should dial it (default: the gRPC
     /// listen address, with $POD_IP when that is 0.0.0.0).
     #[arg(long, value_name = "HOST:PORT")]
@@ -74,6 +78,9 @@ pub struct Config {
     /// Accept `p_q_inner_data` padded the pre-RSA_PAD way (Telethon and other older clients).
     pub accept_legacy_rsa_padding: bool,
     pub listeners: Vec<Listener>,
+    /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
     pub session: SessionConfig,
     pub auth_keys: AuthKeysConfig,
     pub limits: LimitsConfig,
@@ -212,6 +219,7 @@ impl Default for Config {
                 transport: ListenerTransport::Tcp,
                 proxy_protocol: ProxyProtocol::Off,
             }],
+            admin_listen: None,
             session: SessionConfig {
                 mode: SessionMode::Embedded,
                 endpoints: Vec::new(),
@@ -256,6 +264,8 @@ struct CliOverrides {
     rsa_private_keys: Option<Vec<PathBuf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     listeners: Option<Vec<Listener>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "SessionOverrides::is_empty")]
     session: SessionOverrides,
 }
@@ -321,6 +331,7 @@ impl Config {
                     })
                     .collect()
             }),
+            admin_listen: cli.admin_listen,
             session: SessionOverrides {
                 mode: match cli.session_mode.as_deref() {
                     Some("stream") => Some(SessionMode::Stream),

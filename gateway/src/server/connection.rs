@@ -135,7 +135,7 @@ pub async fn run(
         let _ = timeout(write_timeout, writer.write_all(&conn.out)).await;
     }
     let _ = writer.shutdown().await;
-    conn.detach_sessions();
+    conn.detach_sessions().await;
 }
 
 impl Connection {
@@ -395,8 +395,9 @@ impl Connection {
         self.transport.encode_frame(&frame, &mut self.out, &mut rng);
     }
 
-    /// Leaves the registry; tells the session about sessions whose last connection this was.
-    fn detach_sessions(&mut self) {
+    /// Leaves the registry; tells the session about sessions whose last
+    /// connection this was (awaited, so a draining gateway reports them all).
+    async fn detach_sessions(&mut self) {
         let Some(info) = &self.key else { return };
         for &session_id in &self.sessions {
             if self.shared.registry.detach(info.id(), session_id, self.id) {
@@ -408,12 +409,16 @@ impl Connection {
                     session_id,
                     client_ip: self.peer.ip().to_string(),
                 };
-                let session = self.shared.session.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = session.close_session(event).await {
-                        debug!("close_session failed: {e}");
-                    }
-                });
+                match timeout(
+                    Duration::from_secs(2),
+                    self.shared.session.close_session(event),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("close_session failed: {e}"),
+                    Err(_) => debug!("close_session timed out"),
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The IO shell: listeners and one task per connection around the sans-IO
 //! protocol core.
 
+pub mod admin;
 mod connection;
 pub mod registry;
 pub mod reverse;
@@ -80,8 +81,9 @@ impl Shared {
     }
 }
 
-/// Accepts on every listener until `shutdown` flips, then waits up to `grace`
-/// for open connections to finish.
+/// Accepts on every listener until `shutdown` flips; then stops accepting,
+/// lets open connections finish for up to `grace`, and closes what is left
+/// (each closed session is reported to its session service).
 pub async fn serve(
     listeners: Vec<TcpListener>,
     shared: Arc<Shared>,
@@ -90,34 +92,36 @@ pub async fn serve(
 ) {
     // Each connection holds a clone of `done_tx`; when all are dropped, they are all closed.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let (force_tx, force_rx) = watch::channel(false);
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        let force = force_rx.clone();
         let done_tx = done_tx.clone();
-        accept_tasks.push(tokio::spawn(accept_loop(
-            listener, shared, shutdown, done_tx,
-        )));
+        accept_tasks.push(tokio::spawn(accept_loop(listener, shared, force, done_tx)));
     }
     drop(done_tx);
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            break;
-        }
-    }
+    let _ = shutdown.wait_for(|stop| *stop).await;
     for task in &accept_tasks {
         task.abort();
     }
     info!("draining connections for up to {grace:?}");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
-        warn!("grace period over with connections still open");
+        warn!("grace period over: closing the connections still open");
+        let _ = force_tx.send(true);
+        if tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+            .await
+            .is_err()
+        {
+            warn!("connections did not close within 10 s of the grace period");
+        }
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
+    force_close: watch::Receiver<bool>,
     done_tx: mpsc::Sender<()>,
 ) {
     let local = listener.local_addr().ok();
@@ -126,10 +130,10 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let shutdown = shutdown.clone();
+                let force_close = force_close.clone();
                 let done = done_tx.clone();
                 tokio::spawn(async move {
-                    connection::run(stream, peer, shared, shutdown).await;
+                    connection::run(stream, peer, shared, force_close).await;
                     drop(done);
                 });
             }

@@ -1,0 +1,107 @@
+"""Metrics, health and a graceful drain on SIGTERM."""
+
+import asyncio
+import signal
+import time
+import urllib.error
+import urllib.request
+
+from telethon.crypto import AuthKey
+from telethon.tl.functions import PingRequest
+
+from conftest import free_port, start_remote_gateway, start_session
+from mtclient import connect, pin_server_key
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "_total "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in metrics:\n{text}")
+
+
+def test_metrics_health_and_drain_with_remote_sessions(tmp_path):
+    session = start_session(tmp_path)
+    admin = free_port()
+    config = tmp_path / "gw.toml"
+    config.write_text("[limits]\nshutdown_grace_secs = 3\n")
+    gateway = start_remote_gateway(tmp_path, [session.port], "unary")
+    gateway.stop()
+    gateway.args += ["--admin-listen", f"127.0.0.1:{admin}", "--config", str(config)]
+    gateway.restart()
+    pin_server_key(gateway.public_key.read_text())
+    assert get(admin, "/healthz")[0] == 200
+    assert get(admin, "/readyz")[0] == 200
+
+    async def scenario():
+        first = await connect(gateway.port, "intermediate")
+        key = AuthKey(first.auth_key.key)
+        assert (await asyncio.wait_for(first.send(PingRequest(1)), 20)).ping_id == 1
+        await first.disconnect()
+        sender = await connect(gateway.port, "abridged", auth_key=key)
+        assert (await asyncio.wait_for(sender.send(PingRequest(2)), 20)).ping_id == 2
+        status, text = get(admin, "/metrics")
+        assert status == 200
+        assert metric(text, "mtproto_sessions") >= 1
+        assert metric(text, "mtproto_session_ring_members") == 1
+        assert metric(text, "mtproto_auth_key_cache_hits") >= 1
+
+        # SIGTERM: not ready at once, open connections keep working during the grace.
+        gateway.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while get(admin, "/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "still ready after SIGTERM"
+            await asyncio.sleep(0.05)
+        assert (await asyncio.wait_for(sender.send(PingRequest(3)), 20)).ping_id == 3
+        await sender.disconnect()
+
+    try:
+        asyncio.run(scenario())
+        assert gateway.proc.wait(timeout=20) == 0
+        assert "draining connections" in gateway.log_text()
+        for _ in range(50):
+            if session.log_text().count("session closed by its gateway") >= 2:
+                break
+            time.sleep(0.1)
+        assert session.log_text().count("session closed by its gateway") >= 2
+    finally:
+        gateway.stop()
+        session.stop()
+
+
+def test_a_connection_open_past_the_grace_is_closed_and_reported(tmp_path):
+    session = start_session(tmp_path)
+    config = tmp_path / "gw.toml"
+    config.write_text("[limits]\nshutdown_grace_secs = 1\n")
+    gateway = start_remote_gateway(tmp_path, [session.port], "stream")
+    gateway.stop()
+    gateway.args += ["--config", str(config)]
+    gateway.restart()
+    pin_server_key(gateway.public_key.read_text())
+
+    async def scenario():
+        sender = await connect(gateway.port, "intermediate")
+        assert (await asyncio.wait_for(sender.send(PingRequest(1)), 20)).ping_id == 1
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.wait(timeout=20) == 0
+        await sender.disconnect()
+
+    try:
+        asyncio.run(scenario())
+        assert "grace period over" in gateway.log_text()
+        for _ in range(50):
+            if "session closed by its gateway" in session.log_text():
+                break
+            time.sleep(0.1)
+        assert "session closed by its gateway" in session.log_text()
+    finally:
+        gateway.stop()
+        session.stop()
