@@ -26,7 +26,7 @@ VENV="$("$ROOT/scripts/install-deps.sh" --print-venv)"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy"
+step "cargo clippy (all targets: also type-checks the benches)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Redis and MariaDB on loopback"
@@ -38,9 +38,6 @@ cargo test --workspace --locked
 
 step "auth key stores against real Redis, MariaDB and SQLite"
 cargo test -p mtproto-gateway --locked --test stores -- --ignored
-
-step "benches compile"
-cargo bench -p mtproto-gateway --no-run --locked
 
 if [[ $QUICK == 1 ]]; then
     exit 0

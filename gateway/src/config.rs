@@ -164,6 +164,17 @@ pub struct SessionConfig {
     /// Find session instances from the EndpointSlices of a Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesDiscovery>,
+    /// How messages are sharded over session instances.
+    #[serde(default)]
+    pub ring: RingKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RingKind {
+    /// go-zero's consistent hash, as teamgram's sessions use (the only one so far).
+    #[default]
+    Gozero,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +239,7 @@ impl Default for Config {
                 call_timeout_ms: 5000,
                 retries: 3,
                 kubernetes: None,
+                ring: RingKind::Gozero,
             },
             auth_keys: AuthKeysConfig {
                 redis_url: None,
