@@ -134,6 +134,12 @@ impl Collector for GatewayCollector {
             "MTProto sessions with a live connection on this gateway.",
             self.shared.registry.session_count() as i64,
         )?;
+        counter(
+            &mut encoder,
+            "mtproto_server_messages_undelivered",
+            "Server messages no live connection wrote (reported as not delivered).",
+            load(&self.shared.registry.undelivered),
+        )?;
         if let Some(remote) = &self.remote {
             gauge(
                 &mut encoder,

@@ -34,6 +34,8 @@ pub struct Registry {
     sessions: Mutex<SessionMap>,
     /// How long a delivery waits for the connection to write the message.
     write_wait: Duration,
+    /// Server messages no connection wrote (no connection, all full, or the write failed).
+    pub undelivered: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -41,6 +43,7 @@ impl Registry {
         Self {
             sessions: Mutex::default(),
             write_wait,
+            undelivered: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
