@@ -11,13 +11,14 @@ use openssl::symm::{Cipher, Crypter, Mode};
 use rand::RngCore;
 
 use mtproto_gateway::authkey::AuthKey;
-use mtproto_gateway::protocol::crypto::{handshake_key_iv, ige_encrypt};
+use mtproto_gateway::client::{
+    read_res_pq, req_dh_params, req_pq_multi, set_client_dh_params, Exchange,
+};
 use mtproto_gateway::protocol::dh;
 use mtproto_gateway::protocol::handshake::{Handshake, HandshakeSettings, Step};
 use mtproto_gateway::protocol::message::{decrypt, encrypt_as_client, plaintext_message};
-use mtproto_gateway::protocol::pq::{factorize, PqPool};
-use mtproto_gateway::protocol::rsa::{encrypt_rsa_pad, ServerKey};
-use mtproto_gateway::protocol::tl::{id, TlReader, TlWrite};
+use mtproto_gateway::protocol::pq::PqPool;
+use mtproto_gateway::protocol::rsa::ServerKey;
 
 const SIZES: [usize; 2] = [1024, 16 * 1024];
 
@@ -81,46 +82,20 @@ struct ClientSide {
     set_client_dh: Vec<u8>,
 }
 
-fn prepare(
-    settings: &Arc<HandshakeSettings>,
-    key: &ServerKey,
-) -> (Handshake, Vec<u8>, [u8; 16], [u8; 16], [u8; 32]) {
-    let mut rng = rand::thread_rng();
+/// A handshake state machine past resPQ, and the client's req_DH_params.
+fn prepare(settings: &Arc<HandshakeSettings>, key: &ServerKey) -> (Handshake, Vec<u8>, Exchange) {
     let mut hs = Handshake::new(settings.clone());
     let nonce: [u8; 16] = rand::random();
-    let mut req = Vec::new();
-    req.put_u32(id::REQ_PQ_MULTI);
-    req.put_raw(&nonce);
-    let Ok(Step::Reply(res_pq)) = hs.on_message(&req, 1_800_000_000, &mut rng) else {
+    let Ok(Step::Reply(res_pq)) = hs.on_message(
+        &req_pq_multi(&nonce),
+        1_800_000_000,
+        &mut rand::thread_rng(),
+    ) else {
         panic!("resPQ");
     };
-    let mut r = TlReader::new(&res_pq);
-    r.u32().ok();
-    r.int128().ok();
-    let server_nonce = r.int128().expect("server_nonce");
-    let pq_bytes = r.bytes().expect("pq");
-    let pq = pq_bytes.iter().fold(0u64, |a, &b| a << 8 | u64::from(b));
-    let (p, q) = factorize(pq).expect("factor");
-    let new_nonce: [u8; 32] = rand::random();
-    let mut inner = Vec::new();
-    inner.put_u32(id::P_Q_INNER_DATA_DC);
-    inner.put_bytes(&pq.to_be_bytes());
-    inner.put_bytes(&(p as u32).to_be_bytes());
-    inner.put_bytes(&(q as u32).to_be_bytes());
-    inner.put_raw(&nonce);
-    inner.put_raw(&server_nonce);
-    inner.put_raw(&new_nonce);
-    inner.put_i32(2);
-    let encrypted = encrypt_rsa_pad(&key.public_key(), &inner, &mut rng).expect("rsa_pad");
-    let mut msg = Vec::new();
-    msg.put_u32(id::REQ_DH_PARAMS);
-    msg.put_raw(&nonce);
-    msg.put_raw(&server_nonce);
-    msg.put_bytes(&(p as u32).to_be_bytes());
-    msg.put_bytes(&(q as u32).to_be_bytes());
-    msg.put_i64(key.fingerprint());
-    msg.put_bytes(&encrypted);
-    (hs, msg, nonce, server_nonce, new_nonce)
+    let ex = read_res_pq(&res_pq, &nonce, &key.public_key()).expect("resPQ");
+    let req = req_dh_params(&ex, &key.public_key(), None).expect("req_DH_params");
+    (hs, req, ex)
 }
 
 fn handshake(c: &mut Criterion) {
@@ -135,28 +110,11 @@ fn handshake(c: &mut Criterion) {
     group.bench_function("server_side_full_handshake", |b| {
         b.iter_batched(
             || {
-                let (hs, req_dh, nonce, server_nonce, new_nonce) = prepare(&settings, &key);
+                let (hs, req_dh, ex) = prepare(&settings, &key);
                 // set_client_DH_params carries only g_b, so it can be built before
                 // the server has answered req_DH_params.
                 let (_, g_b) = dh::params().new_secret(&mut rand::thread_rng());
-                let mut inner = Vec::new();
-                inner.put_u32(id::CLIENT_DH_INNER_DATA);
-                inner.put_raw(&nonce);
-                inner.put_raw(&server_nonce);
-                inner.put_i64(0);
-                inner.put_bytes(&g_b.to_bytes_be());
-                let mut data = mtproto_gateway::protocol::crypto::sha1(&[&inner]).to_vec();
-                data.extend_from_slice(&inner);
-                while data.len() % 16 != 0 {
-                    data.push(0);
-                }
-                let (k, iv) = handshake_key_iv(&new_nonce, &server_nonce);
-                ige_encrypt(&mut data, &k, &iv);
-                let mut set = Vec::new();
-                set.put_u32(id::SET_CLIENT_DH_PARAMS);
-                set.put_raw(&nonce);
-                set.put_raw(&server_nonce);
-                set.put_bytes(&data);
+                let set = set_client_dh_params(&ex, &g_b);
                 (
                     ClientSide {
                         handshake: hs,

@@ -42,6 +42,106 @@ pub struct CreatedKey {
     pub salt: i64,
 }
 
+/// What the client knows mid-handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange {
+    pub nonce: [u8; 16],
+    pub server_nonce: [u8; 16],
+    pub new_nonce: [u8; 32],
+    pub pq: u64,
+    pub p: u64,
+    pub q: u64,
+}
+
+pub fn req_pq_multi(nonce: &[u8; 16]) -> Vec<u8> {
+    let mut req = Vec::with_capacity(20);
+    req.put_u32(id::REQ_PQ_MULTI);
+    req.put_raw(nonce);
+    req
+}
+
+/// `req_DH_params` with `p_q_inner_data_dc` (or `_temp_dc` with `expires_in`)
+/// encrypted with RSA_PAD for `server`.
+pub fn req_dh_params(ex: &Exchange, server: &RsaPublicKey, temp: Option<i32>) -> Option<Vec<u8>> {
+    let mut inner = Vec::with_capacity(128);
+    inner.put_u32(if temp.is_some() {
+        id::P_Q_INNER_DATA_TEMP_DC
+    } else {
+        id::P_Q_INNER_DATA_DC
+    });
+    inner.put_bytes(&ex.pq.to_be_bytes());
+    inner.put_bytes(&(ex.p as u32).to_be_bytes());
+    inner.put_bytes(&(ex.q as u32).to_be_bytes());
+    inner.put_raw(&ex.nonce);
+    inner.put_raw(&ex.server_nonce);
+    inner.put_raw(&ex.new_nonce);
+    inner.put_i32(2);
+    if let Some(expires_in) = temp {
+        inner.put_i32(expires_in);
+    }
+    let encrypted = encrypt_rsa_pad(server, &inner, &mut rand::thread_rng())?;
+    let mut req = Vec::with_capacity(320);
+    req.put_u32(id::REQ_DH_PARAMS);
+    req.put_raw(&ex.nonce);
+    req.put_raw(&ex.server_nonce);
+    req.put_bytes(&(ex.p as u32).to_be_bytes());
+    req.put_bytes(&(ex.q as u32).to_be_bytes());
+    req.put_i64(fingerprint(server));
+    req.put_bytes(&encrypted);
+    Some(req)
+}
+
+/// `set_client_DH_params` carrying `g_b` (it does not depend on the server's answer).
+pub fn set_client_dh_params(ex: &Exchange, g_b: &rsa::BigUint) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(300);
+    inner.put_u32(id::CLIENT_DH_INNER_DATA);
+    inner.put_raw(&ex.nonce);
+    inner.put_raw(&ex.server_nonce);
+    inner.put_i64(0);
+    inner.put_bytes(&g_b.to_bytes_be());
+    let mut data = sha1(&[&inner]).to_vec();
+    data.extend_from_slice(&inner);
+    while data.len() % 16 != 0 {
+        data.push(rand::random());
+    }
+    let (key, iv) = handshake_key_iv(&ex.new_nonce, &ex.server_nonce);
+    ige_encrypt(&mut data, &key, &iv);
+    let mut req = Vec::with_capacity(data.len() + 48);
+    req.put_u32(id::SET_CLIENT_DH_PARAMS);
+    req.put_raw(&ex.nonce);
+    req.put_raw(&ex.server_nonce);
+    req.put_bytes(&data);
+    req
+}
+
+/// Reads `resPQ` and factors pq: the exchange so far.
+pub fn read_res_pq(
+    res_pq: &[u8],
+    nonce: &[u8; 16],
+    server: &RsaPublicKey,
+) -> Result<Exchange, ClientError> {
+    let tl = |e: crate::protocol::tl::TlError| protocol(e.to_string());
+    let mut r = TlReader::new(res_pq);
+    r.expect(id::RES_PQ, "resPQ").map_err(tl)?;
+    if &r.int128().map_err(tl)? != nonce {
+        return Err(protocol("resPQ nonce"));
+    }
+    let server_nonce = r.int128().map_err(tl)?;
+    let pq = be_u64(r.bytes().map_err(tl)?).ok_or_else(|| protocol("pq"))?;
+    if !r.vector_i64(64).map_err(tl)?.contains(&fingerprint(server)) {
+        return Err(protocol("server does not offer our key"));
+    }
+    let (p, q) = factorize(pq).ok_or_else(|| protocol("cannot factor pq"))?;
+    Ok(Exchange {
+        nonce: *nonce,
+        server_nonce,
+        new_nonce: rand::random(),
+        pq,
+        p,
+        q,
+    })
+}
+
 #[derive(Debug)]
 pub struct Client {
     stream: TcpStream,
@@ -108,52 +208,11 @@ impl Client {
         temp: Option<i32>,
     ) -> Result<CreatedKey, ClientError> {
         let nonce: [u8; 16] = rand::random();
-        let mut req = Vec::new();
-        req.put_u32(id::REQ_PQ_MULTI);
-        req.put_raw(&nonce);
-        let res_pq = self.plain_call(&req).await?;
-        let mut r = TlReader::new(&res_pq);
-        r.expect(id::RES_PQ, "resPQ")
-            .map_err(|e| protocol(e.to_string()))?;
+        let res_pq = self.plain_call(&req_pq_multi(&nonce)).await?;
+        let ex = read_res_pq(&res_pq, &nonce, server)?;
+        let (server_nonce, new_nonce) = (ex.server_nonce, ex.new_nonce);
         let tl = |e: crate::protocol::tl::TlError| protocol(e.to_string());
-        if r.int128().map_err(tl)? != nonce {
-            return Err(protocol("resPQ nonce"));
-        }
-        let server_nonce = r.int128().map_err(tl)?;
-        let pq = be_u64(r.bytes().map_err(tl)?).ok_or_else(|| protocol("pq"))?;
-        let fingerprints = r.vector_i64(64).map_err(tl)?;
-        let fp = fingerprint(server);
-        if !fingerprints.contains(&fp) {
-            return Err(protocol("server does not offer our key"));
-        }
-        let (p, q) = factorize(pq).ok_or_else(|| protocol("cannot factor pq"))?;
-        let new_nonce: [u8; 32] = rand::random();
-        let mut inner = Vec::new();
-        inner.put_u32(if temp.is_some() {
-            id::P_Q_INNER_DATA_TEMP_DC
-        } else {
-            id::P_Q_INNER_DATA_DC
-        });
-        inner.put_bytes(&pq.to_be_bytes());
-        inner.put_bytes(&(p as u32).to_be_bytes());
-        inner.put_bytes(&(q as u32).to_be_bytes());
-        inner.put_raw(&nonce);
-        inner.put_raw(&server_nonce);
-        inner.put_raw(&new_nonce);
-        inner.put_i32(2);
-        if let Some(expires_in) = temp {
-            inner.put_i32(expires_in);
-        }
-        let encrypted = encrypt_rsa_pad(server, &inner, &mut rand::thread_rng())
-            .ok_or_else(|| protocol("rsa"))?;
-        let mut req = Vec::new();
-        req.put_u32(id::REQ_DH_PARAMS);
-        req.put_raw(&nonce);
-        req.put_raw(&server_nonce);
-        req.put_bytes(&(p as u32).to_be_bytes());
-        req.put_bytes(&(q as u32).to_be_bytes());
-        req.put_i64(fp);
-        req.put_bytes(&encrypted);
+        let req = req_dh_params(&ex, server, temp).ok_or_else(|| protocol("rsa"))?;
         let dh_ok = self.plain_call(&req).await?;
         let mut r = TlReader::new(&dh_ok);
         r.expect(id::SERVER_DH_PARAMS_OK, "server_DH_params_ok")
@@ -182,23 +241,7 @@ impl Client {
         }
         let (b, g_b) = params.new_secret(&mut rand::thread_rng());
         let key = AuthKey::new(left_pad_256(&g_a.modpow(&b, &params.prime).to_bytes_be()));
-        let mut client_inner = Vec::new();
-        client_inner.put_u32(id::CLIENT_DH_INNER_DATA);
-        client_inner.put_raw(&nonce);
-        client_inner.put_raw(&server_nonce);
-        client_inner.put_i64(0);
-        client_inner.put_bytes(&g_b.to_bytes_be());
-        let mut data = sha1(&[&client_inner]).to_vec();
-        data.extend_from_slice(&client_inner);
-        while data.len() % 16 != 0 {
-            data.push(rand::random());
-        }
-        ige_encrypt(&mut data, &tmp_key, &tmp_iv);
-        let mut req = Vec::new();
-        req.put_u32(id::SET_CLIENT_DH_PARAMS);
-        req.put_raw(&nonce);
-        req.put_raw(&server_nonce);
-        req.put_bytes(&data);
+        let req = set_client_dh_params(&ex, &g_b);
         let answer = self.plain_call(&req).await?;
         let mut r = TlReader::new(&answer);
         r.expect(id::DH_GEN_OK, "dh_gen_ok").map_err(tl)?;
