@@ -73,10 +73,12 @@ def pin_server_key(public_key_pem: str) -> None:
         _added_keys.add(public_key_pem)
 
 
-async def connect(port: int, transport: str = "intermediate", auth_key: AuthKey | None = None) -> MTProtoSender:
-    """Connects an MTProtoSender; without `auth_key` it runs the handshake."""
+async def connect(port: int, transport: str = "intermediate", auth_key: AuthKey | None = None,
+                  local_addr: tuple[str, int] | None = None) -> MTProtoSender:
+    """Connects an MTProtoSender; without `auth_key` it runs the handshake.
+    `local_addr` binds the client socket (e.g. another loopback address)."""
     sender = MTProtoSender(auth_key, loggers=LOGGERS, retries=3, auto_reconnect=False)
-    conn = TRANSPORTS[transport]("127.0.0.1", port, 2, loggers=LOGGERS)
+    conn = TRANSPORTS[transport]("127.0.0.1", port, 2, loggers=LOGGERS, local_addr=local_addr)
     await asyncio.wait_for(sender.connect(conn), 60)
     return sender
 

@@ -16,9 +16,10 @@ use crate::protocol::handshake::HandshakeSettings;
 use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
 use crate::server::admin::{self, Readiness};
+use crate::server::limiter::Admission;
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
-use crate::server::{self, Keys, Limits, Shared};
+use crate::server::{self, BoundListener, Keys, Limits, Shared};
 use crate::session::discovery;
 use crate::session::embedded::EmbeddedSession;
 use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
@@ -89,7 +90,7 @@ fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
 /// A configured gateway, bound and ready to serve.
 #[derive(Debug)]
 pub struct Gateway {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<BoundListener>,
     /// The reverse-path gRPC server, in remote session modes.
     grpc: Option<(TcpListener, ReversePath)>,
     admin: Option<TcpListener>,
@@ -188,11 +189,10 @@ impl Gateway {
             KeyLookup::Session => Arc::new(SessionKeySource(session.clone())),
             KeyLookup::Store => Arc::new(StoreKeySource(key_store)),
         };
-        let addresses: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
-        let listeners = server::bind_all(&addresses).await?;
+        let listeners = server::bind_all(&config.listeners).await?;
         for listener in &listeners {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, "listening for MTProto TCP clients");
+            if let Some(addr) = listener.local_addr() {
+                info!(%addr, proxy_protocol = ?listener.proxy_protocol, "listening for MTProto TCP clients");
             }
         }
         let shared = Arc::new(Shared::new(
@@ -209,6 +209,11 @@ impl Gateway {
                 writer: key_writer,
             },
             limits,
+            Admission::new(
+                l.max_connections,
+                l.max_connections_per_ip,
+                l.handshakes_per_ip_per_minute,
+            ),
             server_id,
         ));
         let admin = match config.admin_listen {
@@ -228,7 +233,7 @@ impl Gateway {
     pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(BoundListener::local_addr)
             .collect()
     }
 

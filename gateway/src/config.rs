@@ -37,6 +37,9 @@ pub struct Cli {
     /// Address to accept MTProto TCP clients on (all TCP transports are detected). Repeatable.
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
+    /// PROXY protocol (v1 and v2) on the --listen listeners: off, optional or required.
+    #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"], requires = "listen")]
+    pub proxy_protocol: Option<String>,
     /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
     /// primary, all are offered to clients (key rotation). Without one, a key is
     /// generated and kept in the data directory.
@@ -142,8 +145,14 @@ pub enum ListenerTransport {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyProtocol {
+    /// Clients connect directly; the socket peer is the client.
     #[default]
     Off,
+    /// A PROXY v1/v2 header is used when present (mixed direct and proxied traffic).
+    Optional,
+    /// Every connection must start with a PROXY v1/v2 header, else it is closed;
+    /// use this whenever a load balancer is the only way in, so clients cannot spoof addresses.
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +225,13 @@ pub struct LimitsConfig {
     pub outbox_capacity: usize,
     pub max_sessions_per_connection: usize,
     pub shutdown_grace_secs: u64,
+    /// Open connections per listener; more are closed at accept.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64); more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// New handshakes (`req_pq`) per client address per minute, as a burst
+    /// refilled evenly; beyond it the client gets transport error -429.
+    pub handshakes_per_ip_per_minute: u32,
 }
 
 impl Default for Config {
@@ -260,6 +276,9 @@ impl Default for Config {
                 outbox_capacity: 256,
                 max_sessions_per_connection: 64,
                 shutdown_grace_secs: 30,
+                max_connections: 100_000,
+                max_connections_per_ip: 256,
+                handshakes_per_ip_per_minute: 120,
             },
         }
     }
@@ -339,7 +358,11 @@ impl Config {
                     .map(|&address| Listener {
                         address,
                         transport: ListenerTransport::Tcp,
-                        proxy_protocol: ProxyProtocol::Off,
+                        proxy_protocol: match cli.proxy_protocol.as_deref() {
+                            Some("required") => ProxyProtocol::Required,
+                            Some("optional") => ProxyProtocol::Optional,
+                            _ => ProxyProtocol::Off,
+                        },
                     })
                     .collect()
             }),
@@ -367,7 +390,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 7] = [
+        let checks: [(bool, &str); 8] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -395,6 +418,12 @@ impl Config {
             (
                 l.max_sessions_per_connection >= 1,
                 "limits.max_sessions_per_connection must be at least 1",
+            ),
+            (
+                l.max_connections >= 1
+                    && l.max_connections_per_ip >= 1
+                    && l.handshakes_per_ip_per_minute >= 1,
+                "limits.max_connections, limits.max_connections_per_ip and limits.handshakes_per_ip_per_minute must be at least 1",
             ),
         ];
         for (ok, message) in checks {
@@ -575,6 +604,38 @@ mod tests {
         assert_eq!(c.server_id().unwrap(), "gw-1:1");
         let err = Config::load_from(&cli(&["--session", "nope"]), no_env()).unwrap_err();
         assert!(err.to_string().contains("session.endpoints"), "{err}");
+    }
+
+    #[test]
+    fn proxy_protocol_and_connection_limits() {
+        let c = Config::load_from(
+            &cli(&["--listen", "127.0.0.1:7000", "--proxy-protocol", "required"]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].proxy_protocol, ProxyProtocol::Required);
+        assert_eq!(c.limits.max_connections_per_ip, 256);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_protocol = \"optional\"\n[limits]\nmax_connections_per_ip = 0\n",
+        )
+        .unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(
+            err.to_string().contains("limits.max_connections_per_ip"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_protocol = \"sometimes\"\n",
+        )
+        .unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]

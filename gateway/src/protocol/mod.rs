@@ -6,6 +6,7 @@ pub mod dh;
 pub mod handshake;
 pub mod message;
 pub mod pq;
+pub mod proxy;
 pub mod rsa;
 pub mod tl;
 pub mod transport;

@@ -8,17 +8,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, warn};
 
+use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::Shared;
 use crate::authkey::AuthKeyInfo;
+use crate::config::ProxyProtocol;
 use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
 use crate::protocol::message::{self, MessageError};
+use crate::protocol::proxy::{self, Detected, ProxyError};
 use crate::protocol::tl::id;
 use crate::protocol::transport::{error_code, InboundFrame, Transport, TransportError};
 use crate::session::{SessionClientData, SessionClientEvent, SessionError};
@@ -60,6 +63,14 @@ enum Close {
     IdleTimeout,
     #[error("server shutting down")]
     Shutdown,
+    #[error("{0}")]
+    ProxyHeader(ProxyError),
+    #[error("no PROXY header on a listener that requires one")]
+    ProxyHeaderMissing,
+    #[error("too many connections from this client address")]
+    ClientLimit,
+    #[error("too many handshakes from this client address")]
+    HandshakeFlood,
 }
 
 impl Close {
@@ -70,6 +81,7 @@ impl Close {
             Close::Session(SessionError::AuthKeyUnregistered) => {
                 Some(error_code::AUTH_KEY_NOT_FOUND)
             }
+            Close::HandshakeFlood => Some(error_code::FLOOD),
             _ => None,
         }
     }
@@ -90,14 +102,20 @@ struct Connection {
     last_plain_msg_id: i64,
 }
 
+/// Serves one accepted connection. `slot` holds its place under the
+/// listener's cap; the per-client cap is applied once the client address is
+/// known (after the PROXY header, if any).
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
+    mut slot: Slot,
+    proxy_protocol: ProxyProtocol,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
     let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
+    let handshake_deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut conn = Connection {
         id,
         peer,
@@ -111,10 +129,43 @@ pub async fn run(
         written_acks: Vec::new(),
         last_plain_msg_id: 0,
     };
-    let (reader, mut writer) = stream.into_split();
-    let close = conn.serve(reader, &mut writer, inbox, shutdown).await;
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::new();
+    let admitted = conn
+        .admit(
+            &mut reader,
+            &mut buf,
+            &mut slot,
+            proxy_protocol,
+            handshake_deadline,
+        )
+        .await;
+    let close = match admitted {
+        Ok(()) => {
+            conn.serve(
+                reader,
+                &mut writer,
+                buf,
+                handshake_deadline,
+                inbox,
+                shutdown,
+            )
+            .await
+        }
+        Err(close) => close,
+    };
+    let peer = conn.peer;
     match &close {
         Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
+        Close::ClientLimit => {
+            let total = conn
+                .shared
+                .admission
+                .refused
+                .client_full
+                .load(Ordering::Relaxed);
+            debug!(conn = id, %peer, refused_total = total, "closed: {close}");
+        }
         _ => info!(conn = id, %peer, transport = ?conn.transport.framing(), "closed: {close}"),
     }
     if let Some(code) = close.code() {
@@ -136,56 +187,84 @@ pub async fn run(
     }
     let _ = writer.shutdown().await;
     conn.detach_sessions().await;
+    drop(slot);
 }
 
 impl Connection {
+    /// Reads the PROXY header the listener expects, then counts the
+    /// connection against its client address. Bytes after the header stay in `buf`.
+    async fn admit(
+        &mut self,
+        reader: &mut OwnedReadHalf,
+        buf: &mut BytesMut,
+        slot: &mut Slot,
+        mode: ProxyProtocol,
+        deadline: Instant,
+    ) -> Result<(), Close> {
+        if mode != ProxyProtocol::Off {
+            let detected = loop {
+                match proxy::detect(buf) {
+                    Ok(Detected::NeedMore) => {}
+                    Ok(detected) => break detected,
+                    Err(e) => return Err(self.proxy_refused(Close::ProxyHeader(e))),
+                }
+                let read = tokio::select! {
+                    read = reader.read_buf(buf) => read,
+                    _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
+                };
+                match read {
+                    Ok(0) => return Err(Close::ClientClosed),
+                    Ok(_) => {}
+                    Err(e) => return Err(Close::Read(e)),
+                }
+            };
+            match detected {
+                Detected::Header(header) => {
+                    buf.advance(header.len);
+                    if let Some(source) = header.source {
+                        debug!(conn = self.id, socket_peer = %self.peer, client = %source, "PROXY header");
+                        self.peer = source;
+                    }
+                }
+                _ if mode == ProxyProtocol::Required => {
+                    return Err(self.proxy_refused(Close::ProxyHeaderMissing))
+                }
+                _ => {}
+            }
+        }
+        self.shared
+            .admission
+            .enter_client(slot, self.peer.ip())
+            .map_err(|_| Close::ClientLimit)
+    }
+
+    /// Counts a refused PROXY header; the reason is logged when the connection closes.
+    fn proxy_refused(&self, close: Close) -> Close {
+        let total = Refused::count(&self.shared.admission.refused.proxy_header);
+        debug!(
+            conn = self.id,
+            refused_total = total,
+            "PROXY header refused"
+        );
+        close
+    }
+
     async fn serve(
         &mut self,
-        mut reader: tokio::net::tcp::OwnedReadHalf,
+        reader: OwnedReadHalf,
         writer: &mut OwnedWriteHalf,
+        mut buf: BytesMut,
+        handshake_deadline: Instant,
         mut inbox: mpsc::Receiver<Outgoing>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Close {
         let limits = self.shared.limits.clone();
-        let handshake_deadline = Instant::now() + limits.handshake_timeout;
         let mut idle_deadline = Instant::now() + limits.idle_timeout;
-        let mut buf = BytesMut::new();
+        // Bytes that came with a PROXY header are decoded before the first read.
+        if let Err(close) = self.decode_all(&mut buf).await {
+            return close;
+        }
         loop {
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
-            }
-            tokio::select! {
-                read = reader.read_buf(&mut buf) => {
-                    match read {
-                        Ok(0) => return Close::ClientClosed,
-                        Ok(_) => {}
-                        Err(e) => return Close::Read(e),
-                    }
-                    idle_deadline = Instant::now() + limits.idle_timeout;
-                    loop {
-                        let frame = match self.transport.decode(&mut buf) {
-                            Ok(Some(frame)) => frame,
-                            Ok(None) => break,
-                            Err(e) => return e.into(),
-                        };
-                        if let Err(close) = self.on_frame(frame).await {
-                            return close;
-                        }
-                    }
-                    if buf.is_empty() && buf.capacity() > READ_CHUNK {
-                        // Give back what a large frame needed.
-                        buf = BytesMut::new();
-                    }
-                }
-                Some(outgoing) = inbox.recv() => {
-                    self.on_server_message(&outgoing.payload);
-                    self.written_acks.push(outgoing.written);
-                    idle_deadline = Instant::now() + limits.idle_timeout;
-                }
-                _ = sleep_until(handshake_deadline), if self.key.is_none() => return Close::HandshakeTimeout,
-                _ = sleep_until(idle_deadline) => return Close::IdleTimeout,
-                _ = shutdown.changed() => return Close::Shutdown,
-            }
             if !self.out.is_empty() {
                 if timeout(limits.write_timeout, writer.write_all(&self.out))
                     .await
@@ -201,7 +280,48 @@ impl Connection {
                     let _ = ack.send(());
                 }
             }
+            tokio::select! {
+                // Wait for data before taking a read buffer, so an idle
+                // connection holds none (idle connections are the common case).
+                ready = reader.readable() => {
+                    if let Err(e) = ready {
+                        return Close::Read(e);
+                    }
+                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    match reader.try_read_buf(&mut buf) {
+                        Ok(0) => return Close::ClientClosed,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Close::Read(e),
+                    }
+                    idle_deadline = Instant::now() + limits.idle_timeout;
+                    if let Err(close) = self.decode_all(&mut buf).await {
+                        return close;
+                    }
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
+                }
+                Some(outgoing) = inbox.recv() => {
+                    self.on_server_message(&outgoing.payload);
+                    self.written_acks.push(outgoing.written);
+                    idle_deadline = Instant::now() + limits.idle_timeout;
+                }
+                _ = sleep_until(handshake_deadline), if self.key.is_none() => return Close::HandshakeTimeout,
+                _ = sleep_until(idle_deadline) => return Close::IdleTimeout,
+                _ = shutdown.changed() => return Close::Shutdown,
+            }
         }
+    }
+
+    /// Handles every complete frame in `buf`.
+    async fn decode_all(&mut self, buf: &mut BytesMut) -> Result<(), Close> {
+        while let Some(frame) = self.transport.decode(buf)? {
+            self.on_frame(frame).await?;
+        }
+        Ok(())
     }
 
     async fn on_frame(&mut self, frame: InboundFrame) -> Result<(), Close> {
@@ -220,8 +340,19 @@ impl Connection {
             .handshake
             .take()
             .unwrap_or_else(|| Handshake::new(self.shared.handshake.clone()));
+        let constructor = Handshake::constructor(&body);
+        if matches!(constructor, Some(id::REQ_PQ | id::REQ_PQ_MULTI))
+            && !self
+                .shared
+                .admission
+                .allow_handshake(self.peer.ip(), Instant::now().into_std())
+        {
+            let total = Refused::count(&self.shared.admission.refused.handshake_flood);
+            debug!(conn = self.id, peer = %self.peer, refused_total = total, "handshake rate exceeded");
+            return Err(Close::HandshakeFlood);
+        }
         let heavy = matches!(
-            Handshake::constructor(&body),
+            constructor,
             Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
         );
         let now = unix_now().as_secs() as i64;

@@ -3,22 +3,25 @@
 
 pub mod admin;
 mod connection;
+pub mod limiter;
 pub mod registry;
 pub mod reverse;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::AuthKeyStore;
+use crate::config::{Listener, ProxyProtocol};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
+use limiter::{Admission, ListenerSlots};
 use registry::Registry;
 
 /// Per-connection limits.
@@ -55,6 +58,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub keys: Keys,
     pub limits: Limits,
+    /// Connection caps and handshake rate, shared by all listeners.
+    pub admission: Arc<Admission>,
     /// This gateway's id as sessions address it.
     pub server_id: String,
     next_connection_id: AtomicU64,
@@ -67,6 +72,7 @@ impl Shared {
         registry: Arc<Registry>,
         keys: Keys,
         limits: Limits,
+        admission: Admission,
         server_id: String,
     ) -> Self {
         Self {
@@ -75,6 +81,7 @@ impl Shared {
             registry,
             keys,
             limits,
+            admission: Arc::new(admission),
             server_id,
             next_connection_id: AtomicU64::new(1),
         }
@@ -85,7 +92,7 @@ impl Shared {
 /// lets open connections finish for up to `grace`, and closes what is left
 /// (each closed session is reported to its session service).
 pub async fn serve(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -119,21 +126,39 @@ pub async fn serve(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    bound: BoundListener,
     shared: Arc<Shared>,
     force_close: watch::Receiver<bool>,
     done_tx: mpsc::Sender<()>,
 ) {
+    let BoundListener {
+        listener,
+        proxy_protocol,
+    } = bound;
     let local = listener.local_addr().ok();
+    let slots = Arc::new(ListenerSlots::default());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let slot = match shared.admission.enter_listener(&slots) {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        // Dropping the stream closes it before any per-connection state exists.
+                        let total = shared
+                            .admission
+                            .refused
+                            .listener_full
+                            .load(Ordering::Relaxed);
+                        debug!(listener = ?local, %peer, refused_total = total, "listener at limits.max_connections; closed");
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let force_close = force_close.clone();
                 let done = done_tx.clone();
                 tokio::spawn(async move {
-                    connection::run(stream, peer, shared, force_close).await;
+                    connection::run(stream, peer, slot, proxy_protocol, shared, force_close).await;
                     drop(done);
                 });
             }
@@ -146,14 +171,31 @@ async fn accept_loop(
     }
 }
 
-/// Binds every address, naming the one that failed.
-pub async fn bind_all(addresses: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
-    let mut out = Vec::with_capacity(addresses.len());
-    for addr in addresses {
+/// A bound client listener and how its connections start.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub listener: TcpListener,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+impl BoundListener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Binds every listener, naming the one that failed.
+pub async fn bind_all(listeners: &[Listener]) -> anyhow::Result<Vec<BoundListener>> {
+    let mut out = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let addr = l.address;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        out.push(listener);
+            .map_err(|e| anyhow::anyhow!("listeners: cannot listen on {addr}: {e}"))?;
+        out.push(BoundListener {
+            listener,
+            proxy_protocol: l.proxy_protocol,
+        });
     }
     Ok(out)
 }

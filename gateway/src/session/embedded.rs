@@ -298,6 +298,13 @@ impl Core {
             is_new
         };
         if is_new {
+            debug!(
+                auth_key_id = data.auth_key_id,
+                session_id = data.session_id,
+                client_ip = %data.client_ip,
+                gateway = %data.server_id,
+                "new session"
+            );
             let unique_id = rand::thread_rng().next_u64() as i64;
             replies.push(reference::new_session_created(msg_id, unique_id, salt));
         }
@@ -379,6 +386,7 @@ impl SessionService for EmbeddedSession {
         debug!(
             auth_key_id = event.auth_key_id,
             session_id = event.session_id,
+            client_ip = %event.client_ip,
             gateway = %event.server_id,
             "session closed by its gateway"
         );

@@ -1,0 +1,316 @@
+//! Admission limits: open connections per listener and per client address, and
+//! new handshakes per client address. The bookkeeping is plain data with time
+//! passed in, so the rules are tested without sockets or clocks.
+//!
+//! IPv6 clients are grouped by their /64: one subscriber usually owns a whole
+//! /64, so counting single addresses would let one host bypass the caps.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The key one client address is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey(u128);
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => ClientKey(u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => ClientKey((u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 32)),
+        }
+    }
+}
+
+/// Open connections per client key, capped.
+#[derive(Debug)]
+pub struct PerClientCount {
+    max: usize,
+    open: HashMap<ClientKey, usize>,
+}
+
+impl PerClientCount {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Counts one more connection unless the client is at the cap.
+    pub fn try_add(&mut self, key: ClientKey) -> bool {
+        let n = self.open.entry(key).or_insert(0);
+        if *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub fn remove(&mut self, key: ClientKey) {
+        if let Some(n) = self.open.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&key);
+            }
+        }
+    }
+
+    pub fn open(&self, key: ClientKey) -> usize {
+        self.open.get(&key).copied().unwrap_or(0)
+    }
+}
+
+/// New handshakes per client key: a burst of `per_minute`, refilled evenly over
+/// a minute (the generic cell rate algorithm: one instant per client).
+#[derive(Debug)]
+pub struct HandshakeRate {
+    interval: Duration,
+    burst: Duration,
+    /// When each client's allowance is next fully restored.
+    full_at: HashMap<ClientKey, Instant>,
+}
+
+/// Clients tracked before fully restored entries are swept.
+const SWEEP_AT: usize = 4096;
+
+impl HandshakeRate {
+    pub fn new(per_minute: u32) -> Self {
+        let interval = Duration::from_secs(60) / per_minute.max(1);
+        Self {
+            interval,
+            burst: Duration::from_secs(60) - interval,
+            full_at: HashMap::new(),
+        }
+    }
+
+    /// Takes one handshake from the client's allowance; false when it is spent.
+    pub fn allow(&mut self, key: ClientKey, now: Instant) -> bool {
+        if self.full_at.len() >= SWEEP_AT {
+            self.full_at.retain(|_, at| *at > now);
+        }
+        let at = self.full_at.get(&key).copied().filter(|at| *at > now);
+        let base = at.unwrap_or(now);
+        if base.saturating_duration_since(now) > self.burst {
+            return false;
+        }
+        self.full_at.insert(key, base + self.interval);
+        true
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.full_at.len()
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    ListenerFull,
+    ClientFull,
+}
+
+/// Counters of refused work, reported in logs.
+#[derive(Debug, Default)]
+pub struct Refused {
+    pub listener_full: AtomicU64,
+    pub client_full: AtomicU64,
+    pub handshake_flood: AtomicU64,
+    pub proxy_header: AtomicU64,
+}
+
+impl Refused {
+    /// Adds one to `counter` and returns the new total.
+    pub fn count(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// The limits every listener shares.
+#[derive(Debug)]
+pub struct Admission {
+    max_per_listener: usize,
+    clients: Mutex<PerClientCount>,
+    handshakes: Mutex<HandshakeRate>,
+    pub refused: Refused,
+}
+
+/// Open connections on one listener.
+#[derive(Debug, Default)]
+pub struct ListenerSlots(AtomicUsize);
+
+/// Held by an admitted connection; gives its slots back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    admission: Arc<Admission>,
+    listener: Arc<ListenerSlots>,
+    client: Option<ClientKey>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data stays consistent even if a holder panicked mid-way (counts only).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Admission {
+    pub fn new(max_per_listener: usize, max_per_client: usize, handshakes_per_minute: u32) -> Self {
+        Self {
+            max_per_listener,
+            clients: Mutex::new(PerClientCount::new(max_per_client)),
+            handshakes: Mutex::new(HandshakeRate::new(handshakes_per_minute)),
+            refused: Refused::default(),
+        }
+    }
+
+    /// Takes a listener slot, at accept time.
+    pub fn enter_listener(
+        self: &Arc<Self>,
+        listener: &Arc<ListenerSlots>,
+    ) -> Result<Slot, Refusal> {
+        let taken = listener
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_per_listener).then_some(n + 1)
+            });
+        if taken.is_err() {
+            Refused::count(&self.refused.listener_full);
+            return Err(Refusal::ListenerFull);
+        }
+        Ok(Slot {
+            admission: self.clone(),
+            listener: listener.clone(),
+            client: None,
+        })
+    }
+
+    /// Counts the connection against its client address (known only after a
+    /// PROXY header, so this is a second step).
+    pub fn enter_client(&self, slot: &mut Slot, ip: IpAddr) -> Result<(), Refusal> {
+        let key = ClientKey::from(ip);
+        if slot.client.is_some() {
+            return Ok(());
+        }
+        if !lock(&self.clients).try_add(key) {
+            Refused::count(&self.refused.client_full);
+            return Err(Refusal::ClientFull);
+        }
+        slot.client = Some(key);
+        Ok(())
+    }
+
+    /// Whether the client may start another handshake now.
+    pub fn allow_handshake(&self, ip: IpAddr, now: Instant) -> bool {
+        lock(&self.handshakes).allow(ClientKey::from(ip), now)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.listener.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some(key) = self.client {
+            lock(&self.admission.clients).remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_is_grouped_by_slash_64_and_mapped_v4_is_v4() {
+        assert_eq!(
+            ClientKey::from(ip("2001:db8:1:2::1")),
+            ClientKey::from(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            ClientKey::from(ip("2001:db8:1:2::1")),
+            ClientKey::from(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            ClientKey::from(ip("::ffff:10.0.0.1")),
+            ClientKey::from(ip("10.0.0.1"))
+        );
+        assert_ne!(ClientKey::from(ip("0.0.0.1")), ClientKey::from(ip("::")));
+    }
+
+    #[test]
+    fn per_client_cap_and_release() {
+        let mut c = PerClientCount::new(2);
+        let a = ClientKey::from(ip("10.0.0.1"));
+        let b = ClientKey::from(ip("10.0.0.2"));
+        assert!(c.try_add(a) && c.try_add(a));
+        assert!(!c.try_add(a));
+        assert!(c.try_add(b));
+        c.remove(a);
+        assert!(c.try_add(a));
+        c.remove(a);
+        c.remove(a);
+        c.remove(b);
+        c.remove(b);
+        assert_eq!(c.open(a), 0);
+        assert!(c.open.is_empty());
+    }
+
+    #[test]
+    fn handshake_burst_then_steady_rate() {
+        let mut r = HandshakeRate::new(6);
+        let a = ClientKey::from(ip("10.0.0.1"));
+        let t0 = Instant::now();
+        for _ in 0..6 {
+            assert!(r.allow(a, t0));
+        }
+        assert!(!r.allow(a, t0));
+        assert!(r.allow(ClientKey::from(ip("10.0.0.2")), t0));
+        // One handshake back every 10 s.
+        assert!(!r.allow(a, t0 + Duration::from_secs(9)));
+        assert!(r.allow(a, t0 + Duration::from_secs(10)));
+        assert!(!r.allow(a, t0 + Duration::from_secs(10)));
+        // A quiet minute restores the whole burst.
+        let later = t0 + Duration::from_secs(200);
+        for _ in 0..6 {
+            assert!(r.allow(a, later));
+        }
+        assert!(!r.allow(a, later));
+    }
+
+    #[test]
+    fn handshake_table_is_swept() {
+        let mut r = HandshakeRate::new(60);
+        let t0 = Instant::now();
+        for i in 0..SWEEP_AT as u32 {
+            assert!(r.allow(ClientKey::from(IpAddr::from(i.to_be_bytes())), t0));
+        }
+        assert_eq!(r.tracked(), SWEEP_AT);
+        assert!(r.allow(ClientKey::from(ip("10.0.0.1")), t0 + Duration::from_secs(2)));
+        assert_eq!(r.tracked(), 1);
+    }
+
+    #[test]
+    fn slots_are_returned_on_drop() {
+        let admission = Arc::new(Admission::new(2, 1, 60));
+        let listener = Arc::new(ListenerSlots::default());
+        let mut s1 = admission.enter_listener(&listener).unwrap();
+        admission.enter_client(&mut s1, ip("10.0.0.1")).unwrap();
+        let mut s2 = admission.enter_listener(&listener).unwrap();
+        assert_eq!(
+            admission.enter_client(&mut s2, ip("10.0.0.1")),
+            Err(Refusal::ClientFull)
+        );
+        assert_eq!(
+            admission.enter_listener(&listener).unwrap_err(),
+            Refusal::ListenerFull
+        );
+        drop(s1);
+        admission.enter_client(&mut s2, ip("10.0.0.1")).unwrap();
+        let _s3 = admission.enter_listener(&listener).unwrap();
+        assert_eq!(admission.refused.client_full.load(Ordering::Relaxed), 1);
+        assert_eq!(admission.refused.listener_full.load(Ordering::Relaxed), 1);
+    }
+}
