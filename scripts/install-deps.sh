@@ -4,6 +4,7 @@
 #
 #   scripts/install-deps.sh                install
 #   scripts/install-deps.sh --print-venv   print the virtualenv path
+#   scripts/install-deps.sh --print-gramjs print the GramJS (WebSocket client) directory
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,12 +12,19 @@ MTPROTO_CACHE="${MTPROTO_CACHE:-$HOME/.cache/mtproto-edge}"
 REQUIREMENTS="$ROOT/e2e/gateway/requirements.txt"
 VENV="$MTPROTO_CACHE/venv-$(sha256sum "$REQUIREMENTS" | cut -c1-12)"
 
+GRAMJS_VERSION=2.26.22
+GRAMJS="$MTPROTO_CACHE/gramjs-$GRAMJS_VERSION"
+
+if [[ "${1:-}" == "--print-gramjs" ]]; then
+    echo "$GRAMJS"
+    exit 0
+fi
 if [[ "${1:-}" == "--print-venv" ]]; then
     echo "$VENV"
     exit 0
 fi
 
-APT_PACKAGES=(python3-venv libssl-dev pkg-config openssl redis-server redis-tools mariadb-server mariadb-client haproxy)
+APT_PACKAGES=(python3-venv libssl-dev pkg-config openssl redis-server redis-tools mariadb-server mariadb-client haproxy nodejs)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -34,4 +42,11 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import telethon, py
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQUIREMENTS"
+fi
+
+# GramJS, the real WebSocket client of the WebSocket e2e tests.
+if [[ ! -f "$GRAMJS/node_modules/telegram/package.json" ]]; then
+    echo "installing GramJS $GRAMJS_VERSION into $GRAMJS"
+    mkdir -p "$GRAMJS"
+    (cd "$GRAMJS" && npm install --no-audit --no-fund --silent "telegram@$GRAMJS_VERSION")
 fi

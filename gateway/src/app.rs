@@ -189,10 +189,18 @@ impl Gateway {
             KeyLookup::Session => Arc::new(SessionKeySource(session.clone())),
             KeyLookup::Store => Arc::new(StoreKeySource(key_store)),
         };
-        let listeners = server::bind_all(&config.listeners).await?;
+        let listeners = server::bind_all(&config.listeners, l.max_frame_bytes).await?;
         for listener in &listeners {
             if let Some(addr) = listener.local_addr() {
-                info!(%addr, proxy_protocol = ?listener.proxy_protocol, "listening for MTProto TCP clients");
+                let endpoint = &listener.endpoint;
+                match &endpoint.websocket {
+                    Some(ws) => {
+                        info!(%addr, path = %ws.path, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
+                    }
+                    None => {
+                        info!(%addr, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto TCP clients")
+                    }
+                }
             }
         }
         let shared = Arc::new(Shared::new(

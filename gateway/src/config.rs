@@ -37,8 +37,11 @@ pub struct Cli {
     /// Address to accept MTProto TCP clients on (all TCP transports are detected). Repeatable.
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
-    /// PROXY protocol (v1 and v2) on the --listen listeners: off, optional or required.
-    #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"], requires = "listen")]
+    /// Address to accept MTProto over WebSocket on (path /apiws; 11443 by convention). Repeatable.
+    #[arg(long = "listen-ws", value_name = "ADDR")]
+    pub listen_ws: Vec<SocketAddr>,
+    /// PROXY protocol (v1 and v2) on the --listen and --listen-ws listeners: off, optional or required.
+    #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"])]
     pub proxy_protocol: Option<String>,
     /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
     /// primary, all are offered to clients (key rotation). Without one, a key is
@@ -132,6 +135,36 @@ pub struct Listener {
     pub transport: ListenerTransport,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// WebSocket only: the request path (web clients use `/apiws`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// WebSocket only: allowed `Origin` header values; empty allows any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
+}
+
+/// The path WebSocket listeners serve unless configured.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/apiws";
+
+impl Listener {
+    fn new(
+        address: SocketAddr,
+        transport: ListenerTransport,
+        proxy_protocol: ProxyProtocol,
+    ) -> Self {
+        Self {
+            address,
+            transport,
+            proxy_protocol,
+            path: None,
+            allowed_origins: Vec::new(),
+        }
+    }
+
+    /// The WebSocket path, defaulted.
+    pub fn websocket_path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_WEBSOCKET_PATH)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +173,8 @@ pub enum ListenerTransport {
     /// Abridged, intermediate, padded intermediate, full and obfuscated2, detected per connection.
     #[default]
     Tcp,
+    /// The same byte stream inside binary WebSocket messages (web clients; port 11443 by convention).
+    Websocket,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,11 +276,11 @@ impl Default for Config {
             data_dir: PathBuf::from("mtproto-gateway-data"),
             rsa_private_keys: Vec::new(),
             accept_legacy_rsa_padding: true,
-            listeners: vec![Listener {
-                address: SocketAddr::from(([0, 0, 0, 0], 10443)),
-                transport: ListenerTransport::Tcp,
-                proxy_protocol: ProxyProtocol::Off,
-            }],
+            listeners: vec![Listener::new(
+                SocketAddr::from(([0, 0, 0, 0], 10443)),
+                ListenerTransport::Tcp,
+                ProxyProtocol::Off,
+            )],
             admin_listen: None,
             session: SessionConfig {
                 mode: SessionMode::Embedded,
@@ -352,19 +387,21 @@ impl Config {
             data_dir: cli.data_dir.clone(),
             rsa_private_keys: (!cli.rsa_private_key.is_empty())
                 .then(|| cli.rsa_private_key.clone()),
-            listeners: (!cli.listen.is_empty()).then(|| {
-                cli.listen
+            listeners: (!cli.listen.is_empty() || !cli.listen_ws.is_empty()).then(|| {
+                let proxy = match cli.proxy_protocol.as_deref() {
+                    Some("required") => ProxyProtocol::Required,
+                    Some("optional") => ProxyProtocol::Optional,
+                    _ => ProxyProtocol::Off,
+                };
+                let tcp = cli
+                    .listen
                     .iter()
-                    .map(|&address| Listener {
-                        address,
-                        transport: ListenerTransport::Tcp,
-                        proxy_protocol: match cli.proxy_protocol.as_deref() {
-                            Some("required") => ProxyProtocol::Required,
-                            Some("optional") => ProxyProtocol::Optional,
-                            _ => ProxyProtocol::Off,
-                        },
-                    })
-                    .collect()
+                    .map(|&a| Listener::new(a, ListenerTransport::Tcp, proxy));
+                let ws = cli
+                    .listen_ws
+                    .iter()
+                    .map(|&a| Listener::new(a, ListenerTransport::Websocket, proxy));
+                tcp.chain(ws).collect()
             }),
             admin_listen: cli.admin_listen,
             session: SessionOverrides {
@@ -429,6 +466,20 @@ impl Config {
         for (ok, message) in checks {
             if !ok {
                 anyhow::bail!("invalid configuration: {message}");
+            }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let websocket = listener.transport == ListenerTransport::Websocket;
+            if !websocket && (listener.path.is_some() || !listener.allowed_origins.is_empty()) {
+                anyhow::bail!(
+                    "invalid configuration: listeners[{i}]: path and allowed_origins apply only to \
+                     transport = \"websocket\"; remove them or change the transport"
+                );
+            }
+            if !listener.websocket_path().starts_with('/') {
+                anyhow::bail!(
+                    "invalid configuration: listeners[{i}].path must start with '/' (e.g. \"/apiws\")"
+                );
             }
         }
         let s = &self.session;
@@ -636,6 +687,27 @@ mod tests {
         let err =
             Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+        std::fs::write(
+            &path,
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\npath = \"/ws\"\n",
+        )
+        .unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("listeners[0]: path"), "{err}");
+        std::fs::write(
+            &path,
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"websocket\"\nallowed_origins = [\"https://a\"]\n",
+        )
+        .unwrap();
+        let c = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap();
+        assert_eq!(c.listeners[0].websocket_path(), "/apiws");
+        let c = Config::load_from(
+            &cli(&["--listen", "127.0.0.1:1", "--listen-ws", "127.0.0.1:2"]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.listeners[1].transport, ListenerTransport::Websocket);
     }
 
     #[test]

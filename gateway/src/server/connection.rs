@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -16,7 +15,8 @@ use tracing::{debug, info, warn};
 
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outbox, Outgoing};
-use super::Shared;
+use super::websocket::{self, Prefixed};
+use super::{Endpoint, Shared};
 use crate::authkey::AuthKeyInfo;
 use crate::config::ProxyProtocol;
 use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
@@ -28,6 +28,8 @@ use crate::session::{SessionClientData, SessionClientEvent, SessionError};
 
 /// Bytes asked of the socket per read; the buffer grows only as frames need.
 const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer of a connection with no partial frame pending.
+const IDLE_CHUNK: usize = 1024;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +108,10 @@ struct Connection {
 /// listener's cap; the per-client cap is applied once the client address is
 /// known (after the PROXY header, if any).
 pub async fn run(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     mut slot: Slot,
-    proxy_protocol: ProxyProtocol,
+    endpoint: &Endpoint,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -129,65 +131,48 @@ pub async fn run(
         written_acks: Vec::new(),
         last_plain_msg_id: 0,
     };
-    let (mut reader, mut writer) = stream.into_split();
     let mut buf = BytesMut::new();
     let admitted = conn
         .admit(
-            &mut reader,
+            &mut stream,
             &mut buf,
             &mut slot,
-            proxy_protocol,
+            endpoint.proxy_protocol,
             handshake_deadline,
         )
         .await;
-    let close = match admitted {
-        Ok(()) => {
-            conn.serve(
-                reader,
-                &mut writer,
-                buf,
-                handshake_deadline,
-                inbox,
-                shutdown,
-            )
-            .await
-        }
-        Err(close) => close,
+    if let Err(close) = admitted {
+        conn.finish(&mut stream, close).await;
+        return;
+    }
+    let Some(ws) = &endpoint.websocket else {
+        let close = conn
+            .serve(&mut stream, buf, handshake_deadline, inbox, shutdown)
+            .await;
+        conn.finish(&mut stream, close).await;
+        return;
     };
-    let peer = conn.peer;
-    match &close {
-        Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
-        Close::ClientLimit => {
-            let total = conn
-                .shared
-                .admission
-                .refused
-                .client_full
-                .load(Ordering::Relaxed);
-            debug!(conn = id, %peer, refused_total = total, "closed: {close}");
+    // The upgrade counts against the handshake deadline too.
+    let upgrade = websocket::accept(Prefixed::new(buf, stream), ws);
+    match tokio::time::timeout_at(handshake_deadline, upgrade).await {
+        Ok(Ok(mut ws)) => {
+            let close = conn
+                .serve(
+                    &mut ws,
+                    BytesMut::new(),
+                    handshake_deadline,
+                    inbox,
+                    shutdown,
+                )
+                .await;
+            conn.finish(&mut ws, close).await;
         }
-        _ => info!(conn = id, %peer, transport = ?conn.transport.framing(), "closed: {close}"),
-    }
-    if let Some(code) = close.code() {
-        if code == error_code::AUTH_KEY_NOT_FOUND {
-            conn.shared
-                .keys
-                .cache
-                .stats
-                .not_found_sent
-                .fetch_add(1, Ordering::Relaxed);
-            info!(conn = id, %peer, "sent -404: {close}");
+        Ok(Err(e)) => {
+            let total = Refused::count(&conn.shared.admission.refused.websocket_upgrade);
+            info!(conn = id, peer = %conn.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
         }
-        conn.transport
-            .encode_error(code, &mut conn.out, &mut rand::thread_rng());
+        Err(_) => info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout),
     }
-    if !conn.out.is_empty() {
-        let write_timeout = conn.shared.limits.write_timeout;
-        let _ = timeout(write_timeout, writer.write_all(&conn.out)).await;
-    }
-    let _ = writer.shutdown().await;
-    conn.detach_sessions().await;
-    drop(slot);
 }
 
 impl Connection {
@@ -195,7 +180,7 @@ impl Connection {
     /// connection against its client address. Bytes after the header stay in `buf`.
     async fn admit(
         &mut self,
-        reader: &mut OwnedReadHalf,
+        reader: &mut TcpStream,
         buf: &mut BytesMut,
         slot: &mut Slot,
         mode: ProxyProtocol,
@@ -249,10 +234,52 @@ impl Connection {
         close
     }
 
-    async fn serve(
+    /// Logs why the connection ends, sends the transport error code where
+    /// there is one, and leaves the registry.
+    async fn finish<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, close: Close) {
+        let (id, peer) = (self.id, self.peer);
+        match &close {
+            Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
+            Close::ClientLimit => {
+                let total = self
+                    .shared
+                    .admission
+                    .refused
+                    .client_full
+                    .load(Ordering::Relaxed);
+                debug!(conn = id, %peer, refused_total = total, "closed: {close}");
+            }
+            _ => info!(conn = id, %peer, transport = ?self.transport.framing(), "closed: {close}"),
+        }
+        if let Some(code) = close.code() {
+            if code == error_code::AUTH_KEY_NOT_FOUND {
+                self.shared
+                    .keys
+                    .cache
+                    .stats
+                    .not_found_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(conn = id, %peer, "sent -404: {close}");
+            }
+            self.transport
+                .encode_error(code, &mut self.out, &mut rand::thread_rng());
+        }
+        let write_timeout = self.shared.limits.write_timeout;
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            let _ = timeout(write_timeout, async {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            })
+            .await;
+        }
+        let _ = timeout(write_timeout, stream.shutdown()).await;
+        self.detach_sessions().await;
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        reader: OwnedReadHalf,
-        writer: &mut OwnedWriteHalf,
+        stream: &mut S,
         mut buf: BytesMut,
         handshake_deadline: Instant,
         mut inbox: mpsc::Receiver<Outgoing>,
@@ -266,7 +293,11 @@ impl Connection {
         }
         loop {
             if !self.out.is_empty() {
-                if timeout(limits.write_timeout, writer.write_all(&self.out))
+                let write = async {
+                    stream.write_all(&self.out).await?;
+                    stream.flush().await
+                };
+                if timeout(limits.write_timeout, write)
                     .await
                     .map_or(true, |r| r.is_err())
                 {
@@ -280,27 +311,29 @@ impl Connection {
                     let _ = ack.send(());
                 }
             }
+            // An idle connection holds only a small read buffer; a partial
+            // frame gets room to grow.
+            let want = if buf.is_empty() {
+                IDLE_CHUNK
+            } else {
+                READ_CHUNK
+            };
+            if buf.capacity() - buf.len() < want / 4 {
+                buf.reserve(want);
+            }
             tokio::select! {
-                // Wait for data before taking a read buffer, so an idle
-                // connection holds none (idle connections are the common case).
-                ready = reader.readable() => {
-                    if let Err(e) = ready {
-                        return Close::Read(e);
-                    }
-                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                    match reader.try_read_buf(&mut buf) {
+                read = stream.read_buf(&mut buf) => {
+                    match read {
                         Ok(0) => return Close::ClientClosed,
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Close::Read(e),
                     }
                     idle_deadline = Instant::now() + limits.idle_timeout;
                     if let Err(close) = self.decode_all(&mut buf).await {
                         return close;
                     }
-                    if buf.is_empty() {
+                    if buf.is_empty() && buf.capacity() > IDLE_CHUNK {
+                        // Give back what a large frame needed.
                         buf = BytesMut::new();
                     }
                 }

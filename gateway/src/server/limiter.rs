@@ -119,6 +119,7 @@ pub struct Refused {
     pub client_full: AtomicU64,
     pub handshake_flood: AtomicU64,
     pub proxy_header: AtomicU64,
+    pub websocket_upgrade: AtomicU64,
 }
 
 impl Refused {

@@ -6,6 +6,7 @@ mod connection;
 pub mod limiter;
 pub mod registry;
 pub mod reverse;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::AuthKeyStore;
-use crate::config::{Listener, ProxyProtocol};
+use crate::config::{Listener, ListenerTransport, ProxyProtocol};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
 use limiter::{Admission, ListenerSlots};
@@ -131,10 +132,7 @@ async fn accept_loop(
     force_close: watch::Receiver<bool>,
     done_tx: mpsc::Sender<()>,
 ) {
-    let BoundListener {
-        listener,
-        proxy_protocol,
-    } = bound;
+    let BoundListener { listener, endpoint } = bound;
     let local = listener.local_addr().ok();
     let slots = Arc::new(ListenerSlots::default());
     loop {
@@ -157,8 +155,9 @@ async fn accept_loop(
                 let shared = shared.clone();
                 let force_close = force_close.clone();
                 let done = done_tx.clone();
+                let endpoint = endpoint.clone();
                 tokio::spawn(async move {
-                    connection::run(stream, peer, slot, proxy_protocol, shared, force_close).await;
+                    connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
                     drop(done);
                 });
             }
@@ -171,11 +170,19 @@ async fn accept_loop(
     }
 }
 
-/// A bound client listener and how its connections start.
+/// How a listener's connections start.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub proxy_protocol: ProxyProtocol,
+    /// Set on WebSocket listeners.
+    pub websocket: Option<websocket::WsOptions>,
+}
+
+/// A bound client listener.
 #[derive(Debug)]
 pub struct BoundListener {
     pub listener: TcpListener,
-    pub proxy_protocol: ProxyProtocol,
+    pub endpoint: Arc<Endpoint>,
 }
 
 impl BoundListener {
@@ -184,17 +191,30 @@ impl BoundListener {
     }
 }
 
-/// Binds every listener, naming the one that failed.
-pub async fn bind_all(listeners: &[Listener]) -> anyhow::Result<Vec<BoundListener>> {
+/// Binds every listener, naming the one that failed. WebSocket messages may
+/// be up to `max_frame_bytes` plus room for the obfuscated2 init and a frame header.
+pub async fn bind_all(
+    listeners: &[Listener],
+    max_frame_bytes: usize,
+) -> anyhow::Result<Vec<BoundListener>> {
     let mut out = Vec::with_capacity(listeners.len());
     for l in listeners {
         let addr = l.address;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("listeners: cannot listen on {addr}: {e}"))?;
+        let websocket =
+            (l.transport == ListenerTransport::Websocket).then(|| websocket::WsOptions {
+                path: l.websocket_path().to_string(),
+                allowed_origins: l.allowed_origins.clone(),
+                max_message_bytes: max_frame_bytes + 1024,
+            });
         out.push(BoundListener {
             listener,
-            proxy_protocol: l.proxy_protocol,
+            endpoint: Arc::new(Endpoint {
+                proxy_protocol: l.proxy_protocol,
+                websocket,
+            }),
         });
     }
     Ok(out)
