@@ -6,21 +6,30 @@ import os
 import socket
 import struct
 import time
+import urllib.request
 
 import pytest
 from telethon.tl.functions import PingRequest
 
-from conftest import start_gateway
+from conftest import free_port, start_gateway
 from mtclient import closed_by_server, connect, intermediate_frame, pin_server_key, recv_exactly
 
 REQ_PQ_MULTI = 0xBE7E8EF1
 
 
-def limited_gateway(tmp_path_factory, name: str, limits: str):
+def limited_gateway(tmp_path_factory, name: str, limits: str, extra: list[str] | None = None):
     workdir = tmp_path_factory.mktemp(name)
     config = workdir / "gateway.toml"
     config.write_text("[limits]\n" + limits)
-    return start_gateway(workdir, ["--config", str(config)])
+    return start_gateway(workdir, ["--config", str(config), *(extra or [])])
+
+
+def metric(admin_port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "_total "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +119,9 @@ def test_listener_cap(tmp_path_factory):
 
 
 def test_handshake_rate_answers_429_then_closes(tmp_path_factory):
-    gw = limited_gateway(tmp_path_factory, "rate", "handshakes_per_ip_per_minute = 2\n")
+    admin = free_port()
+    gw = limited_gateway(tmp_path_factory, "rate", "handshakes_per_ip_per_minute = 2\n",
+                         ["--admin-listen", f"127.0.0.1:{admin}"])
     try:
         sock = open_intermediate(gw.port)
         assert answers_req_pq(sock)
@@ -125,6 +136,7 @@ def test_handshake_rate_answers_429_then_closes(tmp_path_factory):
         assert closed_by_server(sock) == struct.pack("<Ii", 4, -429)
         sock.close()
         assert "handshake rate exceeded" in gw.log_text()
+        assert metric(admin, "mtproto_refused_handshake_flood") == 2
     finally:
         assert gw.alive()
         gw.stop()

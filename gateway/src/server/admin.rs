@@ -128,6 +128,36 @@ impl Collector for GatewayCollector {
             "Transport errors -404 (unknown or expired key) sent.",
             load(&stats.not_found_sent),
         )?;
+        let refused = &self.shared.admission.refused;
+        for (name, help, value) in [
+            (
+                "mtproto_refused_listener_full",
+                "Connections closed at accept: listener at limits.max_connections.",
+                &refused.listener_full,
+            ),
+            (
+                "mtproto_refused_client_full",
+                "Connections closed: client address at limits.max_connections_per_ip.",
+                &refused.client_full,
+            ),
+            (
+                "mtproto_refused_handshake_flood",
+                "Handshakes refused with -429 (limits.handshakes_per_ip_per_minute).",
+                &refused.handshake_flood,
+            ),
+            (
+                "mtproto_refused_proxy_header",
+                "Connections closed for a missing or malformed PROXY header.",
+                &refused.proxy_header,
+            ),
+            (
+                "mtproto_refused_websocket_upgrade",
+                "WebSocket upgrades refused (path, Origin, bad request) or not finished.",
+                &refused.websocket_upgrade,
+            ),
+        ] {
+            counter(&mut encoder, name, help, load(value))?;
+        }
         gauge(
             &mut encoder,
             "mtproto_sessions",
