@@ -51,6 +51,10 @@ export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
 step "Kubernetes test bed (built from Go modules once, cached by version)"
 e2e/k8s/build-tools.sh
 
+step "control plane up (once more from scratch if the first start fails)"
+e2e/k8s/controlplane.sh up || { e2e/k8s/controlplane.sh down; e2e/k8s/controlplane.sh up; }
+trap 'e2e/k8s/controlplane.sh down >/dev/null 2>&1 || true' EXIT
+
 step "operator e2e (real kube-apiserver, helm)"
 e2e/operator/run.sh
 

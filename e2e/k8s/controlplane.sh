@@ -124,8 +124,14 @@ wait_healthy() {
 }
 
 check_alive_or_die() {
-  local name=$1
-  alive "$name" && return 0
+  local name=$1 pid
+  pid=$(pid_of "$name")
+  # Right after start the pid may still be the forking shell, not yet exec'd into the
+  # component (so `alive`'s command-line match fails under load): ask only whether it runs.
+  if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
+      && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; then
+    return 0
+  fi
   log "$name exited; last log lines:"
   tail -n 30 "$LOGS/$name.log" >&2 || true
   die "$name failed to start"
