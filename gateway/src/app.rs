@@ -246,8 +246,11 @@ impl Gateway {
     }
 
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        // The reverse path and the admin endpoint outlive the drain: draining
+        // connections still get their replies, and probes still get answers.
+        let (after_drain, drained) = watch::channel(false);
         let grpc = self.grpc.map(|(listener, reverse)| {
-            let mut stop = shutdown.clone();
+            let mut stop = drained.clone();
             let addr = listener.local_addr().ok();
             info!(?addr, "serving gateway.RPCGateway for session replies");
             tokio::spawn(
@@ -262,14 +265,13 @@ impl Gateway {
                     ),
             )
         });
-        let (admin_stop, admin_stopped) = watch::channel(false);
         let admin = self.admin.map(|listener| {
             info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz, /readyz");
             tokio::spawn(admin::serve(
                 listener,
                 self.shared.clone(),
                 self.readiness.clone(),
-                admin_stopped,
+                drained,
             ))
         });
         let readiness = self.readiness.clone();
@@ -280,7 +282,7 @@ impl Gateway {
             }
         });
         server::serve(self.listeners, self.shared, shutdown, self.grace).await;
-        let _ = admin_stop.send(true);
+        let _ = after_drain.send(true);
         if let Some(task) = admin {
             task.await.context("admin task")?.context("admin server")?;
         }

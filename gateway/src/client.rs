@@ -101,7 +101,7 @@ pub fn set_client_dh_params(ex: &Exchange, g_b: &rsa::BigUint) -> Vec<u8> {
     inner.put_bytes(&g_b.to_bytes_be());
     let mut data = sha1(&[&inner]).to_vec();
     data.extend_from_slice(&inner);
-    while data.len() % 16 != 0 {
+    while !data.len().is_multiple_of(16) {
         data.push(rand::random());
     }
     let (key, iv) = handshake_key_iv(&ex.new_nonce, &ex.server_nonce);

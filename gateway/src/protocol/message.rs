@@ -121,7 +121,7 @@ pub fn decrypt<'a>(
     if padded {
         cipher_len -= cipher_len % 16;
     }
-    if cipher_len < 32 || cipher_len % 16 != 0 {
+    if cipher_len < 32 || !cipher_len.is_multiple_of(16) {
         return Err(MessageError::BadCiphertextLength(cipher_len));
     }
     let msg_key: [u8; 16] = payload[8..24].try_into().unwrap_or([0; 16]);
@@ -135,7 +135,7 @@ pub fn decrypt<'a>(
     let plaintext: &'a [u8] = plaintext;
     let field = |at: usize| -> [u8; 8] { plaintext[at..at + 8].try_into().unwrap_or([0; 8]) };
     let length = u32::from_le_bytes(plaintext[28..32].try_into().unwrap_or([0; 4])) as usize;
-    if length % 4 != 0 || length > cipher_len - PLAINTEXT_HEADER {
+    if !length.is_multiple_of(4) || length > cipher_len - PLAINTEXT_HEADER {
         return Err(MessageError::BadDataLength {
             length,
             plaintext: cipher_len,
@@ -211,7 +211,7 @@ pub fn encrypt_as_client(
 
 /// Decrypts a server message as a client would, for tests and the load generator.
 pub fn decrypt_as_server_reply(key: &AuthKey, frame: &[u8]) -> Option<Vec<u8>> {
-    if frame.len() < 24 + 32 || (frame.len() - 24) % 16 != 0 {
+    if frame.len() < 24 + 32 || !(frame.len() - 24).is_multiple_of(16) {
         return None;
     }
     let msg_key: [u8; 16] = frame[8..24].try_into().ok()?;

@@ -58,7 +58,7 @@ pub fn factorize(pq: u64) -> Option<(u64, u64)> {
     if pq < 4 {
         return None;
     }
-    if pq % 2 == 0 {
+    if pq.is_multiple_of(2) {
         return Some((2, pq / 2));
     }
     let mul = |a: u64, b: u64| (u128::from(a) * u128::from(b) % u128::from(pq)) as u64;

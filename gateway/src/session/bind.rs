@@ -72,7 +72,7 @@ pub fn verify(req: &BindRequest, perm: &AuthKey, outer: &Outer) -> Result<(), Bi
         return Err(BindError::Mismatch("perm_auth_key_id"));
     }
     let msg = &req.encrypted_message;
-    if msg.len() < 24 + 32 || (msg.len() - 24) % 16 != 0 {
+    if msg.len() < 24 + 32 || !(msg.len() - 24).is_multiple_of(16) {
         return Err(BindError::Malformed);
     }
     let key_id = i64::from_le_bytes(msg[..8].try_into().map_err(|_| BindError::Malformed)?);

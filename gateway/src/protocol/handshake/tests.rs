@@ -154,7 +154,7 @@ fn set_client_dh_msg(c: &Client, retry_id: i64, g_b: &BigUint, corrupt_hash: boo
         data[0] ^= 1;
     }
     data.extend_from_slice(&inner);
-    while data.len() % 16 != 0 {
+    while !data.len().is_multiple_of(16) {
         data.push(rand::random());
     }
     let (key, iv) = handshake_key_iv(&c.new_nonce, &c.server_nonce);
