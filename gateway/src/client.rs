@@ -4,7 +4,6 @@
 //! offer (temp keys and `auth.bindTempAuthKey`).
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rsa::RsaPublicKey;
 use thiserror::Error;
@@ -161,9 +160,7 @@ impl Client {
 
     /// A fresh client msg_id (time-based, divisible by 4, increasing).
     pub fn next_msg_id(&mut self) -> i64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = crate::unix_time();
         let id = ((now.as_secs() as i64) << 32 | i64::from(now.subsec_nanos()) << 2) & !3;
         self.last_msg_id = id.max(self.last_msg_id + 4);
         self.last_msg_id

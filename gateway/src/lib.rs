@@ -7,3 +7,11 @@ pub mod config;
 pub mod protocol;
 pub mod server;
 pub mod session;
+
+/// Time since the Unix epoch (zero if the clock is before it), for the IO shell;
+/// the sans-IO protocol code takes time as a parameter instead.
+pub fn unix_time() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}

@@ -65,6 +65,18 @@ pub enum AuthKeyType {
     MediaTemp = 2,
 }
 
+impl AuthKeyType {
+    /// From teamgram's `auth_key_type`; `None` for a value it does not define.
+    pub fn from_teamgram(value: i32) -> Option<Self> {
+        match value {
+            0 => Some(AuthKeyType::Perm),
+            1 => Some(AuthKeyType::Temp),
+            2 => Some(AuthKeyType::MediaTemp),
+            _ => None,
+        }
+    }
+}
+
 /// An auth key and its binding, as teamgram's `AuthKeyInfo` carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthKeyInfo {

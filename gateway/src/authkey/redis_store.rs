@@ -72,12 +72,9 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
+/// Stored rows with an unknown type predate `auth_key_type` values: perm.
 fn key_type(value: i32) -> AuthKeyType {
-    match value {
-        1 => AuthKeyType::Temp,
-        2 => AuthKeyType::MediaTemp,
-        _ => AuthKeyType::Perm,
-    }
+    AuthKeyType::from_teamgram(value).unwrap_or(AuthKeyType::Perm)
 }
 
 impl RedisStore {

@@ -90,12 +90,9 @@ fn decode_body(auth_key_id: i64, body: &str) -> Option<AuthKey> {
     Some(key)
 }
 
+/// Stored rows with an unknown type predate `auth_key_type` values: perm.
 fn key_type(value: i32) -> AuthKeyType {
-    match value {
-        1 => AuthKeyType::Temp,
-        2 => AuthKeyType::MediaTemp,
-        _ => AuthKeyType::Perm,
-    }
+    AuthKeyType::from_teamgram(value).unwrap_or(AuthKeyType::Perm)
 }
 
 fn salt_from_row(row: &AnyRow) -> Result<FutureSalt, sqlx::Error> {

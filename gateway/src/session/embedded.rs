@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -48,9 +47,7 @@ impl SessionState {
     }
 
     fn msg_id(&mut self, response: bool) -> i64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = crate::unix_time();
         self.last_msg_id = next_server_msg_id(
             self.last_msg_id,
             now.as_secs() as i64,
@@ -344,10 +341,7 @@ fn unavailable(e: StoreError) -> SessionError {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    crate::unix_time().as_secs() as i64
 }
 
 #[async_trait]

@@ -336,12 +336,8 @@ pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
             info.auth_key_id
         ));
     }
-    let key_type = match info.auth_key_type {
-        0 => AuthKeyType::Perm,
-        1 => AuthKeyType::Temp,
-        2 => AuthKeyType::MediaTemp,
-        other => return Err(format!("unknown auth_key_type {other}")),
-    };
+    let key_type = AuthKeyType::from_teamgram(info.auth_key_type)
+        .ok_or_else(|| format!("unknown auth_key_type {}", info.auth_key_type))?;
     Ok(AuthKeyInfo {
         key,
         key_type,
