@@ -83,6 +83,18 @@ async def connect(port: int, transport: str = "intermediate", auth_key: AuthKey 
     return sender
 
 
+def create_auth_key(port: int, transport: str = "intermediate") -> AuthKey:
+    """Runs one handshake with Telethon and returns the key it made."""
+
+    async def run():
+        sender = await connect(port, transport)
+        key = AuthKey(sender.auth_key.key)
+        await sender.disconnect()
+        return key
+
+    return asyncio.run(run())
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:

@@ -11,7 +11,7 @@ from telethon.crypto import AuthKey
 from telethon.tl.functions import PingRequest
 
 from conftest import start_gateway
-from mtclient import connect, pin_server_key
+from mtclient import connect, create_auth_key, pin_server_key
 
 
 def service_url(name: str) -> str:
@@ -21,19 +21,9 @@ def service_url(name: str) -> str:
     return url
 
 
-def new_key(port: int) -> bytes:
+def ping_with_key(port: int, key: AuthKey, transport: str = "abridged") -> int:
     async def run():
-        sender = await connect(port, "intermediate")
-        key = sender.auth_key.key
-        await sender.disconnect()
-        return key
-
-    return asyncio.run(run())
-
-
-def ping_with_key(port: int, key: bytes, transport: str = "abridged") -> int:
-    async def run():
-        sender = await connect(port, transport, auth_key=AuthKey(key))
+        sender = await connect(port, transport, auth_key=key)
         try:
             return (await asyncio.wait_for(sender.send(PingRequest(5)), 20)).ping_id
         finally:
@@ -47,7 +37,7 @@ def test_embedded_default_keeps_keys_across_a_restart(tmp_path):
     first = start_gateway(tmp_path, data=data)
     try:
         pin_server_key(first.public_key.read_text())
-        key = new_key(first.port)
+        key = create_auth_key(first.port)
     finally:
         assert first.stop() == 0
     assert (data / "auth_keys.sqlite3").exists()
@@ -94,7 +84,7 @@ def test_gateways_share_keys_through_redis_and_mariadb(tmp_path):
     a = start_gateway(tmp_path, ["--config", str(config)], data=data)
     try:
         pin_server_key(a.public_key.read_text())
-        key = new_key(a.port)
+        key = create_auth_key(a.port)
     finally:
         assert a.stop() == 0
 
@@ -132,7 +122,7 @@ def test_remote_gateway_can_read_and_write_keys_in_its_own_store(tmp_path):
     )
     try:
         pin_server_key(gateway.public_key.read_text())
-        key = new_key(gateway.port)
+        key = create_auth_key(gateway.port)
         assert ping_with_key(gateway.port, key) == 5
         rows = sqlite3.connect(db).execute("SELECT count(*) FROM auth_keys").fetchone()[0]
         assert rows == 1

@@ -8,12 +8,12 @@ import struct
 import time
 
 import pytest
-from telethon.crypto import AuthKey
 from telethon.tl.functions import PingRequest
 
 from conftest import start_gateway
 from mtclient import (
     closed_by_server,
+    create_auth_key,
     connect,
     intermediate_frame,
     pin_server_key,
@@ -25,14 +25,7 @@ from test_clients import encrypt_client_message
 @pytest.fixture(scope="module")
 def known_key(gateway):
     pin_server_key(gateway.public_key.read_text())
-
-    async def make():
-        sender = await connect(gateway.port, "intermediate")
-        key = AuthKey(sender.auth_key.key)
-        await sender.disconnect()
-        return key
-
-    return asyncio.run(make())
+    return create_auth_key(gateway.port)
 
 
 def still_serves(gateway):

@@ -24,6 +24,7 @@ from mtclient import (
     TRANSPORTS,
     closed_by_server,
     connect,
+    create_auth_key,
     intermediate_frame,
     pin_server_key,
     raw_intermediate,
@@ -131,13 +132,7 @@ def test_quick_ack_token_is_over_the_plaintext(gateway):
     the token tdlib and Telethon compute: SHA256(auth_key[88:120] + plaintext)[0:4] | 2^31."""
     pin_server_key(gateway.public_key.read_text())
 
-    async def make_key():
-        sender = await connect(gateway.port, "intermediate")
-        key = AuthKey(sender.auth_key.key)
-        await sender.disconnect()
-        return key
-
-    key = asyncio.run(make_key())
+    key = create_auth_key(gateway.port)
     sock = raw_intermediate(gateway.port)
     try:
         import time
@@ -163,15 +158,7 @@ def test_quick_ack_token_is_over_the_plaintext(gateway):
 def test_a_connection_is_bound_to_one_key(gateway):
     pin_server_key(gateway.public_key.read_text())
 
-    async def two_keys():
-        keys = []
-        for _ in range(2):
-            sender = await connect(gateway.port, "intermediate")
-            keys.append(AuthKey(sender.auth_key.key))
-            await sender.disconnect()
-        return keys
-
-    first, second = asyncio.run(two_keys())
+    first, second = create_auth_key(gateway.port), create_auth_key(gateway.port)
     import time
 
     sock = raw_intermediate(gateway.port)
