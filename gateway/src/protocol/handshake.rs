@@ -162,6 +162,9 @@ impl State {
 pub struct Handshake {
     settings: Arc<HandshakeSettings>,
     state: State,
+    /// How long the last RSA private-key operation took: a reading for
+    /// metrics, never an input to the protocol.
+    rsa_decrypt_time: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Handshake {
@@ -177,11 +180,17 @@ impl Handshake {
         Self {
             settings,
             state: State::Idle,
+            rsa_decrypt_time: None,
         }
     }
 
     pub fn state_name(&self) -> &'static str {
         self.state.name()
+    }
+
+    /// The duration of the RSA operation of the last `req_DH_params`, once.
+    pub fn take_rsa_decrypt_time(&mut self) -> Option<std::time::Duration> {
+        self.rsa_decrypt_time.take()
     }
 
     /// The constructor of a handshake message (to tell cheap from heavy steps).
@@ -268,7 +277,10 @@ impl Handshake {
             .settings
             .key(fingerprint)
             .ok_or(HandshakeError::UnknownFingerprint(fingerprint))?;
-        let m = key.decrypt_raw(encrypted, rng)?;
+        let started = std::time::Instant::now();
+        let m = key.decrypt_raw(encrypted, rng);
+        self.rsa_decrypt_time = Some(started.elapsed());
+        let m = m?;
         let (inner_bytes, _padding): (Vec<u8>, Padding) =
             unpad(&m, self.settings.accept_legacy_rsa_padding, |b| {
                 parse_inner(b).ok().map(|(_, len)| len)

@@ -19,6 +19,9 @@ use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
 use crate::authkey::AuthKeyInfo;
 use crate::config::ProxyProtocol;
+use crate::metrics::{
+    Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
+};
 use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
 use crate::protocol::message::{self, MessageError};
 use crate::protocol::proxy::{self, Detected, ProxyError};
@@ -76,6 +79,31 @@ enum Close {
 }
 
 impl Close {
+    /// The `reason` label of `mtproto_connections_closed_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Close::ClientClosed => "client_closed",
+            Close::Read(_) => "read_error",
+            Close::Write => "write_failed",
+            Close::Transport(_) => "transport_error",
+            Close::Message(_) => "bad_message",
+            Close::Handshake(_) => "handshake_error",
+            Close::UnknownKey(_) => "unknown_key",
+            Close::ExpiredKey(_) => "expired_key",
+            Close::KeyChanged { .. } => "key_changed",
+            Close::Session(_) => "session_error",
+            Close::KeyLookup(_) => "key_lookup_failed",
+            Close::TooManySessions(_) => "too_many_sessions",
+            Close::HandshakeTimeout => "handshake_timeout",
+            Close::IdleTimeout => "idle_timeout",
+            Close::Shutdown => "shutdown",
+            Close::ProxyHeader(_) => "proxy_header_invalid",
+            Close::ProxyHeaderMissing => "proxy_header_missing",
+            Close::ClientLimit => "client_limit",
+            Close::HandshakeFlood => "handshake_flood",
+        }
+    }
+
     /// The transport error code to send before closing, where MTProto has one.
     fn code(&self) -> Option<i32> {
         match self {
@@ -89,12 +117,56 @@ impl Close {
     }
 }
 
+/// Holds the connection's place in `mtproto_connections_open`, under its
+/// transport's name once the first bytes tell it.
+struct OpenGauge {
+    metrics: Arc<Metrics>,
+    labels: OpenLabels,
+}
+
+impl OpenGauge {
+    fn new(metrics: Arc<Metrics>, listener: &'static str) -> Self {
+        let labels = OpenLabels {
+            listener,
+            transport: "undetected",
+        };
+        metrics.connections_open.get_or_create(&labels).inc();
+        Self { metrics, labels }
+    }
+
+    fn set_transport(&mut self, transport: &'static str) {
+        if self.labels.transport != transport {
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .dec();
+            self.labels.transport = transport;
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .inc();
+        }
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .get_or_create(&self.labels)
+            .dec();
+    }
+}
+
 struct Connection {
     id: ConnectionId,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    open: OpenGauge,
     transport: Transport,
     handshake: Option<Handshake>,
+    /// When this connection's current handshake sent `req_pq`.
+    handshake_started: Option<Instant>,
     key: Option<Arc<AuthKeyInfo>>,
     sessions: Vec<i64>,
     outbox: Outbox,
@@ -115,15 +187,17 @@ pub async fn run(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.connection_ids.next();
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
     let handshake_deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut conn = Connection {
         id,
         peer,
         transport: Transport::new(shared.limits.max_frame_bytes),
+        open: OpenGauge::new(shared.metrics.clone(), endpoint.kind()),
         shared,
         handshake: None,
+        handshake_started: None,
         key: None,
         sessions: Vec::new(),
         outbox,
@@ -168,10 +242,14 @@ pub async fn run(
             conn.finish(&mut ws, close).await;
         }
         Ok(Err(e)) => {
+            conn.count_closed("websocket_upgrade_refused");
             let total = Refused::count(&conn.shared.admission.refused.websocket_upgrade);
             info!(conn = id, peer = %conn.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
         }
-        Err(_) => info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout),
+        Err(_) => {
+            conn.count_closed(Close::HandshakeTimeout.reason());
+            info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout);
+        }
     }
 }
 
@@ -223,6 +301,22 @@ impl Connection {
             .map_err(|_| Close::ClientLimit)
     }
 
+    fn count_closed(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    fn count_handshake(&self, outcome: &'static str) {
+        self.shared
+            .metrics
+            .handshakes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     /// Counts a refused PROXY header; the reason is logged when the connection closes.
     fn proxy_refused(&self, close: Close) -> Close {
         let total = Refused::count(&self.shared.admission.refused.proxy_header);
@@ -238,6 +332,10 @@ impl Connection {
     /// there is one, and leaves the registry.
     async fn finish<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, close: Close) {
         let (id, peer) = (self.id, self.peer);
+        self.count_closed(close.reason());
+        if matches!(close, Close::HandshakeTimeout) && self.handshake_started.is_some() {
+            self.count_handshake("timeout");
+        }
         match &close {
             Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
             Close::ClientLimit => {
@@ -267,11 +365,14 @@ impl Connection {
         let write_timeout = self.shared.limits.write_timeout;
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
-            let _ = timeout(write_timeout, async {
+            let written = timeout(write_timeout, async {
                 stream.write_all(&out).await?;
                 stream.flush().await
             })
             .await;
+            if matches!(written, Ok(Ok(()))) {
+                self.shared.metrics.bytes_sent.inc_by(out.len() as u64);
+            }
         }
         let _ = timeout(write_timeout, stream.shutdown()).await;
         self.detach_sessions().await;
@@ -303,6 +404,9 @@ impl Connection {
                 {
                     return Close::Write;
                 }
+                let metrics = &self.shared.metrics;
+                metrics.bytes_sent.inc_by(self.out.len() as u64);
+                metrics.messages_sent.inc_by(self.written_acks.len() as u64);
                 self.out.clear();
                 if self.out.capacity() > READ_CHUNK {
                     self.out = BytesMut::new();
@@ -325,7 +429,9 @@ impl Connection {
                 read = stream.read_buf(&mut buf) => {
                     match read {
                         Ok(0) => return Close::ClientClosed,
-                        Ok(_) => {}
+                        Ok(n) => {
+                            self.shared.metrics.bytes_received.inc_by(n as u64);
+                        }
                         Err(e) => return Close::Read(e),
                     }
                     idle_deadline = Instant::now() + limits.idle_timeout;
@@ -351,8 +457,14 @@ impl Connection {
 
     /// Handles every complete frame in `buf`.
     async fn decode_all(&mut self, buf: &mut BytesMut) -> Result<(), Close> {
-        while let Some(frame) = self.transport.decode(buf)? {
+        let decoded = self.transport.decode(buf);
+        if let Some(name) = self.transport.name() {
+            self.open.set_transport(name);
+        }
+        let mut next = decoded?;
+        while let Some(frame) = next {
             self.on_frame(frame).await?;
+            next = self.transport.decode(buf)?;
         }
         Ok(())
     }
@@ -382,8 +494,19 @@ impl Connection {
         {
             let total = Refused::count(&self.shared.admission.refused.handshake_flood);
             debug!(conn = self.id, peer = %self.peer, refused_total = total, "handshake rate exceeded");
+            self.count_handshake("flood");
             return Err(Close::HandshakeFlood);
         }
+        let step_name = match constructor {
+            Some(id::REQ_PQ | id::REQ_PQ_MULTI) => {
+                self.handshake_started = Some(Instant::now());
+                "req_pq"
+            }
+            Some(id::REQ_DH_PARAMS) => "req_DH_params",
+            Some(id::SET_CLIENT_DH_PARAMS) => "set_client_DH_params",
+            _ => "other",
+        };
+        let step_started = Instant::now();
         let heavy = matches!(
             constructor,
             Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
@@ -401,6 +524,21 @@ impl Connection {
             let step = handshake.on_message(&body, now, &mut rand::thread_rng());
             (handshake, step)
         };
+        let metrics = &self.shared.metrics;
+        metrics
+            .handshake_step_duration
+            .get_or_create(&StepLabels { step: step_name })
+            .observe(step_started.elapsed().as_secs_f64());
+        if let Some(rsa) = handshake.take_rsa_decrypt_time() {
+            metrics.rsa_decrypt_duration.observe(rsa.as_secs_f64());
+        }
+        metrics
+            .handshake_steps
+            .get_or_create(&StepOutcomeLabels {
+                step: step_name,
+                outcome: step.as_ref().map_or_else(HandshakeError::reason, |_| "ok"),
+            })
+            .inc();
         let reply = match step {
             Err(e) => {
                 debug!(
@@ -408,6 +546,7 @@ impl Connection {
                     state = handshake.state_name(),
                     "handshake failed: {e}"
                 );
+                self.count_handshake("failed");
                 return Err(e.into());
             }
             Ok(Step::Nothing) => None,
@@ -441,7 +580,18 @@ impl Connection {
                         StoreOutcome::Failed
                     }
                 };
+                self.count_handshake(match outcome {
+                    StoreOutcome::Stored => "created",
+                    StoreOutcome::Collision => "retry",
+                    StoreOutcome::Failed => "store_failed",
+                });
                 if outcome == StoreOutcome::Stored {
+                    if let Some(started) = self.handshake_started.take() {
+                        self.shared
+                            .metrics
+                            .handshake_duration
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                     info!(
                         conn = self.id,
                         peer = %self.peer,
@@ -512,6 +662,7 @@ impl Connection {
         if quick_ack {
             self.transport
                 .encode_quick_ack(decrypted.quick_ack_token, &mut self.out);
+            self.shared.metrics.quick_acks_sent.inc();
         }
         let (salt, session_id) = (decrypted.salt, decrypted.session_id);
         let plaintext_len = decrypted.plaintext.len();
@@ -547,7 +698,9 @@ impl Connection {
             .session
             .send_data(data)
             .await
-            .map_err(Close::Session)
+            .map_err(Close::Session)?;
+        self.shared.metrics.messages_forwarded.inc();
+        Ok(())
     }
 
     /// Encrypts one server message for this connection's key and frames it.
