@@ -182,7 +182,7 @@ gen_pki() {
     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >admin.token
     printf '%s,admin,admin-uid,system:masters\n' "$(cat admin.token)" >tokens.csv
     chmod 600 ./*.key admin.token tokens.csv
-    touch done
+    touch ./done
   )
 }
 
