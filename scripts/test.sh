@@ -26,6 +26,9 @@ VENV="$("$ROOT/scripts/install-deps.sh" --print-venv)"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "CI files: workflow (actionlint), Dockerfile (BuildKit lint), shell scripts (shellcheck)"
+scripts/lint-ci.sh
+
 step "cargo clippy (all targets: also type-checks the benches)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -60,3 +63,6 @@ e2e/operator/run.sh
 
 step "gateway EndpointSlice discovery (real kube-apiserver)"
 e2e/discovery/run.sh
+
+step "kind e2e manifests: server-side dry run (real kube-apiserver)"
+(eval "$(e2e/k8s/controlplane.sh env)" && e2e/kind/validate.sh)
