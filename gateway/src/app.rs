@@ -183,6 +183,9 @@ impl Gateway {
             max_frame_bytes: l.max_frame_bytes,
             outbox_capacity: l.outbox_capacity,
             max_sessions_per_connection: l.max_sessions_per_connection,
+            max_connections: l.max_connections,
+            http_max_wait: Duration::from_millis(l.http_max_wait_ms),
+            http_queue_bytes: l.http_queue_bytes,
         };
         let key_writer = (config.auth_keys.writer == KeyLookup::Store).then(|| key_store.clone());
         let key_source: Arc<dyn KeySource> = match config.auth_keys.lookup {
@@ -193,9 +196,13 @@ impl Gateway {
         for listener in &listeners {
             if let Some(addr) = listener.local_addr() {
                 let endpoint = &listener.endpoint;
+                let tls = endpoint.tls.is_some();
                 match &endpoint.websocket {
                     Some(ws) => {
-                        info!(%addr, path = %ws.path, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
+                        info!(%addr, path = %ws.path, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
+                    }
+                    None if endpoint.http => {
+                        info!(%addr, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto HTTP clients")
                     }
                     None => {
                         info!(%addr, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto TCP clients")

@@ -3,18 +3,21 @@
 
 pub mod admin;
 mod connection;
+pub mod http;
 pub mod limiter;
 pub mod registry;
 pub mod reverse;
 pub mod websocket;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
@@ -39,6 +42,12 @@ pub struct Limits {
     pub outbox_capacity: usize,
     /// Distinct session ids one connection may carry.
     pub max_sessions_per_connection: usize,
+    /// Open connections per listener; on HTTP also the number of virtual connections.
+    pub max_connections: usize,
+    /// Longest an HTTP long-poll is held.
+    pub http_max_wait: Duration,
+    /// Bytes of server messages an HTTP session queues between requests.
+    pub http_queue_bytes: usize,
 }
 
 /// How connections find and record auth keys.
@@ -63,6 +72,8 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// This gateway's id as sessions address it.
     pub server_id: String,
+    /// The HTTP transport's handshakes and virtual connections.
+    pub http: http::Hub,
     next_connection_id: AtomicU64,
 }
 
@@ -84,6 +95,7 @@ impl Shared {
             limits,
             admission: Arc::new(admission),
             server_id,
+            http: http::Hub::default(),
             next_connection_id: AtomicU64::new(1),
         }
     }
@@ -157,8 +169,12 @@ async fn accept_loop(
                 let done = done_tx.clone();
                 let endpoint = endpoint.clone();
                 tokio::spawn(async move {
-                    connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
-                    drop(done);
+                    if endpoint.http {
+                        http::run(stream, peer, slot, &endpoint, shared, force_close, done).await;
+                    } else {
+                        connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
+                        drop(done);
+                    }
                 });
             }
             Err(e) => {
@@ -176,6 +192,20 @@ pub struct Endpoint {
     pub proxy_protocol: ProxyProtocol,
     /// Set on WebSocket listeners.
     pub websocket: Option<websocket::WsOptions>,
+    /// MTProto's HTTP transport.
+    pub http: bool,
+    /// Set when the listener serves TLS itself (`wss://`, `https://`).
+    pub tls: Option<Tls>,
+}
+
+/// A listener's TLS server.
+#[derive(Clone)]
+pub struct Tls(pub TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
 }
 
 /// A bound client listener.
@@ -191,6 +221,31 @@ impl BoundListener {
     }
 }
 
+/// The TLS server of a listener from its PEM files; errors name the field.
+fn tls_acceptor(i: usize, cert: &Path, key: &Path) -> anyhow::Result<Tls> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+    let field = |name: &str, path: &Path, e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("listeners[{i}].{name}: {}: {e}", path.display())
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| field("tls_cert", cert, &e))?;
+    if chain.is_empty() {
+        return Err(field("tls_cert", cert, &"no CERTIFICATE in the file"));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| field("tls_key", key, &e))?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| field("tls_cert", cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| field("tls_key", key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Tls(TlsAcceptor::from(Arc::new(config))))
+}
+
 /// Binds every listener, naming the one that failed. WebSocket messages may
 /// be up to `max_frame_bytes` plus room for the obfuscated2 init and a frame header.
 pub async fn bind_all(
@@ -198,7 +253,11 @@ pub async fn bind_all(
     max_frame_bytes: usize,
 ) -> anyhow::Result<Vec<BoundListener>> {
     let mut out = Vec::with_capacity(listeners.len());
-    for l in listeners {
+    for (i, l) in listeners.iter().enumerate() {
+        let tls = match (&l.tls_cert, &l.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(i, cert, key)?),
+            _ => None,
+        };
         let addr = l.address;
         let listener = TcpListener::bind(addr)
             .await
@@ -214,6 +273,8 @@ pub async fn bind_all(
             endpoint: Arc::new(Endpoint {
                 proxy_protocol: l.proxy_protocol,
                 websocket,
+                http: l.transport == ListenerTransport::Http,
+                tls,
             }),
         });
     }
