@@ -121,7 +121,10 @@ struct PendingHandshake {
 struct VirtualConn {
     id: ConnectionId,
     state: Mutex<VcState>,
+    /// A server message was queued.
     arrived: Notify,
+    /// A request of this session finished (a draining gateway then closes it).
+    request_done: Notify,
 }
 
 #[derive(Debug)]
@@ -165,6 +168,8 @@ impl Drop for RequestGuard {
         let mut st = self.0.state();
         st.requests -= 1;
         st.last_request = Instant::now();
+        drop(st);
+        self.0.request_done.notify_one();
     }
 }
 
@@ -174,6 +179,8 @@ struct ConnCx {
     id: ConnectionId,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    /// Flips when the gateway starts draining: no new requests on kept-alive connections.
+    draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
     /// Held by every virtual connection task too, so the drain waits for them.
     done: mpsc::Sender<()>,
@@ -181,13 +188,16 @@ struct ConnCx {
 
 /// Serves one accepted TCP connection of an HTTP listener: PROXY header and
 /// per-address admission as on the other listeners, TLS when configured, then
-/// HTTP/1.1 with keep-alive.
+/// HTTP/1.1 with keep-alive. Once `draining` flips, requests in flight finish
+/// and kept-alive connections close; `force_close` ends everything.
+#[allow(clippy::too_many_arguments)] // the accept loop's per-connection state
 pub async fn run(
     mut stream: TcpStream,
     mut peer: SocketAddr,
     mut slot: Slot,
     endpoint: &Endpoint,
     shared: Arc<Shared>,
+    draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
@@ -214,6 +224,7 @@ pub async fn run(
         id,
         peer,
         shared,
+        draining,
         force_close,
         done,
     });
@@ -231,7 +242,7 @@ pub async fn run(
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx: Arc<ConnCx>) {
-    let mut force_close = cx.force_close.clone();
+    let mut draining = cx.draining.clone();
     let (id, peer) = (cx.id, cx.peer);
     let timeout = cx.shared.limits.handshake_timeout;
     let service = service_fn(move |request| {
@@ -248,7 +259,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = stopped(&mut force_close) => {
+        _ = stopped(&mut draining) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -259,9 +270,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
     }
 }
 
-/// Resolves once the gateway closes its connections (without holding the watch's lock).
-async fn stopped(force_close: &mut watch::Receiver<bool>) {
-    let _ = force_close.wait_for(|stop| *stop).await;
+/// Resolves once `flag` is set (without holding the watch's lock).
+async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }
 
 fn is_api_path(path: &str) -> bool {
@@ -555,6 +566,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
             closed: false,
         }),
         arrived: Notify::new(),
+        request_done: Notify::new(),
     });
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
     shared.registry.attach(key.0, session_id, id, &outbox);
@@ -565,7 +577,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
         info.clone(),
         session_id,
         inbox,
-        cx.force_close.clone(),
+        (cx.draining.clone(), cx.force_close.clone()),
         cx.done.clone(),
     ));
     Ok(RequestGuard(vc))
@@ -642,20 +654,29 @@ fn take(st: &mut VcState, cx: &ConnCx, empty: impl FnOnce(&mut Sequence) -> Vec<
 }
 
 /// Moves server messages from the registry into the queue, and ends the
-/// virtual connection when it sees no request for the idle timeout (or the
-/// gateway stops), telling the session as a closed connection would.
+/// virtual connection when it sees no request for the idle timeout (or, once
+/// the gateway drains, when no request is in flight; or at the forced close),
+/// telling the session as a closed connection would.
 async fn run_session(
     shared: Arc<Shared>,
     vc: Arc<VirtualConn>,
     info: Arc<AuthKeyInfo>,
     session_id: i64,
     mut inbox: mpsc::Receiver<Outgoing>,
-    mut force_close: watch::Receiver<bool>,
+    (mut draining, mut force_close): (watch::Receiver<bool>, watch::Receiver<bool>),
     done: mpsc::Sender<()>,
 ) {
     let idle = shared.limits.idle_timeout;
     let max_bytes = shared.limits.http_queue_bytes;
+    let mut drain = false;
     loop {
+        if drain {
+            let mut st = vc.state();
+            if st.requests == 0 {
+                st.closed = true;
+                break;
+            }
+        }
         let idle_at = vc.state().last_request + idle;
         tokio::select! {
             outgoing = inbox.recv() => {
@@ -667,7 +688,9 @@ async fn run_session(
                     shared.http.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = sleep_until(idle_at) => {
+            _ = stopped(&mut draining), if !drain => drain = true,
+            _ = vc.request_done.notified(), if drain => {}
+            _ = sleep_until(idle_at), if !drain => {
                 let mut st = vc.state();
                 if st.requests == 0 && st.last_request + idle <= Instant::now() {
                     st.closed = true;
@@ -756,6 +779,7 @@ mod tests {
                 closed: false,
             }),
             arrived: Notify::new(),
+            request_done: Notify::new(),
         };
         assert!(vc.push(Bytes::from(vec![0; 100]), 50));
         assert!(!vc.push(Bytes::from(vec![0; 1]), 50));

@@ -118,7 +118,10 @@ pub async fn serve(
         let shared = shared.clone();
         let force = force_rx.clone();
         let done_tx = done_tx.clone();
-        accept_tasks.push(tokio::spawn(accept_loop(listener, shared, force, done_tx)));
+        let draining = shutdown.clone();
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener, shared, draining, force, done_tx,
+        )));
     }
     drop(done_tx);
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -141,6 +144,7 @@ pub async fn serve(
 async fn accept_loop(
     bound: BoundListener,
     shared: Arc<Shared>,
+    draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
     done_tx: mpsc::Sender<()>,
 ) {
@@ -166,11 +170,22 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let force_close = force_close.clone();
+                let draining = draining.clone();
                 let done = done_tx.clone();
                 let endpoint = endpoint.clone();
                 tokio::spawn(async move {
                     if endpoint.http {
-                        http::run(stream, peer, slot, &endpoint, shared, force_close, done).await;
+                        http::run(
+                            stream,
+                            peer,
+                            slot,
+                            &endpoint,
+                            shared,
+                            draining,
+                            force_close,
+                            done,
+                        )
+                        .await;
                     } else {
                         connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
                         drop(done);
