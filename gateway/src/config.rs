@@ -759,6 +759,45 @@ mod tests {
     }
 
     #[test]
+    fn http_listeners_and_tls_settings() {
+        let c = Config::load_from(&cli(&["--listen-http", "127.0.0.1:8080"]), no_env()).unwrap();
+        assert_eq!(c.listeners[0].transport, ListenerTransport::Http);
+        assert_eq!(c.limits.http_max_wait_ms, 25_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        let c = load("[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"websocket\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n").unwrap();
+        assert_eq!(c.listeners[0].tls_key, Some(PathBuf::from("k.pem")));
+        for (text, field) in [
+            (
+                "transport = \"http\"\ntls_cert = \"c.pem\"\n",
+                "listeners[0].tls_key",
+            ),
+            (
+                "transport = \"http\"\ntls_key = \"k.pem\"\n",
+                "listeners[0].tls_cert",
+            ),
+            (
+                "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+                "listeners[0].tls_cert",
+            ),
+            (
+                "transport = \"http\"\npath = \"/api\"\n",
+                "listeners[0]: path",
+            ),
+        ] {
+            let err =
+                load(&format!("[[listeners]]\naddress = \"127.0.0.1:1\"\n{text}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let err = load("[limits]\nhttp_max_wait_ms = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.http_max_wait_ms"), "{err}");
+    }
+
+    #[test]
     fn partial_sections_keep_the_other_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");

@@ -295,3 +295,45 @@ pub async fn bind_all(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_errors_name_the_listener_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
+        assert!(err.contains("listeners[2].tls_cert"), "{err}");
+        // A self-signed certificate and its key (generated with OpenSSL).
+        let pkey = openssl::pkey::PKey::from_ec_key(
+            openssl::ec::EcKey::generate(
+                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "localhost").unwrap();
+        let name = name.build();
+        let mut x509 = openssl::x509::X509Builder::new().unwrap();
+        x509.set_version(2).unwrap();
+        x509.set_subject_name(&name).unwrap();
+        x509.set_issuer_name(&name).unwrap();
+        x509.set_pubkey(&pkey).unwrap();
+        x509.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        x509.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        x509.sign(&pkey, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        std::fs::write(&cert, x509.build().to_pem().unwrap()).unwrap();
+        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
+        assert!(err.contains("listeners[2].tls_key"), "{err}");
+        std::fs::write(&key, pkey.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        tls_acceptor(2, &cert, &key).unwrap();
+    }
+}
