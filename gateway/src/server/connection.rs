@@ -154,17 +154,17 @@ pub async fn run(
         conn.finish(&mut stream, close).await;
         return;
     };
-    // TLS and the upgrade count against the handshake deadline too.
+    // TLS and the upgrade count against the handshake deadline too. Their
+    // state is boxed so that the tasks of plain TCP connections, which are
+    // most of the idle ones, stay small (rustls' handshake state is large).
     let stream = Prefixed::new(buf, stream);
     let Some(tls) = &endpoint.tls else {
-        conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)
-            .await;
+        Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await;
         return;
     };
-    match tokio::time::timeout_at(handshake_deadline, tls.0.accept(stream)).await {
+    match tokio::time::timeout_at(handshake_deadline, Box::pin(tls.0.accept(stream))).await {
         Ok(Ok(stream)) => {
-            conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)
-                .await
+            Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await
         }
         Ok(Err(e)) => {
             let total = Refused::count(&conn.shared.admission.refused.tls_handshake);

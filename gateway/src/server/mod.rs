@@ -175,7 +175,8 @@ async fn accept_loop(
                 let endpoint = endpoint.clone();
                 tokio::spawn(async move {
                     if endpoint.http {
-                        http::run(
+                        // Boxed: hyper's state would otherwise enlarge every connection's task.
+                        Box::pin(http::run(
                             stream,
                             peer,
                             slot,
@@ -184,7 +185,7 @@ async fn accept_loop(
                             draining,
                             force_close,
                             done,
-                        )
+                        ))
                         .await;
                     } else {
                         connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
