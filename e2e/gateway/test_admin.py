@@ -11,6 +11,7 @@ from telethon.tl.functions import PingRequest
 
 from conftest import free_port, start_remote_gateway, start_session
 from mtclient import connect, pin_server_key
+from promtext import metric
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -19,13 +20,6 @@ def get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "_total "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in metrics:\n{text}")
 
 
 def test_metrics_health_and_drain_with_remote_sessions(tmp_path):
@@ -53,6 +47,24 @@ def test_metrics_health_and_drain_with_remote_sessions(tmp_path):
         assert metric(text, "mtproto_sessions") >= 1
         assert metric(text, "mtproto_session_ring_members") == 1
         assert metric(text, "mtproto_auth_key_cache_hits") >= 1
+        # Two clients and the fixture's readiness probe.
+        assert metric(text, "mtproto_connections_accepted", listener="tcp") >= 2
+        assert metric(text, "mtproto_connections_open", listener="tcp", transport="abridged") == 1
+        assert metric(text, "mtproto_handshakes", outcome="created") == 1
+        for step in ("req_pq", "req_DH_params", "set_client_DH_params"):
+            assert metric(text, "mtproto_handshake_steps", step=step, outcome="ok") == 1
+            assert metric(text, "mtproto_handshake_step_duration_seconds_count", step=step) == 1
+        assert metric(text, "mtproto_handshake_duration_seconds_count") == 1
+        assert metric(text, "mtproto_rsa_decrypt_duration_seconds_count") == 1
+        assert metric(text, "mtproto_messages_forwarded") >= 2
+        # Replies came back over the reverse path: new_session_created and pongs.
+        assert metric(text, "mtproto_messages_sent") >= 2
+        assert metric(text, "mtproto_received_bytes") > 0
+        assert metric(text, "mtproto_sent_bytes") > 0
+        assert metric(
+            text, "mtproto_session_rpc_duration_seconds_count", method="session_sendDataToSession"
+        ) >= 2
+        assert metric(text, "mtproto_outbox_queued_messages") == 0
 
         # SIGTERM: not ready at once, open connections keep working during the grace.
         gateway.proc.send_signal(signal.SIGTERM)

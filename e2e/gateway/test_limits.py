@@ -6,13 +6,13 @@ import os
 import socket
 import struct
 import time
-import urllib.request
 
 import pytest
 from telethon.tl.functions import PingRequest
 
 from conftest import free_port, start_gateway
 from mtclient import closed_by_server, connect, intermediate_frame, pin_server_key, recv_exactly
+from promtext import metric, scrape
 
 REQ_PQ_MULTI = 0xBE7E8EF1
 
@@ -22,14 +22,6 @@ def limited_gateway(tmp_path_factory, name: str, limits: str, extra: list[str] |
     config = workdir / "gateway.toml"
     config.write_text("[limits]\n" + limits)
     return start_gateway(workdir, ["--config", str(config), *(extra or [])])
-
-
-def metric(admin_port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "_total "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +128,8 @@ def test_handshake_rate_answers_429_then_closes(tmp_path_factory):
         assert closed_by_server(sock) == struct.pack("<Ii", 4, -429)
         sock.close()
         assert "handshake rate exceeded" in gw.log_text()
-        assert metric(admin, "mtproto_refused_handshake_flood") == 2
+        assert metric(scrape(admin), "mtproto_refused_handshake_flood") == 2
+        assert metric(scrape(admin), "mtproto_handshakes", outcome="flood") == 2
     finally:
         assert gw.alive()
         gw.stop()

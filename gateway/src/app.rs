@@ -12,6 +12,7 @@ use tracing::info;
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::{self, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
+use crate::metrics::Metrics;
 use crate::protocol::handshake::HandshakeSettings;
 use crate::protocol::pq::PqPool;
 use crate::protocol::rsa::ServerKey;
@@ -114,9 +115,13 @@ impl Gateway {
             accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
         });
         let l = &config.limits;
-        let registry = Arc::new(Registry::new(Duration::from_secs(l.write_timeout_secs)));
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(Registry::new(
+            Duration::from_secs(l.write_timeout_secs),
+            metrics.clone(),
+        ));
         let urls = config.store_urls();
-        let key_store = store::open(&urls)
+        let key_store = store::open(&urls, &metrics.store)
             .await
             .map_err(|e| anyhow::anyhow!("auth_keys: {e}"))?;
         info!(
@@ -154,7 +159,11 @@ impl Gateway {
                     format!("session.grpc_listen: cannot listen on {}", s.grpc_listen)
                 })?;
                 info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
-                let remote = Arc::new(RemoteSession::new(members, settings));
+                let remote = Arc::new(RemoteSession::new(
+                    members,
+                    settings,
+                    metrics.session_rpc.clone(),
+                ));
                 if let Some(k) = &s.kubernetes {
                     let client = kube::Client::try_default().await.context(
                         "session.kubernetes: no Kubernetes client config (in-cluster or KUBECONFIG)",
@@ -210,11 +219,11 @@ impl Gateway {
                 }
             }
         }
-        let shared = Arc::new(Shared::new(
+        let shared = Arc::new(Shared {
             handshake,
             session,
             registry,
-            Keys {
+            keys: Keys {
                 cache: KeyCache::new(
                     config.auth_keys.cache_capacity_bytes,
                     Duration::from_secs(config.auth_keys.cache_ttl_secs),
@@ -224,13 +233,16 @@ impl Gateway {
                 writer: key_writer,
             },
             limits,
-            Admission::new(
+            admission: Arc::new(Admission::new(
                 l.max_connections,
                 l.max_connections_per_ip,
                 l.handshakes_per_ip_per_minute,
-            ),
+            )),
             server_id,
-        ));
+            metrics,
+            connection_ids: Default::default(),
+            http: Default::default(),
+        });
         let admin = match config.admin_listen {
             Some(addr) => Some(admin::bind(addr).await?),
             None => None,

@@ -236,8 +236,10 @@ impl Client {
         if !params.in_safe_range(&g_a) {
             return Err(protocol("g_a out of range"));
         }
-        let (b, g_b) = params.new_secret(&mut rand::thread_rng());
-        let key = AuthKey::new(left_pad_256(&g_a.modpow(&b, &params.prime).to_bytes_be()));
+        let crypto = |e: openssl::error::ErrorStack| protocol(e.to_string());
+        let (b, g_b) = params.new_secret(&mut rand::thread_rng()).map_err(crypto)?;
+        let shared = params.pow_secret(&g_a, &b).map_err(crypto)?;
+        let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
         let req = set_client_dh_params(&ex, &g_b);
         let answer = self.plain_call(&req).await?;
         let mut r = TlReader::new(&answer);

@@ -4,6 +4,7 @@ pub mod app;
 pub mod authkey;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -88,6 +88,7 @@ async fn the_ring_follows_endpoint_slices() {
             retries: 0,
             backoff: Duration::from_millis(10),
         },
+        Default::default(),
     ));
     let target = Target {
         namespace: ns.clone(),

@@ -15,6 +15,7 @@ use mtproto_gateway::authkey::redis_store::RedisStore;
 use mtproto_gateway::authkey::sql::SqlStore;
 use mtproto_gateway::authkey::store::{self, AuthKeyStore, StoreError, StoreUrls};
 use mtproto_gateway::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
+use mtproto_gateway::metrics::StoreMetrics;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -181,7 +182,8 @@ async fn tiers_read_redis_first_fall_back_to_mysql_and_back_fill() {
         mysql_url: Some(mysql_url().await),
         sqlite_path: None,
     };
-    let tiers = store::open(&urls).await.unwrap();
+    let metrics = StoreMetrics::default();
+    let tiers = store::open(&urls, &metrics).await.unwrap();
     let info = key(5, AuthKeyType::Perm);
     tiers.insert(info.clone(), salt(100)).await.unwrap();
     let redis_only = redis(&prefix).await;
@@ -202,6 +204,19 @@ async fn tiers_read_redis_first_fall_back_to_mysql_and_back_fill() {
     assert_eq!(redis_only.get(info.id()).await.unwrap(), None);
     assert_eq!(tiers.get(info.id()).await.unwrap(), Some(info.clone()));
     assert_eq!(redis_only.get(info.id()).await.unwrap(), Some(info));
+    // One read reached each tier: both are timed under their own label.
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("lookup_seconds", "", metrics.lookup_duration.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("lookup_seconds_count{tier=\"redis\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lookup_seconds_count{tier=\"mysql\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -211,14 +226,16 @@ async fn a_down_store_is_an_error_not_a_miss() {
         redis_url: Some("redis://127.0.0.1:1/".into()),
         ..StoreUrls::default()
     };
-    let err = store::open(&urls).await.unwrap_err();
+    let err = store::open(&urls, &StoreMetrics::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
     let bad_mysql = StoreUrls {
         mysql_url: Some("mysql://mtproto:wrong@127.0.0.1:1/none".into()),
         ..StoreUrls::default()
     };
     assert!(matches!(
-        store::open(&bad_mysql).await,
+        store::open(&bad_mysql, &StoreMetrics::default()).await,
         Err(StoreError::Unavailable(_))
     ));
 }

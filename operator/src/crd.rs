@@ -539,7 +539,7 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: Option<i32>,
     /// Average open connections per pod (needs a custom-metrics adapter serving
-    /// `mtproto_gateway_connections`).
+    /// `mtproto_connections_open`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub target_connections_per_pod: Option<i64>,

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use super::{AuthKeyInfo, FutureSalt};
+use crate::metrics::{StoreMetrics, TierLabels};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -61,8 +62,12 @@ pub struct StoreUrls {
     pub sqlite_path: Option<std::path::PathBuf>,
 }
 
-/// Connects the configured stores and stacks them.
-pub async fn open(urls: &StoreUrls) -> Result<std::sync::Arc<dyn AuthKeyStore>, StoreError> {
+/// Connects the configured stores and stacks them; reads of each tier are
+/// timed into `metrics`.
+pub async fn open(
+    urls: &StoreUrls,
+    metrics: &StoreMetrics,
+) -> Result<std::sync::Arc<dyn AuthKeyStore>, StoreError> {
     use super::redis_store::RedisStore;
     use super::sql::SqlStore;
     use super::tiered::{Tier, TieredStore};
@@ -94,11 +99,59 @@ pub async fn open(urls: &StoreUrls) -> Result<std::sync::Arc<dyn AuthKeyStore>, 
             store: Arc::new(SqlStore::connect(&url).await?),
         });
     }
+    for tier in &mut tiers {
+        tier.store = Arc::new(Timed {
+            tier: TierLabels { tier: tier.name },
+            inner: tier.store.clone(),
+            metrics: metrics.clone(),
+        });
+    }
     Ok(match tiers.len() {
         0 => Arc::new(MemoryStore::default()),
         1 => tiers.remove(0).store,
         _ => Arc::new(TieredStore::new(tiers)),
     })
+}
+
+/// A tier whose reads are timed.
+#[derive(Debug)]
+struct Timed {
+    tier: TierLabels,
+    inner: std::sync::Arc<dyn AuthKeyStore>,
+    metrics: StoreMetrics,
+}
+
+#[async_trait]
+impl AuthKeyStore for Timed {
+    async fn get(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, StoreError> {
+        let started = std::time::Instant::now();
+        let found = self.inner.get(auth_key_id).await;
+        self.metrics
+            .lookup_duration
+            .get_or_create(&self.tier)
+            .observe(started.elapsed().as_secs_f64());
+        found
+    }
+
+    async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
+        self.inner.insert(info, salt).await
+    }
+
+    async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {
+        self.inner.salts(auth_key_id).await
+    }
+
+    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
+        self.inner.add_salt(auth_key_id, salt).await
+    }
+
+    async fn bind_temp_key(
+        &self,
+        temp: &AuthKeyInfo,
+        perm_auth_key_id: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.bind_temp_key(temp, perm_auth_key_id).await
+    }
 }
 
 /// Salts kept per key; the ones that expire first are dropped beyond it.

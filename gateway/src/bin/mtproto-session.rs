@@ -14,6 +14,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use mtproto_gateway::authkey::store::{self, StoreUrls};
+use mtproto_gateway::metrics::StoreMetrics;
 use mtproto_gateway::session::embedded::EmbeddedSession;
 use mtproto_gateway::session::grpc_server::{RemoteGateways, SessionGrpc, SessionStreamGrpc};
 use mtproto_gateway::session::ring::Ring;
@@ -88,7 +89,9 @@ async fn main() -> anyhow::Result<()> {
         mysql_url: cli.mysql_url.clone(),
         sqlite_path: cli.sqlite_path.clone(),
     };
-    let key_store = store::open(&urls).await.context("auth key store")?;
+    let key_store = store::open(&urls, &StoreMetrics::default())
+        .await
+        .context("auth key store")?;
     let session = Arc::new(EmbeddedSession::new(key_store, gateways));
     let service = Arc::new(SessionGrpc::new(
         session,

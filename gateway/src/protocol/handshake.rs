@@ -65,6 +65,9 @@ pub enum HandshakeError {
     BadRetryId { expected: i64, got: i64 },
     #[error("g_b is outside the allowed range")]
     GbOutOfRange,
+    /// OpenSSL failed (allocation): not the client's fault, but the handshake ends.
+    #[error("crypto library: {0}")]
+    Crypto(String),
 }
 
 impl HandshakeError {
@@ -84,6 +87,7 @@ impl HandshakeError {
             HandshakeError::BadClientDhHash => "bad_client_dh_hash",
             HandshakeError::BadRetryId { .. } => "bad_retry_id",
             HandshakeError::GbOutOfRange => "g_b_out_of_range",
+            HandshakeError::Crypto(_) => "crypto",
         }
     }
 }
@@ -162,6 +166,9 @@ impl State {
 pub struct Handshake {
     settings: Arc<HandshakeSettings>,
     state: State,
+    /// How long the last RSA private-key operation took: a reading for
+    /// metrics, never an input to the protocol.
+    rsa_decrypt_time: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Handshake {
@@ -177,11 +184,17 @@ impl Handshake {
         Self {
             settings,
             state: State::Idle,
+            rsa_decrypt_time: None,
         }
     }
 
     pub fn state_name(&self) -> &'static str {
         self.state.name()
+    }
+
+    /// The duration of the RSA operation of the last `req_DH_params`, once.
+    pub fn take_rsa_decrypt_time(&mut self) -> Option<std::time::Duration> {
+        self.rsa_decrypt_time.take()
     }
 
     /// The constructor of a handshake message (to tell cheap from heavy steps).
@@ -268,7 +281,10 @@ impl Handshake {
             .settings
             .key(fingerprint)
             .ok_or(HandshakeError::UnknownFingerprint(fingerprint))?;
-        let m = key.decrypt_raw(encrypted, rng)?;
+        let started = std::time::Instant::now();
+        let m = key.decrypt_raw(encrypted);
+        self.rsa_decrypt_time = Some(started.elapsed());
+        let m = m?;
         let (inner_bytes, _padding): (Vec<u8>, Padding) =
             unpad(&m, self.settings.accept_legacy_rsa_padding, |b| {
                 parse_inner(b).ok().map(|(_, len)| len)
@@ -293,7 +309,9 @@ impl Handshake {
         }
 
         let params = dh::params();
-        let (a, g_a) = params.new_secret(rng);
+        let (a, g_a) = params
+            .new_secret(rng)
+            .map_err(|e| HandshakeError::Crypto(e.to_string()))?;
         let mut dh_inner = Vec::with_capacity(600);
         dh_inner.put_u32(id::SERVER_DH_INNER_DATA);
         dh_inner.put_raw(&nonce);
@@ -378,7 +396,9 @@ impl Handshake {
         if !params.in_safe_range(&g_b) {
             return Err(HandshakeError::GbOutOfRange);
         }
-        let shared = g_b.modpow(&ex.a, &params.prime);
+        let shared = params
+            .pow_secret(&g_b, &ex.a)
+            .map_err(|e| HandshakeError::Crypto(e.to_string()))?;
         let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
 
         let salt = i64::from_le_bytes(std::array::from_fn(|i| {

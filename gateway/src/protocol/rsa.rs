@@ -34,10 +34,14 @@ pub enum RsaDecryptError {
     BadPadding,
 }
 
-/// One server key and its Telegram fingerprint.
+/// One server key and its Telegram fingerprint. The `rsa` crate reads,
+/// writes and generates the key; the private operation on client data runs
+/// in OpenSSL (blinded, constant-time, several times faster than `rsa`'s, and
+/// free of the Marvin timing issue RUSTSEC-2023-0071 reports for it).
 #[derive(Debug, Clone)]
 pub struct ServerKey {
     private: RsaPrivateKey,
+    operation: openssl::rsa::Rsa<openssl::pkey::Private>,
     fingerprint: i64,
 }
 
@@ -55,8 +59,14 @@ impl ServerKey {
             return Err(RsaKeyError::WrongSize(bits));
         }
         let fingerprint = fingerprint(&private.to_public_key());
+        let der = private
+            .to_pkcs1_der()
+            .map_err(|e| RsaKeyError::Encode(e.to_string()))?;
+        let operation = openssl::rsa::Rsa::private_key_from_der(der.as_bytes())
+            .map_err(|e| RsaKeyError::Parse(e.to_string()))?;
         Ok(Self {
             private,
+            operation,
             fingerprint,
         })
     }
@@ -97,22 +107,23 @@ impl ServerKey {
         self.private.to_public_key()
     }
 
-    /// Raw RSA (CRT, blinded) of `encrypted_data`, left-padded to 256 bytes.
-    pub fn decrypt_raw(
-        &self,
-        encrypted: &[u8],
-        rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<[u8; 256], RsaDecryptError> {
+    /// Raw RSA (CRT, blinded, result verified) of `encrypted_data`, 256 bytes
+    /// with leading zeros kept.
+    pub fn decrypt_raw(&self, encrypted: &[u8]) -> Result<[u8; 256], RsaDecryptError> {
         if encrypted.len() != 256 {
             return Err(RsaDecryptError::WrongLength(encrypted.len()));
         }
-        let c = BigUint::from_bytes_be(encrypted);
-        if &c >= self.private.n() {
+        if &BigUint::from_bytes_be(encrypted) >= self.private.n() {
             return Err(RsaDecryptError::NotBelowModulus);
         }
-        let m = rsa::hazmat::rsa_decrypt_and_check(&self.private, Some(rng), &c)
-            .map_err(|_| RsaDecryptError::Private)?;
-        Ok(left_pad_256(&m.to_bytes_be()))
+        let mut m = [0u8; 256];
+        match self
+            .operation
+            .private_decrypt(encrypted, &mut m, openssl::rsa::Padding::NONE)
+        {
+            Ok(256) => Ok(m),
+            _ => Err(RsaDecryptError::Private),
+        }
     }
 }
 
@@ -271,13 +282,13 @@ t6N/byY9Nw9p21Og3AoXSL2q/2IJ1WRUhebgAdGVMlV1fkuOQoEzR7EdpqtQD9Cs
         let len_fn = |_: &[u8]| Some(96usize);
         let mut rng = rand::thread_rng();
         let c = encrypt_rsa_pad(&key.public_key(), &data, &mut rng).unwrap();
-        let m = key.decrypt_raw(&c, &mut rng).unwrap();
+        let m = key.decrypt_raw(&c).unwrap();
         let (inner, scheme) = unpad(&m, false, len_fn).unwrap();
         assert_eq!(scheme, Padding::RsaPad);
         assert_eq!(&inner[..96], &data[..]);
 
         let c = encrypt_legacy(&key.public_key(), &data, &mut rng).unwrap();
-        let m = key.decrypt_raw(&c, &mut rng).unwrap();
+        let m = key.decrypt_raw(&c).unwrap();
         assert_eq!(unpad(&m, false, len_fn), Err(RsaDecryptError::BadPadding));
         let (inner, scheme) = unpad(&m, true, len_fn).unwrap();
         assert_eq!(scheme, Padding::LegacySha1);
@@ -291,17 +302,17 @@ t6N/byY9Nw9p21Og3AoXSL2q/2IJ1WRUhebgAdGVMlV1fkuOQoEzR7EdpqtQD9Cs
         let data = [5u8; 96];
         let mut c = encrypt_rsa_pad(&key.public_key(), &data, &mut rng).unwrap();
         c[100] ^= 1;
-        let m = key.decrypt_raw(&c, &mut rng).unwrap();
+        let m = key.decrypt_raw(&c).unwrap();
         assert_eq!(
             unpad(&m, true, |_| Some(96)),
             Err(RsaDecryptError::BadPadding)
         );
         assert_eq!(
-            key.decrypt_raw(&[0xff; 256], &mut rng).unwrap_err(),
+            key.decrypt_raw(&[0xff; 256]).unwrap_err(),
             RsaDecryptError::NotBelowModulus
         );
         assert_eq!(
-            key.decrypt_raw(&[1; 255], &mut rng).unwrap_err(),
+            key.decrypt_raw(&[1; 255]).unwrap_err(),
             RsaDecryptError::WrongLength(255)
         );
     }

@@ -226,12 +226,6 @@ impl Collector for GatewayCollector {
             "MTProto sessions with a live connection on this gateway.",
             self.shared.registry.session_count() as i64,
         )?;
-        counter(
-            &mut encoder,
-            "mtproto_server_messages_undelivered",
-            "Server messages no live connection wrote (reported as not delivered).",
-            load(&self.shared.registry.undelivered),
-        )?;
         if let Some(remote) = &self.remote {
             gauge(
                 &mut encoder,
@@ -282,6 +276,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut registry = MetricRegistry::default();
+    shared.metrics.register(&mut registry);
     let remote = readiness.remote.clone();
     registry.register_collector(Box::new(GatewayCollector { shared, remote }));
     let state = AdminState {

@@ -19,6 +19,9 @@ use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
 use crate::authkey::AuthKeyInfo;
 use crate::config::ProxyProtocol;
+use crate::metrics::{
+    Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
+};
 use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
 use crate::protocol::message::{self, MessageError};
 use crate::protocol::proxy::{self, Detected, ProxyError};
@@ -76,6 +79,31 @@ pub(super) enum Close {
 }
 
 impl Close {
+    /// The `reason` label of `mtproto_connections_closed_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Close::ClientClosed => "client_closed",
+            Close::Read(_) => "read_error",
+            Close::Write => "write_failed",
+            Close::Transport(_) => "transport_error",
+            Close::Message(_) => "bad_message",
+            Close::Handshake(_) => "handshake_error",
+            Close::UnknownKey(_) => "unknown_key",
+            Close::ExpiredKey(_) => "expired_key",
+            Close::KeyChanged { .. } => "key_changed",
+            Close::Session(_) => "session_error",
+            Close::KeyLookup(_) => "key_lookup_failed",
+            Close::TooManySessions(_) => "too_many_sessions",
+            Close::HandshakeTimeout => "handshake_timeout",
+            Close::IdleTimeout => "idle_timeout",
+            Close::Shutdown => "shutdown",
+            Close::ProxyHeader(_) => "proxy_header_invalid",
+            Close::ProxyHeaderMissing => "proxy_header_missing",
+            Close::ClientLimit => "client_limit",
+            Close::HandshakeFlood => "handshake_flood",
+        }
+    }
+
     /// The transport error code to send before closing, where MTProto has one.
     pub(super) fn code(&self) -> Option<i32> {
         match self {
@@ -89,12 +117,56 @@ impl Close {
     }
 }
 
+/// Holds the connection's place in `mtproto_connections_open`, under its
+/// transport's name once the first bytes tell it.
+struct OpenGauge {
+    metrics: Arc<Metrics>,
+    labels: OpenLabels,
+}
+
+impl OpenGauge {
+    fn new(metrics: Arc<Metrics>, listener: &'static str) -> Self {
+        let labels = OpenLabels {
+            listener,
+            transport: "undetected",
+        };
+        metrics.connections_open.get_or_create(&labels).inc();
+        Self { metrics, labels }
+    }
+
+    fn set_transport(&mut self, transport: &'static str) {
+        if self.labels.transport != transport {
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .dec();
+            self.labels.transport = transport;
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .inc();
+        }
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .get_or_create(&self.labels)
+            .dec();
+    }
+}
+
 struct Connection {
     id: ConnectionId,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    open: OpenGauge,
     transport: Transport,
     handshake: Option<Handshake>,
+    /// When this connection's current handshake sent `req_pq`.
+    handshake_started: Option<Instant>,
     key: Option<Arc<AuthKeyInfo>>,
     sessions: Vec<i64>,
     outbox: Outbox,
@@ -115,15 +187,17 @@ pub async fn run(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.connection_ids.next();
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
     let handshake_deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut conn = Connection {
         id,
         peer,
         transport: Transport::new(shared.limits.max_frame_bytes),
+        open: OpenGauge::new(shared.metrics.clone(), endpoint.kind()),
         shared,
         handshake: None,
+        handshake_started: None,
         key: None,
         sessions: Vec::new(),
         outbox,
@@ -167,10 +241,14 @@ pub async fn run(
             Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await
         }
         Ok(Err(e)) => {
+            conn.count_closed("tls_handshake_failed");
             let total = Refused::count(&conn.shared.admission.refused.tls_handshake);
             info!(conn = id, peer = %conn.peer, refused_total = total, "closed: TLS handshake failed: {e}");
         }
-        Err(_) => info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout),
+        Err(_) => {
+            conn.count_closed(Close::HandshakeTimeout.reason());
+            info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout);
+        }
     }
 }
 
@@ -232,14 +310,25 @@ fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
     close
 }
 
+/// Adds one to `mtproto_handshakes_total{outcome}`.
+fn count_handshake(shared: &Shared, outcome: &'static str) {
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+}
+
 /// Runs one unencrypted handshake message through `handshake`: the per-address
-/// handshake rate on `req_pq`, RSA and DH off the async workers, and storing a
-/// new key. Returns the TL body to answer with, if any.
+/// handshake rate on `req_pq`, RSA and DH off the async workers, the step
+/// metrics, and storing a new key. `started` is when this handshake's
+/// `req_pq` came. Returns the TL body to answer with, if any.
 pub(super) async fn handshake_step(
     shared: &Shared,
     id: ConnectionId,
     peer: SocketAddr,
     handshake: &mut Handshake,
+    started: &mut Option<Instant>,
     body: Vec<u8>,
 ) -> Result<Option<Vec<u8>>, Close> {
     let constructor = Handshake::constructor(&body);
@@ -250,8 +339,19 @@ pub(super) async fn handshake_step(
     {
         let total = Refused::count(&shared.admission.refused.handshake_flood);
         debug!(conn = id, %peer, refused_total = total, "handshake rate exceeded");
+        count_handshake(shared, "flood");
         return Err(Close::HandshakeFlood);
     }
+    let step_name = match constructor {
+        Some(id::REQ_PQ | id::REQ_PQ_MULTI) => {
+            *started = Some(Instant::now());
+            "req_pq"
+        }
+        Some(id::REQ_DH_PARAMS) => "req_DH_params",
+        Some(id::SET_CLIENT_DH_PARAMS) => "set_client_DH_params",
+        _ => "other",
+    };
+    let step_started = Instant::now();
     let heavy = matches!(
         constructor,
         Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
@@ -271,6 +371,21 @@ pub(super) async fn handshake_step(
     } else {
         handshake.on_message(&body, now, &mut rand::thread_rng())
     };
+    let metrics = &shared.metrics;
+    metrics
+        .handshake_step_duration
+        .get_or_create(&StepLabels { step: step_name })
+        .observe(step_started.elapsed().as_secs_f64());
+    if let Some(rsa) = handshake.take_rsa_decrypt_time() {
+        metrics.rsa_decrypt_duration.observe(rsa.as_secs_f64());
+    }
+    metrics
+        .handshake_steps
+        .get_or_create(&StepOutcomeLabels {
+            step: step_name,
+            outcome: step.as_ref().map_or_else(HandshakeError::reason, |_| "ok"),
+        })
+        .inc();
     match step {
         Err(e) => {
             debug!(
@@ -278,6 +393,7 @@ pub(super) async fn handshake_step(
                 state = handshake.state_name(),
                 "handshake failed: {e}"
             );
+            count_handshake(shared, "failed");
             Err(e.into())
         }
         Ok(Step::Nothing) => Ok(None),
@@ -308,7 +424,20 @@ pub(super) async fn handshake_step(
                     StoreOutcome::Failed
                 }
             };
+            count_handshake(
+                shared,
+                match outcome {
+                    StoreOutcome::Stored => "created",
+                    StoreOutcome::Collision => "retry",
+                    StoreOutcome::Failed => "store_failed",
+                },
+            );
             if outcome == StoreOutcome::Stored {
+                if let Some(started) = started.take() {
+                    metrics
+                        .handshake_duration
+                        .observe(started.elapsed().as_secs_f64());
+                }
                 info!(
                     conn = id,
                     %peer,
@@ -401,19 +530,37 @@ impl Connection {
                 self.finish(&mut ws, close).await;
             }
             Ok(Err(e)) => {
+                self.count_closed("websocket_upgrade_refused");
                 let total = Refused::count(&self.shared.admission.refused.websocket_upgrade);
                 info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
             }
             Err(_) => {
-                info!(conn = self.id, peer = %self.peer, "closed: {}", Close::HandshakeTimeout)
+                self.count_closed(Close::HandshakeTimeout.reason());
+                info!(conn = self.id, peer = %self.peer, "closed: {}", Close::HandshakeTimeout);
             }
         }
+    }
+
+    fn count_closed(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    fn count_handshake(&self, outcome: &'static str) {
+        count_handshake(&self.shared, outcome);
     }
 
     /// Logs why the connection ends, sends the transport error code where
     /// there is one, and leaves the registry.
     async fn finish<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, close: Close) {
         let (id, peer) = (self.id, self.peer);
+        self.count_closed(close.reason());
+        if matches!(close, Close::HandshakeTimeout) && self.handshake_started.is_some() {
+            self.count_handshake("timeout");
+        }
         match &close {
             Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
             Close::ClientLimit => {
@@ -443,11 +590,14 @@ impl Connection {
         let write_timeout = self.shared.limits.write_timeout;
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
-            let _ = timeout(write_timeout, async {
+            let written = timeout(write_timeout, async {
                 stream.write_all(&out).await?;
                 stream.flush().await
             })
             .await;
+            if matches!(written, Ok(Ok(()))) {
+                self.shared.metrics.bytes_sent.inc_by(out.len() as u64);
+            }
         }
         let _ = timeout(write_timeout, stream.shutdown()).await;
         self.detach_sessions().await;
@@ -479,6 +629,9 @@ impl Connection {
                 {
                     return Close::Write;
                 }
+                let metrics = &self.shared.metrics;
+                metrics.bytes_sent.inc_by(self.out.len() as u64);
+                metrics.messages_sent.inc_by(self.written_acks.len() as u64);
                 self.out.clear();
                 if self.out.capacity() > READ_CHUNK {
                     self.out = BytesMut::new();
@@ -501,7 +654,9 @@ impl Connection {
                 read = stream.read_buf(&mut buf) => {
                     match read {
                         Ok(0) => return Close::ClientClosed,
-                        Ok(_) => {}
+                        Ok(n) => {
+                            self.shared.metrics.bytes_received.inc_by(n as u64);
+                        }
                         Err(e) => return Close::Read(e),
                     }
                     idle_deadline = Instant::now() + limits.idle_timeout;
@@ -527,8 +682,14 @@ impl Connection {
 
     /// Handles every complete frame in `buf`.
     async fn decode_all(&mut self, buf: &mut BytesMut) -> Result<(), Close> {
-        while let Some(frame) = self.transport.decode(buf)? {
+        let decoded = self.transport.decode(buf);
+        if let Some(name) = self.transport.name() {
+            self.open.set_transport(name);
+        }
+        let mut next = decoded?;
+        while let Some(frame) = next {
             self.on_frame(frame).await?;
+            next = self.transport.decode(buf)?;
         }
         Ok(())
     }
@@ -549,7 +710,15 @@ impl Connection {
             .handshake
             .take()
             .unwrap_or_else(|| Handshake::new(self.shared.handshake.clone()));
-        let reply = handshake_step(&self.shared, self.id, self.peer, &mut handshake, body).await?;
+        let reply = handshake_step(
+            &self.shared,
+            self.id,
+            self.peer,
+            &mut handshake,
+            &mut self.handshake_started,
+            body,
+        )
+        .await?;
         self.handshake = Some(handshake);
         if let Some(reply) = reply {
             let now = unix_now();
@@ -594,6 +763,7 @@ impl Connection {
         if quick_ack {
             self.transport
                 .encode_quick_ack(decrypted.quick_ack_token, &mut self.out);
+            self.shared.metrics.quick_acks_sent.inc();
         }
         let (salt, session_id) = (decrypted.salt, decrypted.session_id);
         let plaintext_len = decrypted.plaintext.len();
@@ -624,7 +794,9 @@ impl Connection {
             .session
             .send_data(data)
             .await
-            .map_err(Close::Session)
+            .map_err(Close::Session)?;
+        self.shared.metrics.messages_forwarded.inc();
+        Ok(())
     }
 
     /// Encrypts one server message for this connection's key and frames it.

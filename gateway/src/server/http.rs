@@ -111,6 +111,8 @@ impl Hub {
 #[derive(Debug)]
 struct PendingHandshake {
     handshake: Handshake,
+    /// When its `req_pq` came (for the handshake duration metric).
+    started: Option<Instant>,
     last_msg_id: i64,
     expires: Instant,
 }
@@ -201,7 +203,7 @@ pub async fn run(
     force_close: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.connection_ids.next();
     let deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut buf = BytesMut::new();
     if let Err(close) = connection::admit(
@@ -455,6 +457,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             }
             PendingHandshake {
                 handshake: Handshake::new(shared.handshake.clone()),
+                started: None,
                 last_msg_id: 0,
                 expires: now + shared.limits.handshake_timeout,
             }
@@ -471,6 +474,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
         cx.id,
         cx.peer,
         &mut pending.handshake,
+        &mut pending.started,
         plain.body.to_vec(),
     )
     .await?;
@@ -516,6 +520,7 @@ async fn on_encrypted(auth_key_id: i64, body: Bytes, cx: &ConnCx) -> Result<Byte
         .send_data(data)
         .await
         .map_err(Close::Session)?;
+    shared.metrics.messages_forwarded.inc();
     let wait = HttpWait::for_request(&request, shared.limits.http_max_wait);
     let plaintext = collect(&guard.0, wait, started, cx, |seq| {
         let unix = crate::unix_time();
@@ -553,7 +558,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
     if sessions.len() >= shared.limits.max_connections {
         return Err(Close::ClientLimit);
     }
-    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.connection_ids.next();
     let vc = Arc::new(VirtualConn {
         id,
         state: Mutex::new(VcState {

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::AuthKeyStore;
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
+use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
 use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
 use limiter::{Admission, ListenerSlots};
@@ -72,32 +73,25 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// This gateway's id as sessions address it.
     pub server_id: String,
+    pub metrics: Arc<Metrics>,
     /// The HTTP transport's handshakes and virtual connections.
     pub http: http::Hub,
-    next_connection_id: AtomicU64,
+    pub connection_ids: ConnectionIds,
 }
 
-impl Shared {
-    pub fn new(
-        handshake: Arc<HandshakeSettings>,
-        session: Arc<dyn SessionService>,
-        registry: Arc<Registry>,
-        keys: Keys,
-        limits: Limits,
-        admission: Admission,
-        server_id: String,
-    ) -> Self {
-        Self {
-            handshake,
-            session,
-            registry,
-            keys,
-            limits,
-            admission: Arc::new(admission),
-            server_id,
-            http: http::Hub::default(),
-            next_connection_id: AtomicU64::new(1),
-        }
+/// Numbers connections for logs and the registry.
+#[derive(Debug)]
+pub struct ConnectionIds(AtomicU64);
+
+impl Default for ConnectionIds {
+    fn default() -> Self {
+        Self(AtomicU64::new(1))
+    }
+}
+
+impl ConnectionIds {
+    fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -154,9 +148,24 @@ async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let listener_kind = endpoint.kind();
+                shared
+                    .metrics
+                    .connections_accepted
+                    .get_or_create(&ListenerLabels {
+                        listener: listener_kind,
+                    })
+                    .inc();
                 let slot = match shared.admission.enter_listener(&slots) {
                     Ok(slot) => slot,
                     Err(_) => {
+                        shared
+                            .metrics
+                            .connections_closed
+                            .get_or_create(&ReasonLabels {
+                                reason: "listener_full",
+                            })
+                            .inc();
                         // Dropping the stream closes it before any per-connection state exists.
                         let total = shared
                             .admission
@@ -221,6 +230,19 @@ pub struct Tls(pub TlsAcceptor);
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Tls")
+    }
+}
+
+impl Endpoint {
+    /// The listener label of this endpoint's metrics.
+    pub fn kind(&self) -> &'static str {
+        if self.websocket.is_some() {
+            "websocket"
+        } else if self.http {
+            "http"
+        } else {
+            "tcp"
+        }
     }
 }
 

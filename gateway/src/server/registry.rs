@@ -2,14 +2,14 @@
 //! gateway's half of the reverse path (`gateway_sendDataToGateway`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
 use crate::session::GatewayDelivery;
 
 pub type ConnectionId = u64;
@@ -21,6 +21,8 @@ pub struct Outgoing {
     pub payload: Bytes,
     /// Completed once the frame is written to the client's socket.
     pub written: oneshot::Sender<()>,
+    /// Counts the message as queued until the connection takes it (or drops it).
+    pub queued: GaugeGuard,
 }
 
 /// A connection's inbox for server messages.
@@ -34,17 +36,25 @@ pub struct Registry {
     sessions: Mutex<SessionMap>,
     /// How long a delivery waits for the connection to write the message.
     write_wait: Duration,
-    /// Server messages no connection wrote (no connection, all full, or the write failed).
-    pub undelivered: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
-    pub fn new(write_wait: Duration) -> Self {
+    pub fn new(write_wait: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             sessions: Mutex::default(),
             write_wait,
-            undelivered: std::sync::atomic::AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// Counts a server message no connection wrote.
+    fn dropped(&self, reason: &'static str) -> bool {
+        self.metrics
+            .server_messages_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        false
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
@@ -102,22 +112,23 @@ impl GatewayDelivery for Registry {
     ) -> bool {
         let candidates: Vec<Outbox> = match self.lock().get(&(auth_key_id, session_id)) {
             Some(conns) => conns.iter().rev().map(|(_, tx)| tx.clone()).collect(),
-            None => return false,
+            None => return self.dropped("no_connection"),
         };
         for tx in candidates {
             let (written, done) = oneshot::channel();
             let outgoing = Outgoing {
                 payload: payload.clone(),
                 written,
+                queued: GaugeGuard::new(&self.metrics.outbox_queued),
             };
             if tx.try_send(outgoing).is_ok() {
-                return matches!(
-                    tokio::time::timeout(self.write_wait, done).await,
-                    Ok(Ok(()))
-                );
+                return match tokio::time::timeout(self.write_wait, done).await {
+                    Ok(Ok(())) => true,
+                    _ => self.dropped("not_written"),
+                };
             }
         }
-        false
+        self.dropped("outbox_full")
     }
 }
 
@@ -137,7 +148,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_once_to_the_newest_connection_that_writes() {
-        let registry = Registry::new(Duration::from_secs(1));
+        let registry = Registry::new(Duration::from_secs(1), Arc::default());
         let (old_tx, old_rx) = mpsc::channel(1);
         let (new_tx, new_rx) = mpsc::channel(1);
         let (seen_old, mut old_seen) = mpsc::unbounded_channel();
@@ -165,7 +176,8 @@ mod tests {
 
     #[tokio::test]
     async fn not_written_is_not_delivered() {
-        let registry = Registry::new(Duration::from_millis(50));
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(Duration::from_millis(50), metrics.clone());
         // A connection that takes the message but never writes it (dead socket).
         let (tx, mut rx) = mpsc::channel::<Outgoing>(4);
         registry.attach(1, 2, 10, &tx);
@@ -186,6 +198,7 @@ mod tests {
             .try_send(Outgoing {
                 payload: Bytes::new(),
                 written: w,
+                queued: GaugeGuard::new(&metrics.outbox_queued),
             })
             .unwrap();
         registry.attach(5, 6, 20, &full_tx);
@@ -194,5 +207,19 @@ mod tests {
                 .send_data_to_gateway("", 5, 6, Bytes::from_static(b"y"))
                 .await
         );
+        assert!(
+            !registry
+                .send_data_to_gateway("", 7, 8, Bytes::from_static(b"z"))
+                .await
+        );
+        // The message sitting in the full outbox is the only one queued.
+        assert_eq!(metrics.outbox_queued.get(), 1);
+        for reason in ["not_written", "outbox_full", "no_connection"] {
+            let dropped = metrics
+                .server_messages_dropped
+                .get_or_create(&ReasonLabels { reason })
+                .get();
+            assert_eq!(dropped, 1, "{reason}");
+        }
     }
 }

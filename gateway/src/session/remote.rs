@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use super::ring::Ring;
 use super::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 use crate::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
+use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
 use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
 
 /// teamgram's status message for an unknown key (sent with status code 401).
@@ -59,6 +60,17 @@ enum Failure {
     Redirect(String),
     Transient(String),
     Fatal(String),
+}
+
+impl Failure {
+    fn kind(&self) -> &'static str {
+        match self {
+            Failure::Unregistered => "unregistered",
+            Failure::Redirect(_) => "redirect",
+            Failure::Transient(_) => "transient",
+            Failure::Fatal(_) => "fatal",
+        }
+    }
 }
 
 fn classify(code: Code, message: &str) -> Failure {
@@ -183,15 +195,17 @@ pub struct RemoteSession {
     settings: RemoteSettings,
     channels: Mutex<HashMap<String, Channel>>,
     streams: tokio::sync::Mutex<HashMap<String, Arc<StreamLink>>>,
+    metrics: SessionRpcMetrics,
 }
 
 impl RemoteSession {
-    pub fn new(members: Vec<String>, settings: RemoteSettings) -> Self {
+    pub fn new(members: Vec<String>, settings: RemoteSettings, metrics: SessionRpcMetrics) -> Self {
         Self {
             ring: RwLock::new(Ring::new(members)),
             settings,
             channels: Mutex::new(HashMap::new()),
             streams: tokio::sync::Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -249,8 +263,28 @@ impl RemoteSession {
     }
 
     /// Runs one request against the owner of `ring_key`, following redirects
-    /// and retrying transient failures.
+    /// and retrying transient failures; the whole call is timed.
     async fn route<T, F, Fut>(
+        &self,
+        ring_key: i64,
+        method: &'static str,
+        call: F,
+    ) -> Result<T, SessionError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let _in_flight = GaugeGuard::new(&self.metrics.in_flight);
+        let started = std::time::Instant::now();
+        let result = self.route_attempts(ring_key, method, call).await;
+        self.metrics
+            .duration
+            .get_or_create(&MethodLabels { method })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn route_attempts<T, F, Fut>(
         &self,
         ring_key: i64,
         method: &'static str,
@@ -263,7 +297,15 @@ impl RemoteSession {
         let mut target = self.owner(ring_key)?;
         let (mut redirects, mut attempt) = (0, 0);
         loop {
-            match call(target.clone()).await {
+            let outcome = call(target.clone()).await;
+            if let Err(failure) = &outcome {
+                let kind = failure.kind();
+                self.metrics
+                    .errors
+                    .get_or_create(&RpcErrorLabels { method, kind })
+                    .inc();
+            }
+            match outcome {
                 Ok(v) => return Ok(v),
                 Err(Failure::Unregistered) => return Err(SessionError::AuthKeyUnregistered),
                 Err(Failure::Redirect(addr)) if redirects < MAX_REDIRECTS => {

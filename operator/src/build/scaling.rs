@@ -14,7 +14,7 @@ use crate::crd::{MtprotoGateway, MtprotoGatewaySpec};
 use crate::validate::ValidatedGateway;
 
 /// Per-pod metric the gateway exports for open client connections.
-pub const CONNECTIONS_METRIC: &str = "mtproto_gateway_connections";
+pub const CONNECTIONS_METRIC: &str = "mtproto_connections_open";
 
 pub(super) fn pdb(
     spec: &MtprotoGatewaySpec,

@@ -168,7 +168,7 @@ fn set_client_dh_msg(c: &Client, retry_id: i64, g_b: &BigUint, corrupt_hash: boo
 }
 
 fn client_secret() -> (BigUint, BigUint) {
-    dh::params().new_secret(&mut rand::thread_rng())
+    dh::params().new_secret(&mut rand::thread_rng()).unwrap()
 }
 
 fn check_dh_gen(reply: &[u8], c: &Client, key: &AuthKey, constructor: u32, n: u8) {
@@ -183,7 +183,13 @@ fn check_dh_gen(reply: &[u8], c: &Client, key: &AuthKey, constructor: u32, n: u8
 fn complete(variant: Variant, legacy: bool) -> NewAuthKey {
     let mut hs = Handshake::new(settings(true));
     let c = req_pq(&mut hs, true);
+    assert_eq!(hs.take_rsa_decrypt_time(), None);
     let g_a = req_dh_params(&mut hs, &c, variant, legacy);
+    assert!(
+        hs.take_rsa_decrypt_time().is_some(),
+        "RSA time is read once"
+    );
+    assert_eq!(hs.take_rsa_decrypt_time(), None);
     let (b, g_b) = client_secret();
     let step = hs
         .on_message(

@@ -186,6 +186,19 @@ impl Transport {
         }
     }
 
+    /// The transport's name for metrics and logs, once detected
+    /// (`abridged`, `obfuscated_padded_intermediate`, …).
+    pub fn name(&self) -> Option<&'static str> {
+        let kind = self.framing()?;
+        Some(match (self.is_obfuscated(), kind) {
+            (false, kind) => kind.as_str(),
+            (true, FramingKind::Abridged) => "obfuscated_abridged",
+            (true, FramingKind::Intermediate) => "obfuscated_intermediate",
+            (true, FramingKind::PaddedIntermediate) => "obfuscated_padded_intermediate",
+            (true, FramingKind::Full) => "obfuscated_full",
+        })
+    }
+
     pub fn is_obfuscated(&self) -> bool {
         matches!(
             self.state,

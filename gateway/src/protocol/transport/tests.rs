@@ -30,8 +30,10 @@ fn detects_plain_abridged_with_short_and_long_lengths() {
     // QuickAck flag on a short frame.
     wire.extend_from_slice(&[0x81, 1, 2, 3, 4]);
     let mut t = Transport::new(1 << 20);
+    assert_eq!(t.name(), None);
     let frames = decode_all(&mut t, &wire).unwrap();
     assert_eq!(t.framing(), Some(FramingKind::Abridged));
+    assert_eq!(t.name(), Some("abridged"));
     assert_eq!(frames.len(), 3);
     assert_eq!(&frames[0].payload[..], &[1, 2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(&frames[1].payload[..], &long[..]);
@@ -253,6 +255,10 @@ fn obfuscated_round_trip_keeps_ctr_in_step_for_every_framing() {
         let mut t = Transport::new(1 << 20);
         let frames = decode_all(&mut t, &wire).unwrap();
         assert_eq!(t.framing(), Some(framing));
+        assert_eq!(
+            t.name().map(|n| n.strip_prefix("obfuscated_")),
+            Some(Some(framing.as_str()))
+        );
         assert_eq!(t.dc_id(), Some(-2));
         assert_eq!(frames.len(), 3);
         for (got, (_, want)) in frames.iter().zip(&plain_frames) {
