@@ -120,6 +120,56 @@ class RawWs:
                 return struct.unpack(">H", payload[:2])[0] if payload else 1005
 
 
+@pytest.fixture(scope="module")
+def wss_gateway(tmp_path_factory):
+    """A WebSocket listener serving TLS itself, with a self-signed certificate for 127.0.0.1."""
+    workdir = tmp_path_factory.mktemp("wss")
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    port = free_port()
+    config = workdir / "gateway.toml"
+    config.write_text(f"""
+[[listeners]]
+address = "127.0.0.1:{port}"
+transport = "websocket"
+tls_cert = "{cert}"
+tls_key = "{key}"
+""")
+    data = workdir / "data"
+    gw = Process(workdir, ["--config", str(config), "--data-dir", str(data), "--log-level", LOG_FILTER],
+                 port, data / "server-rsa-public.pem")
+    gw.cert = cert
+    yield gw
+    assert gw.alive(), gw.log_text()[-4000:]
+    gw.stop()
+
+
+@pytest.mark.parametrize("transport", ["obfuscated", "abridged"])
+def test_gramjs_over_wss(wss_gateway, transport):
+    env = dict(os.environ, NODE_EXTRA_CA_CERTS=str(wss_gateway.cert))
+    result = subprocess.run(["node", str(REPO / "e2e/gateway/gramjs/ws_ping.js"), GRAMJS, str(wss_gateway.port),
+                             str(wss_gateway.public_key), transport, "wss"],
+                            capture_output=True, text=True, timeout=90, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr + wss_gateway.log_text()[-3000:]
+    assert "pong 4242" in result.stdout
+
+
+def test_plain_websocket_on_a_tls_listener_is_refused(wss_gateway):
+    ws = socket.create_connection(("127.0.0.1", wss_gateway.port), timeout=10)
+    ws.sendall(b"GET /apiws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+    ws.settimeout(10)
+    try:
+        # The TLS server answers a plaintext request with an alert (or nothing) and closes.
+        data = ws.recv(4096)
+        assert not data.startswith(b"HTTP/1.1 101")
+    except ConnectionResetError:
+        pass
+    finally:
+        ws.close()
+
+
 @pytest.mark.parametrize("transport", ["obfuscated", "abridged"])
 def test_gramjs_handshake_and_ping(ws_gateway, transport):
     result = subprocess.run(["node", str(REPO / "e2e/gateway/gramjs/ws_ping.js"), GRAMJS, str(ws_gateway.open_port),

@@ -192,6 +192,9 @@ impl Gateway {
             max_frame_bytes: l.max_frame_bytes,
             outbox_capacity: l.outbox_capacity,
             max_sessions_per_connection: l.max_sessions_per_connection,
+            max_connections: l.max_connections,
+            http_max_wait: Duration::from_millis(l.http_max_wait_ms),
+            http_queue_bytes: l.http_queue_bytes,
         };
         let key_writer = (config.auth_keys.writer == KeyLookup::Store).then(|| key_store.clone());
         let key_source: Arc<dyn KeySource> = match config.auth_keys.lookup {
@@ -202,9 +205,13 @@ impl Gateway {
         for listener in &listeners {
             if let Some(addr) = listener.local_addr() {
                 let endpoint = &listener.endpoint;
+                let tls = endpoint.tls.is_some();
                 match &endpoint.websocket {
                     Some(ws) => {
-                        info!(%addr, path = %ws.path, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
+                        info!(%addr, path = %ws.path, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
+                    }
+                    None if endpoint.http => {
+                        info!(%addr, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto HTTP clients")
                     }
                     None => {
                         info!(%addr, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto TCP clients")
@@ -234,6 +241,7 @@ impl Gateway {
             server_id,
             metrics,
             connection_ids: Default::default(),
+            http: Default::default(),
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(admin::bind(addr).await?),

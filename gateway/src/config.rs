@@ -40,7 +40,10 @@ pub struct Cli {
     /// Address to accept MTProto over WebSocket on (path /apiws; 11443 by convention). Repeatable.
     #[arg(long = "listen-ws", value_name = "ADDR")]
     pub listen_ws: Vec<SocketAddr>,
-    /// PROXY protocol (v1 and v2) on the --listen and --listen-ws listeners: off, optional or required.
+    /// Address to accept MTProto's HTTP transport on (POST /api, /apiw, /apiw1). Repeatable.
+    #[arg(long = "listen-http", value_name = "ADDR")]
+    pub listen_http: Vec<SocketAddr>,
+    /// PROXY protocol (v1 and v2) on the --listen, --listen-ws and --listen-http listeners: off, optional or required.
     #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"])]
     pub proxy_protocol: Option<String>,
     /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
@@ -141,6 +144,13 @@ pub struct Listener {
     /// WebSocket only: allowed `Origin` header values; empty allows any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// WebSocket and HTTP only: certificate chain (PEM) to serve TLS with
+    /// (`wss://`, `https://`) where no load balancer terminates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM, PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The path WebSocket listeners serve unless configured.
@@ -158,6 +168,8 @@ impl Listener {
             proxy_protocol,
             path: None,
             allowed_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
@@ -175,6 +187,8 @@ pub enum ListenerTransport {
     Tcp,
     /// The same byte stream inside binary WebSocket messages (web clients; port 11443 by convention).
     Websocket,
+    /// MTProto's HTTP transport: one message per `POST /api` body, long-poll with `http_wait`.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +281,10 @@ pub struct LimitsConfig {
     /// New handshakes (`req_pq`) per client address per minute, as a burst
     /// refilled evenly; beyond it the client gets transport error -429.
     pub handshakes_per_ip_per_minute: u32,
+    /// HTTP transport: the longest an `http_wait` long-poll is held (clients' `max_wait` is capped to it).
+    pub http_max_wait_ms: u64,
+    /// HTTP transport: bytes of server messages queued per session between requests.
+    pub http_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -314,6 +332,8 @@ impl Default for Config {
                 max_connections: 100_000,
                 max_connections_per_ip: 256,
                 handshakes_per_ip_per_minute: 120,
+                http_max_wait_ms: 25_000,
+                http_queue_bytes: 1 << 20,
             },
         }
     }
@@ -387,7 +407,10 @@ impl Config {
             data_dir: cli.data_dir.clone(),
             rsa_private_keys: (!cli.rsa_private_key.is_empty())
                 .then(|| cli.rsa_private_key.clone()),
-            listeners: (!cli.listen.is_empty() || !cli.listen_ws.is_empty()).then(|| {
+            listeners: (!cli.listen.is_empty()
+                || !cli.listen_ws.is_empty()
+                || !cli.listen_http.is_empty())
+            .then(|| {
                 let proxy = match cli.proxy_protocol.as_deref() {
                     Some("required") => ProxyProtocol::Required,
                     Some("optional") => ProxyProtocol::Optional,
@@ -401,7 +424,11 @@ impl Config {
                     .listen_ws
                     .iter()
                     .map(|&a| Listener::new(a, ListenerTransport::Websocket, proxy));
-                tcp.chain(ws).collect()
+                let http = cli
+                    .listen_http
+                    .iter()
+                    .map(|&a| Listener::new(a, ListenerTransport::Http, proxy));
+                tcp.chain(ws).chain(http).collect()
             }),
             admin_listen: cli.admin_listen,
             session: SessionOverrides {
@@ -427,7 +454,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 8] = [
+        let checks: [(bool, &str); 10] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -462,6 +489,14 @@ impl Config {
                     && l.handshakes_per_ip_per_minute >= 1,
                 "limits.max_connections, limits.max_connections_per_ip and limits.handshakes_per_ip_per_minute must be at least 1",
             ),
+            (
+                (1..=300_000).contains(&l.http_max_wait_ms),
+                "limits.http_max_wait_ms must be between 1 and 300000",
+            ),
+            (
+                l.http_queue_bytes >= 1024,
+                "limits.http_queue_bytes must be at least 1024",
+            ),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -475,6 +510,19 @@ impl Config {
                     "invalid configuration: listeners[{i}]: path and allowed_origins apply only to \
                      transport = \"websocket\"; remove them or change the transport"
                 );
+            }
+            match (&listener.tls_cert, &listener.tls_key) {
+                (Some(_), Some(_)) if listener.transport == ListenerTransport::Tcp => anyhow::bail!(
+                    "invalid configuration: listeners[{i}].tls_cert: TLS applies only to transport = \"websocket\" \
+                     or \"http\" (MTProto over TCP has its own obfuscation); remove tls_cert and tls_key"
+                ),
+                (Some(_), None) => anyhow::bail!(
+                    "invalid configuration: listeners[{i}].tls_key is missing (tls_cert is set); give both or neither"
+                ),
+                (None, Some(_)) => anyhow::bail!(
+                    "invalid configuration: listeners[{i}].tls_cert is missing (tls_key is set); give both or neither"
+                ),
+                _ => {}
             }
             if !listener.websocket_path().starts_with('/') {
                 anyhow::bail!(
@@ -708,6 +756,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listeners[1].transport, ListenerTransport::Websocket);
+    }
+
+    #[test]
+    fn http_listeners_and_tls_settings() {
+        let c = Config::load_from(&cli(&["--listen-http", "127.0.0.1:8080"]), no_env()).unwrap();
+        assert_eq!(c.listeners[0].transport, ListenerTransport::Http);
+        assert_eq!(c.limits.http_max_wait_ms, 25_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        let c = load("[[listeners]]\naddress = \"127.0.0.1:1\"\ntransport = \"websocket\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n").unwrap();
+        assert_eq!(c.listeners[0].tls_key, Some(PathBuf::from("k.pem")));
+        for (text, field) in [
+            (
+                "transport = \"http\"\ntls_cert = \"c.pem\"\n",
+                "listeners[0].tls_key",
+            ),
+            (
+                "transport = \"http\"\ntls_key = \"k.pem\"\n",
+                "listeners[0].tls_cert",
+            ),
+            (
+                "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+                "listeners[0].tls_cert",
+            ),
+            (
+                "transport = \"http\"\npath = \"/api\"\n",
+                "listeners[0]: path",
+            ),
+        ] {
+            let err =
+                load(&format!("[[listeners]]\naddress = \"127.0.0.1:1\"\n{text}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let err = load("[limits]\nhttp_max_wait_ms = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.http_max_wait_ms"), "{err}");
     }
 
     #[test]

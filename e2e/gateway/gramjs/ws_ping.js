@@ -1,14 +1,15 @@
 // GramJS (the `telegram` npm package) as a real WebSocket client: trusts the
 // gateway's RSA key, runs the handshake over ws://HOST:PORT/apiws and sends
-// ping. Usage: node ws_ping.js GRAMJS_DIR PORT PUBLIC_KEY_PEM TRANSPORT
-// (TRANSPORT: obfuscated | abridged). Prints "pong <ping_id>" on success.
+// ping. Usage: node ws_ping.js GRAMJS_DIR PORT PUBLIC_KEY_PEM TRANSPORT [wss]
+// (TRANSPORT: obfuscated | abridged; `wss`: TLS on any port, trusting the CA
+// in NODE_EXTRA_CA_CERTS). Prints "pong <ping_id>" on success.
 "use strict";
 
 const fs = require("fs");
 const crypto = require("crypto");
 const path = require("path");
 
-const [dir, port, pemPath, transport] = process.argv.slice(2);
+const [dir, port, pemPath, transport, scheme] = process.argv.slice(2);
 const lib = (name) => require(path.join(dir, "node_modules", name));
 const bigInt = lib("big-integer");
 const { MTProtoSender } = lib("telegram/network");
@@ -35,6 +36,13 @@ function trustServerKey(pem) {
   RSA._serverKeys.set(fingerprint.toString(), { n: bigInt(n.toString("hex"), 16), e: parseInt(e.toString("hex"), 16) });
 }
 
+/** GramJS picks wss:// only for port 443; tests serve TLS on a free port. */
+class SecureWebSockets extends PromisedWebSockets {
+  getWebSocketLink(ip, p, testServers) {
+    return `wss://${ip}:${p}/apiws${testServers ? "_test" : ""}`;
+  }
+}
+
 async function main() {
   trustServerKey(fs.readFileSync(pemPath, "utf8"));
   const logger = new Logger("error");
@@ -52,7 +60,7 @@ async function main() {
     dcId: 2,
     loggers: logger,
     proxy: undefined,
-    socket: PromisedWebSockets,
+    socket: scheme === "wss" ? SecureWebSockets : PromisedWebSockets,
     testServers: false,
   });
   await sender.connect(connection);

@@ -4,6 +4,7 @@
 pub mod crypto;
 pub mod dh;
 pub mod handshake;
+pub mod longpoll;
 pub mod message;
 pub mod pq;
 pub mod proxy;

@@ -155,9 +155,71 @@ impl Collector for GatewayCollector {
                 "WebSocket upgrades refused (path, Origin, bad request) or not finished.",
                 &refused.websocket_upgrade,
             ),
+            (
+                "mtproto_refused_tls_handshake",
+                "TLS handshakes on wss/https listeners that failed or timed out.",
+                &refused.tls_handshake,
+            ),
         ] {
             counter(&mut encoder, name, help, load(value))?;
         }
+        let http = &self.shared.http.stats;
+        for (name, help, value) in [
+            (
+                "mtproto_http_requests",
+                "HTTP transport requests.",
+                &http.requests,
+            ),
+            (
+                "mtproto_http_refused_method",
+                "HTTP requests refused with 405 (not POST).",
+                &http.bad_method,
+            ),
+            (
+                "mtproto_http_refused_path",
+                "HTTP requests refused with 404 (not an MTProto path).",
+                &http.bad_path,
+            ),
+            (
+                "mtproto_http_refused_too_large",
+                "HTTP requests refused with 413 (body over limits.max_frame_bytes).",
+                &http.too_large,
+            ),
+            (
+                "mtproto_http_refused_bad_body",
+                "HTTP requests refused with 400 (incomplete body, bad MTProto message, failed handshake step).",
+                &http.bad_body,
+            ),
+            (
+                "mtproto_http_unavailable",
+                "HTTP requests answered 502/503 (session or key store failed, gateway full or stopping).",
+                &http.unavailable,
+            ),
+            (
+                "mtproto_http_queue_dropped",
+                "Server messages an HTTP session's queue could not hold (reported undelivered) or lost when it expired.",
+                &http.queue_dropped,
+            ),
+            (
+                "mtproto_http_sessions_expired",
+                "HTTP virtual connections closed after limits.idle_timeout_secs without a request.",
+                &http.sessions_expired,
+            ),
+        ] {
+            counter(&mut encoder, name, help, load(value))?;
+        }
+        gauge(
+            &mut encoder,
+            "mtproto_http_sessions",
+            "HTTP virtual connections (auth key and session) open now.",
+            self.shared.http.session_count() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "mtproto_http_handshakes_pending",
+            "HTTP handshakes waiting for their next request.",
+            self.shared.http.handshake_count() as i64,
+        )?;
         gauge(
             &mut encoder,
             "mtproto_sessions",

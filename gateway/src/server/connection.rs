@@ -34,9 +34,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Read buffer of a connection with no partial frame pending.
 const IDLE_CHUNK: usize = 1024;
 
-/// Why a connection ended.
+/// Why a connection (or, on HTTP, a request) ended.
 #[derive(Debug, thiserror::Error)]
-enum Close {
+pub(super) enum Close {
     #[error("client closed the connection")]
     ClientClosed,
     #[error("read failed: {0}")]
@@ -105,7 +105,7 @@ impl Close {
     }
 
     /// The transport error code to send before closing, where MTProto has one.
-    fn code(&self) -> Option<i32> {
+    pub(super) fn code(&self) -> Option<i32> {
         match self {
             Close::UnknownKey(_) | Close::ExpiredKey(_) => Some(error_code::AUTH_KEY_NOT_FOUND),
             Close::Session(SessionError::AuthKeyUnregistered) => {
@@ -206,15 +206,17 @@ pub async fn run(
         last_plain_msg_id: 0,
     };
     let mut buf = BytesMut::new();
-    let admitted = conn
-        .admit(
-            &mut stream,
-            &mut buf,
-            &mut slot,
-            endpoint.proxy_protocol,
-            handshake_deadline,
-        )
-        .await;
+    let admitted = admit(
+        &conn.shared,
+        id,
+        &mut conn.peer,
+        &mut stream,
+        &mut buf,
+        &mut slot,
+        endpoint.proxy_protocol,
+        handshake_deadline,
+    )
+    .await;
     if let Err(close) = admitted {
         conn.finish(&mut stream, close).await;
         return;
@@ -226,25 +228,22 @@ pub async fn run(
         conn.finish(&mut stream, close).await;
         return;
     };
-    // The upgrade counts against the handshake deadline too.
-    let upgrade = websocket::accept(Prefixed::new(buf, stream), ws);
-    match tokio::time::timeout_at(handshake_deadline, upgrade).await {
-        Ok(Ok(mut ws)) => {
-            let close = conn
-                .serve(
-                    &mut ws,
-                    BytesMut::new(),
-                    handshake_deadline,
-                    inbox,
-                    shutdown,
-                )
-                .await;
-            conn.finish(&mut ws, close).await;
+    // TLS and the upgrade count against the handshake deadline too. Their
+    // state is boxed so that the tasks of plain TCP connections, which are
+    // most of the idle ones, stay small (rustls' handshake state is large).
+    let stream = Prefixed::new(buf, stream);
+    let Some(tls) = &endpoint.tls else {
+        Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await;
+        return;
+    };
+    match tokio::time::timeout_at(handshake_deadline, Box::pin(tls.0.accept(stream))).await {
+        Ok(Ok(stream)) => {
+            Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await
         }
         Ok(Err(e)) => {
-            conn.count_closed("websocket_upgrade_refused");
-            let total = Refused::count(&conn.shared.admission.refused.websocket_upgrade);
-            info!(conn = id, peer = %conn.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
+            conn.count_closed("tls_handshake_failed");
+            let total = Refused::count(&conn.shared.admission.refused.tls_handshake);
+            info!(conn = id, peer = %conn.peer, refused_total = total, "closed: TLS handshake failed: {e}");
         }
         Err(_) => {
             conn.count_closed(Close::HandshakeTimeout.reason());
@@ -253,52 +252,293 @@ pub async fn run(
     }
 }
 
-impl Connection {
-    /// Reads the PROXY header the listener expects, then counts the
-    /// connection against its client address. Bytes after the header stay in `buf`.
-    async fn admit(
-        &mut self,
-        reader: &mut TcpStream,
-        buf: &mut BytesMut,
-        slot: &mut Slot,
-        mode: ProxyProtocol,
-        deadline: Instant,
-    ) -> Result<(), Close> {
-        if mode != ProxyProtocol::Off {
-            let detected = loop {
-                match proxy::detect(buf) {
-                    Ok(Detected::NeedMore) => {}
-                    Ok(detected) => break detected,
-                    Err(e) => return Err(self.proxy_refused(Close::ProxyHeader(e))),
+/// Reads the PROXY header the listener expects, then counts the connection
+/// against its client address (`peer`, replaced by the header's source).
+/// Bytes after the header stay in `buf`.
+#[allow(clippy::too_many_arguments)] // one connection's admission state, used once per connection
+pub(super) async fn admit(
+    shared: &Shared,
+    id: ConnectionId,
+    peer: &mut SocketAddr,
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+    slot: &mut Slot,
+    mode: ProxyProtocol,
+    deadline: Instant,
+) -> Result<(), Close> {
+    if mode != ProxyProtocol::Off {
+        let detected = loop {
+            match proxy::detect(buf) {
+                Ok(Detected::NeedMore) => {}
+                Ok(detected) => break detected,
+                Err(e) => return Err(proxy_refused(shared, id, Close::ProxyHeader(e))),
+            }
+            let read = tokio::select! {
+                read = reader.read_buf(buf) => read,
+                _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
+            };
+            match read {
+                Ok(0) => return Err(Close::ClientClosed),
+                Ok(_) => {}
+                Err(e) => return Err(Close::Read(e)),
+            }
+        };
+        match detected {
+            Detected::Header(header) => {
+                buf.advance(header.len);
+                if let Some(source) = header.source {
+                    debug!(conn = id, socket_peer = %peer, client = %source, "PROXY header");
+                    *peer = source;
                 }
-                let read = tokio::select! {
-                    read = reader.read_buf(buf) => read,
-                    _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
-                };
-                match read {
-                    Ok(0) => return Err(Close::ClientClosed),
-                    Ok(_) => {}
-                    Err(e) => return Err(Close::Read(e)),
+            }
+            _ if mode == ProxyProtocol::Required => {
+                return Err(proxy_refused(shared, id, Close::ProxyHeaderMissing))
+            }
+            _ => {}
+        }
+    }
+    shared
+        .admission
+        .enter_client(slot, peer.ip())
+        .map_err(|_| Close::ClientLimit)
+}
+
+/// Counts a refused PROXY header; the reason is logged when the connection closes.
+fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
+    let total = Refused::count(&shared.admission.refused.proxy_header);
+    debug!(conn = id, refused_total = total, "PROXY header refused");
+    close
+}
+
+/// Adds one to `mtproto_handshakes_total{outcome}`.
+fn count_handshake(shared: &Shared, outcome: &'static str) {
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+}
+
+/// Runs one unencrypted handshake message through `handshake`: the per-address
+/// handshake rate on `req_pq`, RSA and DH off the async workers, the step
+/// metrics, and storing a new key. `started` is when this handshake's
+/// `req_pq` came. Returns the TL body to answer with, if any.
+pub(super) async fn handshake_step(
+    shared: &Shared,
+    id: ConnectionId,
+    peer: SocketAddr,
+    handshake: &mut Handshake,
+    started: &mut Option<Instant>,
+    body: Vec<u8>,
+) -> Result<Option<Vec<u8>>, Close> {
+    let constructor = Handshake::constructor(&body);
+    if matches!(constructor, Some(id::REQ_PQ | id::REQ_PQ_MULTI))
+        && !shared
+            .admission
+            .allow_handshake(peer.ip(), Instant::now().into_std())
+    {
+        let total = Refused::count(&shared.admission.refused.handshake_flood);
+        debug!(conn = id, %peer, refused_total = total, "handshake rate exceeded");
+        count_handshake(shared, "flood");
+        return Err(Close::HandshakeFlood);
+    }
+    let step_name = match constructor {
+        Some(id::REQ_PQ | id::REQ_PQ_MULTI) => {
+            *started = Some(Instant::now());
+            "req_pq"
+        }
+        Some(id::REQ_DH_PARAMS) => "req_DH_params",
+        Some(id::SET_CLIENT_DH_PARAMS) => "set_client_DH_params",
+        _ => "other",
+    };
+    let step_started = Instant::now();
+    let heavy = matches!(
+        constructor,
+        Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
+    );
+    let now = unix_now().as_secs() as i64;
+    let step = if heavy {
+        // RSA and 2048-bit modpow: keep them off the async workers.
+        let mut owned = std::mem::replace(handshake, Handshake::new(shared.handshake.clone()));
+        let (owned, step) = tokio::task::spawn_blocking(move || {
+            let step = owned.on_message(&body, now, &mut rand::thread_rng());
+            (owned, step)
+        })
+        .await
+        .map_err(|_| Close::Handshake(HandshakeError::OutOfOrder("blocking task", "aborted")))?;
+        *handshake = owned;
+        step
+    } else {
+        handshake.on_message(&body, now, &mut rand::thread_rng())
+    };
+    let metrics = &shared.metrics;
+    metrics
+        .handshake_step_duration
+        .get_or_create(&StepLabels { step: step_name })
+        .observe(step_started.elapsed().as_secs_f64());
+    if let Some(rsa) = handshake.take_rsa_decrypt_time() {
+        metrics.rsa_decrypt_duration.observe(rsa.as_secs_f64());
+    }
+    metrics
+        .handshake_steps
+        .get_or_create(&StepOutcomeLabels {
+            step: step_name,
+            outcome: step.as_ref().map_or_else(HandshakeError::reason, |_| "ok"),
+        })
+        .inc();
+    match step {
+        Err(e) => {
+            debug!(
+                conn = id,
+                state = handshake.state_name(),
+                "handshake failed: {e}"
+            );
+            count_handshake(shared, "failed");
+            Err(e.into())
+        }
+        Ok(Step::Nothing) => Ok(None),
+        Ok(Step::Reply(reply)) => Ok(Some(reply)),
+        Ok(Step::StoreKey(new_key)) => {
+            let stored = match &shared.keys.writer {
+                Some(store) => match store.insert(new_key.info.clone(), new_key.first_salt).await {
+                    Ok(()) => Ok(StoreOutcome::Stored),
+                    Err(crate::authkey::store::StoreError::Collision(_)) => {
+                        Ok(StoreOutcome::Collision)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                None => shared
+                    .session
+                    .set_auth_key(&new_key)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            let outcome = match stored {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    warn!(
+                        conn = id,
+                        auth_key_id = new_key.info.id(),
+                        "storing new auth key failed: {e}"
+                    );
+                    StoreOutcome::Failed
                 }
             };
-            match detected {
-                Detected::Header(header) => {
-                    buf.advance(header.len);
-                    if let Some(source) = header.source {
-                        debug!(conn = self.id, socket_peer = %self.peer, client = %source, "PROXY header");
-                        self.peer = source;
-                    }
+            count_handshake(
+                shared,
+                match outcome {
+                    StoreOutcome::Stored => "created",
+                    StoreOutcome::Collision => "retry",
+                    StoreOutcome::Failed => "store_failed",
+                },
+            );
+            if outcome == StoreOutcome::Stored {
+                if let Some(started) = started.take() {
+                    metrics
+                        .handshake_duration
+                        .observe(started.elapsed().as_secs_f64());
                 }
-                _ if mode == ProxyProtocol::Required => {
-                    return Err(self.proxy_refused(Close::ProxyHeaderMissing))
-                }
-                _ => {}
+                info!(
+                    conn = id,
+                    %peer,
+                    auth_key_id = new_key.info.id(),
+                    key_type = ?new_key.info.key_type,
+                    "auth key created"
+                );
+                shared.keys.cache.insert(new_key.info).await;
+            }
+            Ok(Some(handshake.on_store_result(outcome)?))
+        }
+    }
+}
+
+/// Finds an auth key by id (cache, then the key source); unknown and expired
+/// keys are refused with −404.
+pub(super) async fn lookup_key(
+    shared: &Shared,
+    auth_key_id: i64,
+) -> Result<Arc<AuthKeyInfo>, Close> {
+    let info = match shared
+        .keys
+        .cache
+        .get(auth_key_id, shared.keys.source.as_ref())
+        .await
+    {
+        Ok(Some(info)) => info,
+        Ok(None) => return Err(Close::UnknownKey(auth_key_id)),
+        Err(e) => return Err(Close::KeyLookup(e.0)),
+    };
+    if info.is_expired(unix_now().as_secs() as i64) {
+        shared.keys.cache.remove(auth_key_id).await;
+        return Err(Close::ExpiredKey(auth_key_id));
+    }
+    Ok(info)
+}
+
+/// teamgram's `SessionClientData` for a decrypted message: `payload` is the
+/// whole decrypted frame, of which the plaintext from byte 16 (msg_id
+/// onwards, padding included) is forwarded without copying.
+#[allow(clippy::too_many_arguments)] // the fields of one SessionClientData
+pub(super) fn client_data(
+    shared: &Shared,
+    info: &AuthKeyInfo,
+    conn_type: i32,
+    client_ip: std::net::IpAddr,
+    salt: i64,
+    session_id: i64,
+    mut payload: BytesMut,
+    plaintext_len: usize,
+) -> SessionClientData {
+    payload.advance(24 + 16);
+    payload.truncate(plaintext_len - 16);
+    SessionClientData {
+        server_id: shared.server_id.clone(),
+        conn_type,
+        auth_key_id: info.id(),
+        key_type: info.key_type as i32,
+        perm_auth_key_id: info.perm_auth_key_id,
+        session_id,
+        client_ip: client_ip.to_string(),
+        quick_ack: 0,
+        salt,
+        payload: payload.freeze(),
+    }
+}
+
+impl Connection {
+    /// Runs the WebSocket upgrade on `stream`, then serves the connection inside it.
+    async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: S,
+        ws: &websocket::WsOptions,
+        handshake_deadline: Instant,
+        inbox: mpsc::Receiver<Outgoing>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let upgrade = websocket::accept(stream, ws);
+        match tokio::time::timeout_at(handshake_deadline, upgrade).await {
+            Ok(Ok(mut ws)) => {
+                let close = self
+                    .serve(
+                        &mut ws,
+                        BytesMut::new(),
+                        handshake_deadline,
+                        inbox,
+                        shutdown,
+                    )
+                    .await;
+                self.finish(&mut ws, close).await;
+            }
+            Ok(Err(e)) => {
+                self.count_closed("websocket_upgrade_refused");
+                let total = Refused::count(&self.shared.admission.refused.websocket_upgrade);
+                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
+            }
+            Err(_) => {
+                self.count_closed(Close::HandshakeTimeout.reason());
+                info!(conn = self.id, peer = %self.peer, "closed: {}", Close::HandshakeTimeout);
             }
         }
-        self.shared
-            .admission
-            .enter_client(slot, self.peer.ip())
-            .map_err(|_| Close::ClientLimit)
     }
 
     fn count_closed(&self, reason: &'static str) {
@@ -310,22 +550,7 @@ impl Connection {
     }
 
     fn count_handshake(&self, outcome: &'static str) {
-        self.shared
-            .metrics
-            .handshakes
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
-    /// Counts a refused PROXY header; the reason is logged when the connection closes.
-    fn proxy_refused(&self, close: Close) -> Close {
-        let total = Refused::count(&self.shared.admission.refused.proxy_header);
-        debug!(
-            conn = self.id,
-            refused_total = total,
-            "PROXY header refused"
-        );
-        close
+        count_handshake(&self.shared, outcome);
     }
 
     /// Logs why the connection ends, sends the transport error code where
@@ -485,125 +710,15 @@ impl Connection {
             .handshake
             .take()
             .unwrap_or_else(|| Handshake::new(self.shared.handshake.clone()));
-        let constructor = Handshake::constructor(&body);
-        if matches!(constructor, Some(id::REQ_PQ | id::REQ_PQ_MULTI))
-            && !self
-                .shared
-                .admission
-                .allow_handshake(self.peer.ip(), Instant::now().into_std())
-        {
-            let total = Refused::count(&self.shared.admission.refused.handshake_flood);
-            debug!(conn = self.id, peer = %self.peer, refused_total = total, "handshake rate exceeded");
-            self.count_handshake("flood");
-            return Err(Close::HandshakeFlood);
-        }
-        let step_name = match constructor {
-            Some(id::REQ_PQ | id::REQ_PQ_MULTI) => {
-                self.handshake_started = Some(Instant::now());
-                "req_pq"
-            }
-            Some(id::REQ_DH_PARAMS) => "req_DH_params",
-            Some(id::SET_CLIENT_DH_PARAMS) => "set_client_DH_params",
-            _ => "other",
-        };
-        let step_started = Instant::now();
-        let heavy = matches!(
-            constructor,
-            Some(id::REQ_DH_PARAMS | id::SET_CLIENT_DH_PARAMS)
-        );
-        let now = unix_now().as_secs() as i64;
-        let (mut handshake, step) = if heavy {
-            // RSA and 2048-bit modpow: keep them off the async workers.
-            tokio::task::spawn_blocking(move || {
-                let step = handshake.on_message(&body, now, &mut rand::thread_rng());
-                (handshake, step)
-            })
-            .await
-            .map_err(|_| Close::Handshake(HandshakeError::OutOfOrder("blocking task", "aborted")))?
-        } else {
-            let step = handshake.on_message(&body, now, &mut rand::thread_rng());
-            (handshake, step)
-        };
-        let metrics = &self.shared.metrics;
-        metrics
-            .handshake_step_duration
-            .get_or_create(&StepLabels { step: step_name })
-            .observe(step_started.elapsed().as_secs_f64());
-        if let Some(rsa) = handshake.take_rsa_decrypt_time() {
-            metrics.rsa_decrypt_duration.observe(rsa.as_secs_f64());
-        }
-        metrics
-            .handshake_steps
-            .get_or_create(&StepOutcomeLabels {
-                step: step_name,
-                outcome: step.as_ref().map_or_else(HandshakeError::reason, |_| "ok"),
-            })
-            .inc();
-        let reply = match step {
-            Err(e) => {
-                debug!(
-                    conn = self.id,
-                    state = handshake.state_name(),
-                    "handshake failed: {e}"
-                );
-                self.count_handshake("failed");
-                return Err(e.into());
-            }
-            Ok(Step::Nothing) => None,
-            Ok(Step::Reply(reply)) => Some(reply),
-            Ok(Step::StoreKey(new_key)) => {
-                let stored = match &self.shared.keys.writer {
-                    Some(store) => {
-                        match store.insert(new_key.info.clone(), new_key.first_salt).await {
-                            Ok(()) => Ok(StoreOutcome::Stored),
-                            Err(crate::authkey::store::StoreError::Collision(_)) => {
-                                Ok(StoreOutcome::Collision)
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                    None => self
-                        .shared
-                        .session
-                        .set_auth_key(&new_key)
-                        .await
-                        .map_err(|e| e.to_string()),
-                };
-                let outcome = match stored {
-                    Ok(outcome) => outcome,
-                    Err(e) => {
-                        warn!(
-                            conn = self.id,
-                            auth_key_id = new_key.info.id(),
-                            "storing new auth key failed: {e}"
-                        );
-                        StoreOutcome::Failed
-                    }
-                };
-                self.count_handshake(match outcome {
-                    StoreOutcome::Stored => "created",
-                    StoreOutcome::Collision => "retry",
-                    StoreOutcome::Failed => "store_failed",
-                });
-                if outcome == StoreOutcome::Stored {
-                    if let Some(started) = self.handshake_started.take() {
-                        self.shared
-                            .metrics
-                            .handshake_duration
-                            .observe(started.elapsed().as_secs_f64());
-                    }
-                    info!(
-                        conn = self.id,
-                        peer = %self.peer,
-                        auth_key_id = new_key.info.id(),
-                        key_type = ?new_key.info.key_type,
-                        "auth key created"
-                    );
-                    self.shared.keys.cache.insert(new_key.info).await;
-                }
-                Some(handshake.on_store_result(outcome)?)
-            }
-        };
+        let reply = handshake_step(
+            &self.shared,
+            self.id,
+            self.peer,
+            &mut handshake,
+            &mut self.handshake_started,
+            body,
+        )
+        .await?;
         self.handshake = Some(handshake);
         if let Some(reply) = reply {
             let now = unix_now();
@@ -631,21 +746,7 @@ impl Connection {
             }
             return Ok(key.clone());
         }
-        let info = match self
-            .shared
-            .keys
-            .cache
-            .get(auth_key_id, self.shared.keys.source.as_ref())
-            .await
-        {
-            Ok(Some(info)) => info,
-            Ok(None) => return Err(Close::UnknownKey(auth_key_id)),
-            Err(e) => return Err(Close::KeyLookup(e.0)),
-        };
-        if info.is_expired(unix_now().as_secs() as i64) {
-            self.shared.keys.cache.remove(auth_key_id).await;
-            return Err(Close::ExpiredKey(auth_key_id));
-        }
+        let info = lookup_key(&self.shared, auth_key_id).await?;
         self.key = Some(info.clone());
         self.handshake = None;
         Ok(info)
@@ -679,21 +780,16 @@ impl Connection {
                     .attach(auth_key_id, session_id, self.id, &self.outbox),
             )
         };
-        // Forward plaintext from byte 16 (msg_id onwards, padding included) without copying.
-        payload.advance(24 + 16);
-        payload.truncate(plaintext_len - 16);
-        let data = SessionClientData {
-            server_id: self.shared.server_id.clone(),
+        let data = client_data(
+            &self.shared,
+            &info,
             conn_type,
-            auth_key_id,
-            key_type: info.key_type as i32,
-            perm_auth_key_id: info.perm_auth_key_id,
-            session_id,
-            client_ip: self.peer.ip().to_string(),
-            quick_ack: 0,
+            self.peer.ip(),
             salt,
-            payload: payload.freeze(),
-        };
+            session_id,
+            payload,
+            plaintext_len,
+        );
         self.shared
             .session
             .send_data(data)

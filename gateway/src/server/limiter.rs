@@ -120,6 +120,8 @@ pub struct Refused {
     pub handshake_flood: AtomicU64,
     pub proxy_header: AtomicU64,
     pub websocket_upgrade: AtomicU64,
+    /// TLS handshakes on `wss://`/`https://` listeners that failed or timed out.
+    pub tls_handshake: AtomicU64,
 }
 
 impl Refused {

@@ -3,18 +3,21 @@
 
 pub mod admin;
 mod connection;
+pub mod http;
 pub mod limiter;
 pub mod registry;
 pub mod reverse;
 pub mod websocket;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
@@ -40,6 +43,12 @@ pub struct Limits {
     pub outbox_capacity: usize,
     /// Distinct session ids one connection may carry.
     pub max_sessions_per_connection: usize,
+    /// Open connections per listener; on HTTP also the number of virtual connections.
+    pub max_connections: usize,
+    /// Longest an HTTP long-poll is held.
+    pub http_max_wait: Duration,
+    /// Bytes of server messages an HTTP session queues between requests.
+    pub http_queue_bytes: usize,
 }
 
 /// How connections find and record auth keys.
@@ -65,6 +74,8 @@ pub struct Shared {
     /// This gateway's id as sessions address it.
     pub server_id: String,
     pub metrics: Arc<Metrics>,
+    /// The HTTP transport's handshakes and virtual connections.
+    pub http: http::Hub,
     pub connection_ids: ConnectionIds,
 }
 
@@ -101,7 +112,10 @@ pub async fn serve(
         let shared = shared.clone();
         let force = force_rx.clone();
         let done_tx = done_tx.clone();
-        accept_tasks.push(tokio::spawn(accept_loop(listener, shared, force, done_tx)));
+        let draining = shutdown.clone();
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener, shared, draining, force, done_tx,
+        )));
     }
     drop(done_tx);
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -124,6 +138,7 @@ pub async fn serve(
 async fn accept_loop(
     bound: BoundListener,
     shared: Arc<Shared>,
+    draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
     done_tx: mpsc::Sender<()>,
 ) {
@@ -164,11 +179,27 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let force_close = force_close.clone();
+                let draining = draining.clone();
                 let done = done_tx.clone();
                 let endpoint = endpoint.clone();
                 tokio::spawn(async move {
-                    connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
-                    drop(done);
+                    if endpoint.http {
+                        // Boxed: hyper's state would otherwise enlarge every connection's task.
+                        Box::pin(http::run(
+                            stream,
+                            peer,
+                            slot,
+                            &endpoint,
+                            shared,
+                            draining,
+                            force_close,
+                            done,
+                        ))
+                        .await;
+                    } else {
+                        connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
+                        drop(done);
+                    }
                 });
             }
             Err(e) => {
@@ -186,6 +217,20 @@ pub struct Endpoint {
     pub proxy_protocol: ProxyProtocol,
     /// Set on WebSocket listeners.
     pub websocket: Option<websocket::WsOptions>,
+    /// MTProto's HTTP transport.
+    pub http: bool,
+    /// Set when the listener serves TLS itself (`wss://`, `https://`).
+    pub tls: Option<Tls>,
+}
+
+/// A listener's TLS server.
+#[derive(Clone)]
+pub struct Tls(pub TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
 }
 
 impl Endpoint {
@@ -193,6 +238,8 @@ impl Endpoint {
     pub fn kind(&self) -> &'static str {
         if self.websocket.is_some() {
             "websocket"
+        } else if self.http {
+            "http"
         } else {
             "tcp"
         }
@@ -212,6 +259,31 @@ impl BoundListener {
     }
 }
 
+/// The TLS server of a listener from its PEM files; errors name the field.
+fn tls_acceptor(i: usize, cert: &Path, key: &Path) -> anyhow::Result<Tls> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+    let field = |name: &str, path: &Path, e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("listeners[{i}].{name}: {}: {e}", path.display())
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| field("tls_cert", cert, &e))?;
+    if chain.is_empty() {
+        return Err(field("tls_cert", cert, &"no CERTIFICATE in the file"));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| field("tls_key", key, &e))?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| field("tls_cert", cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| field("tls_key", key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Tls(TlsAcceptor::from(Arc::new(config))))
+}
+
 /// Binds every listener, naming the one that failed. WebSocket messages may
 /// be up to `max_frame_bytes` plus room for the obfuscated2 init and a frame header.
 pub async fn bind_all(
@@ -219,7 +291,11 @@ pub async fn bind_all(
     max_frame_bytes: usize,
 ) -> anyhow::Result<Vec<BoundListener>> {
     let mut out = Vec::with_capacity(listeners.len());
-    for l in listeners {
+    for (i, l) in listeners.iter().enumerate() {
+        let tls = match (&l.tls_cert, &l.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(i, cert, key)?),
+            _ => None,
+        };
         let addr = l.address;
         let listener = TcpListener::bind(addr)
             .await
@@ -235,8 +311,52 @@ pub async fn bind_all(
             endpoint: Arc::new(Endpoint {
                 proxy_protocol: l.proxy_protocol,
                 websocket,
+                http: l.transport == ListenerTransport::Http,
+                tls,
             }),
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_errors_name_the_listener_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
+        assert!(err.contains("listeners[2].tls_cert"), "{err}");
+        // A self-signed certificate and its key (generated with OpenSSL).
+        let pkey = openssl::pkey::PKey::from_ec_key(
+            openssl::ec::EcKey::generate(
+                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "localhost").unwrap();
+        let name = name.build();
+        let mut x509 = openssl::x509::X509Builder::new().unwrap();
+        x509.set_version(2).unwrap();
+        x509.set_subject_name(&name).unwrap();
+        x509.set_issuer_name(&name).unwrap();
+        x509.set_pubkey(&pkey).unwrap();
+        x509.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        x509.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        x509.sign(&pkey, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        std::fs::write(&cert, x509.build().to_pem().unwrap()).unwrap();
+        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
+        assert!(err.contains("listeners[2].tls_key"), "{err}");
+        std::fs::write(&key, pkey.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        tls_acceptor(2, &cert, &key).unwrap();
+    }
 }

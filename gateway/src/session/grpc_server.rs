@@ -94,6 +94,13 @@ impl SessionGrpc {
             .data
             .ok_or(ServiceError::BadRequest("sendDataToSession without data"))?;
         self.check_owner(data.perm_auth_key_id)?;
+        debug!(
+            auth_key_id = data.auth_key_id,
+            perm_auth_key_id = data.perm_auth_key_id,
+            session_id = data.session_id,
+            conn_type = data.conn_type,
+            "sendDataToSession"
+        );
         self.session
             .send_data(SessionClientData {
                 server_id: data.server_id,

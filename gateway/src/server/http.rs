@@ -1,0 +1,800 @@
+//! MTProto's HTTP transport: `POST /api` (and the web variants) carrying one
+//! MTProto message per body, answered with one message per response.
+//!
+//! There is no connection to hang state on, so state is keyed by what the
+//! messages carry: handshakes by their `nonce` (any request of this gateway
+//! continues one, whichever TCP connection it comes on), and each
+//! (auth_key_id, session_id) gets a *virtual connection* in the reverse-path
+//! registry that queues server messages (bounded in bytes) until a request
+//! of that session collects them, long-polling per `http_wait`. A virtual
+//! connection that sees no request for `limits.idle_timeout_secs` expires
+//! (the session is told, as when a TCP connection closes).
+//!
+//! Both kinds of state live in this process: behind several gateway pods,
+//! HTTP clients need affinity (by client address or a cookie) so that a
+//! handshake's three requests, and the long-polls that collect replies, reach
+//! the pod that holds them.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::{debug, info};
+
+use super::connection::{self, Close};
+use super::limiter::{Refused, Slot};
+use super::registry::{ConnectionId, Outgoing};
+use super::websocket::Prefixed;
+use super::{Endpoint, Shared};
+use crate::authkey::AuthKeyInfo;
+use crate::protocol::handshake::{Handshake, HandshakeError};
+use crate::protocol::longpoll::{self, HttpWait, Sequence};
+use crate::protocol::message::{self, MessageError};
+use crate::protocol::tl::id;
+use crate::protocol::transport::error_code;
+use crate::session::SessionClientEvent;
+
+/// teamgram's `conn_type` for messages that came over HTTP (`TRANSPORT_HTTP`).
+pub const CONN_TYPE_HTTP: i32 = 2;
+
+/// Request paths: Telegram's `/api(w)(_test)` (`w`: the browser variant,
+/// same protocol here) and webogram's `/apiw1`.
+const PATHS: [&str; 6] = [
+    "/api",
+    "/apiw",
+    "/apiw1",
+    "/api_test",
+    "/apiw_test",
+    "/apiw1_test",
+];
+
+/// Handshakes in progress at once (each holds a DH secret until it ends or
+/// `limits.handshake_timeout_secs` passes).
+const MAX_PENDING_HANDSHAKES: usize = 65_536;
+
+/// Counters of the HTTP transport, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    /// 405: not POST (or OPTIONS).
+    pub bad_method: AtomicU64,
+    /// 404: not an MTProto path.
+    pub bad_path: AtomicU64,
+    /// 413: body over `limits.max_frame_bytes`.
+    pub too_large: AtomicU64,
+    /// 400: a body that is not one valid MTProto message, or a handshake step that failed.
+    pub bad_body: AtomicU64,
+    /// 502/503: the session or key store failed, or the gateway is full or stopping.
+    pub unavailable: AtomicU64,
+    /// Server messages dropped because a session's queue was full.
+    pub queue_dropped: AtomicU64,
+    /// Virtual connections closed after `limits.idle_timeout_secs` without a request.
+    pub sessions_expired: AtomicU64,
+}
+
+/// The HTTP transport's state, shared by every HTTP listener.
+#[derive(Debug, Default)]
+pub struct Hub {
+    handshakes: Mutex<HashMap<[u8; 16], PendingHandshake>>,
+    sessions: Mutex<HashMap<(i64, i64), Arc<VirtualConn>>>,
+    pub stats: HttpStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub fn handshake_count(&self) -> usize {
+        lock(&self.handshakes).len()
+    }
+}
+
+#[derive(Debug)]
+struct PendingHandshake {
+    handshake: Handshake,
+    /// When its `req_pq` came (for the handshake duration metric).
+    started: Option<Instant>,
+    last_msg_id: i64,
+    expires: Instant,
+}
+
+/// One (auth_key_id, session_id) as the registry sees it: server messages
+/// wait here for the next request of the session.
+#[derive(Debug)]
+struct VirtualConn {
+    id: ConnectionId,
+    state: Mutex<VcState>,
+    /// A server message was queued.
+    arrived: Notify,
+    /// A request of this session finished (a draining gateway then closes it).
+    request_done: Notify,
+}
+
+#[derive(Debug)]
+struct VcState {
+    queue: VecDeque<(Bytes, Instant)>,
+    queued_bytes: usize,
+    seq: Sequence,
+    /// Requests being served now; the connection does not expire under them.
+    requests: usize,
+    last_request: Instant,
+    client_ip: IpAddr,
+    closed: bool,
+}
+
+impl VirtualConn {
+    fn state(&self) -> MutexGuard<'_, VcState> {
+        lock(&self.state)
+    }
+
+    /// Queues a server message unless it would exceed `max_bytes` (a message
+    /// always fits an empty queue; its size is bounded by the frame limit).
+    fn push(&self, payload: Bytes, max_bytes: usize) -> bool {
+        let mut st = self.state();
+        if st.closed || (!st.queue.is_empty() && st.queued_bytes + payload.len() > max_bytes) {
+            return false;
+        }
+        st.queued_bytes += payload.len();
+        st.queue.push_back((payload, Instant::now()));
+        drop(st);
+        self.arrived.notify_waiters();
+        true
+    }
+}
+
+/// Counts a request against its virtual connection while it is served.
+#[derive(Debug)]
+struct RequestGuard(Arc<VirtualConn>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.requests -= 1;
+        st.last_request = Instant::now();
+        drop(st);
+        self.0.request_done.notify_one();
+    }
+}
+
+/// What the requests of one TCP connection share.
+#[derive(Debug)]
+struct ConnCx {
+    id: ConnectionId,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    /// Flips when the gateway starts draining: no new requests on kept-alive connections.
+    draining: watch::Receiver<bool>,
+    force_close: watch::Receiver<bool>,
+    /// Held by every virtual connection task too, so the drain waits for them.
+    done: mpsc::Sender<()>,
+}
+
+/// Serves one accepted TCP connection of an HTTP listener: PROXY header and
+/// per-address admission as on the other listeners, TLS when configured, then
+/// HTTP/1.1 with keep-alive. Once `draining` flips, requests in flight finish
+/// and kept-alive connections close; `force_close` ends everything.
+#[allow(clippy::too_many_arguments)] // the accept loop's per-connection state
+pub async fn run(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    mut slot: Slot,
+    endpoint: &Endpoint,
+    shared: Arc<Shared>,
+    draining: watch::Receiver<bool>,
+    force_close: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let id = shared.connection_ids.next();
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let mut buf = BytesMut::new();
+    if let Err(close) = connection::admit(
+        &shared,
+        id,
+        &mut peer,
+        &mut stream,
+        &mut buf,
+        &mut slot,
+        endpoint.proxy_protocol,
+        deadline,
+    )
+    .await
+    {
+        debug!(conn = id, %peer, "closed: {close}");
+        return;
+    }
+    let stream = Prefixed::new(buf, stream);
+    let cx = Arc::new(ConnCx {
+        id,
+        peer,
+        shared,
+        draining,
+        force_close,
+        done,
+    });
+    match &endpoint.tls {
+        None => serve(stream, cx).await,
+        Some(tls) => match timeout_at(deadline, tls.0.accept(stream)).await {
+            Ok(Ok(stream)) => serve(stream, cx).await,
+            Ok(Err(e)) => {
+                let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
+                info!(conn = id, %peer, refused_total = total, "closed: TLS handshake failed: {e}");
+            }
+            Err(_) => info!(conn = id, %peer, "closed: {}", Close::HandshakeTimeout),
+        },
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx: Arc<ConnCx>) {
+    let mut draining = cx.draining.clone();
+    let (id, peer) = (cx.id, cx.peer);
+    let timeout = cx.shared.limits.handshake_timeout;
+    let service = service_fn(move |request| {
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(handle(request, &cx).await) }
+    });
+    // Without the Date header, Content-Length is the last header line, where
+    // some clients' minimal parsers (Telethon's) look for it.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stopped(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match result {
+        Ok(()) => debug!(conn = id, %peer, "HTTP connection closed"),
+        Err(e) => debug!(conn = id, %peer, "HTTP connection ended: {e}"),
+    }
+}
+
+/// Resolves once `flag` is set (without holding the watch's lock).
+async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+fn is_api_path(path: &str) -> bool {
+    PATHS.contains(&path)
+}
+
+/// Browsers call `/apiw*` from other origins; every response allows it.
+fn with_cors(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("origin, content-type"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if status != StatusCode::OK {
+        // After an error the client starts over on a new connection.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    with_cors(response)
+}
+
+/// A refusal counted in `counter`, with a short reason as the body.
+fn refuse(counter: &AtomicU64, status: StatusCode, why: &'static str) -> Response<Full<Bytes>> {
+    counter.fetch_add(1, Ordering::Relaxed);
+    respond(status, Bytes::from_static(why.as_bytes()))
+}
+
+async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>> {
+    let stats = &cx.shared.http.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    if request.method() == Method::OPTIONS {
+        let mut response = with_cors(Response::new(Full::new(Bytes::new())));
+        response.headers_mut().insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("1728000"),
+        );
+        return response;
+    }
+    if request.method() != Method::POST {
+        let mut response = refuse(
+            &stats.bad_method,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST only",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+        return response;
+    }
+    if !is_api_path(request.uri().path()) {
+        return refuse(&stats.bad_path, StatusCode::NOT_FOUND, "unknown path");
+    }
+    let max = cx.shared.limits.max_frame_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return refuse(
+            &stats.too_large,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+        );
+    }
+    let deadline = Instant::now() + cx.shared.limits.handshake_timeout;
+    let body = match timeout_at(deadline, Limited::new(request.into_body(), max).collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return refuse(
+                &stats.too_large,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large",
+            )
+        }
+        Ok(Err(_)) | Err(_) => {
+            return refuse(&stats.bad_body, StatusCode::BAD_REQUEST, "incomplete body")
+        }
+    };
+    match process(body, cx).await {
+        Ok(reply) => respond(StatusCode::OK, reply),
+        Err(close) => refusal(close, cx),
+    }
+}
+
+/// The HTTP answer to what would close a stream connection. Transport error
+/// codes go in the body as on TCP (a 4-byte negative code) under the matching
+/// HTTP status: −404 as 404, −429 as 429.
+fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
+    let stats = &cx.shared.http.stats;
+    let (id, peer) = (cx.id, cx.peer);
+    if let Some(code) = close.code() {
+        let status = if code == error_code::AUTH_KEY_NOT_FOUND {
+            cx.shared
+                .keys
+                .cache
+                .stats
+                .not_found_sent
+                .fetch_add(1, Ordering::Relaxed);
+            info!(conn = id, %peer, "sent -404: {close}");
+            StatusCode::NOT_FOUND
+        } else {
+            debug!(conn = id, %peer, "sent {code}: {close}");
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        return respond(status, Bytes::copy_from_slice(&code.to_le_bytes()));
+    }
+    info!(conn = id, %peer, "request refused: {close}");
+    match close {
+        Close::Session(_) => refuse(
+            &stats.unavailable,
+            StatusCode::BAD_GATEWAY,
+            "session failed",
+        ),
+        Close::KeyLookup(_) | Close::Shutdown | Close::ClientLimit => refuse(
+            &stats.unavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "try again later",
+        ),
+        _ => refuse(
+            &stats.bad_body,
+            StatusCode::BAD_REQUEST,
+            "bad MTProto message",
+        ),
+    }
+}
+
+async fn process(body: Bytes, cx: &ConnCx) -> Result<Bytes, Close> {
+    let auth_key_id = message::auth_key_id(&body)?;
+    if auth_key_id == 0 {
+        on_plain(&body, cx).await
+    } else {
+        on_encrypted(auth_key_id, body, cx).await
+    }
+}
+
+/// The handshake nonce every handshake request carries right after its constructor.
+fn nonce(body: &[u8]) -> Option<[u8; 16]> {
+    body.get(4..20)?.try_into().ok()
+}
+
+async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
+    let shared = &cx.shared;
+    let hub = &shared.http;
+    let plain = message::parse_plain(body, false)?;
+    let nonce = nonce(plain.body).ok_or(MessageError::TooShort(body.len()))?;
+    let now = Instant::now();
+    let starts = matches!(
+        Handshake::constructor(plain.body),
+        Some(id::REQ_PQ | id::REQ_PQ_MULTI)
+    );
+    let mut pending = {
+        let mut handshakes = lock(&hub.handshakes);
+        if starts {
+            if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                handshakes.retain(|_, p| p.expires > now);
+            }
+            if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                return Err(Close::ClientLimit);
+            }
+            PendingHandshake {
+                handshake: Handshake::new(shared.handshake.clone()),
+                started: None,
+                last_msg_id: 0,
+                expires: now + shared.limits.handshake_timeout,
+            }
+        } else {
+            // An unknown nonce: expired, never started, or started on another pod.
+            match handshakes.remove(&nonce) {
+                Some(p) if p.expires > now => p,
+                _ => return Err(HandshakeError::NonceMismatch.into()),
+            }
+        }
+    };
+    let reply = connection::handshake_step(
+        shared,
+        cx.id,
+        cx.peer,
+        &mut pending.handshake,
+        &mut pending.started,
+        plain.body.to_vec(),
+    )
+    .await?;
+    let Some(reply) = reply else {
+        return Err(HandshakeError::OutOfOrder("a message without a reply", "http").into());
+    };
+    let unix = crate::unix_time();
+    pending.last_msg_id = message::next_server_msg_id(
+        pending.last_msg_id,
+        unix.as_secs() as i64,
+        unix.subsec_nanos(),
+        true,
+    );
+    let msg = message::encode_plain(pending.last_msg_id, &reply);
+    if pending.handshake.state_name() != "done" {
+        lock(&hub.handshakes).insert(nonce, pending);
+    }
+    Ok(Bytes::from(msg))
+}
+
+async fn on_encrypted(auth_key_id: i64, body: Bytes, cx: &ConnCx) -> Result<Bytes, Close> {
+    let started = Instant::now();
+    let shared = &cx.shared;
+    let info = connection::lookup_key(shared, auth_key_id).await?;
+    let mut payload = BytesMut::from(body);
+    let decrypted = message::decrypt(&info.key, &mut payload, false)?;
+    let (salt, session_id) = (decrypted.salt, decrypted.session_id);
+    let request = longpoll::inspect(decrypted.msg_id, decrypted.seq_no, decrypted.body);
+    let plaintext_len = decrypted.plaintext.len();
+    let guard = attach(cx, &info, session_id)?;
+    let data = connection::client_data(
+        shared,
+        &info,
+        CONN_TYPE_HTTP,
+        cx.peer.ip(),
+        salt,
+        session_id,
+        payload,
+        plaintext_len,
+    );
+    shared
+        .session
+        .send_data(data)
+        .await
+        .map_err(Close::Session)?;
+    shared.metrics.messages_forwarded.inc();
+    let wait = HttpWait::for_request(&request, shared.limits.http_max_wait);
+    let plaintext = collect(&guard.0, wait, started, cx, |seq| {
+        let unix = crate::unix_time();
+        longpoll::ack(
+            salt,
+            session_id,
+            &request.content_msg_ids,
+            seq,
+            unix.as_secs() as i64,
+            unix.subsec_nanos(),
+        )
+    })
+    .await;
+    let mut out = BytesMut::with_capacity(plaintext.len() + 64);
+    message::encrypt(&info.key, &plaintext, &mut out, &mut rand::thread_rng());
+    Ok(out.freeze())
+}
+
+/// The virtual connection of (key, session), made (and put in the registry,
+/// with its task) on the session's first request; counted while `guard` lives.
+fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<RequestGuard, Close> {
+    let shared = &cx.shared;
+    let key = (info.id(), session_id);
+    let client_ip = cx.peer.ip();
+    let mut sessions = lock(&shared.http.sessions);
+    if let Some(vc) = sessions.get(&key) {
+        let mut st = vc.state();
+        if !st.closed {
+            st.requests += 1;
+            st.client_ip = client_ip;
+            drop(st);
+            return Ok(RequestGuard(vc.clone()));
+        }
+    }
+    if sessions.len() >= shared.limits.max_connections {
+        return Err(Close::ClientLimit);
+    }
+    let id = shared.connection_ids.next();
+    let vc = Arc::new(VirtualConn {
+        id,
+        state: Mutex::new(VcState {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            seq: Sequence::default(),
+            requests: 1,
+            last_request: Instant::now(),
+            client_ip,
+            closed: false,
+        }),
+        arrived: Notify::new(),
+        request_done: Notify::new(),
+    });
+    let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
+    shared.registry.attach(key.0, session_id, id, &outbox);
+    sessions.insert(key, vc.clone());
+    tokio::spawn(run_session(
+        shared.clone(),
+        vc.clone(),
+        info.clone(),
+        session_id,
+        inbox,
+        (cx.draining.clone(), cx.force_close.clone()),
+        cx.done.clone(),
+    ));
+    Ok(RequestGuard(vc))
+}
+
+/// Holds a request until its wait ends, then takes what is queued as one
+/// plaintext; with nothing queued, `empty` makes the answer.
+async fn collect(
+    vc: &VirtualConn,
+    wait: HttpWait,
+    started: Instant,
+    cx: &ConnCx,
+    empty: impl FnOnce(&mut Sequence) -> Vec<u8>,
+) -> Vec<u8> {
+    let mut force_close = cx.force_close.clone();
+    loop {
+        let arrived = vc.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let deadline = {
+            let mut st = vc.state();
+            let queued = st
+                .queue
+                .front()
+                .zip(st.queue.back())
+                .map(|((_, first), (_, last))| (*first, *last));
+            let at = wait.respond_at(
+                started.into_std(),
+                queued.map(|(f, l)| (f.into_std(), l.into_std())),
+            );
+            let stopping = *force_close.borrow();
+            if st.closed || stopping || Instant::from_std(at) <= Instant::now() {
+                return take(&mut st, cx, empty);
+            }
+            Instant::from_std(at)
+        };
+        tokio::select! {
+            _ = arrived => {}
+            _ = sleep_until(deadline) => {}
+            _ = force_close.changed() => {}
+        }
+    }
+}
+
+fn take(st: &mut VcState, cx: &ConnCx, empty: impl FnOnce(&mut Sequence) -> Vec<u8>) -> Vec<u8> {
+    if st.queue.is_empty() {
+        return empty(&mut st.seq);
+    }
+    let queued: Vec<(Bytes, Instant)> = st.queue.drain(..).collect();
+    st.queued_bytes = 0;
+    let messages: Vec<&[u8]> = queued.iter().map(|(m, _)| &m[..]).collect();
+    let unix = crate::unix_time();
+    match longpoll::merge(
+        &messages,
+        &mut st.seq,
+        unix.as_secs() as i64,
+        unix.subsec_nanos(),
+    ) {
+        Ok(plaintext) => plaintext,
+        Err(e) => {
+            cx.shared
+                .http
+                .stats
+                .queue_dropped
+                .fetch_add(queued.len() as u64, Ordering::Relaxed);
+            info!(
+                conn = cx.id,
+                "dropped {} server messages: {e}",
+                queued.len()
+            );
+            empty(&mut st.seq)
+        }
+    }
+}
+
+/// Moves server messages from the registry into the queue, and ends the
+/// virtual connection when it sees no request for the idle timeout (or, once
+/// the gateway drains, when no request is in flight; or at the forced close),
+/// telling the session as a closed connection would.
+async fn run_session(
+    shared: Arc<Shared>,
+    vc: Arc<VirtualConn>,
+    info: Arc<AuthKeyInfo>,
+    session_id: i64,
+    mut inbox: mpsc::Receiver<Outgoing>,
+    (mut draining, mut force_close): (watch::Receiver<bool>, watch::Receiver<bool>),
+    done: mpsc::Sender<()>,
+) {
+    let idle = shared.limits.idle_timeout;
+    let max_bytes = shared.limits.http_queue_bytes;
+    let mut drain = false;
+    loop {
+        if drain {
+            let mut st = vc.state();
+            if st.requests == 0 {
+                st.closed = true;
+                break;
+            }
+        }
+        let idle_at = vc.state().last_request + idle;
+        tokio::select! {
+            outgoing = inbox.recv() => {
+                let Some(outgoing) = outgoing else { break };
+                if vc.push(outgoing.payload, max_bytes) {
+                    let _ = outgoing.written.send(());
+                } else {
+                    // Dropping `written` reports it undelivered.
+                    shared.http.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ = stopped(&mut draining), if !drain => drain = true,
+            _ = vc.request_done.notified(), if drain => {}
+            _ = sleep_until(idle_at), if !drain => {
+                let mut st = vc.state();
+                if st.requests == 0 && st.last_request + idle <= Instant::now() {
+                    st.closed = true;
+                    shared.http.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+            _ = stopped(&mut force_close) => break,
+        }
+    }
+    let client_ip = {
+        let mut st = vc.state();
+        st.closed = true;
+        let dropped = st.queue.len() as u64;
+        st.queue.clear();
+        shared
+            .http
+            .stats
+            .queue_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        st.client_ip
+    };
+    vc.arrived.notify_waiters();
+    {
+        let mut sessions = lock(&shared.http.sessions);
+        if sessions
+            .get(&(info.id(), session_id))
+            .is_some_and(|current| Arc::ptr_eq(current, &vc))
+        {
+            sessions.remove(&(info.id(), session_id));
+        }
+    }
+    if shared.registry.detach(info.id(), session_id, vc.id) {
+        let event = SessionClientEvent {
+            server_id: shared.server_id.clone(),
+            auth_key_id: info.id(),
+            key_type: info.key_type as i32,
+            perm_auth_key_id: info.perm_auth_key_id,
+            session_id,
+            client_ip: client_ip.to_string(),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), shared.session.close_session(event))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("close_session failed: {e}"),
+            Err(_) => debug!("close_session timed out"),
+        }
+    }
+    drop(done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_paths_are_telegrams() {
+        for path in ["/api", "/apiw", "/apiw1", "/apiw_test"] {
+            assert!(is_api_path(path), "{path}");
+        }
+        for path in ["/", "/apiws", "/api/", "/API", "/apiw2"] {
+            assert!(!is_api_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn handshake_requests_are_keyed_by_nonce() {
+        let mut body = vec![0xf1, 0x8e, 0x7e, 0xbe];
+        body.extend_from_slice(&[7; 16]);
+        assert_eq!(nonce(&body), Some([7; 16]));
+        assert_eq!(nonce(&body[..19]), None);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_but_an_empty_one_takes_any_message() {
+        let vc = VirtualConn {
+            id: 1,
+            state: Mutex::new(VcState {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                seq: Sequence::default(),
+                requests: 0,
+                last_request: Instant::now(),
+                client_ip: IpAddr::from([127, 0, 0, 1]),
+                closed: false,
+            }),
+            arrived: Notify::new(),
+            request_done: Notify::new(),
+        };
+        assert!(vc.push(Bytes::from(vec![0; 100]), 50));
+        assert!(!vc.push(Bytes::from(vec![0; 1]), 50));
+        vc.state().queue.clear();
+        vc.state().queued_bytes = 0;
+        assert!(vc.push(Bytes::from(vec![0; 20]), 50));
+        assert!(vc.push(Bytes::from(vec![0; 30]), 50));
+        assert!(!vc.push(Bytes::from(vec![0; 1]), 50));
+        vc.state().closed = true;
+        vc.state().queue.clear();
+        assert!(!vc.push(Bytes::from(vec![0; 1]), 50));
+    }
+}
