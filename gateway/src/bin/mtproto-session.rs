@@ -37,7 +37,11 @@ struct Cli {
     /// Messages for keys another member owns get `REDIRECT_TO_<owner>`.
     /// Outside Kubernetes; with --kubernetes-service the ring follows the
     /// Service instead.
-    #[arg(long = "member", value_name = "HOST:PORT", conflicts_with = "kubernetes_service")]
+    #[arg(
+        long = "member",
+        value_name = "HOST:PORT",
+        conflicts_with = "kubernetes_service"
+    )]
     members: Vec<String>,
     /// Follow this Service's EndpointSlices for the ring (ready endpoints as
     /// `podIP:port`, as the gateways see them); in-cluster config or KUBECONFIG.
@@ -112,9 +116,9 @@ async fn main() -> anyhow::Result<()> {
         me.clone(),
     ));
     if let Some(name) = &cli.kubernetes_service {
-        let client = kube::Client::try_default()
-            .await
-            .context("--kubernetes-service: no Kubernetes client config (in-cluster or KUBECONFIG)")?;
+        let client = kube::Client::try_default().await.context(
+            "--kubernetes-service: no Kubernetes client config (in-cluster or KUBECONFIG)",
+        )?;
         let target = discovery::Target {
             namespace: cli.kubernetes_namespace.clone(),
             service: name.clone(),

@@ -23,7 +23,7 @@ use mtproto_edge_proto::session::{
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::embedded::EmbeddedSession;
 use super::remote::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
@@ -105,6 +105,12 @@ impl SessionGrpc {
             .data
             .ok_or(ServiceError::BadRequest("sendDataToSession without data"))?;
         self.check_owner(data.perm_auth_key_id)?;
+        trace!(
+            perm_auth_key_id = data.perm_auth_key_id,
+            session_id = data.session_id,
+            gateway = %data.server_id,
+            "message accepted"
+        );
         self.session
             .send_data(SessionClientData {
                 server_id: data.server_id,
