@@ -351,10 +351,10 @@ cmd_up() {
   exec 8>"$STATE.lock"
   flock -w 300 8 || die "could not get lock $STATE.lock"
   if [[ -f "$STATE/up" ]] && healthy; then
-    local want; want=$(wanted_extra)
-    if [[ -n "$want" && "$want" != "$(served_extra)" ]]; then
-      log "apiserver must also serve on $want: re-signing its certificate and restarting it"
-      printf '%s\n' "$want" >"$EXTRA_FILE"
+    local all; all=$(printf '%s,%s' "$(wanted_extra)" "$(served_extra)" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+    if [[ "$all" != "$(served_extra)" ]]; then
+      log "apiserver must also serve on $(wanted_extra): re-signing its certificate and restarting it"
+      printf '%s\n' "$all" >"$EXTRA_FILE"
       (cd "$PKI" && sign_apiserver)
       stop_group kube-apiserver
       start_apiserver
