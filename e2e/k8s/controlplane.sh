@@ -8,12 +8,20 @@
 #   controlplane.sh status   show component pids/health; exit 0 only if healthy
 #   controlplane.sh env      print `export KUBECONFIG=...` and `export PATH=<tools>:$PATH`
 #                            (use: eval "$(e2e/k8s/controlplane.sh env)")
+#   controlplane.sh restart-apiserver
+#                            stop kube-apiserver (SIGTERM) and start it again with the same
+#                            flags and state; returns once /readyz answers
 #
 # Env: MTPROTO_K8S_STATE (default /tmp/mtproto-k8s)   state: certs, kubeconfigs, logs, pids, etcd data
 #      MTPROTO_K8S_PORT_BASE (default 26400)          ports = base + offset (see below)
 #      MTPROTO_K8S_NODES (default 2)                  number of fake kwok nodes
 #      MTPROTO_CACHE (default ~/.cache/mtproto-edge)  tool cache (see build-tools.sh)
 #      MTPROTO_K8S_BIN                                 use binaries from this dir instead
+#      MTPROTO_K8S_EXTRA_ADDRESSES (default none)      comma-separated IPs of this host (e.g. a
+#                            bridge to network namespaces) where the apiserver must be reachable
+#                            too: they join its certificate's SANs and it binds 0.0.0.0 (it has
+#                            a single --bind-address). `up` on a running plane that lacks them
+#                            re-signs the certificate and restarts only the apiserver.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,6 +46,8 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 KUBECONFIG_FILE="$STATE/kubeconfig"
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+# extra apiserver addresses the running plane serves (its certificate's extra SANs)
+EXTRA_FILE="$STATE/extra-addresses"
 
 log() { printf '[controlplane] %s\n' "$*" >&2; }
 die() { printf '[controlplane] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -143,6 +153,29 @@ http_ok() { curl -sf --max-time 2 "$1"; }
 selfsigned_ok() { curl -sfk --max-time 2 "$1"; }
 
 # ------------------------------------------------------------------- pki ----
+# sign <name> <subject> <extensions> (in $PKI, with the test bed's CA)
+sign() {
+  openssl req -newkey rsa:2048 -nodes -sha256 -subj "$2" -keyout "$1.key" -out "$1.csr" 2>/dev/null
+  printf '%b' "$3" >"$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
+    -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+  rm -f "$1.csr" "$1.ext"
+}
+
+# The extra addresses asked for (sorted, comma-separated) and those the running plane has.
+wanted_extra() { tr ', ' '\n\n' <<<"${MTPROTO_K8S_EXTRA_ADDRESSES:-}" | sed '/^$/d' | sort -u | paste -sd, -; }
+served_extra() { [[ -f "$EXTRA_FILE" ]] && cat "$EXTRA_FILE" || true; }
+
+# Signs the apiserver's serving certificate for loopback, the in-cluster names and the
+# addresses in $EXTRA_FILE (run inside $PKI).
+sign_apiserver() {
+  local sans="IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local" ip
+  for ip in $(served_extra | tr ',' ' '); do sans="$sans,IP:$ip"; done
+  sign apiserver "/CN=kube-apiserver" \
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=$sans\n"
+  chmod 600 apiserver.key
+}
+
 gen_pki() {
   [[ -f "$PKI/done" ]] && return
   mkdir -p "$PKI"
@@ -152,15 +185,7 @@ gen_pki() {
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -sha256 -subj "/CN=mtproto-testbed-ca" \
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
       -keyout ca.key -out ca.crt 2>/dev/null
-    sign() { # sign <name> <subject> <extensions>
-      openssl req -newkey rsa:2048 -nodes -sha256 -subj "$2" -keyout "$1.key" -out "$1.csr" 2>/dev/null
-      printf '%b' "$3" >"$1.ext"
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
-        -extfile "$1.ext" -out "$1.crt" 2>/dev/null
-      rm -f "$1.csr" "$1.ext"
-    }
-    sign apiserver "/CN=kube-apiserver" \
-      "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+    sign_apiserver
     # One admin identity (system:masters) for the user and all components of the test bed.
     sign admin "/O=system:masters/CN=admin" \
       "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
@@ -229,9 +254,11 @@ start_etcd() {
 start_apiserver() {
   # --advertise-address=127.0.0.1 needs --endpoint-reconciler-type=none: the `kubernetes`
   # Endpoints object may not hold a loopback address.
+  local bind=127.0.0.1
+  [[ -z "$(served_extra)" ]] || bind=0.0.0.0
   start kube-apiserver \
     --etcd-servers="http://127.0.0.1:$PORT_ETCD" --etcd-prefix=/registry \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$PORT_APISERVER" \
+    --bind-address="$bind" --advertise-address=127.0.0.1 --secure-port="$PORT_APISERVER" \
     --endpoint-reconciler-type=none \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" --token-auth-file="$PKI/tokens.csv" \
@@ -324,7 +351,16 @@ cmd_up() {
   exec 8>"$STATE.lock"
   flock -w 300 8 || die "could not get lock $STATE.lock"
   if [[ -f "$STATE/up" ]] && healthy; then
-    log "already up and healthy (state $STATE)"
+    local all; all=$(printf '%s,%s' "$(wanted_extra)" "$(served_extra)" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+    if [[ "$all" != "$(served_extra)" ]]; then
+      log "apiserver must also serve on $(wanted_extra): re-signing its certificate and restarting it"
+      printf '%s\n' "$all" >"$EXTRA_FILE"
+      (cd "$PKI" && sign_apiserver)
+      stop_group kube-apiserver
+      start_apiserver
+    else
+      log "already up and healthy (state $STATE)"
+    fi
     return 0
   fi
   if [[ -d "$PIDS" ]]; then
@@ -340,6 +376,7 @@ cmd_up() {
   mkdir -p "$LOGS" "$PIDS" "$STATE/home"
   echo "$BIN" >"$STATE/bin"
   RUN_BIN="$BIN"
+  wanted_extra >"$EXTRA_FILE"
   gen_pki
   write_kubeconfigs
   start_etcd
@@ -359,7 +396,7 @@ cmd_up() {
   log "up in $((SECONDS - t0))s (apiserver ready after ${t_ready}s): https://127.0.0.1:$PORT_APISERVER, KUBECONFIG=$KUBECONFIG_FILE"
 }
 
-# stop_group <component...>: SIGTERM them together, wait up to 15s, then SIGKILL
+# stop_group <component...>: SIGTERM them together, wait up to $STOP_WAIT s (15), then SIGKILL
 stop_group() {
   local c pid pids=() names=()
   for c in "$@"; do
@@ -368,7 +405,7 @@ stop_group() {
       kill -TERM "$pid" 2>/dev/null || true
     fi
   done
-  local i deadline=$((SECONDS + 15))
+  local i deadline=$((SECONDS + ${STOP_WAIT:-15}))
   for i in "${!pids[@]}"; do
     while kill -0 "${pids[$i]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
     if kill -0 "${pids[$i]}" 2>/dev/null; then
@@ -422,6 +459,17 @@ cmd_status() {
   return $rc
 }
 
+cmd_restart_apiserver() {
+  exec 8>"$STATE.lock"
+  flock -w 300 8 || die "could not get lock $STATE.lock"
+  [[ -f "$STATE/up" ]] || die "the control plane is not up (state $STATE)"
+  local t0; t0=$(date +%s.%N)
+  # It stops listening at once on SIGTERM but may then linger for long on open watches.
+  STOP_WAIT=5 stop_group kube-apiserver
+  start_apiserver
+  log "kube-apiserver restarted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
+}
+
 cmd_env() {
   printf 'export KUBECONFIG=%q\n' "$KUBECONFIG_FILE"
   printf 'export PATH=%q:$PATH\n' "$BIN"
@@ -432,5 +480,6 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  restart-apiserver) cmd_restart_apiserver ;;
+  *) echo "usage: $0 up|down|status|env|restart-apiserver" >&2; exit 2 ;;
 esac

@@ -175,7 +175,10 @@ impl Gateway {
                         not_ready_grace: Duration::from_millis(k.not_ready_grace_ms),
                     };
                     info!(namespace = %k.namespace, service = %k.service, "discovering sessions from EndpointSlices");
-                    tokio::spawn(discovery::run(client, target, remote.clone()));
+                    let ring = remote.clone();
+                    tokio::spawn(discovery::run(client, target, move |members| {
+                        ring.set_members(members)
+                    }));
                 }
                 remote_session = Some(remote.clone());
                 (

@@ -96,7 +96,10 @@ async fn the_ring_follows_endpoint_slices() {
         port_name: Some("grpc".into()),
         not_ready_grace: Duration::from_millis(500),
     };
-    let watcher = tokio::spawn(discovery::run(client.clone(), target, session.clone()));
+    let ring = session.clone();
+    let watcher = tokio::spawn(discovery::run(client.clone(), target, move |members| {
+        ring.set_members(members)
+    }));
     wait_for(&session, &["192.0.2.5:20120", "192.0.2.6:20120"]).await;
 
     // Scale out: a second slice; the time from the API write to the ring is measured.

@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 use mtproto_gateway::authkey::store::{self, StoreUrls};
 use mtproto_gateway::metrics::StoreMetrics;
+use mtproto_gateway::session::discovery;
 use mtproto_gateway::session::embedded::EmbeddedSession;
 use mtproto_gateway::session::grpc_server::{RemoteGateways, SessionGrpc, SessionStreamGrpc};
 use mtproto_gateway::session::ring::Ring;
@@ -35,8 +36,27 @@ struct Cli {
     advertise: Option<String>,
     /// Every session instance on the ring, this one included (repeatable).
     /// Messages for keys another member owns get `REDIRECT_TO_<owner>`.
-    #[arg(long = "member", value_name = "HOST:PORT")]
+    /// Outside Kubernetes; with --kubernetes-service the ring follows the
+    /// Service instead.
+    #[arg(
+        long = "member",
+        value_name = "HOST:PORT",
+        conflicts_with = "kubernetes_service"
+    )]
     members: Vec<String>,
+    /// Follow this Service's EndpointSlices for the ring (ready endpoints as
+    /// `podIP:port`, as the gateways see them); in-cluster config or KUBECONFIG.
+    #[arg(long, env = "MTPROTO_SESSION_KUBERNETES_SERVICE")]
+    kubernetes_service: Option<String>,
+    /// Namespace of --kubernetes-service (default: $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    kubernetes_namespace: String,
+    /// The Service's port name (default: the slices' only port).
+    #[arg(long, env = "MTPROTO_SESSION_KUBERNETES_PORT_NAME")]
+    kubernetes_port_name: Option<String>,
+    /// How long a NotReady endpoint keeps its place on the ring (as the gateways' setting).
+    #[arg(long, default_value_t = 5000)]
+    kubernetes_not_ready_grace_ms: u64,
     /// Redis tier for auth keys (teamgram layout), read first.
     #[arg(long, env = "MTPROTO_SESSION_REDIS_URL")]
     redis_url: Option<String>,
@@ -98,6 +118,22 @@ async fn main() -> anyhow::Result<()> {
         Ring::new(members.clone()),
         me.clone(),
     ));
+    if let Some(name) = &cli.kubernetes_service {
+        let client = kube::Client::try_default().await.context(
+            "--kubernetes-service: no Kubernetes client config (in-cluster or KUBECONFIG)",
+        )?;
+        let target = discovery::Target {
+            namespace: cli.kubernetes_namespace.clone(),
+            service: name.clone(),
+            port_name: cli.kubernetes_port_name.clone(),
+            not_ready_grace: Duration::from_millis(cli.kubernetes_not_ready_grace_ms),
+        };
+        info!(namespace = %target.namespace, service = %name, "ring follows the Service's EndpointSlices");
+        let ring = service.clone();
+        tokio::spawn(discovery::run(client, target, move |members| {
+            ring.set_members(members)
+        }));
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("--listen: cannot listen on {}", cli.listen))?;

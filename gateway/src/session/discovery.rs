@@ -1,12 +1,12 @@
-//! Session instances from Kubernetes: the gateway watches the EndpointSlices
-//! of the session Service and keeps the ring on its ready endpoints
+//! Session instances from Kubernetes: the gateway (and `mtproto-session`,
+//! for its own ownership checks) watches the EndpointSlices of the session
+//! Service and keeps the ring on its ready endpoints
 //! (`podIP:port`, the strings teamgram sessions publish). An endpoint that
 //! turns NotReady stays on the ring for a grace period so a blip does not
 //! reshuffle ownership; one that disappears leaves at once; when the API
 //! server is unreachable the last membership stays.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,8 +15,6 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use tracing::{info, warn};
-
-use super::remote::RemoteSession;
 
 /// Which Service to follow.
 #[derive(Debug, Clone)]
@@ -101,8 +99,10 @@ impl Membership {
     }
 }
 
-/// Follows the Service's EndpointSlices until the process ends.
-pub async fn run(client: Client, target: Target, session: Arc<RemoteSession>) {
+/// Follows the Service's EndpointSlices until the process ends, handing each
+/// new membership to `apply` (the gateway's routing ring, or a session's
+/// ownership ring).
+pub async fn run(client: Client, target: Target, apply: impl Fn(Vec<String>)) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &target.namespace);
     let config = watcher::Config::default()
         .labels(&format!("kubernetes.io/service-name={}", target.service));
@@ -141,7 +141,7 @@ pub async fn run(client: Client, target: Target, session: Arc<RemoteSession>) {
         };
         if let Some(members) = membership.update(&seen, target.not_ready_grace, Instant::now()) {
             info!(service = %target.service, ?members, "session ring updated from EndpointSlices");
-            session.set_members(members);
+            apply(members);
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,19 +36,30 @@ use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
 #[derive(Debug)]
 pub struct SessionGrpc {
     session: Arc<EmbeddedSession>,
-    ring: Ring,
+    /// Swapped whole when membership changes (discovery), read per message.
+    ring: RwLock<Ring>,
     /// This instance's member string on the ring.
     me: String,
 }
 
 impl SessionGrpc {
     pub fn new(session: Arc<EmbeddedSession>, ring: Ring, me: String) -> Self {
-        Self { session, ring, me }
+        Self {
+            session,
+            ring: RwLock::new(ring),
+            me,
+        }
+    }
+
+    /// Replaces the ring membership (from EndpointSlice discovery).
+    pub fn set_members(&self, members: Vec<String>) {
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Ring::new(members);
     }
 
     /// teamgram's ownership check on `perm_auth_key_id`.
     fn check_owner(&self, perm_auth_key_id: i64) -> Result<(), ServiceError> {
-        match self.ring.owner_of_id(perm_auth_key_id) {
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        match ring.owner_of_id(perm_auth_key_id) {
             Some(owner) if owner != self.me => Err(ServiceError::Redirect(owner.to_string())),
             _ => Ok(()),
         }
@@ -99,7 +110,8 @@ impl SessionGrpc {
             perm_auth_key_id = data.perm_auth_key_id,
             session_id = data.session_id,
             conn_type = data.conn_type,
-            "sendDataToSession"
+            gateway = %data.server_id,
+            "sendDataToSession: message accepted"
         );
         self.session
             .send_data(SessionClientData {
@@ -388,4 +400,35 @@ impl GatewayDelivery for RemoteGateways {
 
 fn unix_now() -> i64 {
     crate::unix_time().as_secs() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authkey::store::MemoryStore;
+
+    #[tokio::test]
+    async fn ownership_follows_a_membership_change() {
+        let session = Arc::new(EmbeddedSession::new(
+            Arc::new(MemoryStore::default()),
+            Arc::new(RemoteGateways::new(Duration::from_secs(1))),
+        ));
+        let me = "10.0.0.1:20120".to_string();
+        let other = "10.0.0.2:20120".to_string();
+        let service = SessionGrpc::new(session, Ring::new([me.clone()]), me.clone());
+        let both = Ring::new([me.clone(), other.clone()]);
+        let moved = (0..10_000)
+            .find(|id| both.owner_of_id(*id) == Some(other.as_str()))
+            .expect("the other member owns some key");
+        assert!(service.check_owner(moved).is_ok());
+
+        service.set_members(vec![me.clone(), other.clone()]);
+        match service.check_owner(moved) {
+            Err(ServiceError::Redirect(to)) => assert_eq!(to, other),
+            r => panic!("expected a redirect to {other}, got {r:?}"),
+        }
+
+        service.set_members(vec![me]);
+        assert!(service.check_owner(moved).is_ok());
+    }
 }
