@@ -27,7 +27,10 @@ pub struct Target {
     pub not_ready_grace: Duration,
 }
 
-/// The endpoints of a set of slices: address → ready.
+/// The endpoints of a set of slices: address → ready. Terminating endpoints
+/// (their pod is being deleted) are left out, so they leave the ring at once
+/// instead of after the NotReady grace; the pod keeps serving calls already
+/// routed to it while it shuts down.
 pub fn endpoints(
     slices: &BTreeMap<String, EndpointSlice>,
     port_name: Option<&str>,
@@ -42,11 +45,11 @@ pub fn endpoints(
             continue;
         };
         for endpoint in slice.endpoints.iter().flatten() {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
+            let conditions = endpoint.conditions.as_ref();
+            if conditions.and_then(|c| c.terminating) == Some(true) {
+                continue;
+            }
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             for address in &endpoint.addresses {
                 let member = format!("{address}:{port}");
                 let entry = out.entry(member).or_insert(false);
@@ -181,8 +184,8 @@ mod tests {
     }
 
     #[test]
-    fn members_are_pod_ip_colon_named_port() {
-        let slices: BTreeMap<_, _> = [
+    fn members_are_pod_ip_colon_named_port_without_terminating_ones() {
+        let mut slices: BTreeMap<_, _> = [
             slice(
                 "a",
                 ("grpc", 20120),
@@ -193,6 +196,18 @@ mod tests {
         ]
         .into_iter()
         .collect();
+        // A pod being deleted: still serving, but already off the ring.
+        if let Some(endpoints) = slices.get_mut("b").and_then(|s| s.endpoints.as_mut()) {
+            endpoints.push(Endpoint {
+                addresses: vec!["10.0.0.4".into()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(false),
+                    serving: Some(true),
+                    terminating: Some(true),
+                }),
+                ..Default::default()
+            });
+        }
         let seen = endpoints(&slices, Some("grpc"));
         assert_eq!(
             seen,

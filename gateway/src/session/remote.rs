@@ -34,6 +34,8 @@ pub const AUTH_KEY_UNREGISTERED: &str = "AUTH_KEY_UNREGISTERED";
 /// teamgram's status message prefix for a key owned by another instance (code 700).
 pub const REDIRECT_PREFIX: &str = "REDIRECT_TO_";
 const MAX_REDIRECTS: usize = 2;
+/// The message of tonic's `Unknown` status when the HTTP/2 connection fails.
+const TONIC_TRANSPORT_ERROR: &str = "transport error";
 /// Requests queued on one stream before callers wait (back-pressure).
 const STREAM_QUEUE: usize = 1024;
 
@@ -86,6 +88,11 @@ fn classify(code: Code, message: &str) -> Failure {
         | Code::ResourceExhausted
         | Code::Aborted
         | Code::Cancelled => Failure::Transient(format!("{code:?}: {message}")),
+        // tonic's status for a connection that broke under a call (a session
+        // killed mid-request): the next attempt reconnects or finds the new owner.
+        Code::Unknown if message == TONIC_TRANSPORT_ERROR => {
+            Failure::Transient(format!("{code:?}: {message}"))
+        }
         _ => Failure::Fatal(format!("{code:?}: {message}")),
     }
 }
@@ -312,6 +319,17 @@ impl RemoteSession {
                     debug!(method, from = %target, to = %addr, "session redirect");
                     redirects += 1;
                     target = addr;
+                }
+                // Sessions bouncing a key between them disagree about the ring
+                // for a moment (one has seen a membership change, another not
+                // yet): back off and start again from this gateway's ring.
+                Err(Failure::Redirect(addr)) if attempt < self.settings.retries => {
+                    attempt += 1;
+                    let delay = self.settings.backoff * (1 << attempt.min(6));
+                    warn!(method, session = %target, to = %addr, attempt, "redirects exhausted, retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    redirects = 0;
+                    target = self.owner(ring_key)?;
                 }
                 Err(Failure::Redirect(addr)) => {
                     return Err(SessionError::Redirect(addr));
@@ -583,6 +601,47 @@ impl SessionService for RemoteSession {
 mod tests {
     use super::*;
 
+    fn remote(retries: usize) -> RemoteSession {
+        RemoteSession::new(
+            vec!["a:1".into(), "b:1".into()],
+            RemoteSettings {
+                mode: Mode::Unary,
+                call_timeout: Duration::from_secs(1),
+                retries,
+                backoff: Duration::from_millis(1),
+            },
+            SessionRpcMetrics::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_redirect_bounce_backs_off_and_starts_again_from_the_ring() {
+        let calls = AtomicU64::new(0);
+        // Two sessions disagreeing: every call is redirected until the fourth.
+        let route = |retries| {
+            let session = remote(retries);
+            let calls = &calls;
+            async move {
+                calls.store(0, Ordering::SeqCst);
+                session
+                    .route(7, "m", |addr| async move {
+                        match calls.fetch_add(1, Ordering::SeqCst) {
+                            0..=2 => Err(Failure::Redirect(if addr == "a:1" {
+                                "b:1".into()
+                            } else {
+                                "a:1".into()
+                            })),
+                            _ => Ok(addr),
+                        }
+                    })
+                    .await
+            }
+        };
+        assert!(route(1).await.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(matches!(route(0).await, Err(SessionError::Redirect(_))));
+    }
+
     #[test]
     fn status_messages_map_to_teamgram_meanings() {
         assert_eq!(
@@ -598,6 +657,11 @@ mod tests {
             Failure::Transient(_)
         ));
         assert!(matches!(classify(Code::Internal, "x"), Failure::Fatal(_)));
+        assert!(matches!(
+            classify(Code::Unknown, "transport error"),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(classify(Code::Unknown, "boom"), Failure::Fatal(_)));
         assert_eq!(
             classify_stream_error(401, "whatever"),
             Failure::Unregistered
