@@ -17,7 +17,7 @@
 #      e API-server restart · f /metrics · g SIGTERM a gateway
 #
 # Env: MTPROTO_K8S_STATE / MTPROTO_K8S_PORT_BASE pass through to controlplane.sh;
-#      FLEET_SUBNET (default 10.77.0), FLEET_CLIENTS (default 8), E2E_KEEP=1 keeps the
+#      FLEET_SUBNET (default 10.77.0), FLEET_CLIENTS (default 24), E2E_KEEP=1 keeps the
 #      control plane up when this script started it.
 set -euo pipefail
 
@@ -29,7 +29,9 @@ BIN="$CARGO_TARGET_DIR/debug"
 OUT="$(mktemp -d "${TMPDIR:-/tmp}/mtproto-fleet-e2e.XXXXXX")"
 export FLEET_SUBNET="${FLEET_SUBNET:-10.77.0}"
 HOST_IP="$FLEET_SUBNET.1"
-CLIENTS="${FLEET_CLIENTS:-8}"
+# Enough clients (each with its own key) that every session owns some keys:
+# with 24 keys and 3 sessions, the chance one gets none is below 1e-4.
+CLIENTS="${FLEET_CLIENTS:-24}"
 NS=mtproto-fleet
 RELEASE=mtproto-operator
 RELEASE_NS=mtproto-system
@@ -299,7 +301,7 @@ log "fleet up: gateways 127.0.0.1:$GW_A/$GW_B (reverse path $HOST_IP:$GRPC_A/$GR
 traffic_start() { # traffic_start <phase> [extra traffic.py flags]
   local phase=$1; shift
   "$PY" "$HERE/traffic.py" --server "127.0.0.1:$GW_A" --server "127.0.0.1:$GW_B" \
-    --rsa-public-key "$OUT/server-rsa-public.pem" --clients "$CLIENTS" --duration 120 \
+    --rsa-public-key "$OUT/server-rsa-public.pem" --clients "$CLIENTS" --interval 0.15 --duration 120 \
     --until-file "$OUT/stop-$phase" --ready-file "$OUT/ready-$phase" \
     --report "$OUT/traffic-$phase.json" "$@" >"$OUT/traffic-$phase.out" 2>"$OUT/traffic-$phase.log" &
   PID[traffic-$phase]=$!
