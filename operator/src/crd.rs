@@ -97,7 +97,8 @@ pub struct MtprotoGatewaySpec {
     #[serde(default)]
     pub log_level: LogLevel,
 
-    /// Seconds a pod gets to drain open connections after SIGTERM.
+    /// Seconds a pod gets to drain open connections after SIGTERM; the gateway
+    /// drains for 5 s less, then closes what is left.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 0, max = 3600))]
     pub termination_grace_period_seconds: i64,

@@ -58,7 +58,12 @@ struct LimitsConfig {
     max_connections_per_ip: i64,
     handshake_timeout_secs: i64,
     idle_timeout_secs: i64,
+    shutdown_grace_secs: i64,
 }
+
+/// What the gateway keeps of the pod's termination grace period after its
+/// drain: closing the connections left and reporting their sessions.
+const CLOSE_AFTER_DRAIN_SECS: i64 = 5;
 
 /// The contents of the ConfigMap key `gateway.toml`. Redis and MySQL URLs are not here: they
 /// reach the pod as env vars from Secrets so the ConfigMap holds no credentials.
@@ -96,6 +101,8 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
             max_connections_per_ip: spec.limits.max_connections_per_ip,
             handshake_timeout_secs: spec.limits.handshake_timeout_seconds,
             idle_timeout_secs: spec.limits.idle_timeout_seconds,
+            shutdown_grace_secs: (spec.termination_grace_period_seconds - CLOSE_AFTER_DRAIN_SECS)
+                .max(0),
         },
     };
     Ok(toml::to_string(&cfg)?)
@@ -162,6 +169,8 @@ mod tests {
             Some(30)
         );
         assert_eq!(doc["limits"]["idle_timeout_secs"].as_integer(), Some(300));
+        // terminationGracePeriodSeconds 60 by default, 5 s kept for closing.
+        assert_eq!(doc["limits"]["shutdown_grace_secs"].as_integer(), Some(55));
         assert!(
             !text.contains("redis://"),
             "credentials stay out of the ConfigMap"
