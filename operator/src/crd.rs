@@ -223,6 +223,21 @@ pub struct Listener {
     /// Whether a PROXY protocol header precedes client bytes.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// TLS on a `websocket` (`wss://`) or `http` (`https://`) listener, for
+    /// deployments without a load balancer that terminates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's certificate and key, e.g. `tls.crt` and `tls.key` of a
+/// `kubernetes.io/tls` Secret. Editing them rolls the pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// The certificate chain (PEM).
+    pub certificate: SecretKeyRef,
+    /// Its private key (PEM).
+    pub private_key: SecretKeyRef,
 }
 
 /// MTProto transport kinds a listener accepts.

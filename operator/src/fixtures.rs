@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::crd::MtprotoGateway;
+use crate::crd::{ListenerTls, MtprotoGateway, SecretKeyRef};
 use crate::validate::Dereferenced;
 
 pub const PEM: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n";
@@ -62,4 +62,31 @@ pub fn dereferenced() -> Dereferenced {
         .collect(),
     );
     d
+}
+
+/// Puts TLS from the Secret `ws-tls` on `gw`'s listener `listener` and adds that Secret to `d`.
+pub fn with_listener_tls(gw: &mut MtprotoGateway, listener: usize, d: &mut Dereferenced) {
+    let key = |key: &str| SecretKeyRef {
+        secret_name: "ws-tls".into(),
+        key: key.into(),
+    };
+    gw.spec.listeners[listener].tls = Some(ListenerTls {
+        certificate: key("tls.crt"),
+        private_key: key("tls.key"),
+    });
+    d.secrets.insert(
+        "ws-tls".into(),
+        [
+            (
+                "tls.crt".to_owned(),
+                b"-----BEGIN CERTIFICATE-----".to_vec(),
+            ),
+            (
+                "tls.key".to_owned(),
+                b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    );
 }

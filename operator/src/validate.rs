@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
-use crate::crd::{MtprotoGateway, SecretKeyRef};
+use crate::crd::{MtprotoGateway, SecretKeyRef, Transport};
 use crate::error::Error;
 
 /// Where the gateway reads its configuration and keys inside the pod.
@@ -27,16 +27,16 @@ pub struct Dereferenced {
     pub service_monitor_api: bool,
 }
 
-/// One RSA key as the pod sees it.
+/// A Secret value mounted as a file (an RSA key, a TLS certificate or key).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RsaKeyFile {
+pub struct SecretFile {
     /// The Secret key it comes from.
     pub source: SecretKeyRef,
     /// Path of the file relative to [`CONFIG_DIR`].
     pub relative_path: String,
 }
 
-impl RsaKeyFile {
+impl SecretFile {
     /// Absolute path inside the pod.
     pub fn path(&self) -> String {
         format!("{CONFIG_DIR}/{}", self.relative_path)
@@ -54,7 +54,9 @@ pub struct ValidatedGateway {
     /// Namespace of the session Service.
     pub session_namespace: String,
     /// RSA key files in the order the gateway should load them (first = primary).
-    pub rsa_keys: Vec<RsaKeyFile>,
+    pub rsa_keys: Vec<SecretFile>,
+    /// Certificate and key files of TLS listeners, by listener name.
+    pub listener_tls: BTreeMap<String, (SecretFile, SecretFile)>,
     /// SHA-256 (hex) over every referenced Secret value, so a Secret edit rolls the pods.
     pub secrets_hash: String,
     /// Whether to create a ServiceMonitor.
@@ -92,10 +94,32 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
                 key.secret_name, key.key
             )));
         }
-        rsa_keys.push(RsaKeyFile {
+        rsa_keys.push(SecretFile {
             source: key.clone(),
             relative_path: rsa_relative_path(key),
         });
+    }
+
+    let mut listener_tls = BTreeMap::new();
+    for (i, listener) in spec.listeners.iter().enumerate() {
+        let Some(tls) = &listener.tls else { continue };
+        if listener.transport == Transport::Tcp {
+            return Err(Error::Invalid(format!(
+                "spec.listeners[{i}].tls: TLS applies only to transport websocket or http \
+                 (MTProto over TCP has its own obfuscation)"
+            )));
+        }
+        let file = |key: &SecretKeyRef, what: &str, name: &str| {
+            secret_value(deref, key, &format!("spec.listeners[{i}].tls.{what}")).map(|_| {
+                SecretFile {
+                    source: key.clone(),
+                    relative_path: format!("tls/{}/{name}", listener.name),
+                }
+            })
+        };
+        let cert = file(&tls.certificate, "certificate", "tls.crt")?;
+        let key = file(&tls.private_key, "privateKey", "tls.key")?;
+        listener_tls.insert(listener.name.clone(), (cert, key));
     }
 
     if let Some(r) = &spec.auth_keys.redis_url {
@@ -126,6 +150,7 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         session_namespace,
         secrets_hash: hash_referenced(gw, &deref.secrets),
         rsa_keys,
+        listener_tls,
         service_monitor: spec.metrics.service_monitor.enabled && deref.service_monitor_api,
     })
 }
@@ -137,6 +162,12 @@ pub fn referenced_keys(gw: &MtprotoGateway) -> Vec<&SecretKeyRef> {
         .iter()
         .chain(spec.auth_keys.redis_url.iter())
         .chain(spec.auth_keys.mysql_url.iter())
+        .chain(
+            spec.listeners
+                .iter()
+                .filter_map(|l| l.tls.as_ref())
+                .flat_map(|t| [&t.certificate, &t.private_key]),
+        )
         .collect()
 }
 
@@ -204,7 +235,7 @@ fn hash_referenced(gw: &MtprotoGateway, secrets: &SecretData) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{dereferenced, gateway};
+    use crate::fixtures::{dereferenced, gateway, with_listener_tls};
 
     #[test]
     fn valid_gateway_resolves_keys_and_namespaces() {
@@ -222,6 +253,38 @@ mod tests {
             "/etc/mtproto-gateway/rsa/rsa-keys/old.pem"
         );
         assert!(!v.service_monitor, "ServiceMonitor API absent");
+    }
+
+    #[test]
+    fn listener_tls_is_checked_mounted_and_hashed() {
+        let mut gw = gateway();
+        let mut d = dereferenced();
+        with_listener_tls(&mut gw, 1, &mut d);
+        let v = validate(&gw, &d).expect("valid");
+        let (cert, key) = &v.listener_tls["ws"];
+        assert_eq!(cert.path(), format!("{CONFIG_DIR}/tls/ws/tls.crt"));
+        assert_eq!(key.path(), format!("{CONFIG_DIR}/tls/ws/tls.key"));
+        // A new certificate rolls the pods.
+        let mut renewed = d.clone();
+        if let Some(s) = renewed.secrets.get_mut("ws-tls") {
+            s.insert("tls.crt".into(), b"renewed".to_vec());
+        }
+        assert_ne!(
+            validate(&gw, &renewed).expect("valid").secrets_hash,
+            v.secrets_hash
+        );
+        let mut missing = d.clone();
+        missing.secrets.remove("ws-tls");
+        let err = validate(&gw, &missing).expect_err("missing TLS secret");
+        assert!(
+            err.to_string()
+                .contains("spec.listeners[1].tls.certificate"),
+            "{err}"
+        );
+        // MTProto over TCP has no TLS.
+        with_listener_tls(&mut gw, 0, &mut d);
+        let err = validate(&gw, &d).expect_err("TLS on a TCP listener");
+        assert!(err.to_string().contains("spec.listeners[0].tls"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,10 @@ struct ListenerConfig<'a> {
     address: String,
     transport: &'a str,
     proxy_protocol: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -76,10 +80,15 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
         listeners: spec
             .listeners
             .iter()
-            .map(|l| ListenerConfig {
-                address: format!("0.0.0.0:{}", l.port),
-                transport: l.transport.as_str(),
-                proxy_protocol: l.proxy_protocol.as_str(),
+            .map(|l| {
+                let tls = v.listener_tls.get(&l.name);
+                ListenerConfig {
+                    address: format!("0.0.0.0:{}", l.port),
+                    transport: l.transport.as_str(),
+                    proxy_protocol: l.proxy_protocol.as_str(),
+                    tls_cert: tls.map(|(cert, _)| cert.path()),
+                    tls_key: tls.map(|(_, key)| key.path()),
+                }
             })
             .collect(),
         session: SessionConfig {
@@ -111,8 +120,28 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{dereferenced, gateway};
-    use crate::validate::validate;
+    use crate::fixtures::{dereferenced, gateway, with_listener_tls};
+    use crate::validate::{validate, CONFIG_DIR};
+
+    #[test]
+    fn tls_listeners_point_at_the_mounted_files() {
+        let mut gw = gateway();
+        let mut d = dereferenced();
+        with_listener_tls(&mut gw, 1, &mut d);
+        let v = validate(&gw, &d).expect("valid");
+        let text = render(&gw.spec, &v).expect("renders");
+        let doc: toml::Table = text.parse().expect("valid TOML");
+        let listeners = doc["listeners"].as_array().expect("listeners");
+        assert_eq!(
+            listeners[1]["tls_cert"].as_str(),
+            Some(format!("{CONFIG_DIR}/tls/ws/tls.crt").as_str())
+        );
+        assert_eq!(
+            listeners[1]["tls_key"].as_str(),
+            Some(format!("{CONFIG_DIR}/tls/ws/tls.key").as_str())
+        );
+        assert!(listeners[0].get("tls_cert").is_none());
+    }
 
     #[test]
     fn renders_the_contract_shape() {

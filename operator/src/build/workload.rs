@@ -252,7 +252,8 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// One projected volume holds the config and every RSA key at the paths the config names.
+/// One projected volume holds the config, every RSA key and every listener's
+/// TLS files at the paths the config names.
 fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
     let mut sources = vec![VolumeProjection {
         config_map: Some(ConfigMapProjection {
@@ -267,7 +268,8 @@ fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
         ..VolumeProjection::default()
     }];
     let mut by_secret: BTreeMap<&str, Vec<KeyToPath>> = BTreeMap::new();
-    for k in &v.rsa_keys {
+    let tls_files = v.listener_tls.values().flat_map(|(cert, key)| [cert, key]);
+    for k in v.rsa_keys.iter().chain(tls_files) {
         by_secret
             .entry(k.source.secret_name.as_str())
             .or_default()
@@ -435,6 +437,36 @@ mod tests {
             .and_then(|s| s.sysctls.clone())
             .expect("sysctls");
         assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+    }
+
+    #[test]
+    fn listener_tls_files_are_projected() {
+        let mut gw = gateway();
+        let mut d = dereferenced();
+        crate::fixtures::with_listener_tls(&mut gw, 1, &mut d);
+        let v = validate(&gw, &d).expect("valid");
+        let b = super::super::build(&gw, &v).expect("build");
+        let vols = pod(&b.deployment).volumes.as_ref().expect("volumes");
+        let sources = vols[0]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .expect("projected");
+        let tls = sources
+            .iter()
+            .filter_map(|s| s.secret.as_ref())
+            .find(|s| s.name == "ws-tls")
+            .expect("ws-tls projected");
+        let paths: Vec<_> = tls
+            .items
+            .iter()
+            .flatten()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect();
+        assert_eq!(
+            paths,
+            [("tls.crt", "tls/ws/tls.crt"), ("tls.key", "tls/ws/tls.key")]
+        );
     }
 
     #[test]
