@@ -338,15 +338,14 @@ impl SessionMode {
     }
 }
 
-/// Consistent-hash ring flavour.
+/// Consistent-hash ring flavour. Only go-zero's exists: it is the one that
+/// agrees with Go teamgram sessions, and a second would only split fleets.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RingMode {
     /// go-zero compatible ring, so Go teamgram sessions agree on key ownership.
     #[default]
     Gozero,
-    /// Ketama-style ring for fleets of our own sessions only.
-    Ketama,
 }
 
 impl RingMode {
@@ -354,7 +353,6 @@ impl RingMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Gozero => "gozero",
-            Self::Ketama => "ketama",
         }
     }
 }
