@@ -11,7 +11,6 @@ import os
 import socket
 import struct
 import time
-import urllib.request
 
 import pytest
 from telethon.crypto import AuthKey
@@ -24,7 +23,7 @@ from telethon.tl.functions import PingDelayDisconnectRequest, PingRequest
 
 from conftest import LOG_FILTER, Process, free_port, start_session
 from mtclient import LOGGERS, create_auth_key, intermediate_frame, pin_server_key, raw_intermediate, recv_exactly
-from test_admin import metric
+from promtext import metric, scrape
 from test_clients import API_NOT_SERVED, api_call, encrypt_client_message
 
 HTTP_WAIT = 0x9299359F
@@ -65,8 +64,7 @@ def http_gateway(tmp_path_factory):
 
 
 def metrics(gw) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=5) as r:
-        return r.read().decode()
+    return scrape(gw.admin_port)
 
 
 class TelethonHttpCodec(HttpPacketCodec):
@@ -313,6 +311,10 @@ def test_bad_requests_get_clear_statuses_and_are_counted(http_gateway):
     for name, added in [("mtproto_http_refused_method", 1), ("mtproto_http_refused_path", 1),
                         ("mtproto_http_refused_too_large", 2), ("mtproto_http_refused_bad_body", 3)]:
         assert metric(after, name) - metric(before, name) == added, name
+    # Every request above came on its own TCP connection of the HTTP listener.
+    accepted = [metric(m, "mtproto_connections_accepted", listener="http") for m in (before, after)]
+    assert accepted[1] - accepted[0] == 8
+    assert metric(after, "mtproto_connections_closed", reason="client_closed") >= 1
     assert http_gateway.alive()
 
 

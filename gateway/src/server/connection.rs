@@ -80,7 +80,7 @@ pub(super) enum Close {
 
 impl Close {
     /// The `reason` label of `mtproto_connections_closed_total`.
-    fn reason(&self) -> &'static str {
+    pub(super) fn reason(&self) -> &'static str {
         match self {
             Close::ClientClosed => "client_closed",
             Close::Read(_) => "read_error",
@@ -119,16 +119,20 @@ impl Close {
 
 /// Holds the connection's place in `mtproto_connections_open`, under its
 /// transport's name once the first bytes tell it.
-struct OpenGauge {
+pub(super) struct OpenGauge {
     metrics: Arc<Metrics>,
     labels: OpenLabels,
 }
 
 impl OpenGauge {
-    fn new(metrics: Arc<Metrics>, listener: &'static str) -> Self {
+    pub(super) fn new(
+        metrics: Arc<Metrics>,
+        listener: &'static str,
+        transport: &'static str,
+    ) -> Self {
         let labels = OpenLabels {
             listener,
-            transport: "undetected",
+            transport,
         };
         metrics.connections_open.get_or_create(&labels).inc();
         Self { metrics, labels }
@@ -194,7 +198,7 @@ pub async fn run(
         id,
         peer,
         transport: Transport::new(shared.limits.max_frame_bytes),
-        open: OpenGauge::new(shared.metrics.clone(), endpoint.kind()),
+        open: OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected"),
         shared,
         handshake: None,
         handshake_started: None,
@@ -308,6 +312,15 @@ fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
     let total = Refused::count(&shared.admission.refused.proxy_header);
     debug!(conn = id, refused_total = total, "PROXY header refused");
     close
+}
+
+/// Adds one to `mtproto_connections_closed_total{reason}`.
+pub(super) fn count_closed(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .connections_closed
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
 }
 
 /// Adds one to `mtproto_handshakes_total{outcome}`.
@@ -542,11 +555,7 @@ impl Connection {
     }
 
     fn count_closed(&self, reason: &'static str) {
-        self.shared
-            .metrics
-            .connections_closed
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+        count_closed(&self.shared, reason);
     }
 
     fn count_handshake(&self, outcome: &'static str) {

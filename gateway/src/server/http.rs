@@ -204,6 +204,7 @@ pub async fn run(
     done: mpsc::Sender<()>,
 ) {
     let id = shared.connection_ids.next();
+    let _open = connection::OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "http");
     let deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut buf = BytesMut::new();
     if let Err(close) = connection::admit(
@@ -218,6 +219,7 @@ pub async fn run(
     )
     .await
     {
+        connection::count_closed(&shared, close.reason());
         debug!(conn = id, %peer, "closed: {close}");
         return;
     }
@@ -235,17 +237,21 @@ pub async fn run(
         Some(tls) => match timeout_at(deadline, tls.0.accept(stream)).await {
             Ok(Ok(stream)) => serve(stream, cx).await,
             Ok(Err(e)) => {
+                connection::count_closed(&cx.shared, "tls_handshake_failed");
                 let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
                 info!(conn = id, %peer, refused_total = total, "closed: TLS handshake failed: {e}");
             }
-            Err(_) => info!(conn = id, %peer, "closed: {}", Close::HandshakeTimeout),
+            Err(_) => {
+                connection::count_closed(&cx.shared, Close::HandshakeTimeout.reason());
+                info!(conn = id, %peer, "closed: {}", Close::HandshakeTimeout);
+            }
         },
     }
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx: Arc<ConnCx>) {
     let mut draining = cx.draining.clone();
-    let (id, peer) = (cx.id, cx.peer);
+    let (id, peer, shared) = (cx.id, cx.peer, cx.shared.clone());
     let timeout = cx.shared.limits.handshake_timeout;
     let service = service_fn(move |request| {
         let cx = cx.clone();
@@ -267,8 +273,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
         }
     };
     match result {
-        Ok(()) => debug!(conn = id, %peer, "HTTP connection closed"),
-        Err(e) => debug!(conn = id, %peer, "HTTP connection ended: {e}"),
+        Ok(()) => {
+            let reason = if *draining.borrow() {
+                "shutdown"
+            } else {
+                "client_closed"
+            };
+            connection::count_closed(&shared, reason);
+            debug!(conn = id, %peer, "HTTP connection closed");
+        }
+        Err(e) => {
+            connection::count_closed(&shared, "http_error");
+            debug!(conn = id, %peer, "HTTP connection ended: {e}");
+        }
     }
 }
 
