@@ -41,6 +41,19 @@ def api_call(padding: str = "") -> InvokeWithLayerRequest:
     )
 
 
+async def pings_and_rpc_error(sender) -> None:
+    """A fresh key, two kinds of ping answered, and an API call refused by the reference session."""
+    assert len(sender.auth_key.key) == 256
+    pong = await asyncio.wait_for(sender.send(PingRequest(0x1234)), 20)
+    assert pong.ping_id == 0x1234
+    pong = await asyncio.wait_for(sender.send(PingDelayDisconnectRequest(77, 75)), 20)
+    assert pong.ping_id == 77
+    with pytest.raises(RPCError) as err:
+        await asyncio.wait_for(sender.send(api_call()), 20)
+    assert err.value.code == 400
+    assert API_NOT_SERVED in err.value.message
+
+
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
 def test_handshake_ping_and_rpc_error(gateway, transport):
     pin_server_key(gateway.public_key.read_text())
@@ -48,15 +61,7 @@ def test_handshake_ping_and_rpc_error(gateway, transport):
     async def scenario():
         sender = await connect(gateway.port, transport)
         try:
-            assert len(sender.auth_key.key) == 256
-            pong = await asyncio.wait_for(sender.send(PingRequest(0x1234)), 20)
-            assert pong.ping_id == 0x1234
-            pong = await asyncio.wait_for(sender.send(PingDelayDisconnectRequest(77, 75)), 20)
-            assert pong.ping_id == 77
-            with pytest.raises(RPCError) as err:
-                await asyncio.wait_for(sender.send(api_call()), 20)
-            assert err.value.code == 400
-            assert API_NOT_SERVED in err.value.message
+            await pings_and_rpc_error(sender)
         finally:
             await sender.disconnect()
 

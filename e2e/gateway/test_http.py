@@ -14,17 +14,17 @@ import time
 
 import pytest
 from telethon.crypto import AuthKey
-from telethon.errors import AuthKeyNotFound, RPCError
+from telethon.errors import AuthKeyNotFound
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender, authenticator
 from telethon.network.connection.http import ConnectionHttp, HttpPacketCodec
 from telethon.network.mtprotostate import MTProtoState
-from telethon.tl.functions import PingDelayDisconnectRequest, PingRequest
+from telethon.tl.functions import PingRequest
 
 from conftest import LOG_FILTER, Process, free_port, start_session
 from mtclient import LOGGERS, create_auth_key, intermediate_frame, pin_server_key, raw_intermediate, recv_exactly
 from promtext import metric, scrape
-from test_clients import API_NOT_SERVED, api_call, encrypt_client_message
+from test_clients import encrypt_client_message, pings_and_rpc_error
 
 HTTP_WAIT = 0x9299359F
 PING = 0x7ABE77EC
@@ -123,15 +123,7 @@ def test_telethon_handshake_ping_and_rpc_error(http_gateway):
     async def scenario():
         sender = await http_sender(http_gateway.port)
         try:
-            assert len(sender.auth_key.key) == 256
-            pong = await asyncio.wait_for(sender.send(PingRequest(0x1234)), 20)
-            assert pong.ping_id == 0x1234
-            pong = await asyncio.wait_for(sender.send(PingDelayDisconnectRequest(77, 75)), 20)
-            assert pong.ping_id == 77
-            with pytest.raises(RPCError) as err:
-                await asyncio.wait_for(sender.send(api_call()), 20)
-            assert err.value.code == 400
-            assert API_NOT_SERVED in err.value.message
+            await pings_and_rpc_error(sender)
         finally:
             await sender.disconnect()
 

@@ -314,6 +314,25 @@ fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
     close
 }
 
+/// An unencrypted handshake reply, with a server msg_id after `last_msg_id`.
+pub(super) fn plain_reply(last_msg_id: &mut i64, body: &[u8]) -> Vec<u8> {
+    let now = unix_now();
+    *last_msg_id =
+        message::next_server_msg_id(*last_msg_id, now.as_secs() as i64, now.subsec_nanos(), true);
+    message::encode_plain(*last_msg_id, body)
+}
+
+/// Counts and logs a −404 sent for `close`.
+pub(super) fn count_404(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
+    shared
+        .keys
+        .cache
+        .stats
+        .not_found_sent
+        .fetch_add(1, Ordering::Relaxed);
+    info!(conn = id, %peer, "sent -404: {close}");
+}
+
 /// Adds one to `mtproto_connections_closed_total{reason}`.
 pub(super) fn count_closed(shared: &Shared, reason: &'static str) {
     shared
@@ -585,13 +604,7 @@ impl Connection {
         }
         if let Some(code) = close.code() {
             if code == error_code::AUTH_KEY_NOT_FOUND {
-                self.shared
-                    .keys
-                    .cache
-                    .stats
-                    .not_found_sent
-                    .fetch_add(1, Ordering::Relaxed);
-                info!(conn = id, %peer, "sent -404: {close}");
+                count_404(&self.shared, id, peer, &close);
             }
             self.transport
                 .encode_error(code, &mut self.out, &mut rand::thread_rng());
@@ -730,14 +743,7 @@ impl Connection {
         .await?;
         self.handshake = Some(handshake);
         if let Some(reply) = reply {
-            let now = unix_now();
-            self.last_plain_msg_id = message::next_server_msg_id(
-                self.last_plain_msg_id,
-                now.as_secs() as i64,
-                now.subsec_nanos(),
-                true,
-            );
-            let msg = message::encode_plain(self.last_plain_msg_id, &reply);
+            let msg = plain_reply(&mut self.last_plain_msg_id, &reply);
             self.transport
                 .encode_frame(&msg, &mut self.out, &mut rand::thread_rng());
         }

@@ -405,13 +405,7 @@ fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
     let (id, peer) = (cx.id, cx.peer);
     if let Some(code) = close.code() {
         let status = if code == error_code::AUTH_KEY_NOT_FOUND {
-            cx.shared
-                .keys
-                .cache
-                .stats
-                .not_found_sent
-                .fetch_add(1, Ordering::Relaxed);
-            info!(conn = id, %peer, "sent -404: {close}");
+            connection::count_404(&cx.shared, id, peer, &close);
             StatusCode::NOT_FOUND
         } else {
             debug!(conn = id, %peer, "sent {code}: {close}");
@@ -498,14 +492,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
     let Some(reply) = reply else {
         return Err(HandshakeError::OutOfOrder("a message without a reply", "http").into());
     };
-    let unix = crate::unix_time();
-    pending.last_msg_id = message::next_server_msg_id(
-        pending.last_msg_id,
-        unix.as_secs() as i64,
-        unix.subsec_nanos(),
-        true,
-    );
-    let msg = message::encode_plain(pending.last_msg_id, &reply);
+    let msg = connection::plain_reply(&mut pending.last_msg_id, &reply);
     if pending.handshake.state_name() != "done" {
         lock(&hub.handshakes).insert(nonce, pending);
     }

@@ -439,6 +439,34 @@ mod tests {
         assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
     }
 
+    /// The sources of the pod's projected config volume.
+    fn projected(b: &super::super::Built) -> Vec<VolumeProjection> {
+        pod(&b.deployment).volumes.as_ref().expect("volumes")[0]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .expect("projected")
+    }
+
+    /// (Secret key, path) of each item projected from `secret`.
+    fn items(sources: &[VolumeProjection], secret: &str) -> Vec<(String, String)> {
+        sources
+            .iter()
+            .filter_map(|s| s.secret.as_ref())
+            .find(|s| s.name == secret)
+            .and_then(|s| s.items.as_ref())
+            .expect("secret projected")
+            .iter()
+            .map(|i| (i.key.clone(), i.path.clone()))
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
     fn listener_tls_files_are_projected() {
         let mut gw = gateway();
@@ -446,57 +474,26 @@ mod tests {
         crate::fixtures::with_listener_tls(&mut gw, 1, &mut d);
         let v = validate(&gw, &d).expect("valid");
         let b = super::super::build(&gw, &v).expect("build");
-        let vols = pod(&b.deployment).volumes.as_ref().expect("volumes");
-        let sources = vols[0]
-            .projected
-            .as_ref()
-            .and_then(|p| p.sources.as_ref())
-            .expect("projected");
-        let tls = sources
-            .iter()
-            .filter_map(|s| s.secret.as_ref())
-            .find(|s| s.name == "ws-tls")
-            .expect("ws-tls projected");
-        let paths: Vec<_> = tls
-            .items
-            .iter()
-            .flatten()
-            .map(|i| (i.key.as_str(), i.path.as_str()))
-            .collect();
         assert_eq!(
-            paths,
-            [("tls.crt", "tls/ws/tls.crt"), ("tls.key", "tls/ws/tls.key")]
+            items(&projected(&b), "ws-tls"),
+            pairs(&[("tls.crt", "tls/ws/tls.crt"), ("tls.key", "tls/ws/tls.key")])
         );
     }
 
     #[test]
     fn keys_and_config_are_projected_where_the_config_points() {
         let (_, b) = built();
-        let vols = pod(&b.deployment).volumes.as_ref().expect("volumes");
-        let sources = vols[0]
-            .projected
-            .as_ref()
-            .and_then(|p| p.sources.as_ref())
-            .expect("projected");
+        let sources = projected(&b);
         assert_eq!(
             sources[0].config_map.as_ref().map(|c| c.name.as_str()),
             Some("edge-config")
         );
-        let secret = sources[1].secret.as_ref().expect("secret projection");
-        assert_eq!(secret.name, "rsa-keys");
-        let paths: Vec<_> = secret
-            .items
-            .as_ref()
-            .expect("items")
-            .iter()
-            .map(|i| (i.key.as_str(), i.path.as_str()))
-            .collect();
         assert_eq!(
-            paths,
-            [
+            items(&sources, "rsa-keys"),
+            pairs(&[
                 ("primary.pem", "rsa/rsa-keys/primary.pem"),
                 ("old", "rsa/rsa-keys/old.pem")
-            ]
+            ])
         );
         let mounts = pod(&b.deployment).containers[0]
             .volume_mounts
