@@ -2,12 +2,16 @@
 the bad-input tests."""
 
 import asyncio
+import hashlib
 import logging
+import os
 import socket
 import struct
+import time
 
-from telethon.crypto import AuthKey, rsa
+from telethon.crypto import AES, AuthKey, rsa
 from telethon.network import MTProtoSender
+from telethon.network.mtprotostate import MTProtoState
 from telethon.network.connection import (
     ConnectionTcpAbridged,
     ConnectionTcpFull,
@@ -128,3 +132,52 @@ def raw_intermediate(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"\xee\xee\xee\xee")
     return sock
+
+
+def encrypt_client_message(key: AuthKey, salt: int, session_id: int, body: bytes, msg_id: int) -> tuple[bytes, bytes]:
+    """Encrypts like Telethon's MTProtoState, returning (frame payload, plaintext)."""
+    data = struct.pack("<qqqii", salt, session_id, msg_id, 1, len(body)) + body
+    padding = os.urandom(-(len(data) + 12) % 16 + 12)
+    plaintext = data + padding
+    state = MTProtoState(key, LOGGERS)
+    msg_key = hashlib.sha256(key.key[88:120] + plaintext).digest()[8:24]
+    aes_key, aes_iv = state._calc_key(key.key, msg_key, True)
+    return struct.pack("<Q", key.key_id) + msg_key + AES.encrypt_ige(plaintext, aes_key, aes_iv), plaintext
+
+
+class Session:
+    """Hand-made encrypted messages of one MTProto session."""
+
+    def __init__(self, key: AuthKey):
+        self.key = key
+        self.id = struct.unpack("<q", os.urandom(8))[0]
+        self.salt = 0
+        self.next_msg_id = int(time.time()) << 32
+
+    def message(self, body: bytes) -> bytes:
+        """A content-related message (seq_no 1) with the next msg_id."""
+        self.next_msg_id += 4
+        payload, _ = encrypt_client_message(self.key, self.salt, self.id, body, self.next_msg_id)
+        return payload
+
+    def read(self, payload: bytes):
+        state = MTProtoState(self.key, LOGGERS)
+        state.id = self.id
+        return state.decrypt_message_data(payload).obj
+
+    def read_all(self, payload: bytes) -> list:
+        """The objects of one server message, a container's unpacked."""
+        obj = self.read(payload)
+        if type(obj).__name__ == "MessageContainer":
+            return [m.obj for m in obj.messages]
+        return [obj]
+
+
+def ping(ping_id: int) -> bytes:
+    """The TL body of ping#7abe77ec."""
+    return struct.pack("<Iq", 0x7ABE77EC, ping_id)
+
+
+def recv_intermediate(sock: socket.socket) -> bytes:
+    length = struct.unpack("<I", recv_exactly(sock, 4))[0]
+    return recv_exactly(sock, length)

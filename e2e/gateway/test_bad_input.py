@@ -15,11 +15,11 @@ from mtclient import (
     closed_by_server,
     create_auth_key,
     connect,
+    encrypt_client_message,
     intermediate_frame,
     pin_server_key,
     raw_intermediate,
 )
-from test_clients import encrypt_client_message
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,14 @@ from mtclient import (
     closed_by_server,
     connect,
     create_auth_key,
+    Session,
+    encrypt_client_message,
     intermediate_frame,
     pin_server_key,
+    ping,
     raw_intermediate,
     recv_exactly,
+    recv_intermediate,
 )
 
 API_NOT_SERVED = "API_METHOD_NOT_SERVED_BY_REFERENCE_SESSION"
@@ -119,17 +123,27 @@ def test_unknown_auth_key_gets_transport_error_404(gateway):
     asyncio.run(scenario())
 
 
-def encrypt_client_message(key: AuthKey, salt: int, session_id: int, body: bytes, msg_id: int) -> tuple[bytes, bytes]:
-    """Encrypts like Telethon's MTProtoState, returning (frame payload, plaintext)."""
-    data = struct.pack("<qqqii", salt, session_id, msg_id, 1, len(body)) + body
-    padding = os.urandom(-(len(data) + 12) % 16 + 12)
-    plaintext = data + padding
-    state = MTProtoState(key, LOGGERS)
-    msg_key = hashlib.sha256(key.key[88:120] + plaintext).digest()[8:24]
-    aes_key, aes_iv = state._calc_key(key.key, msg_key, True)
-    from telethon.crypto import AES
-
-    return struct.pack("<Q", key.key_id) + msg_key + AES.encrypt_ige(plaintext, aes_key, aes_iv), plaintext
+def test_new_session_created_comes_with_the_first_accepted_message(gateway):
+    """A session whose first message is refused for its salt (bad_server_salt)
+    still gets new_session_created: with its first accepted message, once."""
+    pin_server_key(gateway.public_key.read_text())
+    session = Session(create_auth_key(gateway.port))
+    sock = raw_intermediate(gateway.port)
+    try:
+        sock.sendall(intermediate_frame(session.message(ping(1))))
+        bad = session.read(recv_intermediate(sock))
+        assert type(bad).__name__ == "BadServerSalt"
+        session.salt = bad.new_server_salt
+        sock.sendall(intermediate_frame(session.message(ping(2))))
+        created, pong = session.read_all(recv_intermediate(sock))
+        assert type(created).__name__ == "NewSessionCreated"
+        assert created.first_msg_id == session.next_msg_id
+        assert created.server_salt == session.salt
+        assert pong.ping_id == 2
+        sock.sendall(intermediate_frame(session.message(ping(3))))
+        assert [type(r).__name__ for r in session.read_all(recv_intermediate(sock))] == ["Pong"]
+    finally:
+        sock.close()
 
 
 def test_quick_ack_token_is_over_the_plaintext(gateway):

@@ -22,12 +22,21 @@ from telethon.network.mtprotostate import MTProtoState
 from telethon.tl.functions import PingRequest
 
 from conftest import LOG_FILTER, Process, free_port, start_session
-from mtclient import LOGGERS, create_auth_key, intermediate_frame, pin_server_key, raw_intermediate, recv_exactly
+from mtclient import (
+    LOGGERS,
+    Session,
+    create_auth_key,
+    intermediate_frame,
+    pin_server_key,
+    ping,
+    raw_intermediate,
+    recv_exactly,
+    recv_intermediate,
+)
 from promtext import metric, scrape
-from test_clients import encrypt_client_message, pings_and_rpc_error
+from test_clients import pings_and_rpc_error
 
 HTTP_WAIT = 0x9299359F
-PING = 0x7ABE77EC
 
 
 def start_http_gateway(workdir, extra_config: str = "", extra_args: list[str] | None = None) -> Process:
@@ -185,38 +194,8 @@ def test_a_later_step_without_its_first_is_refused(http_gateway):
     assert headers["connection"] == "close"
 
 
-class Session:
-    """Hand-made encrypted messages of one MTProto session."""
-
-    def __init__(self, key: AuthKey):
-        self.key = key
-        self.id = struct.unpack("<q", os.urandom(8))[0]
-        self.salt = 0
-        self.next_msg_id = int(time.time()) << 32
-
-    def message(self, body: bytes) -> bytes:
-        """A content-related message (seq_no 1) with the next msg_id."""
-        self.next_msg_id += 4
-        payload, _ = encrypt_client_message(self.key, self.salt, self.id, body, self.next_msg_id)
-        return payload
-
-    def read(self, payload: bytes):
-        state = MTProtoState(self.key, LOGGERS)
-        state.id = self.id
-        return state.decrypt_message_data(payload).obj
-
-
-def ping(ping_id: int) -> bytes:
-    return struct.pack("<Iq", PING, ping_id)
-
-
 def http_wait(max_delay: int, wait_after: int, max_wait: int) -> bytes:
     return struct.pack("<Iiii", HTTP_WAIT, max_delay, wait_after, max_wait)
-
-
-def recv_intermediate(sock: socket.socket) -> bytes:
-    length = struct.unpack("<I", recv_exactly(sock, 4))[0]
-    return recv_exactly(sock, length)
 
 
 def test_long_poll_collects_a_message_produced_later(http_gateway):
@@ -232,7 +211,8 @@ def test_long_poll_collects_a_message_produced_later(http_gateway):
         tcp.sendall(intermediate_frame(session.message(ping(1))))
         session.salt = session.read(recv_intermediate(tcp)).new_server_salt
         tcp.sendall(intermediate_frame(session.message(ping(2))))
-        assert session.read(recv_intermediate(tcp)).ping_id == 2
+        replies = session.read_all(recv_intermediate(tcp))
+        assert [type(r).__name__ for r in replies] == ["NewSessionCreated", "Pong"]
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             poll = pool.submit(post, http_gateway.port, session.message(http_wait(0, 0, 20_000)))

@@ -34,6 +34,10 @@ struct SessionState {
     last_msg_id: i64,
     /// The gateway (`server_id`) that last carried this session: replies go there.
     gateway: String,
+    /// `new_session_created` was sent. Not the same as the state existing:
+    /// a first message refused for its salt creates the state (its
+    /// `bad_server_salt` needs a msg_id) but not the announcement.
+    announced: bool,
 }
 
 impl SessionState {
@@ -283,16 +287,13 @@ impl Core {
         let is_new = {
             let mut sessions = self.sessions();
             let key = (data.auth_key_id, data.session_id);
-            let is_new = !sessions.contains_key(&key);
-            if is_new {
-                if sessions.len() >= MAX_SESSIONS {
-                    if let Some(&evict) = sessions.keys().next() {
-                        sessions.remove(&evict);
-                    }
+            if !sessions.contains_key(&key) && sessions.len() >= MAX_SESSIONS {
+                if let Some(&evict) = sessions.keys().next() {
+                    sessions.remove(&evict);
                 }
-                sessions.insert(key, SessionState::default());
             }
-            is_new
+            let state = sessions.entry(key).or_default();
+            !std::mem::replace(&mut state.announced, true)
         };
         if is_new {
             debug!(
