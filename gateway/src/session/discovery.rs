@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -102,6 +103,22 @@ impl Membership {
     }
 }
 
+/// Retries of a failed watch: 200 ms doubling to at most 2 s (kube-runtime's
+/// default goes to 30 s), so changes made while the API server was away reach
+/// the ring soon after it is back. One watch per process keeps this cheap for
+/// the API server.
+fn watch_backoff() -> impl Backoff {
+    let exponential = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(
+        watcher::ExponentialBackoff::from(exponential),
+        Duration::from_secs(120),
+    )
+}
+
 /// Follows the Service's EndpointSlices until the process ends, handing each
 /// new membership to `apply` (the gateway's routing ring, or a session's
 /// ownership ring).
@@ -109,7 +126,9 @@ pub async fn run(client: Client, target: Target, apply: impl Fn(Vec<String>)) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &target.namespace);
     let config = watcher::Config::default()
         .labels(&format!("kubernetes.io/service-name={}", target.service));
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut events = watcher::watcher(api, config)
+        .backoff(watch_backoff())
+        .boxed();
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut pending: Option<BTreeMap<String, EndpointSlice>> = None;
     let mut membership = Membership::default();
