@@ -118,7 +118,8 @@ fn rpc_error(result: &[u8]) -> (i32, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn temp_key_bound_via_one_gateway_works_on_another_that_cached_it_unbound() {
+async fn temp_key_bound_via_one_gateway_works_at_once_there_and_on_another_that_cached_it_unbound()
+{
     let dir = tempfile::tempdir().unwrap();
     let (a, stop_a) = start(dir.path()).await;
     let (b, stop_b) = start(dir.path()).await;
@@ -151,6 +152,12 @@ async fn temp_key_bound_via_one_gateway_works_on_another_that_cached_it_unbound(
     // The real one is accepted.
     let result = rpc(&mut on_a, &temp, session_id, bind(session_id)).await;
     assert_eq!(result, 0x9972_75b5_u32.to_le_bytes(), "boolTrue");
+    // The connection that bound the key uses it at once.
+    let (code, message) = rpc_error(&rpc(&mut on_a, &temp, session_id, |_| api_call()).await);
+    assert_eq!(
+        (code, message.as_str()),
+        (400, "API_METHOD_NOT_SERVED_BY_REFERENCE_SESSION")
+    );
 
     // A new connection to B sees the binding without a restart.
     let mut again = Client::connect(b).await.unwrap();

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use moka::future::Cache;
 use moka::Expiry;
 
-use super::{AuthKeyInfo, AuthKeyType};
+use super::AuthKeyInfo;
 
 /// Approximate bytes per entry, for the capacity bound.
 const FOUND_WEIGHT: u32 = 512;
@@ -72,11 +72,6 @@ pub struct KeyCache {
     pub stats: CacheStats,
 }
 
-/// A temp key whose binding is unknown here may have been bound elsewhere.
-fn needs_refresh(info: &AuthKeyInfo) -> bool {
-    info.key_type != AuthKeyType::Perm && info.perm_auth_key_id == 0
-}
-
 impl KeyCache {
     pub fn new(capacity_bytes: u64, ttl: Duration, negative_ttl: Duration) -> Self {
         let cache = Cache::builder()
@@ -101,7 +96,7 @@ impl KeyCache {
         source: &dyn KeySource,
     ) -> Result<Option<Arc<AuthKeyInfo>>, LookupError> {
         match self.cache.get(&auth_key_id).await {
-            Some(Entry::Found(info)) if !needs_refresh(&info) => {
+            Some(Entry::Found(info)) if !info.is_unbound_temp() => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(info));
             }
@@ -157,7 +152,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::AuthKey;
+    use crate::authkey::{AuthKey, AuthKeyType};
     use std::sync::Mutex;
 
     /// A source that counts lookups and answers from a map after a delay.

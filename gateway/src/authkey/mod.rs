@@ -114,6 +114,12 @@ impl AuthKeyInfo {
         self.key.id()
     }
 
+    /// A temp key with no binding known here: it may have been bound since
+    /// (through any gateway), so holders read it again before relying on it.
+    pub fn is_unbound_temp(&self) -> bool {
+        self.key_type != AuthKeyType::Perm && self.perm_auth_key_id == 0
+    }
+
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|at| now >= at)
     }

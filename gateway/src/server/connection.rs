@@ -751,6 +751,10 @@ impl Connection {
     }
 
     /// Finds the key for this connection: once, then it is bound.
+    /// A temp key that is still unbound is read again for every message
+    /// (through the cache, which asks the store for unbound keys), so the
+    /// connection that sent `auth.bindTempAuthKey` forwards the perm key id
+    /// as soon as the binding is stored.
     async fn bind_key(&mut self, auth_key_id: i64) -> Result<Arc<AuthKeyInfo>, Close> {
         if let Some(key) = &self.key {
             if key.id() != auth_key_id {
@@ -759,7 +763,9 @@ impl Connection {
                     got: auth_key_id,
                 });
             }
-            return Ok(key.clone());
+            if !key.is_unbound_temp() {
+                return Ok(key.clone());
+            }
         }
         let info = lookup_key(&self.shared, auth_key_id).await?;
         self.key = Some(info.clone());
