@@ -35,6 +35,9 @@ struct Cli {
     pings: u64,
 }
 
+/// A worker's pause after a failed connection.
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Default)]
 struct Counters {
     handshakes: AtomicU64,
@@ -69,9 +72,14 @@ async fn worker(
                 // Read until the pong (new_session_created or bad_server_salt may come first).
                 loop {
                     let (_, body) = client.recv(&key.key).await?;
-                    let constructor = u32::from_le_bytes(body[..4].try_into()?);
+                    let constructor = u32::from_le_bytes(
+                        body.get(..4)
+                            .context("reply shorter than a constructor")?
+                            .try_into()?,
+                    );
                     if constructor == id::BAD_SERVER_SALT {
-                        salt = i64::from_le_bytes(body[20..28].try_into()?);
+                        let new_salt = body.get(20..28).context("short bad_server_salt")?;
+                        salt = i64::from_le_bytes(new_salt.try_into()?);
                         let msg_id = client.next_msg_id();
                         client
                             .send(&key.key, salt, session_id, msg_id, &ping)
@@ -85,8 +93,13 @@ async fn worker(
             Ok(())
         }
         .await;
-        if result.is_err() {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            // The first error says why (a −429 from the gateway's handshake
+            // limit, say); a pause keeps a refusing gateway from being hammered.
+            if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!("mtproto-loadgen: {e:#}");
+            }
+            tokio::time::sleep(ERROR_PAUSE).await;
         }
     }
 }
