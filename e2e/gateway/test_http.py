@@ -143,13 +143,21 @@ class OneConnectionPerRequest:
     """Telethon's plain (handshake) sender interface over HTTP with a new TCP
     connection for every request, as a client behind a non-sticky proxy."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, forge: bool = False):
         self.port = port
         self.state = MTProtoState(None, LOGGERS)
         self.connections = 0
+        # Before each later step, a third party replays its nonce with another server_nonce.
+        self.forge = forge
+        self.forged_refused = 0
 
     async def send(self, request):
         body = bytes(request)
+        if self.forge and struct.unpack("<I", body[:4])[0] != 0xBE7E8EF1:  # not req_pq_multi
+            forged = body[:20] + os.urandom(16) + body[36:]
+            message = struct.pack("<qqi", 0, self.state._get_new_msg_id(), len(forged)) + forged
+            if (await asyncio.to_thread(post, self.port, message, "/apiw1"))[0] == 400:
+                self.forged_refused += 1
         message = struct.pack("<qqi", 0, self.state._get_new_msg_id(), len(body)) + body
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.connections += 1
@@ -184,6 +192,19 @@ def test_handshake_continues_across_tcp_connections(http_gateway):
 
     asyncio.run(scenario())
     assert http_gateway.log_text().count("auth key created") == before + 1
+
+
+def test_a_forged_step_does_not_end_the_real_handshake(http_gateway):
+    """The nonce is visible on plain http://: a third party sending a later step
+    with it (and the wrong server_nonce) gets 400, and the client's handshake goes on."""
+    pin_server_key(http_gateway.public_key.read_text())
+
+    async def scenario():
+        plain = OneConnectionPerRequest(http_gateway.port, forge=True)
+        await asyncio.wait_for(authenticator.do_authentication(plain), 60)
+        assert plain.forged_refused == 2
+
+    asyncio.run(scenario())
 
 
 def test_a_later_step_without_its_first_is_refused(http_gateway):

@@ -66,6 +66,23 @@ pub struct CacheStats {
     pub not_found_sent: AtomicU64,
 }
 
+/// Counts a lookup in flight until dropped, so a lookup whose caller went
+/// away (an HTTP client that hung up) is not counted forever.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug)]
 pub struct KeyCache {
     cache: Cache<i64, Entry>,
@@ -112,10 +129,10 @@ impl KeyCache {
             .cache
             .try_get_with(auth_key_id, async {
                 self.stats.lookups.fetch_add(1, Ordering::Relaxed);
-                self.stats.lookups_in_flight.fetch_add(1, Ordering::Relaxed);
+                let in_flight = InFlight::new(&self.stats.lookups_in_flight);
                 let started = Instant::now();
                 let result = source.lookup(auth_key_id).await;
-                self.stats.lookups_in_flight.fetch_sub(1, Ordering::Relaxed);
+                drop(in_flight);
                 let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 self.stats.lookup_nanos.fetch_add(nanos, Ordering::Relaxed);
                 match result {

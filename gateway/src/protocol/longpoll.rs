@@ -16,8 +16,9 @@ use thiserror::Error;
 use super::message::{next_server_msg_id, plaintext_message, PLAINTEXT_HEADER};
 use super::tl::{id, TlReader, TlWrite};
 
-/// Messages read from one client container; Telegram allows 1020.
-const MAX_CONTAINER_MESSAGES: u32 = 1024;
+/// Messages one `msg_container` may carry (Telegram's limit): read from a
+/// client's, written into a response's.
+pub const MAX_CONTAINER_MESSAGES: usize = 1020;
 
 /// A request without `http_wait` that carries something to answer waits like
 /// this (the clients that send none, such as Telethon, expect the answer in
@@ -97,7 +98,7 @@ pub fn inspect(msg_id: i64, seq_no: i32, body: &[u8]) -> RequestInfo {
     match r.u32() {
         Ok(id::MSG_CONTAINER) => {
             let Ok(count) = r.u32() else { return info };
-            for _ in 0..count.min(MAX_CONTAINER_MESSAGES) {
+            for _ in 0..count.min(MAX_CONTAINER_MESSAGES as u32) {
                 let (Ok(inner_id), Ok(inner_seq), Ok(len)) = (r.i64(), r.i32(), r.u32()) else {
                     break;
                 };
@@ -129,6 +130,8 @@ fn note(info: &mut RequestInfo, msg_id: i64, seq_no: i32, body: &[u8]) {
 pub enum MergeError {
     #[error("server message of {0} bytes is shorter than its header or declared length")]
     Malformed(usize),
+    #[error("{0} messages do not fit one container (at most {MAX_CONTAINER_MESSAGES})")]
+    TooMany(u64),
 }
 
 /// A server message's header fields and body.
@@ -211,7 +214,7 @@ pub fn merge(
     body.put_u32(id::MSG_CONTAINER);
     let count_at = body.len();
     body.put_u32(0);
-    let mut count = 0u32;
+    let mut count = 0u64;
     for m in &parsed {
         let mut inner = TlReader::new(m.body);
         if inner.u32().ok() == Some(id::MSG_CONTAINER) {
@@ -220,7 +223,7 @@ pub fn merge(
                 .u32()
                 .map_err(|_| MergeError::Malformed(m.body.len()))?;
             body.put_raw(inner.remaining());
-            count += n;
+            count += u64::from(n);
         } else {
             body.put_i64(m.msg_id);
             body.put_i32(m.seq_no);
@@ -229,7 +232,10 @@ pub fn merge(
             count += 1;
         }
     }
-    body[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    if count > MAX_CONTAINER_MESSAGES as u64 {
+        return Err(MergeError::TooMany(count));
+    }
+    body[count_at..count_at + 4].copy_from_slice(&(count as u32).to_le_bytes());
     let msg_id = seq.next_msg_id(unix_secs, subsec_nanos);
     Ok(plaintext_message(
         last.salt,
@@ -387,6 +393,15 @@ mod tests {
         assert_eq!(
             merge(&[&a, &a[..30]], &mut seq, 0, 0),
             Err(MergeError::Malformed(30))
+        );
+        // A container that claims more than one container may carry.
+        let mut huge = Vec::new();
+        huge.put_u32(id::MSG_CONTAINER);
+        huge.put_u32(u32::MAX);
+        let h = server_message(0x10_0000_0021, 6, 7, &huge);
+        assert_eq!(
+            merge(&[&a, &h], &mut seq, 0, 0),
+            Err(MergeError::TooMany(u64::from(u32::MAX) + 1))
         );
     }
 

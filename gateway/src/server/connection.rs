@@ -754,20 +754,30 @@ impl Connection {
     /// A temp key that is still unbound is read again for every message
     /// (through the cache, which asks the store for unbound keys), so the
     /// connection that sent `auth.bindTempAuthKey` forwards the perm key id
-    /// as soon as the binding is stored.
+    /// as soon as the binding is stored. A failed re-read keeps what the
+    /// connection has: a store blip does not end a working connection.
     async fn bind_key(&mut self, auth_key_id: i64) -> Result<Arc<AuthKeyInfo>, Close> {
-        if let Some(key) = &self.key {
-            if key.id() != auth_key_id {
+        let held = match &self.key {
+            Some(key) if key.id() != auth_key_id => {
                 return Err(Close::KeyChanged {
                     bound: key.id(),
                     got: auth_key_id,
-                });
+                })
             }
-            if !key.is_unbound_temp() {
-                return Ok(key.clone());
+            Some(key) if !key.is_unbound_temp() => return Ok(key.clone()),
+            held => held.clone(),
+        };
+        let info = match (lookup_key(&self.shared, auth_key_id).await, held) {
+            (Ok(info), _) => info,
+            (Err(Close::KeyLookup(e)), Some(held)) => {
+                debug!(
+                    conn = self.id,
+                    auth_key_id, "re-reading an unbound temp key failed: {e}"
+                );
+                return Ok(held);
             }
-        }
-        let info = lookup_key(&self.shared, auth_key_id).await?;
+            (Err(close), _) => return Err(close),
+        };
         self.key = Some(info.clone());
         self.handshake = None;
         Ok(info)

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -90,8 +90,44 @@ pub struct HttpStats {
 #[derive(Debug, Default)]
 pub struct Hub {
     handshakes: Mutex<HashMap<[u8; 16], PendingHandshake>>,
-    sessions: Mutex<HashMap<(i64, i64), Arc<VirtualConn>>>,
+    /// When abandoned handshakes were last dropped (ms on the gateway's clock).
+    handshakes_swept_ms: AtomicU64,
+    sessions: Mutex<Sessions>,
     pub stats: HttpStats,
+}
+
+/// The virtual connections, and how many each auth key has (capped like one
+/// TCP connection's sessions: the client chooses session ids freely).
+#[derive(Debug, Default)]
+struct Sessions {
+    by_session: HashMap<(i64, i64), Arc<VirtualConn>>,
+    per_key: HashMap<i64, usize>,
+}
+
+impl Sessions {
+    fn insert(&mut self, key: (i64, i64), vc: Arc<VirtualConn>) {
+        if self.by_session.insert(key, vc).is_none() {
+            *self.per_key.entry(key.0).or_default() += 1;
+        }
+    }
+
+    /// Removes `vc` if it is still the one registered for `key`.
+    fn remove(&mut self, key: (i64, i64), vc: &Arc<VirtualConn>) {
+        if !self
+            .by_session
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, vc))
+        {
+            return;
+        }
+        self.by_session.remove(&key);
+        if let Some(n) = self.per_key.get_mut(&key.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_key.remove(&key.0);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,7 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        lock(&self.sessions).by_session.len()
     }
 
     pub fn handshake_count(&self) -> usize {
@@ -142,6 +178,24 @@ struct VcState {
 }
 
 impl VirtualConn {
+    /// A new virtual connection with its first request in progress.
+    fn new(id: ConnectionId, client_ip: IpAddr) -> Self {
+        Self {
+            id,
+            state: Mutex::new(VcState {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                seq: Sequence::default(),
+                requests: 1,
+                last_request: Instant::now(),
+                client_ip,
+                closed: false,
+            }),
+            arrived: Notify::new(),
+            request_done: Notify::new(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, VcState> {
         lock(&self.state)
     }
@@ -250,7 +304,7 @@ pub async fn run(
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx: Arc<ConnCx>) {
-    let mut draining = cx.draining.clone();
+    let (mut draining, mut force_close) = (cx.draining.clone(), cx.force_close.clone());
     let (id, peer, shared) = (cx.id, cx.peer, cx.shared.clone());
     let timeout = cx.shared.limits.handshake_timeout;
     let service = service_fn(move |request| {
@@ -269,7 +323,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
         result = conn.as_mut() => result,
         _ = stopped(&mut draining) => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // Requests in flight finish, but not past the drain's grace.
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stopped(&mut force_close) => Ok(()),
+            }
         }
     };
     match result {
@@ -391,10 +449,17 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
             return refuse(&stats.bad_body, StatusCode::BAD_REQUEST, "incomplete body")
         }
     };
-    match process(body, cx).await {
+    // MTProto bytes both ways (HTTP framing is not counted, unlike on TCP).
+    let metrics = &cx.shared.metrics;
+    metrics.bytes_received.inc_by(body.len() as u64);
+    let response = match process(body, cx).await {
         Ok(reply) => respond(StatusCode::OK, reply),
         Err(close) => refusal(close, cx),
+    };
+    if let Some(len) = response.body().size_hint().exact() {
+        metrics.bytes_sent.inc_by(len);
     }
+    response
 }
 
 /// The HTTP answer to what would close a stream connection. Transport error
@@ -419,6 +484,11 @@ fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
             &stats.unavailable,
             StatusCode::BAD_GATEWAY,
             "session failed",
+        ),
+        Close::TooManySessions(_) => refuse(
+            &stats.unavailable,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many sessions on this auth key",
         ),
         Close::KeyLookup(_) | Close::Shutdown | Close::ClientLimit => refuse(
             &stats.unavailable,
@@ -460,7 +530,13 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
     let mut pending = {
         let mut handshakes = lock(&hub.handshakes);
         if starts {
-            if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+            // Clients that leave mid-handshake: dropped at most once a second
+            // (and whenever the table is full), so the table and its gauge
+            // hold handshakes still in progress.
+            let now_ms = crate::unix_time().as_millis() as u64;
+            let swept = hub.handshakes_swept_ms.load(Ordering::Relaxed);
+            if handshakes.len() >= MAX_PENDING_HANDSHAKES || now_ms.saturating_sub(swept) >= 1000 {
+                hub.handshakes_swept_ms.store(now_ms, Ordering::Relaxed);
                 handshakes.retain(|_, p| p.expires > now);
             }
             if handshakes.len() >= MAX_PENDING_HANDSHAKES {
@@ -480,7 +556,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             }
         }
     };
-    let reply = connection::handshake_step(
+    let step = connection::handshake_step(
         shared,
         cx.id,
         cx.peer,
@@ -488,7 +564,17 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
         &mut pending.started,
         plain.body.to_vec(),
     )
-    .await?;
+    .await;
+    let reply = match step {
+        // The nonce is visible on plain http://: a request that names it with
+        // the wrong server_nonce must not end the real client's handshake
+        // (a failed check leaves the handshake's state as it was).
+        Err(Close::Handshake(HandshakeError::NonceMismatch)) if !starts => {
+            lock(&hub.handshakes).insert(nonce, pending);
+            return Err(HandshakeError::NonceMismatch.into());
+        }
+        step => step?,
+    };
     let Some(reply) = reply else {
         return Err(HandshakeError::OutOfOrder("a message without a reply", "http").into());
     };
@@ -550,7 +636,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
     let key = (info.id(), session_id);
     let client_ip = cx.peer.ip();
     let mut sessions = lock(&shared.http.sessions);
-    if let Some(vc) = sessions.get(&key) {
+    if let Some(vc) = sessions.by_session.get(&key) {
         let mut st = vc.state();
         if !st.closed {
             st.requests += 1;
@@ -559,24 +645,15 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
             return Ok(RequestGuard(vc.clone()));
         }
     }
-    if sessions.len() >= shared.limits.max_connections {
+    if sessions.by_session.len() >= shared.limits.max_connections {
         return Err(Close::ClientLimit);
     }
+    let of_key = sessions.per_key.get(&key.0).copied().unwrap_or(0);
+    if of_key >= shared.limits.max_sessions_per_connection {
+        return Err(Close::TooManySessions(of_key));
+    }
     let id = shared.connection_ids.next();
-    let vc = Arc::new(VirtualConn {
-        id,
-        state: Mutex::new(VcState {
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            seq: Sequence::default(),
-            requests: 1,
-            last_request: Instant::now(),
-            client_ip,
-            closed: false,
-        }),
-        arrived: Notify::new(),
-        request_done: Notify::new(),
-    });
+    let vc = Arc::new(VirtualConn::new(id, client_ip));
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
     shared.registry.attach(key.0, session_id, id, &outbox);
     sessions.insert(key, vc.clone());
@@ -635,8 +712,11 @@ fn take(st: &mut VcState, cx: &ConnCx, empty: impl FnOnce(&mut Sequence) -> Vec<
     if st.queue.is_empty() {
         return empty(&mut st.seq);
     }
-    let queued: Vec<(Bytes, Instant)> = st.queue.drain(..).collect();
-    st.queued_bytes = 0;
+    // One response carries at most one container's worth; the rest waits.
+    let n = st.queue.len().min(longpoll::MAX_CONTAINER_MESSAGES);
+    let queued: Vec<(Bytes, Instant)> = st.queue.drain(..n).collect();
+    let taken: usize = queued.iter().map(|(m, _)| m.len()).sum();
+    st.queued_bytes -= taken;
     let messages: Vec<&[u8]> = queued.iter().map(|(m, _)| &m[..]).collect();
     let unix = crate::unix_time();
     match longpoll::merge(
@@ -645,7 +725,10 @@ fn take(st: &mut VcState, cx: &ConnCx, empty: impl FnOnce(&mut Sequence) -> Vec<
         unix.as_secs() as i64,
         unix.subsec_nanos(),
     ) {
-        Ok(plaintext) => plaintext,
+        Ok(plaintext) => {
+            cx.shared.metrics.messages_sent.inc_by(queued.len() as u64);
+            plaintext
+        }
         Err(e) => {
             cx.shared
                 .http
@@ -686,7 +769,11 @@ async fn run_session(
                 break;
             }
         }
-        let idle_at = vc.state().last_request + idle;
+        // Under a request the connection does not expire: wait for it to end.
+        let (idle_at, busy) = {
+            let st = vc.state();
+            (st.last_request + idle, st.requests > 0)
+        };
         tokio::select! {
             outgoing = inbox.recv() => {
                 let Some(outgoing) = outgoing else { break };
@@ -698,8 +785,8 @@ async fn run_session(
                 }
             }
             _ = stopped(&mut draining), if !drain => drain = true,
-            _ = vc.request_done.notified(), if drain => {}
-            _ = sleep_until(idle_at), if !drain => {
+            _ = vc.request_done.notified(), if drain || busy => {}
+            _ = sleep_until(idle_at), if !drain && !busy => {
                 let mut st = vc.state();
                 if st.requests == 0 && st.last_request + idle <= Instant::now() {
                     st.closed = true;
@@ -723,15 +810,7 @@ async fn run_session(
         st.client_ip
     };
     vc.arrived.notify_waiters();
-    {
-        let mut sessions = lock(&shared.http.sessions);
-        if sessions
-            .get(&(info.id(), session_id))
-            .is_some_and(|current| Arc::ptr_eq(current, &vc))
-        {
-            sessions.remove(&(info.id(), session_id));
-        }
-    }
+    lock(&shared.http.sessions).remove((info.id(), session_id), &vc);
     if shared.registry.detach(info.id(), session_id, vc.id) {
         let event = SessionClientEvent {
             server_id: shared.server_id.clone(),
@@ -755,6 +834,30 @@ async fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtual_connections_are_counted_per_auth_key() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let mut sessions = Sessions::default();
+        let (a, b, other) = (
+            Arc::new(VirtualConn::new(1, ip)),
+            Arc::new(VirtualConn::new(2, ip)),
+            Arc::new(VirtualConn::new(3, ip)),
+        );
+        sessions.insert((7, 1), a.clone());
+        sessions.insert((7, 2), b.clone());
+        sessions.insert((8, 1), other);
+        assert_eq!(sessions.per_key[&7], 2);
+        // A stale task's removal does not touch its replacement.
+        let replacement = Arc::new(VirtualConn::new(4, ip));
+        sessions.by_session.insert((7, 1), replacement.clone());
+        sessions.remove((7, 1), &a);
+        assert_eq!(sessions.per_key[&7], 2);
+        sessions.remove((7, 1), &replacement);
+        sessions.remove((7, 2), &b);
+        assert!(!sessions.per_key.contains_key(&7));
+        assert_eq!(sessions.per_key[&8], 1);
+    }
 
     #[test]
     fn api_paths_are_telegrams() {

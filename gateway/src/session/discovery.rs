@@ -30,8 +30,9 @@ pub struct Target {
 
 /// The endpoints of a set of slices: address → ready. Terminating endpoints
 /// (their pod is being deleted) are left out, so they leave the ring at once
-/// instead of after the NotReady grace; the pod keeps serving calls already
-/// routed to it while it shuts down.
+/// instead of after the NotReady grace. A terminating session drops itself
+/// too: what still reaches it is redirected to the new owner, which gateways
+/// follow.
 pub fn endpoints(
     slices: &BTreeMap<String, EndpointSlice>,
     port_name: Option<&str>,

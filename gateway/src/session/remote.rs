@@ -201,7 +201,7 @@ pub struct RemoteSession {
     ring: RwLock<Ring>,
     settings: RemoteSettings,
     channels: Mutex<HashMap<String, Channel>>,
-    streams: tokio::sync::Mutex<HashMap<String, Arc<StreamLink>>>,
+    streams: Mutex<HashMap<String, Arc<StreamLink>>>,
     metrics: SessionRpcMetrics,
 }
 
@@ -211,7 +211,7 @@ impl RemoteSession {
             ring: RwLock::new(Ring::new(members)),
             settings,
             channels: Mutex::new(HashMap::new()),
-            streams: tokio::sync::Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -254,10 +254,15 @@ impl RemoteSession {
         Ok(channel)
     }
 
+    /// The open stream to `addr`, opened if needed. The map is not locked
+    /// while a stream opens, so one unreachable member does not hold up calls
+    /// to the others; when two callers open at once, the first stored wins.
     async fn stream(&self, addr: &str) -> Result<Arc<StreamLink>, Failure> {
-        let mut streams = self.streams.lock().await;
-        if let Some(link) = streams.get(addr).filter(|l| !l.is_closed()) {
-            return Ok(link.clone());
+        let live = |streams: &HashMap<String, Arc<StreamLink>>| {
+            streams.get(addr).filter(|l| !l.is_closed()).cloned()
+        };
+        if let Some(link) = live(&self.lock_streams()) {
+            return Ok(link);
         }
         let channel = self
             .channel(addr)
@@ -265,8 +270,16 @@ impl RemoteSession {
         let link = StreamLink::open(channel)
             .await
             .map_err(|s| classify_status(&s))?;
+        let mut streams = self.lock_streams();
+        if let Some(existing) = live(&streams) {
+            return Ok(existing);
+        }
         streams.insert(addr.to_string(), link.clone());
         Ok(link)
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StreamLink>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs one request against the owner of `ring_key`, following redirects
