@@ -313,11 +313,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
     });
     // Without the Date header, Content-Length is the last header line, where
     // some clients' minimal parsers (Telethon's) look for it.
+    // A client that stops reading its responses is closed after
+    // limits.write_timeout, as on the stream transports.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(shared.limits.write_timeout));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
         .auto_date_header(false)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(Box::pin(stream)), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
