@@ -41,6 +41,7 @@ use super::registry::{ConnectionId, Outgoing};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
 use crate::authkey::AuthKeyInfo;
+use crate::metrics::OutcomeLabels;
 use crate::protocol::handshake::{Handshake, HandshakeError};
 use crate::protocol::longpoll::{self, HttpWait, Sequence};
 use crate::protocol::message::{self, MessageError};
@@ -541,7 +542,16 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             let swept = hub.handshakes_swept_ms.load(Ordering::Relaxed);
             if handshakes.len() >= MAX_PENDING_HANDSHAKES || now_ms.saturating_sub(swept) >= 1000 {
                 hub.handshakes_swept_ms.store(now_ms, Ordering::Relaxed);
+                let before = handshakes.len();
                 handshakes.retain(|_, p| p.expires > now);
+                let expired = (before - handshakes.len()) as u64;
+                if expired > 0 {
+                    shared
+                        .metrics
+                        .handshakes
+                        .get_or_create(&OutcomeLabels { outcome: "timeout" })
+                        .inc_by(expired);
+                }
             }
             if handshakes.len() >= MAX_PENDING_HANDSHAKES {
                 return Err(Close::ClientLimit);
