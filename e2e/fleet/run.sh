@@ -173,6 +173,9 @@ PID[operator]=$!
 kubectl create namespace "$NS" >/dev/null
 openssl genrsa -out "$OUT/gateway-rsa.pem" 2048 2>/dev/null
 kubectl -n "$NS" create secret generic gateway-rsa --from-file=primary.pem="$OUT/gateway-rsa.pem" >/dev/null
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$OUT/tls.key" -out "$OUT/tls.crt" -days 1 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+kubectl -n "$NS" create secret tls gateway-tls --cert="$OUT/tls.crt" --key="$OUT/tls.key" >/dev/null
 kubectl -n "$NS" apply -f "$HERE/session.yaml" >/dev/null
 kubectl -n "$NS" apply -f "$HERE/gateway.yaml" >/dev/null
 config_rendered() { kubectl -n "$NS" get configmap edge-config -o jsonpath='{.data.gateway\.toml}' | grep -q grpc_listen; }
@@ -181,9 +184,14 @@ kubectl -n "$NS" get configmap edge-config -o jsonpath='{.data.gateway\.toml}' >
 wait_until 60 "edge's Role for EndpointSlices" kubectl -n "$NS" get rolebinding edge-endpointslice-reader
 log "operator rendered edge-config ($(grep -c . "$OUT/gateway.toml") lines)"
 
-# The pod's view of the files: the config and the RSA key from its Secret, as projected
-# at /etc/mtproto-gateway, here under $OUT/etc/mtproto-gateway.
+# The pod's view of the files: the config, the RSA key and the wss listener's certificate
+# from their Secrets, as projected at /etc/mtproto-gateway, here under $OUT/etc/mtproto-gateway.
 ETC="$OUT/etc/mtproto-gateway"
+for f in tls.crt tls.key; do
+  grep -q "\"/etc/mtproto-gateway/tls/wss/$f\"" "$OUT/gateway.toml" || die "the wss listener's $f is not rendered"
+  mkdir -p "$ETC/tls/wss"
+  kubectl -n "$NS" get secret gateway-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$ETC/tls/wss/$f"
+done
 while read -r path; do
   rel=${path#/etc/mtproto-gateway/}
   [[ $rel != "$path" ]] || die "rendered key path $path is not under /etc/mtproto-gateway"
@@ -254,17 +262,22 @@ EOF
 members_of() { local n out=(); for n in "$@"; do out+=("$(member "$n")"); done; (IFS=,; echo "${out[*]}"); }
 
 # ------------------------------------------------------------------------ gateways --
-read -r GW_A GW_B ADM_A ADM_B GRPC_A GRPC_B < <(free_ports 6)
+read -r GW_A GW_B ADM_A ADM_B GRPC_A GRPC_B WSS_A WSS_B < <(free_ports 8)
 kubeconfig_for "$OUT/gateway.kubeconfig" "$APISERVER" "$NS" edge
-start_gateway() { # start_gateway <name> <listen port> <admin port> <grpc port>
+start_gateway() { # start_gateway <name> <listen port> <admin port> <grpc port> <wss port>
   # What differs from the pod: ports (two gateways share this host), the data dir, the
   # kubeconfig (a token of the operator-made ServiceAccount instead of in-cluster), and a
   # short drain grace so scenario g stays quick. POD_IP is the host's bridge address,
-  # where sessions dial the reverse path ($POD_IP:grpc port, as in a pod).
+  # where sessions dial the reverse path ($POD_IP:grpc port, as in a pod). The listeners
+  # keep the rendered kinds and TLS; only their addresses move to loopback ports.
+  grep -q '"0.0.0.0:10443"' "$ETC/gateway.toml" && grep -q '"0.0.0.0:11443"' "$ETC/gateway.toml" \
+    || die "rendered listeners are not on 10443 and 11443"
+  sed -e "s|\"0.0.0.0:10443\"|\"127.0.0.1:$2\"|" -e "s|\"0.0.0.0:11443\"|\"127.0.0.1:$5\"|" \
+    "$ETC/gateway.toml" >"$ETC/gateway-$1.toml"
   KUBECONFIG="$OUT/gateway.kubeconfig" POD_IP="$HOST_IP" \
     MTPROTO_GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS=$DRAIN_GRACE \
-    "$BIN/mtproto-gateway" --config "$ETC/gateway.toml" --data-dir "$OUT/data-$1" \
-    --listen "127.0.0.1:$2" --admin-listen "127.0.0.1:$3" --grpc-listen "0.0.0.0:$4" \
+    "$BIN/mtproto-gateway" --config "$ETC/gateway-$1.toml" --data-dir "$OUT/data-$1" \
+    --admin-listen "127.0.0.1:$3" --grpc-listen "0.0.0.0:$4" \
     >"$OUT/gateway-$1.log" 2>&1 &
   PID[gateway-$1]=$!
 }
@@ -289,12 +302,19 @@ start_session 1
 start_session 2
 t0=$(now); apply_slice 1 2
 ring_change sessions-start "$t0" "$(members_of 1 2)" "$OUT/session-1.log" "$OUT/session-2.log"
-start_gateway a "$GW_A" "$ADM_A" "$GRPC_A"
-start_gateway b "$GW_B" "$ADM_B" "$GRPC_B"
+start_gateway a "$GW_A" "$ADM_A" "$GRPC_A" "$WSS_A"
+start_gateway b "$GW_B" "$ADM_B" "$GRPC_B" "$WSS_B"
 wait_until 30 "gateway a ready" curl -sf "http://127.0.0.1:$ADM_A/readyz"
 wait_until 30 "gateway b ready" curl -sf "http://127.0.0.1:$ADM_B/readyz"
 wait_until 10 "gateway rings of 2" bash -c "$(declare -f metric ring_is); ring_is $ADM_A 2 && ring_is $ADM_B 2"
 grep -q "server_id=$HOST_IP:$GRPC_A" "$OUT/gateway-a.log" || die "gateway a does not advertise $HOST_IP:$GRPC_A"
+# The wss:// listener the operator rendered from the CR's listeners[].tls: a real web
+# client (GramJS) handshakes and pings through it and the remote sessions.
+GRAMJS="$("$ROOT/scripts/install-deps.sh" --print-gramjs)"
+NODE_EXTRA_CA_CERTS="$OUT/tls.crt" timeout 60 node "$ROOT/e2e/gateway/gramjs/ws_ping.js" "$GRAMJS" "$WSS_A" \
+  "$OUT/server-rsa-public.pem" obfuscated wss >"$OUT/wss-ping.txt" 2>&1 || die "GramJS over wss:// (see $OUT/wss-ping.txt)"
+grep -q "^pong" "$OUT/wss-ping.txt" || die "GramJS over wss:// got no pong"
+log "wss:// listener from the CR's tls: GramJS $(head -1 "$OUT/wss-ping.txt")"
 log "fleet up: gateways 127.0.0.1:$GW_A/$GW_B (reverse path $HOST_IP:$GRPC_A/$GRPC_B), sessions $(members_of 1 2)"
 
 # ------------------------------------------------------------------------- traffic --
