@@ -245,12 +245,12 @@ pub async fn run(
             Box::pin(conn.serve_websocket(stream, ws, handshake_deadline, inbox, shutdown)).await
         }
         Ok(Err(e)) => {
-            conn.count_closed("tls_handshake_failed");
+            count_closed(&conn.shared, "tls_handshake_failed");
             let total = Refused::count(&conn.shared.admission.refused.tls_handshake);
             info!(conn = id, peer = %conn.peer, refused_total = total, "closed: TLS handshake failed: {e}");
         }
         Err(_) => {
-            conn.count_closed(Close::HandshakeTimeout.reason());
+            count_closed(&conn.shared, Close::HandshakeTimeout.reason());
             info!(conn = id, peer = %conn.peer, "closed: {}", Close::HandshakeTimeout);
         }
     }
@@ -562,32 +562,24 @@ impl Connection {
                 self.finish(&mut ws, close).await;
             }
             Ok(Err(e)) => {
-                self.count_closed("websocket_upgrade_refused");
+                count_closed(&self.shared, "websocket_upgrade_refused");
                 let total = Refused::count(&self.shared.admission.refused.websocket_upgrade);
                 info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
             }
             Err(_) => {
-                self.count_closed(Close::HandshakeTimeout.reason());
+                count_closed(&self.shared, Close::HandshakeTimeout.reason());
                 info!(conn = self.id, peer = %self.peer, "closed: {}", Close::HandshakeTimeout);
             }
         }
-    }
-
-    fn count_closed(&self, reason: &'static str) {
-        count_closed(&self.shared, reason);
-    }
-
-    fn count_handshake(&self, outcome: &'static str) {
-        count_handshake(&self.shared, outcome);
     }
 
     /// Logs why the connection ends, sends the transport error code where
     /// there is one, and leaves the registry.
     async fn finish<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, close: Close) {
         let (id, peer) = (self.id, self.peer);
-        self.count_closed(close.reason());
+        count_closed(&self.shared, close.reason());
         if matches!(close, Close::HandshakeTimeout) && self.handshake_started.is_some() {
-            self.count_handshake("timeout");
+            count_handshake(&self.shared, "timeout");
         }
         match &close {
             Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
