@@ -123,7 +123,12 @@ class Client:
                 self.stats.auth_key_not_found += 1
                 self.stats.event(self.index, "auth_key_not_found", self.server)
                 return False
-            except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            # EOFError: the gateway ended the handshake. Telethon's pq factorization
+            # now and then returns (1, pq), which the gateway refuses by closing;
+            # a real client starts a new handshake, and so does this one.
+            except (OSError, asyncio.TimeoutError, ConnectionError, EOFError) as e:
+                host, port = self.servers[i]
+                self.stats.event(self.index, "connect_failed", f"{host}:{port}", error=type(e).__name__)
                 attempt += 1
                 if attempt % len(self.servers) == 0:
                     await asyncio.sleep(0.2)
