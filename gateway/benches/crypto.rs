@@ -10,15 +10,15 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use openssl::symm::{Cipher, Crypter, Mode};
 use rand::RngCore;
 
-use mtproto_gateway::authkey::AuthKey;
+use mtproto_core::authkey::AuthKey;
+use mtproto_core::dh;
+use mtproto_core::handshake::{Handshake, HandshakeSettings, Step};
+use mtproto_core::message::{decrypt, encrypt_as_client, plaintext_message};
+use mtproto_core::pq::PqPool;
+use mtproto_core::rsa::ServerKey;
 use mtproto_gateway::client::{
     read_res_pq, req_dh_params, req_pq_multi, set_client_dh_params, Exchange,
 };
-use mtproto_gateway::protocol::dh;
-use mtproto_gateway::protocol::handshake::{Handshake, HandshakeSettings, Step};
-use mtproto_gateway::protocol::message::{decrypt, encrypt_as_client, plaintext_message};
-use mtproto_gateway::protocol::pq::PqPool;
-use mtproto_gateway::protocol::rsa::ServerKey;
 
 const SIZES: [usize; 2] = [1024, 16 * 1024];
 
@@ -63,12 +63,7 @@ fn ige(c: &mut Criterion) {
         group.bench_function("mtproto_ige_encrypt_reply", |b| {
             b.iter(|| {
                 out.clear();
-                mtproto_gateway::protocol::message::encrypt(
-                    &key,
-                    &reply,
-                    &mut out,
-                    &mut rand::thread_rng(),
-                );
+                mtproto_core::message::encrypt(&key, &reply, &mut out, &mut rand::thread_rng());
                 out.len()
             })
         });

@@ -10,15 +10,15 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::authkey::AuthKey;
-use crate::protocol::crypto::{handshake_key_iv, ige_decrypt, ige_encrypt, sha1};
-use crate::protocol::dh;
-use crate::protocol::message::{
+use mtproto_core::authkey::AuthKey;
+use mtproto_core::crypto::{handshake_key_iv, ige_decrypt, ige_encrypt, sha1};
+use mtproto_core::dh;
+use mtproto_core::message::{
     decrypt_as_server_reply, encode_plain, encrypt_as_client, plaintext_message,
 };
-use crate::protocol::pq::{be_u64, factorize};
-use crate::protocol::rsa::{encrypt_rsa_pad, fingerprint, left_pad_256};
-use crate::protocol::tl::{id, TlReader, TlWrite};
+use mtproto_core::pq::{be_u64, factorize};
+use mtproto_core::rsa::{encrypt_rsa_pad, fingerprint, left_pad_256};
+use mtproto_core::tl::{id, TlReader, TlWrite};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -119,7 +119,7 @@ pub fn read_res_pq(
     nonce: &[u8; 16],
     server: &RsaPublicKey,
 ) -> Result<Exchange, ClientError> {
-    let tl = |e: crate::protocol::tl::TlError| protocol(e.to_string());
+    let tl = |e: mtproto_core::tl::TlError| protocol(e.to_string());
     let mut r = TlReader::new(res_pq);
     r.expect(id::RES_PQ, "resPQ").map_err(tl)?;
     if &r.int128().map_err(tl)? != nonce {
@@ -208,7 +208,7 @@ impl Client {
         let res_pq = self.plain_call(&req_pq_multi(&nonce)).await?;
         let ex = read_res_pq(&res_pq, &nonce, server)?;
         let (server_nonce, new_nonce) = (ex.server_nonce, ex.new_nonce);
-        let tl = |e: crate::protocol::tl::TlError| protocol(e.to_string());
+        let tl = |e: mtproto_core::tl::TlError| protocol(e.to_string());
         let req = req_dh_params(&ex, server, temp).ok_or_else(|| protocol("rsa"))?;
         let dh_ok = self.plain_call(&req).await?;
         let mut r = TlReader::new(&dh_ok);

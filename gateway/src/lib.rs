@@ -5,7 +5,6 @@ pub mod authkey;
 pub mod client;
 pub mod config;
 pub mod metrics;
-pub mod protocol;
 pub mod server;
 pub mod session;
 

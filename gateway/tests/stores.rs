@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 use mtproto_gateway::authkey::cache::{KeyCache, KeySource, LookupError};
 use mtproto_gateway::authkey::redis_store::RedisStore;
 use mtproto_gateway::authkey::sql::SqlStore;
 use mtproto_gateway::authkey::store::{self, AuthKeyStore, StoreError, StoreUrls};
-use mtproto_gateway::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 use mtproto_gateway::metrics::StoreMetrics;
 
 fn env(name: &str) -> String {

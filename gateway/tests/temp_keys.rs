@@ -10,12 +10,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
+use mtproto_core::authkey::AuthKey;
+use mtproto_core::bind::{build_request, Outer};
+use mtproto_core::tl::{id, TlReader, TlWrite};
 use mtproto_gateway::app::Gateway;
-use mtproto_gateway::authkey::AuthKey;
 use mtproto_gateway::client::{Client, ClientError, CreatedKey};
 use mtproto_gateway::config::{Cli, Config};
-use mtproto_gateway::protocol::tl::{id, TlReader, TlWrite};
-use mtproto_gateway::session::bind::{build_request, Outer};
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::RsaPublicKey;
 use tokio::sync::watch;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use moka::future::Cache;
 use moka::Expiry;
 
-use super::AuthKeyInfo;
+use mtproto_core::authkey::AuthKeyInfo;
 
 /// Approximate bytes per entry, for the capacity bound.
 const FOUND_WEIGHT: u32 = 512;
@@ -169,7 +169,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::{AuthKey, AuthKeyType};
+    use mtproto_core::authkey::{AuthKey, AuthKeyType};
     use std::sync::Mutex;
 
     /// A source that counts lookups and answers from a map after a delay.

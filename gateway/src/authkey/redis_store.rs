@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::store::{AuthKeyStore, StoreError};
-use super::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
+use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 const KEY_TTL_SECS: u64 = 7 * 24 * 3600;
 const SALT_PERIOD_SECS: u64 = 1800;

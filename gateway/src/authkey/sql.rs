@@ -12,7 +12,7 @@ use sqlx::{AnyPool, Row};
 use tracing::warn;
 
 use super::store::{AuthKeyStore, StoreError};
-use super::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
+use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");

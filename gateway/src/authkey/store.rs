@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use thiserror::Error;
 
-use super::{AuthKeyInfo, FutureSalt};
 use crate::metrics::{StoreMetrics, TierLabels};
+use mtproto_core::authkey::{AuthKeyInfo, FutureSalt};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -216,7 +216,9 @@ impl AuthKeyStore for MemoryStore {
         }
         if let Some(perm) = maps.keys.get_mut(&perm_auth_key_id) {
             match temp.key_type {
-                super::AuthKeyType::MediaTemp => perm.media_temp_auth_key_id = temp.id(),
+                mtproto_core::authkey::AuthKeyType::MediaTemp => {
+                    perm.media_temp_auth_key_id = temp.id()
+                }
                 _ => perm.temp_auth_key_id = temp.id(),
             }
         }
@@ -239,7 +241,7 @@ impl AuthKeyStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::{AuthKey, AuthKeyType};
+    use mtproto_core::authkey::{AuthKey, AuthKeyType};
 
     fn salt(n: i32) -> FutureSalt {
         FutureSalt {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tracing::{debug, warn};
 
 use super::store::{AuthKeyStore, StoreError};
-use super::{AuthKeyInfo, FutureSalt};
+use mtproto_core::authkey::{AuthKeyInfo, FutureSalt};
 
 #[derive(Debug)]
 pub struct Tier {
@@ -101,7 +101,7 @@ impl AuthKeyStore for TieredStore {
 mod tests {
     use super::*;
     use crate::authkey::store::MemoryStore;
-    use crate::authkey::{AuthKey, AuthKeyType};
+    use mtproto_core::authkey::{AuthKey, AuthKeyType};
 
     /// A tier that is down.
     #[derive(Debug)]

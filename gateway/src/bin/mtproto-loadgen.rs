@@ -14,8 +14,8 @@ use clap::Parser;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::RsaPublicKey;
 
+use mtproto_core::tl::{id, TlWrite};
 use mtproto_gateway::client::Client;
-use mtproto_gateway::protocol::tl::{id, TlWrite};
 
 #[derive(Debug, Parser)]
 #[command(name = "mtproto-loadgen", about = "Bounded MTProto load generator")]

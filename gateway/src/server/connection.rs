@@ -17,17 +17,17 @@ use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
-use crate::authkey::AuthKeyInfo;
 use crate::config::ProxyProtocol;
 use crate::metrics::{
     Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
 };
-use crate::protocol::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
-use crate::protocol::message::{self, MessageError};
-use crate::protocol::proxy::{self, Detected, ProxyError};
-use crate::protocol::tl::id;
-use crate::protocol::transport::{error_code, InboundFrame, Transport, TransportError};
 use crate::session::{SessionClientData, SessionClientEvent, SessionError};
+use mtproto_core::authkey::AuthKeyInfo;
+use mtproto_core::handshake::{Handshake, HandshakeError, Step, StoreOutcome};
+use mtproto_core::message::{self, MessageError};
+use mtproto_core::proxy::{self, Detected, ProxyError};
+use mtproto_core::tl::id;
+use mtproto_core::transport::{error_code, InboundFrame, Transport, TransportError};
 
 /// Bytes asked of the socket per read; the buffer grows only as frames need.
 const READ_CHUNK: usize = 16 * 1024;

@@ -40,14 +40,14 @@ use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outgoing};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
-use crate::authkey::AuthKeyInfo;
 use crate::metrics::OutcomeLabels;
-use crate::protocol::handshake::{Handshake, HandshakeError};
-use crate::protocol::longpoll::{self, HttpWait, Sequence};
-use crate::protocol::message::{self, MessageError};
-use crate::protocol::tl::id;
-use crate::protocol::transport::error_code;
 use crate::session::SessionClientEvent;
+use mtproto_core::authkey::AuthKeyInfo;
+use mtproto_core::handshake::{Handshake, HandshakeError};
+use mtproto_core::longpoll::{self, HttpWait, Sequence};
+use mtproto_core::message::{self, MessageError};
+use mtproto_core::tl::id;
+use mtproto_core::transport::error_code;
 
 /// teamgram's `conn_type` for messages that came over HTTP (`TRANSPORT_HTTP`).
 pub const CONN_TYPE_HTTP: i32 = 2;

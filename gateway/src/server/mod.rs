@@ -24,9 +24,9 @@ use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::AuthKeyStore;
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
 use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
-use crate::protocol::handshake::HandshakeSettings;
 use crate::session::SessionService;
 use limiter::{Admission, ListenerSlots};
+use mtproto_core::handshake::HandshakeSettings;
 use registry::Registry;
 
 /// Per-connection limits.

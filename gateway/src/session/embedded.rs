@@ -12,14 +12,14 @@ use rand::{Rng, RngCore};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::bind::{self, BindRequest, Outer};
-use super::reference::{self, Reply, SALT_PERIOD_SECS};
 use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use crate::authkey::store::{AuthKeyStore, StoreError};
-use crate::authkey::{AuthKeyInfo, AuthKeyType, FutureSalt};
-use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
-use crate::protocol::message::{next_server_msg_id, plaintext_message};
-use crate::protocol::tl::{id, TlWrite};
+use mtproto_core::authkey::{AuthKeyInfo, AuthKeyType, FutureSalt};
+use mtproto_core::bind::{self, BindRequest, Outer};
+use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::message::{next_server_msg_id, plaintext_message};
+use mtproto_core::reference::{self, Reply, SALT_PERIOD_SECS};
+use mtproto_core::tl::{id, TlWrite};
 
 /// TL `boolTrue`.
 const BOOL_TRUE: u32 = 0x9972_75b5;

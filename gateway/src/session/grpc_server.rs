@@ -29,8 +29,8 @@ use super::embedded::EmbeddedSession;
 use super::remote::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
 use super::ring::Ring;
 use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
-use crate::authkey::{AuthKeyType, FutureSalt};
-use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::authkey::{AuthKeyType, FutureSalt};
+use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 
 /// The session service: the embedded session plus ring ownership.
 #[derive(Debug)]

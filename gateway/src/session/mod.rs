@@ -3,11 +3,9 @@
 //! (session → gateway). The embedded reference session implements it in
 //! process; the gRPC client implements it over the network.
 
-pub mod bind;
 pub mod discovery;
 pub mod embedded;
 pub mod grpc_server;
-pub mod reference;
 pub mod remote;
 pub mod ring;
 
@@ -15,8 +13,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::authkey::AuthKeyInfo;
-use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::authkey::AuthKeyInfo;
+use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 
 /// teamgram's `SessionClientData`: one decrypted client message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,9 +25,9 @@ use tracing::{debug, warn};
 
 use super::ring::Ring;
 use super::{SessionClientData, SessionClientEvent, SessionError, SessionService};
-use crate::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
-use crate::protocol::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
+use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 
 /// teamgram's status message for an unknown key (sent with status code 401).
 pub const AUTH_KEY_UNREGISTERED: &str = "AUTH_KEY_UNREGISTERED";

@@ -5,7 +5,7 @@ use std::io::Read;
 
 use rand::RngCore;
 
-use crate::protocol::tl::{id, TlReader, TlWrite};
+use crate::tl::{id, TlReader, TlWrite};
 
 /// Client msg_ids more than this many seconds in the past are refused (code 16).
 const MSG_ID_TOO_OLD_SECS: i64 = 300;

@@ -255,7 +255,7 @@ pub fn plaintext_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::crypto::sha256;
+    use crate::crypto::sha256;
 
     fn key() -> AuthKey {
         AuthKey::new(std::array::from_fn(|i| (i * 7 + 3) as u8))

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 use rsa::BigUint;
 
 use super::*;
-use crate::protocol::pq::factorize;
-use crate::protocol::rsa::{encrypt_legacy, encrypt_rsa_pad, test_key};
+use crate::pq::factorize;
+use crate::rsa::{encrypt_legacy, encrypt_rsa_pad, test_key};
 
 fn settings(accept_legacy: bool) -> Arc<HandshakeSettings> {
     Arc::new(HandshakeSettings {

@@ -8,8 +8,8 @@ use subtle::ConstantTimeEq;
 use thiserror::Error;
 
 use crate::authkey::AuthKey;
-use crate::protocol::crypto::{ige_decrypt, ige_encrypt, message_key_iv_v1, sha1, Direction};
-use crate::protocol::tl::{TlReader, TlWrite};
+use crate::crypto::{ige_decrypt, ige_encrypt, message_key_iv_v1, sha1, Direction};
+use crate::tl::{TlReader, TlWrite};
 
 pub const BIND_TEMP_AUTH_KEY: u32 = 0xcdd4_2a05;
 pub const BIND_AUTH_KEY_INNER: u32 = 0x75a3_f765;
