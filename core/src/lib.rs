@@ -4,6 +4,7 @@
 
 pub mod authkey;
 pub mod bind;
+pub mod connection;
 pub mod crypto;
 pub mod dh;
 pub mod handshake;

@@ -1,0 +1,576 @@
+//! One test per decision of the connection core (the table in
+//! docs/architecture.md names them).
+
+use super::*;
+use crate::authkey::{AuthKey, AuthKeyType};
+use crate::message::encrypt_as_client;
+use crate::pq::PqPool;
+use crate::rsa::test_key;
+use crate::tl::id;
+use crate::transport::error_code;
+
+#[derive(Default)]
+struct TestHost {
+    refuse_handshakes: bool,
+    attached: Vec<(i64, i64)>,
+}
+
+impl Host for TestHost {
+    fn allow_handshake(&mut self) -> bool {
+        !self.refuse_handshakes
+    }
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool {
+        let new = !self.attached.contains(&(auth_key_id, session_id));
+        self.attached.push((auth_key_id, session_id));
+        new
+    }
+}
+
+struct Test {
+    conn: Connection,
+    host: TestHost,
+    start: Instant,
+    rng: rand::rngs::ThreadRng,
+}
+
+const UNIX: u64 = 1_800_000_000;
+
+fn settings() -> Settings {
+    Settings {
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(100),
+        write_timeout: Duration::from_secs(5),
+        max_frame_bytes: 1 << 20,
+        max_sessions: 2,
+        forward_window: 2,
+        max_unsent_bytes: 4096,
+    }
+}
+
+impl Test {
+    fn new() -> Self {
+        Self::with(settings())
+    }
+
+    fn with(settings: Settings) -> Self {
+        let handshake = Arc::new(HandshakeSettings {
+            keys: vec![test_key().clone()],
+            pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
+            accept_legacy_rsa_padding: true,
+        });
+        let start = Instant::now();
+        Self {
+            conn: Connection::new(Arc::new(settings), handshake, BytesMut::new(), start),
+            host: TestHost::default(),
+            start,
+            rng: rand::thread_rng(),
+        }
+    }
+
+    fn at(&self, secs: u64) -> Now {
+        Now {
+            instant: self.start + Duration::from_secs(secs),
+            unix: Duration::from_secs(UNIX + secs),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        self.conn.input_buffer().extend_from_slice(bytes);
+        let now = self.at(0);
+        self.conn
+            .handle_input(bytes.len(), now, &mut self.host, &mut self.rng);
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.conn.poll_action()).collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.conn.poll_event()).collect()
+    }
+
+    /// Everything queued for the client, as packets; marks it written.
+    fn written(&mut self) -> Vec<Vec<u8>> {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = self.conn.transmit(&mut slices);
+        let packets: Vec<Vec<u8>> = slices[..n].iter().map(|s| s.to_vec()).collect();
+        let total = packets.iter().map(Vec::len).sum();
+        let at = self.at(0).instant;
+        self.conn.handle_written(total, at);
+        packets
+    }
+
+    fn forwarded(&mut self, outcome: Forwarded) {
+        let now = self.at(0);
+        self.conn
+            .handle_forwarded(outcome, now, &mut self.host, &mut self.rng);
+    }
+
+    fn key_found(&mut self, info: &Arc<AuthKeyInfo>) {
+        let now = self.at(0);
+        self.conn.handle_key(
+            KeyLookup::Found(info.clone()),
+            now,
+            &mut self.host,
+            &mut self.rng,
+        );
+    }
+}
+
+/// An abridged frame (the caller sends the 0xef marker once).
+fn abridged(payload: &[u8], quick_ack: bool) -> Vec<u8> {
+    let words = payload.len() / 4;
+    assert!(words < 0x7f);
+    let mut out = vec![words as u8 | if quick_ack { 0x80 } else { 0 }];
+    out.extend_from_slice(payload);
+    out
+}
+
+fn req_pq_multi() -> Vec<u8> {
+    let mut msg = vec![0u8; 8];
+    msg.extend_from_slice(&((UNIX as i64) << 32).to_le_bytes());
+    msg.extend_from_slice(&20u32.to_le_bytes());
+    msg.extend_from_slice(&id::REQ_PQ_MULTI.to_le_bytes());
+    msg.extend_from_slice(&[7u8; 16]);
+    msg
+}
+
+fn key(key_type: AuthKeyType, perm: i64, expires_at: Option<i64>) -> Arc<AuthKeyInfo> {
+    let mut bytes = [0u8; 256];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let mut info = AuthKeyInfo::new(AuthKey::new(bytes), key_type, expires_at);
+    info.perm_auth_key_id = perm;
+    Arc::new(info)
+}
+
+fn perm_key() -> Arc<AuthKeyInfo> {
+    let info = key(AuthKeyType::Perm, 0, None);
+    let mut owned = (*info).clone();
+    owned.perm_auth_key_id = owned.id();
+    Arc::new(owned)
+}
+
+/// An encrypted client message of `session_id` with a 4-byte body.
+fn encrypted(info: &AuthKeyInfo, session_id: i64, msg_id: i64) -> Vec<u8> {
+    let mut plaintext = Vec::new();
+    plaintext.extend_from_slice(&42i64.to_le_bytes());
+    plaintext.extend_from_slice(&session_id.to_le_bytes());
+    plaintext.extend_from_slice(&msg_id.to_le_bytes());
+    plaintext.extend_from_slice(&1i32.to_le_bytes());
+    plaintext.extend_from_slice(&4u32.to_le_bytes());
+    plaintext.extend_from_slice(&[1, 2, 3, 4]);
+    encrypt_as_client(&info.key, &plaintext, 12, &mut rand::thread_rng())
+}
+
+fn forwards(actions: &[Action]) -> Vec<&Forward> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Forward(f) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn names_the_transport_once_detected() {
+    let mut t = Test::new();
+    t.feed(&[0xef]);
+    assert_eq!(t.events(), vec![Event::Transport("abridged")]);
+}
+
+#[test]
+fn req_pq_is_answered_with_res_pq() {
+    let mut t = Test::new();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&req_pq_multi(), false));
+    t.feed(&bytes);
+    let packets = t.written();
+    assert_eq!(packets.len(), 1);
+    // abridged length byte, then auth_key_id 0, msg_id, length, resPQ.
+    let reply = &packets[0][1..];
+    assert_eq!(&reply[..8], &[0; 8]);
+    assert_eq!(&reply[20..24], &id::RES_PQ.to_le_bytes());
+    assert!(t.conn.closing().is_none());
+}
+
+#[test]
+fn handshake_over_the_rate_gets_429_and_closes() {
+    let mut t = Test::new();
+    t.host.refuse_handshakes = true;
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&req_pq_multi(), false));
+    t.feed(&bytes);
+    assert!(matches!(t.conn.closing(), Some(Close::HandshakeFlood)));
+    let packets = t.written();
+    assert_eq!(
+        packets,
+        vec![abridged(&error_code::FLOOD.to_le_bytes(), false)]
+    );
+    assert!(t.events().contains(&Event::Handshake {
+        outcome: "flood",
+        elapsed: None
+    }));
+}
+
+#[test]
+fn heavy_handshake_steps_leave_the_thread_and_pause_reading() {
+    let mut t = Test::new();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&req_pq_multi(), false));
+    t.feed(&bytes);
+    t.written();
+    // req_DH_params (malformed after the constructor: the step fails when computed).
+    let mut msg = vec![0u8; 8];
+    msg.extend_from_slice(&((UNIX as i64) << 32 | 4).to_le_bytes());
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&id::REQ_DH_PARAMS.to_le_bytes());
+    msg.extend_from_slice(&[0; 4]);
+    t.feed(&abridged(&msg, false));
+    let mut actions = t.actions();
+    let Some(Action::Compute(mut job)) = actions.pop() else {
+        panic!("expected a computation, got {actions:?}");
+    };
+    assert!(!t.conn.wants_read());
+    job.run(&mut rand::thread_rng());
+    let now = t.at(0);
+    t.conn.handle_computed(job, now, &mut t.host, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::Handshake(_))));
+    assert!(t.events().iter().any(|e| matches!(
+        e,
+        Event::HandshakeStep {
+            step: "req_DH_params",
+            ..
+        }
+    )));
+}
+
+#[test]
+fn unknown_key_is_looked_up_then_gets_404() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    let actions = t.actions();
+    assert!(matches!(actions[..], [Action::LookupKey(id)] if id == info.id()));
+    assert!(
+        !t.conn.wants_read(),
+        "a frame waiting for its key holds reading"
+    );
+    let now = t.at(0);
+    t.conn
+        .handle_key(KeyLookup::NotFound, now, &mut t.host, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::UnknownKey(_))));
+    assert_eq!(
+        t.written(),
+        vec![abridged(
+            &error_code::AUTH_KEY_NOT_FOUND.to_le_bytes(),
+            false
+        )]
+    );
+}
+
+#[test]
+fn failed_lookup_closes_without_404() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.actions();
+    let now = t.at(0);
+    t.conn.handle_key(
+        KeyLookup::Failed("redis down".into()),
+        now,
+        &mut t.host,
+        &mut t.rng,
+    );
+    assert!(matches!(t.conn.closing(), Some(Close::KeyLookup(_))));
+    assert!(t.written().is_empty());
+}
+
+#[test]
+fn expired_key_gets_404_and_is_forgotten() {
+    let mut t = Test::new();
+    let info = key(AuthKeyType::Temp, 0, Some(UNIX as i64 - 1));
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.actions();
+    t.key_found(&info);
+    assert!(matches!(t.conn.closing(), Some(Close::ExpiredKey(_))));
+    assert!(matches!(t.actions()[..], [Action::ForgetKey(id)] if id == info.id()));
+    assert_eq!(t.written().len(), 1);
+}
+
+#[test]
+fn found_key_is_bound_and_messages_forwarded_with_conn_type() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.actions();
+    t.key_found(&info);
+    let actions = t.actions();
+    let first = forwards(&actions);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].conn_type, 1, "a session new to the gateway");
+    assert_eq!(first[0].session_id, 1);
+    assert_eq!(first[0].perm_auth_key_id, info.id());
+    assert_eq!(
+        &first[0].payload[..8],
+        &4i64.to_le_bytes(),
+        "msg_id onwards"
+    );
+    t.forwarded(Forwarded::Accepted);
+    // The bound key is not looked up again.
+    t.feed(&abridged(&encrypted(&info, 1, 8), false));
+    let actions = t.actions();
+    let second = forwards(&actions);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(second[0].conn_type, 0);
+}
+
+#[test]
+fn quick_ack_goes_out_before_the_session_answers() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), true));
+    t.feed(&bytes);
+    t.key_found(&info);
+    let packets = t.written();
+    assert_eq!(packets.len(), 1);
+    // Abridged QuickAck: the token big-endian with the high bit set.
+    assert_eq!(packets[0].len(), 4);
+    assert_eq!(packets[0][0] & 0x80, 0x80);
+    assert!(t.events().contains(&Event::QuickAck));
+}
+
+#[test]
+fn reading_pauses_at_the_forward_window_and_resumes_in_order() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    for msg_id in [4, 8, 12] {
+        bytes.extend(abridged(&encrypted(&info, 1, msg_id), false));
+    }
+    t.feed(&bytes);
+    t.key_found(&info);
+    let actions = t.actions();
+    let ids: Vec<i64> = forwards(&actions)
+        .iter()
+        .map(|f| i64::from_le_bytes(f.payload[..8].try_into().unwrap()))
+        .collect();
+    assert_eq!(ids, vec![4, 8], "two in flight at a window of 2");
+    assert!(!t.conn.wants_read());
+    t.forwarded(Forwarded::Accepted);
+    let actions = t.actions();
+    let ids: Vec<i64> = forwards(&actions)
+        .iter()
+        .map(|f| i64::from_le_bytes(f.payload[..8].try_into().unwrap()))
+        .collect();
+    assert_eq!(ids, vec![12]);
+}
+
+#[test]
+fn session_that_does_not_know_the_key_gets_404() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    t.forwarded(Forwarded::UnknownKey);
+    assert!(matches!(t.conn.closing(), Some(Close::KeyUnregistered(_))));
+    assert_eq!(
+        t.written(),
+        vec![abridged(
+            &error_code::AUTH_KEY_NOT_FOUND.to_le_bytes(),
+            false
+        )]
+    );
+}
+
+#[test]
+fn session_failure_closes_without_an_error_code() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    t.forwarded(Forwarded::Failed("unavailable".into()));
+    assert!(matches!(t.conn.closing(), Some(Close::Session(_))));
+    assert!(t.written().is_empty());
+}
+
+#[test]
+fn too_many_sessions_close_the_connection() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    t.forwarded(Forwarded::Accepted);
+    t.feed(&abridged(&encrypted(&info, 2, 8), false));
+    t.forwarded(Forwarded::Accepted);
+    t.feed(&abridged(&encrypted(&info, 3, 12), false));
+    assert!(matches!(t.conn.closing(), Some(Close::TooManySessions(2))));
+}
+
+#[test]
+fn another_key_on_a_bound_connection_closes_it() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    t.feed(&abridged(&encrypted(&perm_key(), 1, 8), false));
+    assert!(matches!(t.conn.closing(), Some(Close::KeyChanged { .. })));
+}
+
+#[test]
+fn unbound_temp_key_is_read_again_and_a_failed_read_keeps_it() {
+    let mut t = Test::new();
+    let temp = key(AuthKeyType::Temp, 0, Some(UNIX as i64 + 3600));
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&temp, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&temp);
+    t.actions();
+    t.forwarded(Forwarded::Accepted);
+    t.feed(&abridged(&encrypted(&temp, 1, 8), false));
+    assert!(matches!(t.actions()[..], [Action::LookupKey(_)]));
+    let now = t.at(0);
+    t.conn.handle_key(
+        KeyLookup::Failed("blip".into()),
+        now,
+        &mut t.host,
+        &mut t.rng,
+    );
+    assert!(t.conn.closing().is_none());
+    assert_eq!(forwards(&t.actions()).len(), 1);
+    // Once bound, the perm id is forwarded.
+    t.forwarded(Forwarded::Accepted);
+    let mut bound = (*temp).clone();
+    bound.perm_auth_key_id = 99;
+    t.feed(&abridged(&encrypted(&temp, 1, 12), false));
+    t.key_found(&Arc::new(bound));
+    let actions = t.actions();
+    assert_eq!(forwards(&actions)[0].perm_auth_key_id, 99);
+}
+
+#[test]
+fn bound_key_that_expires_gets_404() {
+    let mut t = Test::new();
+    let temp = key(AuthKeyType::Temp, 5, Some(UNIX as i64 + 10));
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&temp, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&temp);
+    t.forwarded(Forwarded::Accepted);
+    t.conn
+        .input_buffer()
+        .extend(abridged(&encrypted(&temp, 1, 8), false));
+    let later = t.at(20);
+    t.conn.handle_input(1, later, &mut t.host, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::ExpiredKey(_))));
+}
+
+#[test]
+fn no_key_within_the_handshake_deadline_closes() {
+    let mut t = Test::new();
+    t.feed(&[0xef]);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(10).instant));
+    let now = t.at(10);
+    t.conn.handle_timeout(now, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::HandshakeTimeout)));
+    assert!(t.written().is_empty());
+}
+
+#[test]
+fn idle_connection_closes_after_the_idle_timeout() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(100).instant));
+    let now = t.at(100);
+    t.conn.handle_timeout(now, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::IdleTimeout)));
+}
+
+#[test]
+fn server_messages_are_encrypted_framed_and_bounded() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    let plaintext = [5u8; 48];
+    let now = t.at(0);
+    assert!(t.conn.send_server_message(&plaintext, now, &mut t.rng));
+    let packets = t.written();
+    assert_eq!(packets.len(), 1);
+    let reply = crate::message::decrypt_as_server_reply(&info.key, &packets[0][1..]).unwrap();
+    assert_eq!(&reply[..48], &plaintext);
+    // A client that does not read: past max_unsent_bytes no more is taken.
+    while t.conn.accepts_server_messages() {
+        assert!(t.conn.send_server_message(&plaintext, now, &mut t.rng));
+    }
+    assert!(t.conn.has_transmit());
+}
+
+#[test]
+fn a_write_without_progress_times_out() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    t.feed(&bytes);
+    t.key_found(&info);
+    let now = t.at(0);
+    t.conn.send_server_message(&[5u8; 48], now, &mut t.rng);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(5).instant));
+    // Progress moves the deadline.
+    t.conn.handle_written(10, t.at(3).instant);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(8).instant));
+    let now = t.at(8);
+    t.conn.handle_timeout(now, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::Write)));
+    assert!(!t.conn.has_transmit());
+}
+
+#[test]
+fn byte_by_byte_input_decodes_like_bulk() {
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
+    let mut t = Test::new();
+    for b in &bytes {
+        t.feed(std::slice::from_ref(b));
+    }
+    assert!(matches!(t.actions()[..], [Action::LookupKey(_)]));
+    t.key_found(&info);
+    assert_eq!(forwards(&t.actions()).len(), 1);
+}
+
+#[test]
+fn malformed_frames_close_with_the_transport_error() {
+    let mut t = Test::new();
+    // Intermediate with a zero-length frame.
+    t.feed(&[0xee, 0xee, 0xee, 0xee, 0, 0, 0, 0]);
+    assert!(matches!(t.conn.closing(), Some(Close::Transport(_))));
+    let mut t = Test::new();
+    // A 4-byte frame is too short for any message.
+    t.feed(&[0xef, 1, 0, 0, 0, 0]);
+    assert!(matches!(t.conn.closing(), Some(Close::Message(_))));
+}
