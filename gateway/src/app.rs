@@ -88,6 +88,11 @@ fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Encrypted bytes a connection holds for a client that reads slowly before
+/// it stops taking server messages (they wait in its outbox, then delivery
+/// reports them undelivered). One frame always fits.
+const UNSENT_BYTES_PER_CONNECTION: usize = 256 * 1024;
+
 /// A configured gateway, bound and ready to serve.
 #[derive(Debug)]
 pub struct Gateway {
@@ -116,10 +121,7 @@ impl Gateway {
         });
         let l = &config.limits;
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(Registry::new(
-            Duration::from_secs(l.write_timeout_secs),
-            metrics.clone(),
-        ));
+        let registry = Arc::new(Registry::new(metrics.clone()));
         let urls = config.store_urls();
         let key_store = store::open(&urls, &metrics.store)
             .await
@@ -189,6 +191,15 @@ impl Gateway {
             }
         };
         let limits = Limits {
+            connection: Arc::new(mtproto_core::connection::Settings {
+                handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
+                idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+                write_timeout: Duration::from_secs(l.write_timeout_secs),
+                max_frame_bytes: l.max_frame_bytes,
+                max_sessions: l.max_sessions_per_connection,
+                forward_window: l.forward_window,
+                max_unsent_bytes: UNSENT_BYTES_PER_CONNECTION.max(l.max_frame_bytes),
+            }),
             handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(l.idle_timeout_secs),
             write_timeout: Duration::from_secs(l.write_timeout_secs),
@@ -245,6 +256,7 @@ impl Gateway {
             metrics,
             connection_ids: Default::default(),
             http: Default::default(),
+            close_reports: tokio::sync::Semaphore::new(server::CLOSE_REPORTS_IN_FLIGHT),
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(admin::bind(addr).await?),

@@ -272,6 +272,10 @@ pub struct LimitsConfig {
     pub write_timeout_secs: u64,
     pub max_frame_bytes: usize,
     pub outbox_capacity: usize,
+    /// Messages one connection has handed to the session and not yet seen
+    /// accepted; at this many the connection stops reading (back-pressure).
+    /// They are sent in order; 1 makes each wait for the one before it.
+    pub forward_window: usize,
     pub max_sessions_per_connection: usize,
     pub shutdown_grace_secs: u64,
     /// Open connections per listener; more are closed at accept.
@@ -327,6 +331,7 @@ impl Default for Config {
                 write_timeout_secs: 30,
                 max_frame_bytes: 1 << 20,
                 outbox_capacity: 256,
+                forward_window: 16,
                 max_sessions_per_connection: 64,
                 shutdown_grace_secs: 30,
                 max_connections: 100_000,
@@ -454,7 +459,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 10] = [
+        let checks: [(bool, &str); 11] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -478,6 +483,10 @@ impl Config {
             (
                 l.outbox_capacity >= 1,
                 "limits.outbox_capacity must be at least 1",
+            ),
+            (
+                l.forward_window >= 1,
+                "limits.forward_window must be at least 1",
             ),
             (
                 l.max_sessions_per_connection >= 1,

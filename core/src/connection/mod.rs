@@ -348,20 +348,6 @@ impl Connection {
         self.close.is_none() && self.unsent < self.settings.max_unsent_bytes
     }
 
-    /// The buffer to read into; it has room for at least a few hundred bytes.
-    /// An idle connection holds only a small one; a partial frame gets room to grow.
-    pub fn input_buffer(&mut self) -> &mut BytesMut {
-        let want = if self.input.is_empty() {
-            IDLE_CHUNK
-        } else {
-            READ_CHUNK
-        };
-        if self.input.capacity() - self.input.len() < want / 4 {
-            self.input.reserve(want);
-        }
-        &mut self.input
-    }
-
     /// `read` new bytes are in the input buffer (0 to process what is there).
     pub fn handle_input(
         &mut self,
@@ -504,11 +490,9 @@ impl Connection {
             Err(close) => return self.close_with(close, now, rng),
         };
         if frame.quick_ack {
-            let start = self.scratch.len();
             if self
                 .transport
                 .encode_quick_ack(opened.quick_ack_token, &mut self.scratch)
-                && self.scratch.len() > start
             {
                 self.push_transmit(now);
                 self.events.push_back(Event::QuickAck);
@@ -663,16 +647,27 @@ impl Connection {
         self.transmit.push_back(packet);
     }
 
-    /// Bytes to write, as slices in order (up to `out.len()` packets): a
-    /// vectored write sends them in one system call; a WebSocket sends the
-    /// first as one message.
-    pub fn transmit<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+    /// The buffer to read into (with room for at least a few hundred bytes:
+    /// an idle connection holds only a small one, a partial frame gets room
+    /// to grow), and the bytes to write as slices in order, up to
+    /// `out.len()` packets: a vectored write sends them in one system call;
+    /// a WebSocket sends the first as one message. Returns how many slices
+    /// were filled.
+    pub fn io_buffers<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> (&'a mut BytesMut, usize) {
+        let want = if self.input.is_empty() {
+            IDLE_CHUNK
+        } else {
+            READ_CHUNK
+        };
+        if self.input.capacity() - self.input.len() < want / 4 {
+            self.input.reserve(want);
+        }
         let mut n = 0;
         for (slot, packet) in out.iter_mut().zip(&self.transmit) {
             *slot = IoSlice::new(packet);
             n += 1;
         }
-        n
+        (&mut self.input, n)
     }
 
     pub fn has_transmit(&self) -> bool {

@@ -75,10 +75,15 @@ impl Test {
     }
 
     fn feed(&mut self, bytes: &[u8]) {
-        self.conn.input_buffer().extend_from_slice(bytes);
+        self.input(bytes);
         let now = self.at(0);
         self.conn
             .handle_input(bytes.len(), now, &mut self.host, &mut self.rng);
+    }
+
+    fn input(&mut self, bytes: &[u8]) {
+        let mut slices = [IoSlice::new(&[])];
+        self.conn.io_buffers(&mut slices).0.extend_from_slice(bytes);
     }
 
     fn actions(&mut self) -> Vec<Action> {
@@ -92,7 +97,7 @@ impl Test {
     /// Everything queued for the client, as packets; marks it written.
     fn written(&mut self) -> Vec<Vec<u8>> {
         let mut slices = [IoSlice::new(&[]); 64];
-        let n = self.conn.transmit(&mut slices);
+        let (_, n) = self.conn.io_buffers(&mut slices);
         let packets: Vec<Vec<u8>> = slices[..n].iter().map(|s| s.to_vec()).collect();
         let total = packets.iter().map(Vec::len).sum();
         let at = self.at(0).instant;
@@ -474,9 +479,7 @@ fn bound_key_that_expires_gets_404() {
     t.feed(&bytes);
     t.key_found(&temp);
     t.forwarded(Forwarded::Accepted);
-    t.conn
-        .input_buffer()
-        .extend(abridged(&encrypted(&temp, 1, 8), false));
+    t.input(&abridged(&encrypted(&temp, 1, 8), false));
     let later = t.at(20);
     t.conn.handle_input(1, later, &mut t.host, &mut t.rng);
     assert!(matches!(t.conn.closing(), Some(Close::ExpiredKey(_))));

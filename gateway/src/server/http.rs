@@ -20,7 +20,6 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
@@ -35,14 +34,17 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, info};
 
-use super::connection::{self, Close};
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outgoing};
+use super::shell::{self, GatewayHost, OpenGauge};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
 use crate::metrics::OutcomeLabels;
 use crate::session::SessionClientEvent;
 use mtproto_core::authkey::AuthKeyInfo;
+use mtproto_core::connection::{
+    open, resolve_key, Close, Forward, Forwarded, HandshakeAction, HandshakeFlow,
+};
 use mtproto_core::handshake::{Handshake, HandshakeError};
 use mtproto_core::longpoll::{self, HttpWait, Sequence};
 use mtproto_core::message::{self, MessageError};
@@ -147,10 +149,7 @@ impl Hub {
 
 #[derive(Debug)]
 struct PendingHandshake {
-    handshake: Handshake,
-    /// When its `req_pq` came (for the handshake duration metric).
-    started: Option<Instant>,
-    last_msg_id: i64,
+    flow: HandshakeFlow,
     expires: Instant,
 }
 
@@ -259,10 +258,10 @@ pub async fn run(
     done: mpsc::Sender<()>,
 ) {
     let id = shared.connection_ids.next();
-    let _open = connection::OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "http");
+    let _open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "http");
     let deadline = Instant::now() + shared.limits.handshake_timeout;
     let mut buf = BytesMut::new();
-    if let Err(close) = connection::admit(
+    if let Err(close) = shell::admit(
         &shared,
         id,
         &mut peer,
@@ -274,8 +273,7 @@ pub async fn run(
     )
     .await
     {
-        connection::count_closed(&shared, close.reason());
-        debug!(conn = id, %peer, "closed: {close}");
+        shell::count_close(&shared, id, peer, &close);
         return;
     }
     let stream = Prefixed::new(buf, stream);
@@ -292,14 +290,11 @@ pub async fn run(
         Some(tls) => match timeout_at(deadline, tls.0.accept(stream)).await {
             Ok(Ok(stream)) => serve(stream, cx).await,
             Ok(Err(e)) => {
-                connection::count_closed(&cx.shared, "tls_handshake_failed");
+                shell::count_closed(&cx.shared, "tls_handshake_failed");
                 let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
                 info!(conn = id, %peer, refused_total = total, "closed: TLS handshake failed: {e}");
             }
-            Err(_) => {
-                connection::count_closed(&cx.shared, Close::HandshakeTimeout.reason());
-                info!(conn = id, %peer, "closed: {}", Close::HandshakeTimeout);
-            }
+            Err(_) => shell::count_close(&cx.shared, id, peer, &Close::HandshakeTimeout),
         },
     }
 }
@@ -342,11 +337,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
             } else {
                 "client_closed"
             };
-            connection::count_closed(&shared, reason);
+            shell::count_closed(&shared, reason);
             debug!(conn = id, %peer, "HTTP connection closed");
         }
         Err(e) => {
-            connection::count_closed(&shared, "http_error");
+            shell::count_closed(&shared, "http_error");
             debug!(conn = id, %peer, "HTTP connection ended: {e}");
         }
     }
@@ -475,7 +470,7 @@ fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
     let (id, peer) = (cx.id, cx.peer);
     if let Some(code) = close.code() {
         let status = if code == error_code::AUTH_KEY_NOT_FOUND {
-            connection::count_404(&cx.shared, id, peer, &close);
+            shell::count_404(&cx.shared, id, peer, &close);
             StatusCode::NOT_FOUND
         } else {
             debug!(conn = id, %peer, "sent {code}: {close}");
@@ -557,9 +552,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
                 return Err(Close::ClientLimit);
             }
             PendingHandshake {
-                handshake: Handshake::new(shared.handshake.clone()),
-                started: None,
-                last_msg_id: 0,
+                flow: HandshakeFlow::new(shared.handshake.clone()),
                 expires: now + shared.limits.handshake_timeout,
             }
         } else {
@@ -570,16 +563,46 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             }
         }
     };
-    let step = connection::handshake_step(
+    let mut events = VecDeque::new();
+    let mut host = GatewayHost {
         shared,
-        cx.id,
-        cx.peer,
-        &mut pending.handshake,
-        &mut pending.started,
-        plain.body.to_vec(),
-    )
-    .await;
-    let reply = match step {
+        id: cx.id,
+        peer: cx.peer,
+        outbox: None,
+    };
+    let mut action = pending.flow.on_message(
+        plain.body,
+        shell::now(),
+        &mut host,
+        &mut rand::thread_rng(),
+        &mut events,
+    );
+    // The heavy steps and the key store, one after the other, as a stream
+    // connection runs them.
+    let reply = loop {
+        match action {
+            Ok(HandshakeAction::Compute(job)) => {
+                let job = shell::compute(job).await?;
+                action = pending.flow.on_computed(job, shell::now(), &mut events);
+            }
+            Ok(HandshakeAction::Store(key)) => {
+                let outcome = shell::store_key(shared, cx.id, key).await;
+                action = pending.flow.on_stored(outcome, shell::now(), &mut events);
+            }
+            Ok(HandshakeAction::Reply(reply)) => break Ok(reply),
+            Ok(HandshakeAction::Nothing) => {
+                break Err(Close::Handshake(HandshakeError::OutOfOrder(
+                    "a message without a reply",
+                    "http",
+                )))
+            }
+            Err(close) => break Err(close),
+        }
+    };
+    for event in events {
+        shell::record(&shared.metrics, None, event);
+    }
+    let reply = match reply {
         // The nonce is visible on plain http://: a request that names it with
         // the wrong server_nonce must not end the real client's handshake
         // (a failed check leaves the handshake's state as it was).
@@ -587,44 +610,41 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             lock(&hub.handshakes).insert(nonce, pending);
             return Err(HandshakeError::NonceMismatch.into());
         }
-        step => step?,
+        reply => reply?,
     };
-    let Some(reply) = reply else {
-        return Err(HandshakeError::OutOfOrder("a message without a reply", "http").into());
-    };
-    let msg = connection::plain_reply(&mut pending.last_msg_id, &reply);
-    if pending.handshake.state_name() != "done" {
+    if !pending.flow.is_done() {
         lock(&hub.handshakes).insert(nonce, pending);
     }
-    Ok(Bytes::from(msg))
+    Ok(Bytes::from(reply))
 }
 
 async fn on_encrypted(auth_key_id: i64, body: Bytes, cx: &ConnCx) -> Result<Bytes, Close> {
     let started = Instant::now();
     let shared = &cx.shared;
-    let info = connection::lookup_key(shared, auth_key_id).await?;
-    let mut payload = BytesMut::from(body);
-    let decrypted = message::decrypt(&info.key, &mut payload, false)?;
-    let (salt, session_id) = (decrypted.salt, decrypted.session_id);
-    let request = longpoll::inspect(decrypted.msg_id, decrypted.seq_no, decrypted.body);
-    let plaintext_len = decrypted.plaintext.len();
+    let lookup = shell::lookup_key(shared, auth_key_id).await;
+    let info = match resolve_key(auth_key_id, lookup, None, shell::now().unix_secs()) {
+        Ok(info) => info,
+        Err(close) => {
+            if matches!(close, Close::ExpiredKey(_)) {
+                shared.keys.cache.remove(auth_key_id).await;
+            }
+            return Err(close);
+        }
+    };
+    let opened = open(&info, BytesMut::from(body), false)?;
+    let (salt, session_id) = (opened.salt, opened.session_id);
+    let request = longpoll::inspect(opened.msg_id, opened.seq_no, opened.body());
     let guard = attach(cx, &info, session_id)?;
-    let data = connection::client_data(
+    let data = shell::client_data(
         shared,
-        &info,
-        CONN_TYPE_HTTP,
         cx.peer.ip(),
-        salt,
-        session_id,
-        payload,
-        plaintext_len,
+        Forward::new(&info, CONN_TYPE_HTTP, opened),
     );
-    shared
-        .session
-        .send_data(data)
-        .await
-        .map_err(Close::Session)?;
-    shared.metrics.messages_forwarded.inc();
+    match shell::forward(shared.clone(), data).await {
+        Forwarded::Accepted => {}
+        Forwarded::UnknownKey => return Err(Close::KeyUnregistered(auth_key_id)),
+        Forwarded::Failed(e) => return Err(Close::Session(e)),
+    }
     let wait = HttpWait::for_request(&request, shared.limits.http_max_wait);
     let plaintext = collect(&guard.0, wait, started, cx, |seq| {
         let unix = crate::unix_time();
@@ -791,10 +811,7 @@ async fn run_session(
         tokio::select! {
             outgoing = inbox.recv() => {
                 let Some(outgoing) = outgoing else { break };
-                if vc.push(outgoing.payload, max_bytes) {
-                    let _ = outgoing.written.send(());
-                } else {
-                    // Dropping `written` reports it undelivered.
+                if !vc.push(outgoing.payload, max_bytes) {
                     shared.http.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -834,13 +851,7 @@ async fn run_session(
             session_id,
             client_ip: client_ip.to_string(),
         };
-        match tokio::time::timeout(Duration::from_secs(2), shared.session.close_session(event))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!("close_session failed: {e}"),
-            Err(_) => debug!("close_session timed out"),
-        }
+        super::report_closed_session(&shared, event).await;
     }
     drop(done);
 }

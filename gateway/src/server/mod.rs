@@ -2,11 +2,12 @@
 //! protocol core.
 
 pub mod admin;
-mod connection;
 pub mod http;
 pub mod limiter;
 pub mod registry;
 pub mod reverse;
+mod shell;
+mod stream;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -24,7 +25,7 @@ use crate::authkey::cache::{KeyCache, KeySource};
 use crate::authkey::store::AuthKeyStore;
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
 use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
-use crate::session::SessionService;
+use crate::session::{SessionClientEvent, SessionService};
 use limiter::{Admission, ListenerSlots};
 use mtproto_core::handshake::HandshakeSettings;
 use registry::Registry;
@@ -32,6 +33,8 @@ use registry::Registry;
 /// Per-connection limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// What the connection core enforces (stream connections).
+    pub connection: Arc<mtproto_core::connection::Settings>,
     /// From accept until the connection's first valid encrypted message.
     pub handshake_timeout: Duration,
     /// Without traffic in either direction.
@@ -77,6 +80,26 @@ pub struct Shared {
     /// The HTTP transport's handshakes and virtual connections.
     pub http: http::Hub,
     pub connection_ids: ConnectionIds,
+    /// Bounds `session_closeSession` calls in flight: a mass disconnect
+    /// (thousands of connections at once) queues its reports here instead of
+    /// opening thousands of HTTP/2 streams that time out and get reset.
+    pub close_reports: Semaphore,
+}
+
+/// `session_closeSession` calls in flight at once, gateway-wide.
+pub const CLOSE_REPORTS_IN_FLIGHT: usize = 32;
+
+/// Tells the session that the last connection of a session here closed,
+/// waiting for a turn among [`CLOSE_REPORTS_IN_FLIGHT`]; the call itself has 2 s.
+pub(crate) async fn report_closed_session(shared: &Shared, event: SessionClientEvent) {
+    let Ok(_turn) = shared.close_reports.acquire().await else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), shared.session.close_session(event)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("close_session failed: {e}"),
+        Err(_) => debug!("close_session timed out"),
+    }
 }
 
 /// Numbers connections for logs and the registry.
@@ -197,7 +220,7 @@ async fn accept_loop(
                         ))
                         .await;
                     } else {
-                        connection::run(stream, peer, slot, &endpoint, shared, force_close).await;
+                        stream::run(stream, peer, slot, &endpoint, shared, force_close).await;
                         drop(done);
                     }
                 });

@@ -3,24 +3,21 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
 use crate::session::GatewayDelivery;
 
 pub type ConnectionId = u64;
 
-/// A server message for a connection, with a way to say it was written.
+/// A server message for a connection.
 #[derive(Debug)]
 pub struct Outgoing {
     /// Plaintext from the salt on; the connection encrypts it with its key.
     pub payload: Bytes,
-    /// Completed once the frame is written to the client's socket.
-    pub written: oneshot::Sender<()>,
     /// Counts the message as queued until the connection takes it (or drops it).
     pub queued: GaugeGuard,
 }
@@ -34,22 +31,19 @@ type SessionMap = HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>;
 #[derive(Debug)]
 pub struct Registry {
     sessions: Mutex<SessionMap>,
-    /// How long a delivery waits for the connection to write the message.
-    write_wait: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Registry {
-    pub fn new(write_wait: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             sessions: Mutex::default(),
-            write_wait,
             metrics,
         }
     }
 
-    /// Counts a server message no connection wrote.
-    fn dropped(&self, reason: &'static str) -> bool {
+    /// Counts a server message no connection took.
+    pub fn dropped(&self, reason: &'static str) -> bool {
         self.metrics
             .server_messages_dropped
             .get_or_create(&ReasonLabels { reason })
@@ -101,8 +95,10 @@ impl Registry {
 
 #[async_trait]
 impl GatewayDelivery for Registry {
-    /// Hands the message to the newest live connection of the session that has
-    /// room (never to two) and reports whether that connection wrote it.
+    /// Queues the message for the newest live connection of the session that
+    /// has room (never two), without waiting for any client: true means a
+    /// connection took it; a full outbox (a client that does not read) is
+    /// "not delivered" at once.
     async fn send_data_to_gateway(
         &self,
         _server_id: &str,
@@ -110,24 +106,21 @@ impl GatewayDelivery for Registry {
         session_id: i64,
         payload: Bytes,
     ) -> bool {
-        let candidates: Vec<Outbox> = match self.lock().get(&(auth_key_id, session_id)) {
-            Some(conns) => conns.iter().rev().map(|(_, tx)| tx.clone()).collect(),
-            None => return self.dropped("no_connection"),
+        let map = self.lock();
+        let Some(conns) = map.get(&(auth_key_id, session_id)) else {
+            drop(map);
+            return self.dropped("no_connection");
         };
-        for tx in candidates {
-            let (written, done) = oneshot::channel();
+        for (_, tx) in conns.iter().rev() {
             let outgoing = Outgoing {
                 payload: payload.clone(),
-                written,
                 queued: GaugeGuard::new(&self.metrics.outbox_queued),
             };
             if tx.try_send(outgoing).is_ok() {
-                return match tokio::time::timeout(self.write_wait, done).await {
-                    Ok(Ok(())) => true,
-                    _ => self.dropped("not_written"),
-                };
+                return true;
             }
         }
+        drop(map);
         self.dropped("outbox_full")
     }
 }
@@ -136,34 +129,21 @@ impl GatewayDelivery for Registry {
 mod tests {
     use super::*;
 
-    /// Acts as a connection that writes everything it is given.
-    fn writer(mut rx: mpsc::Receiver<Outgoing>, seen: mpsc::UnboundedSender<Bytes>) {
-        tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
-                let _ = seen.send(out.payload);
-                let _ = out.written.send(());
-            }
-        });
-    }
-
     #[tokio::test]
-    async fn delivers_once_to_the_newest_connection_that_writes() {
-        let registry = Registry::new(Duration::from_secs(1), Arc::default());
-        let (old_tx, old_rx) = mpsc::channel(1);
-        let (new_tx, new_rx) = mpsc::channel(1);
-        let (seen_old, mut old_seen) = mpsc::unbounded_channel();
-        let (seen_new, mut new_seen) = mpsc::unbounded_channel();
-        writer(old_rx, seen_old);
-        writer(new_rx, seen_new);
+    async fn queues_once_for_the_newest_connection_without_waiting() {
+        let registry = Registry::new(Arc::default());
+        let (old_tx, mut old_rx) = mpsc::channel(1);
+        let (new_tx, mut new_rx) = mpsc::channel(1);
         assert!(registry.attach(1, 2, 10, &old_tx));
         assert!(!registry.attach(1, 2, 11, &new_tx));
+        // Nobody reads the outboxes: delivery still returns at once.
         assert!(
             registry
                 .send_data_to_gateway("", 1, 2, Bytes::from_static(b"a"))
                 .await
         );
-        assert_eq!(new_seen.recv().await.unwrap(), Bytes::from_static(b"a"));
-        assert!(old_seen.try_recv().is_err());
+        assert_eq!(new_rx.try_recv().unwrap().payload, Bytes::from_static(b"a"));
+        assert!(old_rx.try_recv().is_err());
         assert!(
             !registry
                 .send_data_to_gateway("", 1, 3, Bytes::from_static(b"d"))
@@ -175,33 +155,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn not_written_is_not_delivered() {
+    async fn a_full_outbox_is_not_delivered_and_counted() {
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::new(Duration::from_millis(50), metrics.clone());
-        // A connection that takes the message but never writes it (dead socket).
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(4);
-        registry.attach(1, 2, 10, &tx);
-        tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
-                drop(out.written);
-            }
-        });
+        let registry = Registry::new(metrics.clone());
+        // A client that stopped reading: its outbox holds one message and is full.
+        let (tx, _rx) = mpsc::channel::<Outgoing>(1);
+        registry.attach(5, 6, 20, &tx);
         assert!(
-            !registry
-                .send_data_to_gateway("", 1, 2, Bytes::from_static(b"x"))
+            registry
+                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"x"))
                 .await
         );
-        // A full outbox is skipped, not waited on.
-        let (full_tx, _full_rx) = mpsc::channel::<Outgoing>(1);
-        let (w, _) = oneshot::channel();
-        full_tx
-            .try_send(Outgoing {
-                payload: Bytes::new(),
-                written: w,
-                queued: GaugeGuard::new(&metrics.outbox_queued),
-            })
-            .unwrap();
-        registry.attach(5, 6, 20, &full_tx);
         assert!(
             !registry
                 .send_data_to_gateway("", 5, 6, Bytes::from_static(b"y"))
@@ -212,9 +176,8 @@ mod tests {
                 .send_data_to_gateway("", 7, 8, Bytes::from_static(b"z"))
                 .await
         );
-        // The message sitting in the full outbox is the only one queued.
         assert_eq!(metrics.outbox_queued.get(), 1);
-        for reason in ["not_written", "outbox_full", "no_connection"] {
+        for reason in ["outbox_full", "no_connection"] {
             let dropped = metrics
                 .server_messages_dropped
                 .get_or_create(&ReasonLabels { reason })

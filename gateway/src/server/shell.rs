@@ -1,0 +1,342 @@
+//! What the stream and HTTP shells share around the connection core:
+//! admission, running the core's actions (key lookups, handshake steps on
+//! the blocking pool, key stores, forwards), and counting its events.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use super::limiter::{Refused, Slot};
+use super::registry::{ConnectionId, Outbox};
+use super::Shared;
+use crate::authkey::store::StoreError;
+use crate::config::ProxyProtocol;
+use crate::metrics::{
+    Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
+};
+use crate::session::{SessionClientData, SessionError};
+use mtproto_core::connection::{
+    Close, Event, Forward, Forwarded, HandshakeJob, Host, KeyLookup, Now,
+};
+use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::proxy::{self, Detected};
+use mtproto_core::transport::error_code;
+
+/// The shell's clock, as the core takes it.
+pub(super) fn now() -> Now {
+    Now {
+        instant: Instant::now().into_std(),
+        unix: crate::unix_time(),
+    }
+}
+
+/// Holds the connection's place in `mtproto_connections_open`, under its
+/// transport's name once the first bytes tell it.
+pub(super) struct OpenGauge {
+    metrics: Arc<Metrics>,
+    labels: OpenLabels,
+}
+
+impl OpenGauge {
+    pub(super) fn new(
+        metrics: Arc<Metrics>,
+        listener: &'static str,
+        transport: &'static str,
+    ) -> Self {
+        let labels = OpenLabels {
+            listener,
+            transport,
+        };
+        metrics.connections_open.get_or_create(&labels).inc();
+        Self { metrics, labels }
+    }
+
+    pub(super) fn set_transport(&mut self, transport: &'static str) {
+        if self.labels.transport != transport {
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .dec();
+            self.labels.transport = transport;
+            self.metrics
+                .connections_open
+                .get_or_create(&self.labels)
+                .inc();
+        }
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .get_or_create(&self.labels)
+            .dec();
+    }
+}
+
+/// Reads the PROXY header the listener expects, then counts the connection
+/// against its client address (`peer`, replaced by the header's source).
+/// Bytes after the header stay in `buf`.
+#[allow(clippy::too_many_arguments)] // one connection's admission state, used once per connection
+pub(super) async fn admit(
+    shared: &Shared,
+    id: ConnectionId,
+    peer: &mut SocketAddr,
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+    slot: &mut Slot,
+    mode: ProxyProtocol,
+    deadline: Instant,
+) -> Result<(), Close> {
+    if mode != ProxyProtocol::Off {
+        let detected = loop {
+            match proxy::detect(buf) {
+                Ok(Detected::NeedMore) => {}
+                Ok(detected) => break detected,
+                Err(e) => return Err(proxy_refused(shared, id, Close::ProxyHeader(e))),
+            }
+            let read = tokio::select! {
+                read = reader.read_buf(buf) => read,
+                _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
+            };
+            match read {
+                Ok(0) => return Err(Close::ClientClosed),
+                Ok(_) => {}
+                Err(e) => return Err(Close::Read(e)),
+            }
+        };
+        match detected {
+            Detected::Header(header) => {
+                buf.advance(header.len);
+                if let Some(source) = header.source {
+                    debug!(conn = id, socket_peer = %peer, client = %source, "PROXY header");
+                    *peer = source;
+                }
+            }
+            _ if mode == ProxyProtocol::Required => {
+                return Err(proxy_refused(shared, id, Close::ProxyHeaderMissing))
+            }
+            _ => {}
+        }
+    }
+    shared
+        .admission
+        .enter_client(slot, peer.ip())
+        .map_err(|_| Close::ClientLimit)
+}
+
+/// Counts a refused PROXY header; the reason is logged when the connection closes.
+fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
+    let total = Refused::count(&shared.admission.refused.proxy_header);
+    debug!(conn = id, refused_total = total, "PROXY header refused");
+    close
+}
+
+/// Counts and logs why a connection (or an HTTP request) ended.
+pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
+    count_closed(shared, close.reason());
+    if close.code() == Some(error_code::AUTH_KEY_NOT_FOUND) {
+        return count_404(shared, id, peer, close);
+    }
+    match close {
+        Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
+        Close::ClientLimit => {
+            let total = shared.admission.refused.client_full.load(Ordering::Relaxed);
+            debug!(conn = id, %peer, refused_total = total, "closed: {close}");
+        }
+        _ => info!(conn = id, %peer, "closed: {close}"),
+    }
+}
+
+/// Counts and logs a −404 sent for `close`.
+pub(super) fn count_404(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
+    shared
+        .keys
+        .cache
+        .stats
+        .not_found_sent
+        .fetch_add(1, Ordering::Relaxed);
+    info!(conn = id, %peer, "sent -404: {close}");
+}
+
+/// Adds one to `mtproto_connections_closed_total{reason}`.
+pub(super) fn count_closed(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .connections_closed
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+/// Counts what the core reports.
+pub(super) fn record(metrics: &Metrics, open: Option<&mut OpenGauge>, event: Event) {
+    match event {
+        Event::Transport(name) => {
+            if let Some(open) = open {
+                open.set_transport(name);
+            }
+        }
+        Event::HandshakeStep {
+            step,
+            outcome,
+            elapsed,
+        } => {
+            metrics
+                .handshake_step_duration
+                .get_or_create(&StepLabels { step })
+                .observe(elapsed.as_secs_f64());
+            metrics
+                .handshake_steps
+                .get_or_create(&StepOutcomeLabels { step, outcome })
+                .inc();
+        }
+        Event::RsaDecrypt(elapsed) => {
+            metrics.rsa_decrypt_duration.observe(elapsed.as_secs_f64());
+        }
+        Event::Handshake { outcome, elapsed } => {
+            metrics
+                .handshakes
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc();
+            if let Some(elapsed) = elapsed {
+                metrics.handshake_duration.observe(elapsed.as_secs_f64());
+            }
+        }
+        Event::QuickAck => {
+            metrics.quick_acks_sent.inc();
+        }
+        Event::ServerMessage => {
+            metrics.messages_sent.inc();
+        }
+    }
+}
+
+/// The core's view of the gateway's shared state for one client.
+pub(super) struct GatewayHost<'a> {
+    pub shared: &'a Shared,
+    pub id: ConnectionId,
+    pub peer: SocketAddr,
+    /// Where the registry sends this connection's server messages (stream connections).
+    pub outbox: Option<&'a Outbox>,
+}
+
+impl Host for GatewayHost<'_> {
+    fn allow_handshake(&mut self) -> bool {
+        let allowed = self
+            .shared
+            .admission
+            .allow_handshake(self.peer.ip(), std::time::Instant::now());
+        if !allowed {
+            let total = Refused::count(&self.shared.admission.refused.handshake_flood);
+            debug!(conn = self.id, peer = %self.peer, refused_total = total, "handshake rate exceeded");
+        }
+        allowed
+    }
+
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool {
+        match self.outbox {
+            Some(outbox) => self
+                .shared
+                .registry
+                .attach(auth_key_id, session_id, self.id, outbox),
+            None => false,
+        }
+    }
+}
+
+/// Finds a key: the cache, then the key source behind it.
+pub(super) async fn lookup_key(shared: &Shared, auth_key_id: i64) -> KeyLookup {
+    match shared
+        .keys
+        .cache
+        .get(auth_key_id, shared.keys.source.as_ref())
+        .await
+    {
+        Ok(Some(info)) => KeyLookup::Found(info),
+        Ok(None) => KeyLookup::NotFound,
+        Err(e) => KeyLookup::Failed(e.0),
+    }
+}
+
+/// Runs a heavy handshake step (RSA, 2048-bit modpow) on the blocking pool.
+pub(super) async fn compute(mut job: Box<HandshakeJob>) -> Result<Box<HandshakeJob>, Close> {
+    tokio::task::spawn_blocking(move || {
+        job.run(&mut rand::thread_rng());
+        job
+    })
+    .await
+    .map_err(|_| Close::Session("the handshake's blocking task was cancelled".into()))
+}
+
+/// Stores a new key (the configured store, else the session) and caches it.
+pub(super) async fn store_key(shared: &Shared, id: ConnectionId, key: NewAuthKey) -> StoreOutcome {
+    let stored = match &shared.keys.writer {
+        Some(store) => match store.insert(key.info.clone(), key.first_salt).await {
+            Ok(()) => Ok(StoreOutcome::Stored),
+            Err(StoreError::Collision(_)) => Ok(StoreOutcome::Collision),
+            Err(e) => Err(e.to_string()),
+        },
+        None => shared
+            .session
+            .set_auth_key(&key)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    let outcome = stored.unwrap_or_else(|e| {
+        warn!(
+            conn = id,
+            auth_key_id = key.info.id(),
+            "storing new auth key failed: {e}"
+        );
+        StoreOutcome::Failed
+    });
+    if outcome == StoreOutcome::Stored {
+        info!(
+            conn = id,
+            auth_key_id = key.info.id(),
+            key_type = ?key.info.key_type,
+            "auth key created"
+        );
+        shared.keys.cache.insert(key.info).await;
+    }
+    outcome
+}
+
+/// teamgram's `SessionClientData` for a forward from the core.
+pub(super) fn client_data(
+    shared: &Shared,
+    client_ip: IpAddr,
+    forward: Forward,
+) -> SessionClientData {
+    SessionClientData {
+        server_id: shared.server_id.clone(),
+        conn_type: forward.conn_type,
+        auth_key_id: forward.auth_key_id,
+        key_type: forward.key_type,
+        perm_auth_key_id: forward.perm_auth_key_id,
+        session_id: forward.session_id,
+        client_ip: client_ip.to_string(),
+        quick_ack: 0,
+        salt: forward.salt,
+        payload: forward.payload,
+    }
+}
+
+/// Hands one message to the session and says how it went.
+pub(super) async fn forward(shared: Arc<Shared>, data: SessionClientData) -> Forwarded {
+    match shared.session.send_data(data).await {
+        Ok(()) => {
+            shared.metrics.messages_forwarded.inc();
+            Forwarded::Accepted
+        }
+        Err(SessionError::AuthKeyUnregistered) => Forwarded::UnknownKey,
+        Err(e) => Forwarded::Failed(e.to_string()),
+    }
+}

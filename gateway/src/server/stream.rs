@@ -1,0 +1,349 @@
+//! The stream shell (TCP and WebSocket): moves bytes between the socket and
+//! the connection core, runs the core's actions and hands it server
+//! messages. It decides nothing: every branch of the loop below only feeds
+//! the core, and the loop never awaits one thing while another is due: a
+//! session call in flight, a key lookup or a handshake computation leaves
+//! writing, QuickAcks, server messages, timers and drain running.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::future::{BoxFuture, OptionFuture};
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::info;
+
+use super::limiter::{Refused, Slot};
+use super::registry::{ConnectionId, Outgoing};
+use super::shell::{self, GatewayHost, OpenGauge};
+use super::websocket::{self, Prefixed};
+use super::{Endpoint, Shared};
+use crate::session::SessionClientEvent;
+use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJob, KeyLookup};
+use mtproto_core::handshake::StoreOutcome;
+
+/// Packets handed to one vectored write.
+const WRITE_BATCH: usize = 32;
+
+/// The result of the one action a connection may be waiting on.
+enum Answer {
+    Key(KeyLookup),
+    Computed(Result<Box<HandshakeJob>, Close>),
+    Stored(StoreOutcome),
+}
+
+/// Serves one accepted connection. `slot` holds its place under the
+/// listener's cap; the per-client cap is applied once the client address is
+/// known (after the PROXY header, if any).
+pub async fn run(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    mut slot: Slot,
+    endpoint: &Endpoint,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = shared.connection_ids.next();
+    let accepted = Instant::now();
+    let handshake_deadline = accepted + shared.limits.handshake_timeout;
+    let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
+    let mut buf = BytesMut::new();
+    let admitted = shell::admit(
+        &shared,
+        id,
+        &mut peer,
+        &mut stream,
+        &mut buf,
+        &mut slot,
+        endpoint.proxy_protocol,
+        handshake_deadline,
+    )
+    .await;
+    if let Err(close) = admitted {
+        shell::count_close(&shared, id, peer, &close);
+        let _ = timeout(shared.limits.write_timeout, stream.shutdown()).await;
+        return;
+    }
+    let cx = Cx {
+        id,
+        peer,
+        shared,
+        accepted,
+    };
+    let Some(ws) = &endpoint.websocket else {
+        return cx.serve(stream, buf, &mut open, shutdown).await;
+    };
+    // TLS and the upgrade count against the handshake deadline too. Their
+    // state is boxed so that the tasks of plain TCP connections, which are
+    // most of the idle ones, stay small (rustls' handshake state is large).
+    let stream = Prefixed::new(buf, stream);
+    let Some(tls) = &endpoint.tls else {
+        return Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
+    };
+    match tokio::time::timeout_at(handshake_deadline, Box::pin(tls.0.accept(stream))).await {
+        Ok(Ok(stream)) => {
+            Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await
+        }
+        Ok(Err(e)) => {
+            let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
+            shell::count_closed(&cx.shared, "tls_handshake_failed");
+            info!(conn = cx.id, peer = %cx.peer, refused_total = total, "closed: TLS handshake failed: {e}");
+        }
+        Err(_) => shell::count_close(&cx.shared, cx.id, cx.peer, &Close::HandshakeTimeout),
+    }
+}
+
+/// One connection's identity, shared by its loop and its close.
+struct Cx {
+    id: ConnectionId,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    accepted: Instant,
+}
+
+impl Cx {
+    /// Runs the WebSocket upgrade on `stream`, then serves the connection inside it.
+    async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        stream: S,
+        ws: &websocket::WsOptions,
+        deadline: Instant,
+        open: &mut OpenGauge,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
+            Ok(Ok(ws)) => self.serve(ws, BytesMut::new(), open, shutdown).await,
+            Ok(Err(e)) => {
+                let total = Refused::count(&self.shared.admission.refused.websocket_upgrade);
+                shell::count_closed(&self.shared, "websocket_upgrade_refused");
+                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
+            }
+            Err(_) => {
+                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout)
+            }
+        }
+    }
+
+    fn host<'a>(&'a self, outbox: &'a mpsc::Sender<Outgoing>) -> GatewayHost<'a> {
+        GatewayHost {
+            shared: &self.shared,
+            id: self.id,
+            peer: self.peer,
+            outbox: Some(outbox),
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        stream: S,
+        initial: BytesMut,
+        open: &mut OpenGauge,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let shared = self.shared.clone();
+        let (outbox, mut inbox) = mpsc::channel::<Outgoing>(shared.limits.outbox_capacity);
+        let mut conn = Connection::new(
+            shared.limits.connection.clone(),
+            shared.handshake.clone(),
+            initial,
+            self.accepted.into_std(),
+        );
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let mut forwards: FuturesOrdered<BoxFuture<'static, Forwarded>> = FuturesOrdered::new();
+        let mut waiting: Option<BoxFuture<'static, Answer>> = None;
+        let mut needs_flush = false;
+        conn.handle_input(
+            0,
+            shell::now(),
+            &mut self.host(&outbox),
+            &mut rand::thread_rng(),
+        );
+        loop {
+            self.run_actions(&mut conn, &mut forwards, &mut waiting)
+                .await;
+            while let Some(event) = conn.poll_event() {
+                shell::record(&shared.metrics, Some(open), event);
+            }
+            if conn.closing().is_some() {
+                break;
+            }
+            let want_read = conn.wants_read();
+            let accepts = conn.accepts_server_messages();
+            let deadline = conn.poll_timeout().map(Instant::from_std);
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+            let (input, n) = conn.io_buffers(&mut slices);
+            let step = tokio::select! {
+                read = reader.read_buf(input), if want_read => Step::Read(read),
+                // One write (or, with nothing left, one flush) at a time: each is cancel-safe.
+                wrote = async {
+                    if n > 0 {
+                        writer.write_vectored(&slices[..n]).await.map(Some)
+                    } else {
+                        writer.flush().await.map(|()| None)
+                    }
+                }, if n > 0 || needs_flush => Step::Wrote(wrote),
+                Some(out) = inbox.recv(), if accepts => Step::Server(out),
+                Some(outcome) = forwards.next(), if !forwards.is_empty() => Step::Forwarded(outcome),
+                Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Step::Timeout,
+                _ = shutdown.changed() => Step::Shutdown,
+            };
+            let now = shell::now();
+            let mut host = self.host(&outbox);
+            match step {
+                Step::Read(Ok(0)) => conn.close(Close::ClientClosed, now, &mut rand::thread_rng()),
+                Step::Read(Ok(n)) => {
+                    shared.metrics.bytes_received.inc_by(n as u64);
+                    conn.handle_input(n, now, &mut host, &mut rand::thread_rng());
+                }
+                Step::Read(Err(e)) => conn.close(Close::Read(e), now, &mut rand::thread_rng()),
+                Step::Wrote(Ok(Some(n))) if n > 0 => {
+                    shared.metrics.bytes_sent.inc_by(n as u64);
+                    conn.handle_written(n, now.instant);
+                    needs_flush = true;
+                }
+                Step::Wrote(Ok(None)) => needs_flush = false,
+                Step::Wrote(_) => conn.close(Close::Write, now, &mut rand::thread_rng()),
+                Step::Server(out) => {
+                    conn.send_server_message(&out.payload, now, &mut rand::thread_rng());
+                }
+                Step::Forwarded(outcome) => {
+                    conn.handle_forwarded(outcome, now, &mut host, &mut rand::thread_rng())
+                }
+                Step::Answer(answer) => {
+                    waiting = None;
+                    match answer {
+                        Answer::Key(lookup) => {
+                            conn.handle_key(lookup, now, &mut host, &mut rand::thread_rng())
+                        }
+                        Answer::Computed(Ok(job)) => {
+                            conn.handle_computed(job, now, &mut host, &mut rand::thread_rng())
+                        }
+                        Answer::Computed(Err(close)) => {
+                            conn.close(close, now, &mut rand::thread_rng())
+                        }
+                        Answer::Stored(outcome) => {
+                            conn.handle_stored(outcome, now, &mut host, &mut rand::thread_rng())
+                        }
+                    }
+                }
+                Step::Timeout => conn.handle_timeout(now, &mut rand::thread_rng()),
+                Step::Shutdown => conn.close(Close::Shutdown, now, &mut rand::thread_rng()),
+            }
+        }
+        let close = conn.take_close().unwrap_or(Close::Shutdown);
+        shell::count_close(&shared, self.id, self.peer, &close);
+        if !matches!(close, Close::Write | Close::Read(_)) {
+            self.flush(&mut conn, &mut writer).await;
+        }
+        let _ = timeout(shared.limits.write_timeout, writer.shutdown()).await;
+        // Messages queued for this connection and never taken are lost with it.
+        inbox.close();
+        let mut dropped = 0;
+        while inbox.try_recv().is_ok() {
+            dropped += 1;
+        }
+        if dropped > 0 {
+            shared
+                .metrics
+                .server_messages_dropped
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: "connection_closed",
+                })
+                .inc_by(dropped);
+        }
+        self.detach_sessions(&conn).await;
+    }
+
+    /// Starts what the core asked for.
+    async fn run_actions(
+        &self,
+        conn: &mut Connection,
+        forwards: &mut FuturesOrdered<BoxFuture<'static, Forwarded>>,
+        waiting: &mut Option<BoxFuture<'static, Answer>>,
+    ) {
+        while let Some(action) = conn.poll_action() {
+            let shared = self.shared.clone();
+            match action {
+                Action::Forward(forward) => {
+                    let data = shell::client_data(&shared, self.peer.ip(), forward);
+                    forwards.push_back(shell::forward(shared, data).boxed());
+                }
+                Action::LookupKey(auth_key_id) => {
+                    *waiting = Some(
+                        async move { Answer::Key(shell::lookup_key(&shared, auth_key_id).await) }
+                            .boxed(),
+                    );
+                }
+                Action::Compute(job) => {
+                    *waiting =
+                        Some(async move { Answer::Computed(shell::compute(job).await) }.boxed());
+                }
+                Action::StoreKey(key) => {
+                    let id = self.id;
+                    *waiting = Some(
+                        async move { Answer::Stored(shell::store_key(&shared, id, key).await) }
+                            .boxed(),
+                    );
+                }
+                Action::ForgetKey(auth_key_id) => shared.keys.cache.remove(auth_key_id).await,
+            }
+        }
+    }
+
+    /// Writes what the core left queued (the error code of a close, replies),
+    /// within the write timeout.
+    async fn flush<W: AsyncWrite + Unpin>(&self, conn: &mut Connection, writer: &mut W) {
+        let limit = Instant::now() + self.shared.limits.write_timeout;
+        while conn.has_transmit() {
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+            let (_, n) = conn.io_buffers(&mut slices);
+            match tokio::time::timeout_at(limit, writer.write_vectored(&slices[..n])).await {
+                Ok(Ok(written)) if written > 0 => {
+                    self.shared.metrics.bytes_sent.inc_by(written as u64);
+                    conn.handle_written(written, Instant::now().into_std());
+                }
+                _ => return,
+            }
+        }
+        let _ = tokio::time::timeout_at(limit, writer.flush()).await;
+    }
+
+    /// Leaves the registry; tells the session about sessions whose last
+    /// connection this was (awaited, so a draining gateway reports them all).
+    async fn detach_sessions(&self, conn: &Connection) {
+        let Some(info) = conn.key() else { return };
+        for &session_id in conn.sessions() {
+            if !self.shared.registry.detach(info.id(), session_id, self.id) {
+                continue;
+            }
+            let event = SessionClientEvent {
+                server_id: self.shared.server_id.clone(),
+                auth_key_id: info.id(),
+                key_type: info.key_type as i32,
+                perm_auth_key_id: info.perm_auth_key_id,
+                session_id,
+                client_ip: self.peer.ip().to_string(),
+            };
+            super::report_closed_session(&self.shared, event).await;
+        }
+    }
+}
+
+/// What woke the connection's loop.
+enum Step {
+    Read(std::io::Result<usize>),
+    /// Bytes written, or `None` for a completed flush.
+    Wrote(std::io::Result<Option<usize>>),
+    Server(Outgoing),
+    Forwarded(Forwarded),
+    Answer(Answer),
+    Timeout,
+    Shutdown,
+}
