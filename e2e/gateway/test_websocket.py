@@ -203,6 +203,20 @@ def test_frames_reassembled_across_messages_and_ping(ws_gateway):
     ws.sock.close()
 
 
+def test_each_server_packet_is_one_message(ws_gateway):
+    """Web clients (Telegram's own web apps) parse one transport packet per
+    WebSocket message: two replies made at once still go out as two messages."""
+    ws = RawWs(ws_gateway.ws_port)
+    assert ws.status == 101
+    ws.send(OP_BINARY, b"\xee\xee\xee\xee" + (struct.pack("<I", 40) + req_pq_multi()) * 3)
+    for _ in range(3):
+        opcode, payload = ws.recv()
+        assert opcode == OP_BINARY
+        (length,) = struct.unpack("<I", payload[:4])
+        assert len(payload) == 4 + length, "one intermediate packet, whole, per message"
+    ws.sock.close()
+
+
 def test_wrong_path_and_origin_are_refused(ws_gateway):
     assert RawWs(ws_gateway.ws_port, path="/other").status == 404
     assert RawWs(ws_gateway.ws_port, origin="https://evil.example").status == 403
