@@ -86,6 +86,8 @@ pub struct SessionRpcMetrics {
     pub errors: Family<RpcErrorLabels, Counter>,
     /// Calls waiting for a session answer now: the forward path's queue depth.
     pub in_flight: Gauge,
+    /// Session instances on the ring.
+    pub ring_members: Gauge,
 }
 
 impl Default for SessionRpcMetrics {
@@ -94,6 +96,7 @@ impl Default for SessionRpcMetrics {
             duration: latency_family(),
             errors: Family::default(),
             in_flight: Gauge::default(),
+            ring_members: Gauge::default(),
         }
     }
 }
@@ -137,6 +140,8 @@ pub struct Metrics {
     pub outbox_queued: Gauge,
     /// Server messages no connection wrote, by why.
     pub server_messages_dropped: Family<ReasonLabels, Counter>,
+    /// MTProto sessions with a live connection here (the registry's size).
+    pub sessions: Gauge,
     pub session_rpc: SessionRpcMetrics,
     pub store: StoreMetrics,
 }
@@ -159,6 +164,7 @@ impl Default for Metrics {
             messages_sent: Counter::default(),
             outbox_queued: Gauge::default(),
             server_messages_dropped: Family::default(),
+            sessions: Gauge::default(),
             session_rpc: SessionRpcMetrics::default(),
             store: StoreMetrics::default(),
         }
@@ -241,8 +247,13 @@ impl Metrics {
         );
         r.register(
             "mtproto_server_messages_dropped",
-            "Server messages no connection wrote (no connection, outboxes full, write failed)",
+            "Server messages no connection took or wrote (no connection, outboxes full, connection closed first)",
             self.server_messages_dropped.clone(),
+        );
+        r.register(
+            "mtproto_sessions",
+            "MTProto sessions with a live connection on this gateway",
+            self.sessions.clone(),
         );
         r.register(
             "mtproto_session_rpc_duration_seconds",
@@ -258,6 +269,11 @@ impl Metrics {
             "mtproto_session_rpc_in_flight",
             "Calls to session services waiting for an answer",
             self.session_rpc.in_flight.clone(),
+        );
+        r.register(
+            "mtproto_session_ring_members",
+            "Session instances on the ring (remote session modes)",
+            self.session_rpc.ring_members.clone(),
         );
         r.register(
             "mtproto_auth_key_store_lookup_duration_seconds",

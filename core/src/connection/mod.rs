@@ -489,14 +489,13 @@ impl Connection {
             Ok(opened) => opened,
             Err(close) => return self.close_with(close, now, rng),
         };
-        if frame.quick_ack {
-            if self
+        if frame.quick_ack
+            && self
                 .transport
                 .encode_quick_ack(opened.quick_ack_token, &mut self.scratch)
-            {
-                self.push_transmit(now);
-                self.events.push_back(Event::QuickAck);
-            }
+        {
+            self.push_transmit(now);
+            self.events.push_back(Event::QuickAck);
         }
         let session_id = opened.session_id;
         let conn_type = if self.sessions.contains(&session_id) {

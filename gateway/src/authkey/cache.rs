@@ -5,14 +5,18 @@
 //! that were not bound yet — so a key bound through another gateway works
 //! here without a restart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::future::Cache;
 use moka::Expiry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
+use crate::metrics::GaugeGuard;
 use mtproto_core::authkey::AuthKeyInfo;
 
 /// Approximate bytes per entry, for the capacity bound.
@@ -51,35 +55,67 @@ impl Expiry<i64, Entry> for EntryExpiry {
     }
 }
 
-/// Counters for the metrics endpoint.
+/// The cache's metrics.
 #[derive(Debug, Default)]
 pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub negative_hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub lookups: AtomicU64,
-    pub lookup_errors: AtomicU64,
-    pub lookups_in_flight: AtomicU64,
+    pub hits: Counter,
+    pub negative_hits: Counter,
+    pub misses: Counter,
+    pub lookups: Counter,
+    pub lookup_errors: Counter,
+    pub lookups_in_flight: Gauge,
     /// Sum of lookup durations, for the mean lookup latency.
-    pub lookup_nanos: AtomicU64,
+    pub lookup_seconds: Counter<f64, AtomicU64>,
     /// Transport errors −404 sent (keys every store says are unknown, or expired).
-    pub not_found_sent: AtomicU64,
+    pub not_found_sent: Counter,
 }
 
-/// Counts a lookup in flight until dropped, so a lookup whose caller went
-/// away (an HTTP client that hung up) is not counted forever.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn new(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl CacheStats {
+    pub fn register(&self, r: &mut Registry) {
+        for (name, help, counter) in [
+            (
+                "mtproto_auth_key_cache_hits",
+                "Auth key lookups answered by the cache",
+                &self.hits,
+            ),
+            (
+                "mtproto_auth_key_cache_negative_hits",
+                "Lookups answered by a cached 'unknown key'",
+                &self.negative_hits,
+            ),
+            (
+                "mtproto_auth_key_cache_misses",
+                "Lookups the cache could not answer",
+                &self.misses,
+            ),
+            (
+                "mtproto_auth_key_lookups",
+                "Lookups sent to the key source (after single-flight)",
+                &self.lookups,
+            ),
+            (
+                "mtproto_auth_key_lookup_errors",
+                "Lookups that failed (store or session down)",
+                &self.lookup_errors,
+            ),
+            (
+                "mtproto_transport_404_sent",
+                "Transport errors -404 (unknown or expired key) sent",
+                &self.not_found_sent,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "mtproto_auth_key_lookups_in_flight",
+            "Lookups waiting for the key source now",
+            self.lookups_in_flight.clone(),
+        );
+        r.register(
+            "mtproto_auth_key_lookup_seconds",
+            "Total time spent in key source lookups",
+            self.lookup_seconds.clone(),
+        );
     }
 }
 
@@ -114,32 +150,35 @@ impl KeyCache {
     ) -> Result<Option<Arc<AuthKeyInfo>>, LookupError> {
         match self.cache.get(&auth_key_id).await {
             Some(Entry::Found(info)) if !info.is_unbound_temp() => {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.hits.inc();
                 return Ok(Some(info));
             }
             Some(Entry::Found(_)) => self.cache.invalidate(&auth_key_id).await,
             Some(Entry::Missing) => {
-                self.stats.negative_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.negative_hits.inc();
                 return Ok(None);
             }
             None => {}
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.misses.inc();
         let entry = self
             .cache
             .try_get_with(auth_key_id, async {
-                self.stats.lookups.fetch_add(1, Ordering::Relaxed);
-                let in_flight = InFlight::new(&self.stats.lookups_in_flight);
+                self.stats.lookups.inc();
+                // A guard, so a lookup whose caller went away (an HTTP client
+                // that hung up) is not counted forever.
+                let in_flight = GaugeGuard::new(&self.stats.lookups_in_flight);
                 let started = Instant::now();
                 let result = source.lookup(auth_key_id).await;
                 drop(in_flight);
-                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                self.stats.lookup_nanos.fetch_add(nanos, Ordering::Relaxed);
+                self.stats
+                    .lookup_seconds
+                    .inc_by(started.elapsed().as_secs_f64());
                 match result {
                     Ok(Some(info)) => Ok(Entry::Found(Arc::new(info))),
                     Ok(None) => Ok(Entry::Missing),
                     Err(e) => {
-                        self.stats.lookup_errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.lookup_errors.inc();
                         Err(e)
                     }
                 }
@@ -170,6 +209,7 @@ impl KeyCache {
 mod tests {
     use super::*;
     use mtproto_core::authkey::{AuthKey, AuthKeyType};
+    use std::sync::atomic::Ordering;
     use std::sync::Mutex;
 
     /// A source that counts lookups and answers from a map after a delay.
@@ -210,13 +250,13 @@ mod tests {
             assert!(w.await.unwrap().unwrap().is_none());
         }
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.stats.lookups.load(Ordering::Relaxed), 1);
-        assert_eq!(cache.stats.lookups_in_flight.load(Ordering::Relaxed), 0);
-        assert!(cache.stats.lookup_nanos.load(Ordering::Relaxed) >= 20_000_000);
+        assert_eq!(cache.stats.lookups.get(), 1);
+        assert_eq!(cache.stats.lookups_in_flight.get(), 0);
+        assert!(cache.stats.lookup_seconds.get() >= 0.02);
         // The negative entry answers the next one without a lookup.
         assert!(cache.get(42, source.as_ref()).await.unwrap().is_none());
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.stats.negative_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats.negative_hits.get(), 1);
     }
 
     #[tokio::test]

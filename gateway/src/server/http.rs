@@ -28,6 +28,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
@@ -69,28 +72,59 @@ const PATHS: [&str; 6] = [
 /// `limits.handshake_timeout_secs` passes).
 const MAX_PENDING_HANDSHAKES: usize = 65_536;
 
-/// Counters of the HTTP transport, read by `/metrics`.
+/// Metrics of the HTTP transport.
 #[derive(Debug, Default)]
 pub struct HttpStats {
-    pub requests: AtomicU64,
+    pub requests: Counter,
     /// 405: not POST (or OPTIONS).
-    pub bad_method: AtomicU64,
+    pub bad_method: Counter,
     /// 404: not an MTProto path.
-    pub bad_path: AtomicU64,
+    pub bad_path: Counter,
     /// 413: body over `limits.max_frame_bytes`.
-    pub too_large: AtomicU64,
+    pub too_large: Counter,
     /// 400: a body that is not one valid MTProto message, or a handshake step that failed.
-    pub bad_body: AtomicU64,
+    pub bad_body: Counter,
     /// 502/503: the session or key store failed, or the gateway is full or stopping.
-    pub unavailable: AtomicU64,
+    pub unavailable: Counter,
     /// Server messages dropped because a session's queue was full.
-    pub queue_dropped: AtomicU64,
+    pub queue_dropped: Counter,
     /// Virtual connections closed after `limits.idle_timeout_secs` without a request.
-    pub sessions_expired: AtomicU64,
+    pub sessions_expired: Counter,
+    /// Virtual connections open now.
+    pub sessions: Gauge,
+    /// Handshakes waiting for their next request.
+    pub handshakes_pending: Gauge,
+}
+
+impl HttpStats {
+    pub fn register(&self, r: &mut Registry) {
+        for (name, help, counter) in [
+            ("mtproto_http_requests", "HTTP transport requests", &self.requests),
+            ("mtproto_http_refused_method", "HTTP requests refused with 405 (not POST)", &self.bad_method),
+            ("mtproto_http_refused_path", "HTTP requests refused with 404 (not an MTProto path)", &self.bad_path),
+            ("mtproto_http_refused_too_large", "HTTP requests refused with 413 (body over limits.max_frame_bytes)", &self.too_large),
+            ("mtproto_http_refused_bad_body", "HTTP requests refused with 400 (incomplete body, bad MTProto message, failed handshake step)", &self.bad_body),
+            ("mtproto_http_unavailable", "HTTP requests answered 502/503 (session or key store failed, gateway full or stopping)", &self.unavailable),
+            ("mtproto_http_queue_dropped", "Server messages an HTTP session's queue could not hold (reported undelivered) or lost when it expired", &self.queue_dropped),
+            ("mtproto_http_sessions_expired", "HTTP virtual connections closed after limits.idle_timeout_secs without a request", &self.sessions_expired),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "mtproto_http_sessions",
+            "HTTP virtual connections (auth key and session) open now",
+            self.sessions.clone(),
+        );
+        r.register(
+            "mtproto_http_handshakes_pending",
+            "HTTP handshakes waiting for their next request",
+            self.handshakes_pending.clone(),
+        );
+    }
 }
 
 /// The HTTP transport's state, shared by every HTTP listener.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hub {
     handshakes: Mutex<HashMap<[u8; 16], PendingHandshake>>,
     /// When abandoned handshakes were last dropped (ms on the gateway's clock).
@@ -99,12 +133,29 @@ pub struct Hub {
     pub stats: HttpStats,
 }
 
+impl Default for Hub {
+    fn default() -> Self {
+        let stats = HttpStats::default();
+        Self {
+            handshakes: Mutex::default(),
+            handshakes_swept_ms: AtomicU64::default(),
+            sessions: Mutex::new(Sessions {
+                open: stats.sessions.clone(),
+                ..Sessions::default()
+            }),
+            stats,
+        }
+    }
+}
+
 /// The virtual connections, and how many each auth key has (capped like one
 /// TCP connection's sessions: the client chooses session ids freely).
 #[derive(Debug, Default)]
 struct Sessions {
     by_session: HashMap<(i64, i64), Arc<VirtualConn>>,
     per_key: HashMap<i64, usize>,
+    /// `mtproto_http_sessions`.
+    open: Gauge,
 }
 
 impl Sessions {
@@ -112,6 +163,7 @@ impl Sessions {
         if self.by_session.insert(key, vc).is_none() {
             *self.per_key.entry(key.0).or_default() += 1;
         }
+        self.open.set(self.by_session.len() as i64);
     }
 
     /// Removes `vc` if it is still the one registered for `key`.
@@ -124,6 +176,7 @@ impl Sessions {
             return;
         }
         self.by_session.remove(&key);
+        self.open.set(self.by_session.len() as i64);
         if let Some(n) = self.per_key.get_mut(&key.0) {
             *n -= 1;
             if *n == 0 {
@@ -138,12 +191,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn session_count(&self) -> usize {
-        lock(&self.sessions).by_session.len()
-    }
-
-    pub fn handshake_count(&self) -> usize {
-        lock(&self.handshakes).len()
+    /// Updates `mtproto_http_handshakes_pending` after `handshakes` changed.
+    fn handshakes_changed(&self, handshakes: &HashMap<[u8; 16], PendingHandshake>) {
+        self.stats.handshakes_pending.set(handshakes.len() as i64);
     }
 }
 
@@ -392,14 +442,14 @@ fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
 }
 
 /// A refusal counted in `counter`, with a short reason as the body.
-fn refuse(counter: &AtomicU64, status: StatusCode, why: &'static str) -> Response<Full<Bytes>> {
-    counter.fetch_add(1, Ordering::Relaxed);
+fn refuse(counter: &Counter, status: StatusCode, why: &'static str) -> Response<Full<Bytes>> {
+    counter.inc();
     respond(status, Bytes::from_static(why.as_bytes()))
 }
 
 async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>> {
     let stats = &cx.shared.http.stats;
-    stats.requests.fetch_add(1, Ordering::Relaxed);
+    stats.requests.inc();
     if request.method() == Method::OPTIONS {
         let mut response = with_cors(Response::new(Full::new(Bytes::new())));
         response.headers_mut().insert(
@@ -548,6 +598,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
                         .inc_by(expired);
                 }
             }
+            hub.handshakes_changed(&handshakes);
             if handshakes.len() >= MAX_PENDING_HANDSHAKES {
                 return Err(Close::ClientLimit);
             }
@@ -557,7 +608,9 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             }
         } else {
             // An unknown nonce: expired, never started, or started on another pod.
-            match handshakes.remove(&nonce) {
+            let pending = handshakes.remove(&nonce);
+            hub.handshakes_changed(&handshakes);
+            match pending {
                 Some(p) if p.expires > now => p,
                 _ => return Err(HandshakeError::NonceMismatch.into()),
             }
@@ -607,13 +660,17 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
         // the wrong server_nonce must not end the real client's handshake
         // (a failed check leaves the handshake's state as it was).
         Err(Close::Handshake(HandshakeError::NonceMismatch)) if !starts => {
-            lock(&hub.handshakes).insert(nonce, pending);
+            let mut handshakes = lock(&hub.handshakes);
+            handshakes.insert(nonce, pending);
+            hub.handshakes_changed(&handshakes);
             return Err(HandshakeError::NonceMismatch.into());
         }
         reply => reply?,
     };
     if !pending.flow.is_done() {
-        lock(&hub.handshakes).insert(nonce, pending);
+        let mut handshakes = lock(&hub.handshakes);
+        handshakes.insert(nonce, pending);
+        hub.handshakes_changed(&handshakes);
     }
     Ok(Bytes::from(reply))
 }
@@ -768,7 +825,7 @@ fn take(st: &mut VcState, cx: &ConnCx, empty: impl FnOnce(&mut Sequence) -> Vec<
                 .http
                 .stats
                 .queue_dropped
-                .fetch_add(queued.len() as u64, Ordering::Relaxed);
+                .inc_by(queued.len() as u64);
             info!(
                 conn = cx.id,
                 "dropped {} server messages: {e}",
@@ -812,7 +869,7 @@ async fn run_session(
             outgoing = inbox.recv() => {
                 let Some(outgoing) = outgoing else { break };
                 if !vc.push(outgoing.payload, max_bytes) {
-                    shared.http.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                    shared.http.stats.queue_dropped.inc();
                 }
             }
             _ = stopped(&mut draining), if !drain => drain = true,
@@ -821,7 +878,7 @@ async fn run_session(
                 let mut st = vc.state();
                 if st.requests == 0 && st.last_request + idle <= Instant::now() {
                     st.closed = true;
-                    shared.http.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                    shared.http.stats.sessions_expired.inc();
                     break;
                 }
             }
@@ -833,11 +890,7 @@ async fn run_session(
         st.closed = true;
         let dropped = st.queue.len() as u64;
         st.queue.clear();
-        shared
-            .http
-            .stats
-            .queue_dropped
-            .fetch_add(dropped, Ordering::Relaxed);
+        shared.http.stats.queue_dropped.inc_by(dropped);
         st.client_ip
     };
     vc.arrived.notify_waiters();

@@ -7,7 +7,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -112,22 +115,59 @@ pub enum Refusal {
     ClientFull,
 }
 
-/// Counters of refused work, reported in logs.
+/// Counters of refused work, for metrics and logs.
 #[derive(Debug, Default)]
 pub struct Refused {
-    pub listener_full: AtomicU64,
-    pub client_full: AtomicU64,
-    pub handshake_flood: AtomicU64,
-    pub proxy_header: AtomicU64,
-    pub websocket_upgrade: AtomicU64,
+    pub listener_full: Counter,
+    pub client_full: Counter,
+    pub handshake_flood: Counter,
+    pub proxy_header: Counter,
+    pub websocket_upgrade: Counter,
     /// TLS handshakes on `wss://`/`https://` listeners that failed or timed out.
-    pub tls_handshake: AtomicU64,
+    pub tls_handshake: Counter,
 }
 
 impl Refused {
     /// Adds one to `counter` and returns the new total.
-    pub fn count(counter: &AtomicU64) -> u64 {
-        counter.fetch_add(1, Ordering::Relaxed) + 1
+    pub fn count(counter: &Counter) -> u64 {
+        counter.inc() + 1
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        for (name, help, counter) in [
+            (
+                "mtproto_refused_listener_full",
+                "Connections closed at accept: listener at limits.max_connections",
+                &self.listener_full,
+            ),
+            (
+                "mtproto_refused_client_full",
+                "Connections closed: client address at limits.max_connections_per_ip",
+                &self.client_full,
+            ),
+            (
+                "mtproto_refused_handshake_flood",
+                "Handshakes refused with -429 (limits.handshakes_per_ip_per_minute)",
+                &self.handshake_flood,
+            ),
+            (
+                "mtproto_refused_proxy_header",
+                "Connections closed for a missing or malformed PROXY header",
+                &self.proxy_header,
+            ),
+            (
+                "mtproto_refused_websocket_upgrade",
+                "WebSocket upgrades refused (path, Origin, bad request) or not finished",
+                &self.websocket_upgrade,
+            ),
+            (
+                "mtproto_refused_tls_handshake",
+                "TLS handshakes on wss/https listeners that failed or timed out",
+                &self.tls_handshake,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
     }
 }
 
@@ -313,7 +353,7 @@ mod tests {
         drop(s1);
         admission.enter_client(&mut s2, ip("10.0.0.1")).unwrap();
         let _s3 = admission.enter_listener(&listener).unwrap();
-        assert_eq!(admission.refused.client_full.load(Ordering::Relaxed), 1);
-        assert_eq!(admission.refused.listener_full.load(Ordering::Relaxed), 1);
+        assert_eq!(admission.refused.client_full.get(), 1);
+        assert_eq!(admission.refused.listener_full.get(), 1);
     }
 }

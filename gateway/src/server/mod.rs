@@ -190,11 +190,7 @@ async fn accept_loop(
                             })
                             .inc();
                         // Dropping the stream closes it before any per-connection state exists.
-                        let total = shared
-                            .admission
-                            .refused
-                            .listener_full
-                            .load(Ordering::Relaxed);
+                        let total = shared.admission.refused.listener_full.get();
                         debug!(listener = ?local, %peer, refused_total = total, "listener at limits.max_connections; closed");
                         continue;
                     }

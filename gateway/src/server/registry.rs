@@ -70,6 +70,7 @@ impl Registry {
         if !entry.iter().any(|(id, _)| *id == conn) {
             entry.push((conn, outbox.clone()));
         }
+        self.metrics.sessions.set(map.len() as i64);
         is_new
     }
 
@@ -82,14 +83,11 @@ impl Registry {
         entry.retain(|(id, _)| *id != conn);
         if entry.is_empty() {
             map.remove(&(auth_key_id, session_id));
+            self.metrics.sessions.set(map.len() as i64);
             true
         } else {
             false
         }
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.lock().len()
     }
 }
 
@@ -151,7 +149,7 @@ mod tests {
         );
         assert!(!registry.detach(1, 2, 11));
         assert!(registry.detach(1, 2, 10));
-        assert_eq!(registry.session_count(), 0);
+        assert_eq!(registry.metrics.sessions.get(), 0);
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 //! the blocking pool, key stores, forwards), and counting its events.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -148,7 +147,7 @@ pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, c
     match close {
         Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
         Close::ClientLimit => {
-            let total = shared.admission.refused.client_full.load(Ordering::Relaxed);
+            let total = shared.admission.refused.client_full.get();
             debug!(conn = id, %peer, refused_total = total, "closed: {close}");
         }
         _ => info!(conn = id, %peer, "closed: {close}"),
@@ -157,12 +156,7 @@ pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, c
 
 /// Counts and logs a −404 sent for `close`.
 pub(super) fn count_404(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
-    shared
-        .keys
-        .cache
-        .stats
-        .not_found_sent
-        .fetch_add(1, Ordering::Relaxed);
+    shared.keys.cache.stats.not_found_sent.inc();
     info!(conn = id, %peer, "sent -404: {close}");
 }
 

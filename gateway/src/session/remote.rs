@@ -207,6 +207,7 @@ pub struct RemoteSession {
 
 impl RemoteSession {
     pub fn new(members: Vec<String>, settings: RemoteSettings, metrics: SessionRpcMetrics) -> Self {
+        metrics.ring_members.set(members.len() as i64);
         Self {
             ring: RwLock::new(Ring::new(members)),
             settings,
@@ -218,6 +219,7 @@ impl RemoteSession {
 
     /// Replaces the ring membership (static list today; discovery later).
     pub fn set_members(&self, members: Vec<String>) {
+        self.metrics.ring_members.set(members.len() as i64);
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Ring::new(members);
     }
 
