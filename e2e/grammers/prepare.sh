@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Puts a patched copy of grammers-mtproto under vendor/ for Cargo.toml's
 # [patch.crates-io]: the crate as published on crates.io (fetched by cargo into
-# its registry) plus patches/grammers-mtproto-$VERSION.patch, which adds
-# grammers_mtproto::authentication::add_server_key so the probe can accept the
-# gateway's RSA key (grammers only knows Telegram's). Idempotent; vendor/ is
-# not committed.
+# its registry) plus patches/grammers-mtproto-$VERSION/*.patch, in order:
+#   0001 adds grammers_mtproto::authentication::add_server_key so the probe can
+#        accept the gateway's RSA key (grammers only knows Telegram's);
+#   0002 makes the abridged transport read a negative word as an error code
+#        only in a 4-byte packet, as in its intermediate transport (0.11.0
+#        takes any short packet whose auth_key_id has bit 31 set for one).
+# Idempotent; vendor/ is not committed.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 version=0.11.0
 crate=grammers-mtproto
 dest=$here/vendor/$crate
-patch_file=$here/patches/$crate-$version.patch
+patches=("$here/patches/$crate-$version"/*.patch)
 stamp=$dest/.applied.patch
 
-if [[ -f $stamp ]] && cmp -s "$stamp" "$patch_file"; then
+if [[ -f $stamp ]] && cat "${patches[@]}" | cmp -s "$stamp" -; then
     exit 0
 fi
 
@@ -53,10 +56,12 @@ else
     mv "$tmp/$crate-$version" "$tmp/$crate"
 fi
 
-patch --quiet --forward --batch -p1 -d "$tmp/$crate" <"$patch_file"
-cp "$patch_file" "$tmp/$crate/.applied.patch"
+for patch_file in "${patches[@]}"; do
+    patch --quiet --forward --batch -p1 -d "$tmp/$crate" <"$patch_file"
+done
+cat "${patches[@]}" >"$tmp/$crate/.applied.patch"
 
 mkdir -p "$here/vendor"
 rm -rf "$dest"
 mv "$tmp/$crate" "$dest"
-echo "prepare.sh: $dest ($crate $version + $(basename "$patch_file"))"
+echo "prepare.sh: $dest ($crate $version + ${#patches[@]} patches)"

@@ -111,6 +111,14 @@ impl Test {
             .handle_forwarded(outcome, now, &mut self.host, &mut self.rng);
     }
 
+    /// Sends the first message (session 1, msg_id 4) on `info` and answers its key lookup.
+    fn bind(&mut self, info: &Arc<AuthKeyInfo>) {
+        let mut bytes = vec![0xef];
+        bytes.extend(abridged(&encrypted(info, 1, 4), false));
+        self.feed(&bytes);
+        self.key_found(info);
+    }
+
     fn key_found(&mut self, info: &Arc<AuthKeyInfo>) {
         let now = self.at(0);
         self.conn.handle_key(
@@ -129,6 +137,11 @@ fn abridged(payload: &[u8], quick_ack: bool) -> Vec<u8> {
     let mut out = vec![words as u8 | if quick_ack { 0x80 } else { 0 }];
     out.extend_from_slice(payload);
     out
+}
+
+/// What a close with a transport error code writes: one abridged packet.
+fn error_packet(code: i32) -> Vec<Vec<u8>> {
+    vec![abridged(&code.to_le_bytes(), false)]
 }
 
 fn req_pq_multi() -> Vec<u8> {
@@ -208,10 +221,7 @@ fn handshake_over_the_rate_gets_429_and_closes() {
     t.feed(&bytes);
     assert!(matches!(t.conn.closing(), Some(Close::HandshakeFlood)));
     let packets = t.written();
-    assert_eq!(
-        packets,
-        vec![abridged(&error_code::FLOOD.to_le_bytes(), false)]
-    );
+    assert_eq!(packets, error_packet(error_code::FLOOD));
     assert!(t.events().contains(&Event::Handshake {
         outcome: "flood",
         elapsed: None
@@ -267,13 +277,7 @@ fn unknown_key_is_looked_up_then_gets_404() {
     t.conn
         .handle_key(KeyLookup::NotFound, now, &mut t.host, &mut t.rng);
     assert!(matches!(t.conn.closing(), Some(Close::UnknownKey(_))));
-    assert_eq!(
-        t.written(),
-        vec![abridged(
-            &error_code::AUTH_KEY_NOT_FOUND.to_le_bytes(),
-            false
-        )]
-    );
+    assert_eq!(t.written(), error_packet(error_code::AUTH_KEY_NOT_FOUND));
 }
 
 #[test]
@@ -384,29 +388,17 @@ fn reading_pauses_at_the_forward_window_and_resumes_in_order() {
 fn session_that_does_not_know_the_key_gets_404() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     t.forwarded(Forwarded::UnknownKey);
     assert!(matches!(t.conn.closing(), Some(Close::KeyUnregistered(_))));
-    assert_eq!(
-        t.written(),
-        vec![abridged(
-            &error_code::AUTH_KEY_NOT_FOUND.to_le_bytes(),
-            false
-        )]
-    );
+    assert_eq!(t.written(), error_packet(error_code::AUTH_KEY_NOT_FOUND));
 }
 
 #[test]
 fn session_failure_closes_without_an_error_code() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     t.forwarded(Forwarded::Failed("unavailable".into()));
     assert!(matches!(t.conn.closing(), Some(Close::Session(_))));
     assert!(t.written().is_empty());
@@ -416,10 +408,7 @@ fn session_failure_closes_without_an_error_code() {
 fn too_many_sessions_close_the_connection() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     t.forwarded(Forwarded::Accepted);
     t.feed(&abridged(&encrypted(&info, 2, 8), false));
     t.forwarded(Forwarded::Accepted);
@@ -431,10 +420,7 @@ fn too_many_sessions_close_the_connection() {
 fn another_key_on_a_bound_connection_closes_it() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     t.feed(&abridged(&encrypted(&perm_key(), 1, 8), false));
     assert!(matches!(t.conn.closing(), Some(Close::KeyChanged { .. })));
 }
@@ -500,10 +486,7 @@ fn no_key_within_the_handshake_deadline_closes() {
 fn idle_connection_closes_after_the_idle_timeout() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     assert_eq!(t.conn.poll_timeout(), Some(t.at(100).instant));
     let now = t.at(100);
     t.conn.handle_timeout(now, &mut t.rng);
@@ -514,10 +497,7 @@ fn idle_connection_closes_after_the_idle_timeout() {
 fn server_messages_are_encrypted_framed_and_bounded() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     let plaintext = [5u8; 48];
     let now = t.at(0);
     assert!(t.conn.send_server_message(&plaintext, now, &mut t.rng));
@@ -536,10 +516,7 @@ fn server_messages_are_encrypted_framed_and_bounded() {
 fn a_write_without_progress_times_out() {
     let mut t = Test::new();
     let info = perm_key();
-    let mut bytes = vec![0xef];
-    bytes.extend(abridged(&encrypted(&info, 1, 4), false));
-    t.feed(&bytes);
-    t.key_found(&info);
+    t.bind(&info);
     let now = t.at(0);
     t.conn.send_server_message(&[5u8; 48], now, &mut t.rng);
     assert_eq!(t.conn.poll_timeout(), Some(t.at(5).instant));

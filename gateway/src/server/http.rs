@@ -298,8 +298,8 @@ struct ConnCx {
 /// and kept-alive connections close; `force_close` ends everything.
 #[allow(clippy::too_many_arguments)] // the accept loop's per-connection state
 pub async fn run(
-    mut stream: TcpStream,
-    mut peer: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
     mut slot: Slot,
     endpoint: &Endpoint,
     shared: Arc<Shared>,
@@ -307,25 +307,14 @@ pub async fn run(
     force_close: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let id = shared.connection_ids.next();
     let _open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "http");
-    let deadline = Instant::now() + shared.limits.handshake_timeout;
-    let mut buf = BytesMut::new();
-    if let Err(close) = shell::admit(
-        &shared,
-        id,
-        &mut peer,
-        &mut stream,
-        &mut buf,
-        &mut slot,
-        endpoint.proxy_protocol,
-        deadline,
-    )
-    .await
-    {
-        shell::count_close(&shared, id, peer, &close);
+    let Some(admitted) =
+        shell::admit(&shared, stream, peer, &mut slot, endpoint.proxy_protocol).await
+    else {
         return;
-    }
+    };
+    let (id, peer, stream, buf) = (admitted.id, admitted.peer, admitted.stream, admitted.buf);
+    let deadline = admitted.accepted + shared.limits.handshake_timeout;
     let stream = Prefixed::new(buf, stream);
     let cx = Arc::new(ConnCx {
         id,

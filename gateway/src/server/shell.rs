@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
@@ -80,55 +80,88 @@ impl Drop for OpenGauge {
     }
 }
 
+/// A connection past admission.
+pub(super) struct Admitted {
+    pub id: ConnectionId,
+    /// The client's address: the PROXY header's source, else the socket peer.
+    pub peer: SocketAddr,
+    pub stream: TcpStream,
+    /// Bytes read after the PROXY header.
+    pub buf: BytesMut,
+    pub accepted: Instant,
+}
+
 /// Reads the PROXY header the listener expects, then counts the connection
-/// against its client address (`peer`, replaced by the header's source).
-/// Bytes after the header stay in `buf`.
-#[allow(clippy::too_many_arguments)] // one connection's admission state, used once per connection
+/// against its client address (`slot`, which the caller keeps for the
+/// connection's life). A refused connection is counted, logged and closed.
 pub(super) async fn admit(
     shared: &Shared,
-    id: ConnectionId,
-    peer: &mut SocketAddr,
-    reader: &mut TcpStream,
-    buf: &mut BytesMut,
+    mut stream: TcpStream,
+    peer: SocketAddr,
     slot: &mut Slot,
+    mode: ProxyProtocol,
+) -> Option<Admitted> {
+    let mut admitted = Admitted {
+        id: shared.connection_ids.next(),
+        peer,
+        stream,
+        buf: BytesMut::new(),
+        accepted: Instant::now(),
+    };
+    let deadline = admitted.accepted + shared.limits.handshake_timeout;
+    match read_proxy_header(shared, &mut admitted, mode, deadline).await {
+        Ok(()) => match shared.admission.enter_client(slot, admitted.peer.ip()) {
+            Ok(()) => return Some(admitted),
+            Err(_) => count_close(shared, admitted.id, admitted.peer, &Close::ClientLimit),
+        },
+        Err(close) => count_close(shared, admitted.id, admitted.peer, &close),
+    }
+    stream = admitted.stream;
+    let _ = tokio::time::timeout(shared.limits.write_timeout, stream.shutdown()).await;
+    None
+}
+
+/// Reads the PROXY header, if the listener takes one; its source replaces the peer.
+async fn read_proxy_header(
+    shared: &Shared,
+    conn: &mut Admitted,
     mode: ProxyProtocol,
     deadline: Instant,
 ) -> Result<(), Close> {
-    if mode != ProxyProtocol::Off {
-        let detected = loop {
-            match proxy::detect(buf) {
-                Ok(Detected::NeedMore) => {}
-                Ok(detected) => break detected,
-                Err(e) => return Err(proxy_refused(shared, id, Close::ProxyHeader(e))),
-            }
-            let read = tokio::select! {
-                read = reader.read_buf(buf) => read,
-                _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
-            };
-            match read {
-                Ok(0) => return Err(Close::ClientClosed),
-                Ok(_) => {}
-                Err(e) => return Err(Close::Read(e)),
-            }
-        };
-        match detected {
-            Detected::Header(header) => {
-                buf.advance(header.len);
-                if let Some(source) = header.source {
-                    debug!(conn = id, socket_peer = %peer, client = %source, "PROXY header");
-                    *peer = source;
-                }
-            }
-            _ if mode == ProxyProtocol::Required => {
-                return Err(proxy_refused(shared, id, Close::ProxyHeaderMissing))
-            }
-            _ => {}
-        }
+    if mode == ProxyProtocol::Off {
+        return Ok(());
     }
-    shared
-        .admission
-        .enter_client(slot, peer.ip())
-        .map_err(|_| Close::ClientLimit)
+    let (id, buf) = (conn.id, &mut conn.buf);
+    let detected = loop {
+        match proxy::detect(buf) {
+            Ok(Detected::NeedMore) => {}
+            Ok(detected) => break detected,
+            Err(e) => return Err(proxy_refused(shared, id, Close::ProxyHeader(e))),
+        }
+        let read = tokio::select! {
+            read = conn.stream.read_buf(buf) => read,
+            _ = sleep_until(deadline) => return Err(Close::HandshakeTimeout),
+        };
+        match read {
+            Ok(0) => return Err(Close::ClientClosed),
+            Ok(_) => {}
+            Err(e) => return Err(Close::Read(e)),
+        }
+    };
+    match detected {
+        Detected::Header(header) => {
+            buf.advance(header.len);
+            if let Some(source) = header.source {
+                debug!(conn = id, socket_peer = %conn.peer, client = %source, "PROXY header");
+                conn.peer = source;
+            }
+            Ok(())
+        }
+        _ if mode == ProxyProtocol::Required => {
+            Err(proxy_refused(shared, id, Close::ProxyHeaderMissing))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Counts a refused PROXY header; the reason is logged when the connection closes.

@@ -42,39 +42,26 @@ enum Answer {
 /// listener's cap; the per-client cap is applied once the client address is
 /// known (after the PROXY header, if any).
 pub async fn run(
-    mut stream: TcpStream,
-    mut peer: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
     mut slot: Slot,
     endpoint: &Endpoint,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let id = shared.connection_ids.next();
-    let accepted = Instant::now();
-    let handshake_deadline = accepted + shared.limits.handshake_timeout;
     let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
-    let mut buf = BytesMut::new();
-    let admitted = shell::admit(
-        &shared,
-        id,
-        &mut peer,
-        &mut stream,
-        &mut buf,
-        &mut slot,
-        endpoint.proxy_protocol,
-        handshake_deadline,
-    )
-    .await;
-    if let Err(close) = admitted {
-        shell::count_close(&shared, id, peer, &close);
-        let _ = timeout(shared.limits.write_timeout, stream.shutdown()).await;
+    let Some(admitted) =
+        shell::admit(&shared, stream, peer, &mut slot, endpoint.proxy_protocol).await
+    else {
         return;
-    }
+    };
+    let (stream, buf) = (admitted.stream, admitted.buf);
+    let handshake_deadline = admitted.accepted + shared.limits.handshake_timeout;
     let cx = Cx {
-        id,
-        peer,
+        id: admitted.id,
+        peer: admitted.peer,
         shared,
-        accepted,
+        accepted: admitted.accepted,
     };
     let Some(ws) = &endpoint.websocket else {
         return cx.serve(stream, buf, &mut open, shutdown).await;
