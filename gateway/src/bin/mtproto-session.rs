@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use mtproto_edge_proto::session::rpc_session_server::RpcSessionServer;
-use mtproto_edge_proto::session::rpc_session_stream_server::RpcSessionStreamServer;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -17,7 +15,7 @@ use mtproto_gateway::authkey::store::{self, StoreUrls};
 use mtproto_gateway::metrics::StoreMetrics;
 use mtproto_gateway::session::discovery;
 use mtproto_gateway::session::embedded::EmbeddedSession;
-use mtproto_gateway::session::grpc_server::{RemoteGateways, SessionGrpc, SessionStreamGrpc};
+use mtproto_gateway::session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_gateway::session::ring::Ring;
 
 #[derive(Debug, Parser)]
@@ -139,8 +137,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("--listen: cannot listen on {}", cli.listen))?;
     info!(listen = %cli.listen, %me, ?members, "mtproto-session serving session.RPCSession");
     tonic::transport::Server::builder()
-        .add_service(RpcSessionServer::from_arc(service.clone()))
-        .add_service(RpcSessionStreamServer::new(SessionStreamGrpc(service)))
+        .add_routes(grpc_server::routes(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown_signal(),

@@ -14,20 +14,24 @@ use bytes::Bytes;
 use mtproto_edge_proto::gateway::rpc_gateway_client::RpcGatewayClient;
 use mtproto_edge_proto::gateway::{self as gpb};
 use mtproto_edge_proto::mtproto as pb;
-use mtproto_edge_proto::session::rpc_session_server::RpcSession;
-use mtproto_edge_proto::session::rpc_session_stream_server::RpcSessionStream;
+use mtproto_edge_proto::session::rpc_session_server::{RpcSession, RpcSessionServer};
+use mtproto_edge_proto::session::rpc_session_stream_server::{
+    RpcSessionStream, RpcSessionStreamServer,
+};
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
     session_stream_response::Payload as StreamResponse,
 };
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::embedded::EmbeddedSession;
 use super::remote::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
 use super::ring::Ring;
+use super::status::{teamgram_status, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE};
 use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use mtproto_core::authkey::{AuthKeyType, FutureSalt};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
@@ -171,25 +175,28 @@ impl From<SessionError> for ServiceError {
 }
 
 impl ServiceError {
-    /// teamgram's numeric codes (401, 700, 400, 500) for the stream mode.
+    /// teamgram's numeric codes (401, 700, 400, 500), as in the stream mode's
+    /// `SessionStreamError.code`.
     fn code(&self) -> i32 {
         match self {
-            ServiceError::Unregistered => 401,
-            ServiceError::Redirect(_) => 700,
+            ServiceError::Unregistered => i32::from(UNREGISTERED_CODE),
+            ServiceError::Redirect(_) => i32::from(REDIRECT_CODE),
             ServiceError::BadRequest(_) => 400,
             ServiceError::Internal(_) => 500,
         }
     }
 
-    /// Unary mode: teamgram sends codes 401/700 as raw gRPC statuses, which
-    /// clients read by message; tonic can only send standard codes.
+    /// Unary mode: 401 and 700 go out as raw `grpc-status` numbers, as
+    /// teamgram's sessions send them (see [`routes`]); the others as the
+    /// standard codes closest to teamgram's 400/500.
     fn status(&self) -> Status {
-        let code = match self {
-            ServiceError::BadRequest(_) => Code::InvalidArgument,
-            ServiceError::Internal(_) => Code::Internal,
-            ServiceError::Unregistered | ServiceError::Redirect(_) => Code::Unknown,
-        };
-        Status::new(code, self.to_string())
+        match self {
+            ServiceError::Unregistered | ServiceError::Redirect(_) => {
+                teamgram_status(self.code() as u16, self.to_string())
+            }
+            ServiceError::BadRequest(_) => Status::invalid_argument(self.to_string()),
+            ServiceError::Internal(_) => Status::internal(self.to_string()),
+        }
     }
 }
 
@@ -332,6 +339,14 @@ impl RpcSessionStream for SessionStreamGrpc {
         });
         Ok(Response::new(Box::pin(responses)))
     }
+}
+
+/// The services `mtproto-session` serves: `session.RPCSession`, whose
+/// unknown-key and redirect errors carry teamgram's `grpc-status` 401 and 700,
+/// and `session.RPCSessionStream` (codes in `SessionStreamError`).
+pub fn routes(service: Arc<SessionGrpc>) -> Routes {
+    Routes::new(TeamgramStatus(RpcSessionServer::from_arc(service.clone())))
+        .add_service(RpcSessionStreamServer::new(SessionStreamGrpc(service)))
 }
 
 /// Delivers replies to gateways over `gateway.RPCGateway`, addressed by the

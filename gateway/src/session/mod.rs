@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod grpc_server;
 pub mod remote;
 pub mod ring;
+pub mod status;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -24,14 +24,16 @@ use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use super::ring::Ring;
+use super::status::{raw_status, ExposeRawStatus};
 use super::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 
-/// teamgram's status message for an unknown key (sent with status code 401).
+/// teamgram's status message for an unknown key (sent with `grpc-status: 401`).
 pub const AUTH_KEY_UNREGISTERED: &str = "AUTH_KEY_UNREGISTERED";
-/// teamgram's status message prefix for a key owned by another instance (code 700).
+/// teamgram's status message prefix for a key owned by another instance
+/// (`grpc-status: 700`).
 pub const REDIRECT_PREFIX: &str = "REDIRECT_TO_";
 const MAX_REDIRECTS: usize = 2;
 /// The message of tonic's `Unknown` status when the HTTP/2 connection fails.
@@ -75,12 +77,21 @@ impl Failure {
     }
 }
 
-fn classify(code: Code, message: &str) -> Failure {
+/// Classifies a failed call by its message, then by its status: teamgram's
+/// raw number when it sent one outside 0–16 (`raw`: 401, 700, 400, 500…),
+/// else tonic's code. The message decides for both forms a session may send
+/// an unknown key or a redirect in: teamgram's (`grpc-status` 401 / 700) and
+/// the older one of this repository's session (`Unknown` with the same
+/// messages); teamgram's stream mode also wraps them in a 500's text.
+fn classify(raw: Option<u32>, code: Code, message: &str) -> Failure {
     if message.contains(AUTH_KEY_UNREGISTERED) {
         return Failure::Unregistered;
     }
     if let Some(addr) = message.strip_prefix(REDIRECT_PREFIX) {
         return Failure::Redirect(addr.trim().to_string());
+    }
+    if let Some(raw) = raw {
+        return Failure::Fatal(format!("status {raw}: {message}"));
     }
     match code {
         Code::Unavailable
@@ -98,16 +109,13 @@ fn classify(code: Code, message: &str) -> Failure {
 }
 
 fn classify_status(status: &Status) -> Failure {
-    classify(status.code(), status.message())
+    classify(raw_status(status), status.code(), status.message())
 }
 
-/// A stream-mode error reply (teamgram: 700 redirect, 401/other with text).
+/// A stream-mode error reply: `SessionStreamError {code, message}` with
+/// teamgram's numbers (401, 700, 400, 500).
 fn classify_stream_error(code: i32, message: &str) -> Failure {
-    match code {
-        700 => classify(Code::Unknown, message),
-        401 => Failure::Unregistered,
-        _ => classify(Code::Unknown, message),
-    }
+    classify(Some(code.unsigned_abs()), Code::Unknown, message)
 }
 
 /// One open `SessionDataStream` to a session instance.
@@ -121,7 +129,7 @@ struct StreamLink {
 impl StreamLink {
     async fn open(channel: Channel) -> Result<Arc<Self>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let mut responses = RpcSessionStreamClient::new(channel)
+        let mut responses = RpcSessionStreamClient::new(ExposeRawStatus(channel))
             .session_data_stream(ReceiverStream::new(rx))
             .await?
             .into_inner();
@@ -368,9 +376,13 @@ impl RemoteSession {
         }
     }
 
-    async fn unary_client(&self, addr: &str) -> Result<RpcSessionClient<Channel>, Failure> {
+    /// A unary client that reads teamgram's raw status numbers.
+    async fn unary_client(
+        &self,
+        addr: &str,
+    ) -> Result<RpcSessionClient<ExposeRawStatus<Channel>>, Failure> {
         self.channel(addr)
-            .map(RpcSessionClient::new)
+            .map(|channel| RpcSessionClient::new(ExposeRawStatus(channel)))
             .map_err(|e| Failure::Fatal(e.to_string()))
     }
 }
@@ -659,26 +671,59 @@ mod tests {
 
     #[test]
     fn status_messages_map_to_teamgram_meanings() {
+        // teamgram's form (raw 401/700) and the older Unknown form alike.
+        for raw in [Some(401), None] {
+            assert_eq!(
+                classify(raw, Code::Unknown, "AUTH_KEY_UNREGISTERED"),
+                Failure::Unregistered
+            );
+        }
+        for raw in [Some(700), None] {
+            assert_eq!(
+                classify(raw, Code::Unknown, "REDIRECT_TO_10.0.0.2:20120"),
+                Failure::Redirect("10.0.0.2:20120".into())
+            );
+        }
+        assert!(matches!(
+            classify(None, Code::Unavailable, "x"),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(
+            classify(None, Code::Internal, "x"),
+            Failure::Fatal(_)
+        ));
+        assert!(matches!(
+            classify(None, Code::Unknown, "transport error"),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(
+            classify(None, Code::Unknown, "boom"),
+            Failure::Fatal(_)
+        ));
+        // Only AUTH_KEY_UNREGISTERED means -404: other 401s (SESSION_REVOKED…)
+        // must not make clients drop their keys.
         assert_eq!(
-            classify(Code::Unknown, "AUTH_KEY_UNREGISTERED"),
+            classify(Some(401), Code::Unknown, "SESSION_REVOKED"),
+            Failure::Fatal("status 401: SESSION_REVOKED".into())
+        );
+        assert_eq!(
+            classify(Some(500), Code::Unknown, "transport error"),
+            Failure::Fatal("status 500: transport error".into())
+        );
+        assert_eq!(
+            classify_stream_error(401, "AUTH_KEY_UNREGISTERED"),
             Failure::Unregistered
         );
         assert_eq!(
-            classify(Code::Unknown, "REDIRECT_TO_10.0.0.2:20120"),
-            Failure::Redirect("10.0.0.2:20120".into())
+            classify_stream_error(401, "SESSION_REVOKED"),
+            Failure::Fatal("status 401: SESSION_REVOKED".into())
         );
-        assert!(matches!(
-            classify(Code::Unavailable, "x"),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(classify(Code::Internal, "x"), Failure::Fatal(_)));
-        assert!(matches!(
-            classify(Code::Unknown, "transport error"),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(classify(Code::Unknown, "boom"), Failure::Fatal(_)));
+        // teamgram's stream mode answers a failed queryAuthKey with 500 and the Go error text.
         assert_eq!(
-            classify_stream_error(401, "whatever"),
+            classify_stream_error(
+                500,
+                "rpc error: code = Code(401) desc = AUTH_KEY_UNREGISTERED"
+            ),
             Failure::Unregistered
         );
         assert_eq!(

@@ -1,0 +1,191 @@
+//! teamgram's gRPC status codes on the wire. teamgram's sessions answer an
+//! unknown auth key with `grpc-status: 401` and a key another instance owns
+//! with `grpc-status: 700` (grpc-go carries any number); teamgram's gateway
+//! recognises them only with those numbers. tonic's `Code` stops at 16, so:
+//!
+//! - the session side builds the status with [`teamgram_status`], which rides
+//!   as `Code::Unknown` plus a private header through tonic, and serves its
+//!   unary service wrapped in [`TeamgramStatus`], which moves that header into
+//!   the `grpc-status` of the (trailers-only) error response;
+//! - the gateway side wraps its channel in [`ExposeRawStatus`], which copies a
+//!   `grpc-status` outside 0–16 into [`RAW_STATUS`] before tonic parses it
+//!   (tonic would map it to `Unknown` and drop the number), so
+//!   [`raw_status`] reads the number from the `Status`'s metadata.
+
+use std::task::{Context, Poll};
+
+use futures::future::{MapOk, TryFutureExt};
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tonic::codegen::http::{self, HeaderMap, HeaderValue};
+use tonic::codegen::Service;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+
+/// teamgram's code for `AUTH_KEY_UNREGISTERED` (`mtproto.ErrAuthKeyUnregistered`).
+pub const UNREGISTERED_CODE: u16 = 401;
+/// teamgram's code for `REDIRECT_TO_<addr>`.
+pub const REDIRECT_CODE: u16 = 700;
+
+/// The header a session-side status carries its teamgram code in until
+/// [`TeamgramStatus`] turns it into `grpc-status`.
+const STATUS_MARKER: &str = "x-teamgram-grpc-status";
+/// The header [`ExposeRawStatus`] copies a non-standard `grpc-status` into.
+pub const RAW_STATUS: &str = "x-raw-grpc-status";
+const GRPC_STATUS: &str = "grpc-status";
+
+/// A status sent as `grpc-status: <code>` by a service wrapped in [`TeamgramStatus`]
+/// (as `Unknown` with the same message otherwise).
+pub fn teamgram_status(code: u16, message: impl Into<String>) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(STATUS_MARKER, MetadataValue::from(code));
+    Status::with_metadata(Code::Unknown, message, metadata)
+}
+
+/// The numeric `grpc-status` of a status received through [`ExposeRawStatus`]
+/// when it was outside gRPC's 0–16.
+pub fn raw_status(status: &Status) -> Option<u32> {
+    status
+        .metadata()
+        .get(RAW_STATUS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Session side: a tonic service whose error responses carry the codes of
+/// [`teamgram_status`]. Errors before any message are trailers-only responses
+/// (the status is in the headers), which is how unary calls fail; a status
+/// ending a stream that already sent messages keeps tonic's code.
+#[derive(Debug, Clone)]
+pub struct TeamgramStatus<S>(pub S);
+
+impl<S: NamedService> NamedService for TeamgramStatus<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type MapResponse<B> = fn(http::Response<B>) -> http::Response<B>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for TeamgramStatus<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = MapOk<S::Future, MapResponse<ResBody>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        self.0
+            .call(request)
+            .map_ok(raise_status::<ResBody> as MapResponse<ResBody>)
+    }
+}
+
+fn raise_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if let Some(code) = headers.remove(STATUS_MARKER) {
+        if headers.contains_key(GRPC_STATUS) {
+            headers.insert(GRPC_STATUS, code);
+        }
+    }
+    response
+}
+
+/// Gateway side: a channel that keeps non-standard `grpc-status` numbers
+/// readable with [`raw_status`], from trailers-only responses (how grpc-go
+/// fails a unary call) and from trailers after a body alike.
+#[derive(Debug, Clone)]
+pub struct ExposeRawStatus<S>(pub S);
+
+impl<S> Service<http::Request<Body>> for ExposeRawStatus<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = MapOk<S::Future, MapResponse<Body>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        self.0
+            .call(request)
+            .map_ok(expose_raw_status as MapResponse<Body>)
+    }
+}
+
+fn expose_raw_status(response: http::Response<Body>) -> http::Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    if parts.headers.contains_key(GRPC_STATUS) {
+        // Trailers-only: the status is here and the body is empty.
+        copy_raw_status(&mut parts.headers);
+        return http::Response::from_parts(parts, body);
+    }
+    let body = body.map_frame(|mut frame| {
+        if let Some(trailers) = frame.trailers_mut() {
+            copy_raw_status(trailers);
+        }
+        frame
+    });
+    http::Response::from_parts(parts, Body::new(body))
+}
+
+fn copy_raw_status(headers: &mut HeaderMap) {
+    let raw = headers
+        .get(GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|code| *code > 16);
+    if let Some(code) = raw {
+        headers.insert(RAW_STATUS, HeaderValue::from(code));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_becomes_the_grpc_status_of_an_error_response() {
+        let response: http::Response<Body> =
+            teamgram_status(UNREGISTERED_CODE, "AUTH_KEY_UNREGISTERED").into_http();
+        assert_eq!(response.headers()[GRPC_STATUS], "2");
+        let response = raise_status(response);
+        assert_eq!(response.headers()[GRPC_STATUS], "401");
+        assert_eq!(response.headers()["grpc-message"], "AUTH_KEY_UNREGISTERED");
+        assert!(!response.headers().contains_key(STATUS_MARKER));
+    }
+
+    #[test]
+    fn only_non_standard_codes_are_copied() {
+        for (wire, copied) in [("700", Some("700")), ("14", None), ("2", None), ("x", None)] {
+            let mut headers = HeaderMap::new();
+            headers.insert(GRPC_STATUS, HeaderValue::from_static(wire));
+            copy_raw_status(&mut headers);
+            assert_eq!(
+                headers.get(RAW_STATUS).and_then(|v| v.to_str().ok()),
+                copied,
+                "{wire}"
+            );
+        }
+        let status = Status::from_header_map(&{
+            let mut h = HeaderMap::new();
+            h.insert(GRPC_STATUS, HeaderValue::from_static("401"));
+            copy_raw_status(&mut h);
+            h
+        })
+        .expect("a status");
+        assert_eq!(
+            (status.code(), raw_status(&status)),
+            (Code::Unknown, Some(401))
+        );
+    }
+}
