@@ -113,7 +113,7 @@ wait_until() { # wait_until <seconds> <what> <command...>
 
 # ---------------------------------------------------------------------------- build --
 log "build"
-cargo build -q -p mtproto-gateway -p mtproto-operator --bins --locked || die "build"
+cargo build -q -p mtproto-gateway -p mtproto-session -p mtproto-operator --bins --locked || die "build"
 
 # ---------------------------------------------------------------------- test hosts --
 "$HERE/netns.sh" up || die "bridge"

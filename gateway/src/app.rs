@@ -9,8 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::authkey::cache::{KeyCache, KeySource};
-use crate::authkey::store::{self, StoreKeySource};
+use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
 use crate::metrics::Metrics;
 use crate::server::admin::{self, Readiness};
@@ -18,15 +17,17 @@ use crate::server::limiter::Admission;
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
 use crate::server::{self, BoundListener, Keys, Limits, Shared};
-use crate::session::discovery;
-use crate::session::embedded::EmbeddedSession;
 use crate::session::remote::{Mode, RemoteSession, RemoteSettings};
-use crate::session::{SessionKeySource, SessionService};
+use crate::session::SessionKeySource;
 use mtproto_core::handshake::HandshakeSettings;
 use mtproto_core::pq::PqPool;
 use mtproto_core::rsa::ServerKey;
 use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGatewayServer;
 use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStreamServer;
+use mtproto_session::discovery;
+use mtproto_session::embedded::EmbeddedSession;
+use mtproto_session::store;
+use mtproto_session::SessionService;
 
 /// File names of the generated key in the data directory.
 pub const GENERATED_PRIVATE_KEY: &str = "server-rsa-private.pem";

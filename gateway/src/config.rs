@@ -579,7 +579,7 @@ impl Config {
 
     /// The key stores: the configured tiers, else SQLite in the data
     /// directory for the embedded session, else none (memory).
-    pub fn store_urls(&self) -> crate::authkey::store::StoreUrls {
+    pub fn store_urls(&self) -> mtproto_session::store::StoreUrls {
         let k = &self.auth_keys;
         let sqlite_path = k.sqlite_path.clone().or_else(|| {
             (k.redis_url.is_none()
@@ -587,7 +587,7 @@ impl Config {
                 && self.session.mode == SessionMode::Embedded)
                 .then(|| self.data_dir.join("auth_keys.sqlite3"))
         });
-        crate::authkey::store::StoreUrls {
+        mtproto_session::store::StoreUrls {
             redis_url: k.redis_url.clone(),
             redis_key_prefix: k.redis_key_prefix.clone(),
             mysql_url: k.mysql_url.clone(),

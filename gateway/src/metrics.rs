@@ -71,12 +71,6 @@ pub struct RpcErrorLabels {
     pub kind: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TierLabels {
-    /// `redis`, `mysql`, `sqlite` or `memory`.
-    pub tier: &'static str,
-}
-
 /// Calls to session services (the gateway as a gRPC client).
 #[derive(Debug, Clone)]
 pub struct SessionRpcMetrics {
@@ -97,20 +91,6 @@ impl Default for SessionRpcMetrics {
             errors: Family::default(),
             in_flight: Gauge::default(),
             ring_members: Gauge::default(),
-        }
-    }
-}
-
-/// Auth-key store lookups, per tier.
-#[derive(Debug, Clone)]
-pub struct StoreMetrics {
-    pub lookup_duration: Latency<TierLabels>,
-}
-
-impl Default for StoreMetrics {
-    fn default() -> Self {
-        Self {
-            lookup_duration: latency_family(),
         }
     }
 }
@@ -143,7 +123,7 @@ pub struct Metrics {
     /// MTProto sessions with a live connection here (the registry's size).
     pub sessions: Gauge,
     pub session_rpc: SessionRpcMetrics,
-    pub store: StoreMetrics,
+    pub store: mtproto_session::metrics::StoreMetrics,
 }
 
 impl Default for Metrics {
@@ -166,7 +146,7 @@ impl Default for Metrics {
             server_messages_dropped: Family::default(),
             sessions: Gauge::default(),
             session_rpc: SessionRpcMetrics::default(),
-            store: StoreMetrics::default(),
+            store: Default::default(),
         }
     }
 }
@@ -275,11 +255,7 @@ impl Metrics {
             "Session instances on the ring (remote session modes)",
             self.session_rpc.ring_members.clone(),
         );
-        r.register(
-            "mtproto_auth_key_store_lookup_duration_seconds",
-            "Auth-key reads, by store tier",
-            self.store.lookup_duration.clone(),
-        );
+        self.store.register(r);
     }
 }
 
@@ -315,7 +291,7 @@ mod tests {
         metrics
             .store
             .lookup_duration
-            .get_or_create(&TierLabels { tier: "redis" })
+            .get_or_create(&mtproto_session::metrics::TierLabels { tier: "redis" })
             .observe(0.001);
         {
             let _guard = GaugeGuard::new(&metrics.session_rpc.in_flight);

@@ -14,8 +14,8 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use mtproto_gateway::session::discovery::{self, Target};
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
+use mtproto_session::discovery::{self, Target};
 use serde_json::json;
 
 fn slice(name: &str, endpoints: &[(&str, bool)]) -> EndpointSlice {

@@ -24,13 +24,13 @@ use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 
-use mtproto_gateway::authkey::store::MemoryStore;
 use mtproto_gateway::metrics::SessionRpcMetrics;
-use mtproto_gateway::session::embedded::EmbeddedSession;
-use mtproto_gateway::session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
-use mtproto_gateway::session::ring::Ring;
-use mtproto_gateway::session::{SessionClientEvent, SessionError, SessionService};
+use mtproto_session::embedded::EmbeddedSession;
+use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
+use mtproto_session::ring::Ring;
+use mtproto_session::store::MemoryStore;
+use mtproto_session::{SessionClientEvent, SessionError, SessionService};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// A member that never answers: keys it owns are redirected to it.

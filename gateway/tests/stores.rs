@@ -12,10 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 use mtproto_gateway::authkey::cache::{KeyCache, KeySource, LookupError};
-use mtproto_gateway::authkey::redis_store::RedisStore;
-use mtproto_gateway::authkey::sql::SqlStore;
-use mtproto_gateway::authkey::store::{self, AuthKeyStore, StoreError, StoreUrls};
-use mtproto_gateway::metrics::StoreMetrics;
+use mtproto_session::metrics::StoreMetrics;
+use mtproto_session::store::redis_store::RedisStore;
+use mtproto_session::store::sql::SqlStore;
+use mtproto_session::store::{self, AuthKeyStore, StoreError, StoreUrls};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {

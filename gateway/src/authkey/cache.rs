@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::metrics::GaugeGuard;
 use mtproto_core::authkey::AuthKeyInfo;
+use mtproto_session::store::AuthKeyStore;
 
 /// Approximate bytes per entry, for the capacity bound.
 const FOUND_WEIGHT: u32 = 512;
@@ -202,6 +203,20 @@ impl KeyCache {
 
     pub async fn remove(&self, auth_key_id: i64) {
         self.cache.invalidate(&auth_key_id).await;
+    }
+}
+
+/// Keys read straight from the stores, bypassing the session.
+#[derive(Debug)]
+pub struct StoreKeySource(pub Arc<dyn AuthKeyStore>);
+
+#[async_trait]
+impl KeySource for StoreKeySource {
+    async fn lookup(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, LookupError> {
+        self.0
+            .get(auth_key_id)
+            .await
+            .map_err(|e| LookupError(e.to_string()))
     }
 }
 

@@ -1,7 +1,4 @@
-//! Where auth keys live: the cache in front of the key source, and the stores.
+//! The gateway's auth key cache, in front of the key source (the session, or
+//! the stores of `mtproto_session::store`).
 
 pub mod cache;
-pub mod redis_store;
-pub mod sql;
-pub mod store;
-pub mod tiered;

@@ -43,7 +43,6 @@ use super::shell::{self, GatewayHost, OpenGauge};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
 use crate::metrics::OutcomeLabels;
-use crate::session::SessionClientEvent;
 use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::connection::{
     open, resolve_key, Close, Forward, Forwarded, HandshakeAction, HandshakeFlow,
@@ -53,6 +52,7 @@ use mtproto_core::longpoll::{self, HttpWait, Sequence};
 use mtproto_core::message::{self, MessageError};
 use mtproto_core::tl::id;
 use mtproto_core::transport::error_code;
+use mtproto_session::SessionClientEvent;
 
 /// teamgram's `conn_type` for messages that came over HTTP (`TRANSPORT_HTTP`).
 pub const CONN_TYPE_HTTP: i32 = 2;

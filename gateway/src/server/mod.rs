@@ -22,12 +22,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
-use crate::authkey::store::AuthKeyStore;
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
 use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
-use crate::session::{SessionClientEvent, SessionService};
 use limiter::{Admission, ListenerSlots};
 use mtproto_core::handshake::HandshakeSettings;
+use mtproto_session::store::AuthKeyStore;
+use mtproto_session::{SessionClientEvent, SessionService};
 use registry::Registry;
 
 /// Per-connection limits.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
-use crate::session::GatewayDelivery;
+use mtproto_session::GatewayDelivery;
 
 pub type ConnectionId = u64;
 

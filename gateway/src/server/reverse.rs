@@ -15,7 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::registry::Registry;
-use crate::session::GatewayDelivery;
+use mtproto_session::GatewayDelivery;
 
 #[derive(Debug, Clone)]
 pub struct ReversePath {

@@ -14,18 +14,18 @@ use tracing::{debug, info, warn};
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outbox};
 use super::Shared;
-use crate::authkey::store::StoreError;
 use crate::config::ProxyProtocol;
 use crate::metrics::{
     Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
 };
-use crate::session::{SessionClientData, SessionError};
 use mtproto_core::connection::{
     Close, Event, Forward, Forwarded, HandshakeJob, Host, KeyLookup, Now,
 };
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_core::proxy::{self, Detected};
 use mtproto_core::transport::error_code;
+use mtproto_session::store::StoreError;
+use mtproto_session::{SessionClientData, SessionError};
 
 /// The shell's clock, as the core takes it.
 pub(super) fn now() -> Now {

@@ -24,9 +24,9 @@ use super::registry::{ConnectionId, Outgoing};
 use super::shell::{self, GatewayHost, OpenGauge};
 use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
-use crate::session::SessionClientEvent;
 use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJob, KeyLookup};
 use mtproto_core::handshake::StoreOutcome;
+use mtproto_session::SessionClientEvent;
 
 /// Packets handed to one vectored write.
 const WRITE_BATCH: usize = 32;

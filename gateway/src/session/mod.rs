@@ -1,100 +1,25 @@
-//! The seam between the gateway and session services, shaped after teamgram's
-//! `session.RPCSession` (gateway → session) and `gateway.RPCGateway`
-//! (session → gateway). The embedded reference session implements it in
-//! process; the gRPC client implements it over the network.
+//! The gateway's side of the session seam (`mtproto_session`): the gRPC
+//! client of remote session services, and key lookups through a session.
 
-pub mod discovery;
-pub mod embedded;
-pub mod grpc_server;
 pub mod remote;
-pub mod ring;
-pub mod status;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use thiserror::Error;
 
+use crate::authkey::cache::{KeySource, LookupError};
 use mtproto_core::authkey::AuthKeyInfo;
-use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
-
-/// teamgram's `SessionClientData`: one decrypted client message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionClientData {
-    /// This gateway's id (`podIP:grpcPort`), where replies go.
-    pub server_id: String,
-    /// 1 when this session id is new to this gateway (asks the session to create it).
-    pub conn_type: i32,
-    pub auth_key_id: i64,
-    pub key_type: i32,
-    pub perm_auth_key_id: i64,
-    pub session_id: i64,
-    pub client_ip: String,
-    pub quick_ack: i32,
-    pub salt: i64,
-    /// Plaintext from byte 16: msg_id, seq_no, length, body and padding.
-    pub payload: Bytes,
-}
-
-/// teamgram's `SessionClientEvent`: the last connection of a session closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionClientEvent {
-    pub server_id: String,
-    pub auth_key_id: i64,
-    pub key_type: i32,
-    pub perm_auth_key_id: i64,
-    pub session_id: i64,
-    pub client_ip: String,
-}
-
-#[derive(Debug, Error)]
-pub enum SessionError {
-    /// The session does not know this auth key (teamgram: status 401 `AUTH_KEY_UNREGISTERED`).
-    #[error("auth key unregistered")]
-    AuthKeyUnregistered,
-    /// Another session instance owns this key (teamgram: status 700 `REDIRECT_TO_<addr>`).
-    #[error("redirect to {0}")]
-    Redirect(String),
-    #[error("session service unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// Gateway → session calls.
-#[async_trait]
-pub trait SessionService: Send + Sync + std::fmt::Debug {
-    async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError>;
-    async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError>;
-    async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError>;
-    async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError>;
-}
+use mtproto_session::{SessionError, SessionService};
 
 /// Keys looked up through the session (teamgram's `session_queryAuthKey`).
 #[derive(Debug)]
 pub struct SessionKeySource(pub std::sync::Arc<dyn SessionService>);
 
 #[async_trait]
-impl crate::authkey::cache::KeySource for SessionKeySource {
-    async fn lookup(
-        &self,
-        auth_key_id: i64,
-    ) -> Result<Option<AuthKeyInfo>, crate::authkey::cache::LookupError> {
+impl KeySource for SessionKeySource {
+    async fn lookup(&self, auth_key_id: i64) -> Result<Option<AuthKeyInfo>, LookupError> {
         match self.0.query_auth_key(auth_key_id).await {
             Ok(info) => Ok(Some(info)),
             Err(SessionError::AuthKeyUnregistered) => Ok(None),
-            Err(e) => Err(crate::authkey::cache::LookupError(e.to_string())),
+            Err(e) => Err(LookupError(e.to_string())),
         }
     }
-}
-
-/// Session → gateway: deliver a server message (plaintext from the salt on)
-/// to a live connection of that session on the gateway named `server_id`.
-/// True only when a connection wrote it to its client.
-#[async_trait]
-pub trait GatewayDelivery: Send + Sync + std::fmt::Debug {
-    async fn send_data_to_gateway(
-        &self,
-        server_id: &str,
-        auth_key_id: i64,
-        session_id: i64,
-        payload: Bytes,
-    ) -> bool;
 }

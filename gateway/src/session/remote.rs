@@ -23,18 +23,17 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
-use super::ring::Ring;
-use super::status::{raw_status, ExposeRawStatus};
-use super::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
-use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
+use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_session::ring::Ring;
+use mtproto_session::status::{raw_status, ExposeRawStatus};
+use mtproto_session::wire::{
+    data_to_proto, event_to_proto, info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED,
+    REDIRECT_PREFIX,
+};
+use mtproto_session::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 
-/// teamgram's status message for an unknown key (sent with `grpc-status: 401`).
-pub const AUTH_KEY_UNREGISTERED: &str = "AUTH_KEY_UNREGISTERED";
-/// teamgram's status message prefix for a key owned by another instance
-/// (`grpc-status: 700`).
-pub const REDIRECT_PREFIX: &str = "REDIRECT_TO_";
 const MAX_REDIRECTS: usize = 2;
 /// The message of tonic's `Unknown` status when the HTTP/2 connection fails.
 const TONIC_TRANSPORT_ERROR: &str = "transport error";
@@ -395,77 +394,6 @@ fn bool_or_stream_ack(value: bool) -> Result<(), Failure> {
     }
 }
 
-pub fn info_to_proto(info: &AuthKeyInfo) -> pb::AuthKeyInfo {
-    pb::AuthKeyInfo {
-        predicate_name: "authKeyInfo".into(),
-        constructor: pb::AUTH_KEY_INFO,
-        auth_key_id: info.id(),
-        auth_key: info.key.bytes().to_vec(),
-        auth_key_type: info.key_type as i32,
-        perm_auth_key_id: info.perm_auth_key_id,
-        temp_auth_key_id: info.temp_auth_key_id,
-        media_temp_auth_key_id: info.media_temp_auth_key_id,
-    }
-}
-
-/// Converts a session's `AuthKeyInfo`, refusing corrupt ones.
-pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
-    let key = AuthKey::from_slice(&info.auth_key).ok_or_else(|| {
-        format!(
-            "auth key {} has {} bytes, not 256",
-            info.auth_key_id,
-            info.auth_key.len()
-        )
-    })?;
-    if key.id() != info.auth_key_id {
-        return Err(format!(
-            "auth key bytes do not hash to id {}",
-            info.auth_key_id
-        ));
-    }
-    let key_type = AuthKeyType::from_teamgram(info.auth_key_type)
-        .ok_or_else(|| format!("unknown auth_key_type {}", info.auth_key_type))?;
-    Ok(AuthKeyInfo {
-        key,
-        key_type,
-        perm_auth_key_id: info.perm_auth_key_id,
-        temp_auth_key_id: info.temp_auth_key_id,
-        media_temp_auth_key_id: info.media_temp_auth_key_id,
-        expires_at: None,
-    })
-}
-
-pub fn data_to_proto(data: &SessionClientData) -> spb::SessionClientData {
-    spb::SessionClientData {
-        predicate_name: "sessionClientData".into(),
-        constructor: spb::SESSION_CLIENT_DATA,
-        server_id: data.server_id.clone(),
-        conn_type: data.conn_type,
-        auth_key_id: data.auth_key_id,
-        key_type: data.key_type,
-        perm_auth_key_id: data.perm_auth_key_id,
-        session_id: data.session_id,
-        client_ip: data.client_ip.clone(),
-        quick_ack: data.quick_ack,
-        salt: data.salt,
-        payload: data.payload.to_vec(),
-    }
-}
-
-pub fn event_to_proto(event: &SessionClientEvent) -> spb::SessionClientEvent {
-    spb::SessionClientEvent {
-        predicate_name: "sessionClientEvent".into(),
-        constructor: spb::SESSION_CLIENT_EVENT,
-        server_id: event.server_id.clone(),
-        conn_type: 0,
-        auth_key_id: event.auth_key_id,
-        key_type: event.key_type,
-        perm_auth_key_id: event.perm_auth_key_id,
-        session_id: event.session_id,
-        client_ip: event.client_ip.clone(),
-    }
-}
-
 #[async_trait]
 impl SessionService for RemoteSession {
     async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError> {
@@ -730,20 +658,5 @@ mod tests {
             classify_stream_error(700, "REDIRECT_TO_a:1"),
             Failure::Redirect("a:1".into())
         );
-    }
-
-    #[test]
-    fn corrupt_auth_keys_are_refused() {
-        let info = AuthKeyInfo::new(AuthKey::new([5; 256]), AuthKeyType::Perm, None);
-        let mut proto = info_to_proto(&info);
-        assert_eq!(info_from_proto(&proto).unwrap(), info);
-        proto.auth_key.truncate(200);
-        assert!(info_from_proto(&proto).is_err());
-        let mut proto = info_to_proto(&info);
-        proto.auth_key_id ^= 1;
-        assert!(info_from_proto(&proto).is_err());
-        let mut proto = info_to_proto(&info);
-        proto.auth_key_type = 9;
-        assert!(info_from_proto(&proto).is_err());
     }
 }

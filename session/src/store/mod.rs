@@ -1,6 +1,10 @@
 //! Where auth keys live. The embedded default keeps them in memory; the
 //! Redis, MySQL and SQLite tiers implement the same trait.
 
+pub mod redis_store;
+pub mod sql;
+pub mod tiered;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -34,23 +38,6 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StoreError>;
 }
 
-/// Keys read straight from the stores, bypassing the session.
-#[derive(Debug)]
-pub struct StoreKeySource(pub std::sync::Arc<dyn AuthKeyStore>);
-
-#[async_trait]
-impl super::cache::KeySource for StoreKeySource {
-    async fn lookup(
-        &self,
-        auth_key_id: i64,
-    ) -> Result<Option<AuthKeyInfo>, super::cache::LookupError> {
-        self.0
-            .get(auth_key_id)
-            .await
-            .map_err(|e| super::cache::LookupError(e.to_string()))
-    }
-}
-
 /// Where keys are kept: any of Redis (first), MySQL, SQLite, as tiers; with
 /// none, in memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,10 +55,10 @@ pub async fn open(
     urls: &StoreUrls,
     metrics: &StoreMetrics,
 ) -> Result<std::sync::Arc<dyn AuthKeyStore>, StoreError> {
-    use super::redis_store::RedisStore;
-    use super::sql::SqlStore;
-    use super::tiered::{Tier, TieredStore};
+    use redis_store::RedisStore;
+    use sql::SqlStore;
     use std::sync::Arc;
+    use tiered::{Tier, TieredStore};
 
     let mut tiers = Vec::new();
     if let Some(url) = &urls.redis_url {

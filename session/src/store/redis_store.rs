@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::store::{AuthKeyStore, StoreError};
+use super::{AuthKeyStore, StoreError};
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 const KEY_TTL_SECS: u64 = 7 * 24 * 3600;

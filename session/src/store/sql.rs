@@ -11,7 +11,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 use tracing::warn;
 
-use super::store::{AuthKeyStore, StoreError};
+use super::{AuthKeyStore, StoreError};
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");

@@ -11,12 +11,12 @@ use clap::Parser;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use mtproto_gateway::authkey::store::{self, StoreUrls};
-use mtproto_gateway::metrics::StoreMetrics;
-use mtproto_gateway::session::discovery;
-use mtproto_gateway::session::embedded::EmbeddedSession;
-use mtproto_gateway::session::grpc_server::{self, RemoteGateways, SessionGrpc};
-use mtproto_gateway::session::ring::Ring;
+use mtproto_session::discovery;
+use mtproto_session::embedded::EmbeddedSession;
+use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
+use mtproto_session::metrics::StoreMetrics;
+use mtproto_session::ring::Ring;
+use mtproto_session::store::{self, StoreUrls};
 
 #[derive(Debug, Parser)]
 #[command(

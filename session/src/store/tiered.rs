@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tracing::{debug, warn};
 
-use super::store::{AuthKeyStore, StoreError};
+use super::{AuthKeyStore, StoreError};
 use mtproto_core::authkey::{AuthKeyInfo, FutureSalt};
 
 #[derive(Debug)]
@@ -100,7 +100,7 @@ impl AuthKeyStore for TieredStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::store::MemoryStore;
+    use crate::store::MemoryStore;
     use mtproto_core::authkey::{AuthKey, AuthKeyType};
 
     /// A tier that is down.

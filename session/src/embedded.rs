@@ -12,8 +12,8 @@ use rand::{Rng, RngCore};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
-use crate::authkey::store::{AuthKeyStore, StoreError};
+use crate::store::{AuthKeyStore, StoreError};
+use crate::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use mtproto_core::authkey::{AuthKeyInfo, AuthKeyType, FutureSalt};
 use mtproto_core::bind::{self, BindRequest, Outer};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};

@@ -102,7 +102,7 @@ mod tests {
     }
 
     fn vectors() -> Vectors {
-        let text = include_str!("../../testdata/gozero-ring/vectors.json");
+        let text = include_str!("../testdata/gozero-ring/vectors.json");
         serde_json::from_str(text).expect("vectors.json")
     }
 

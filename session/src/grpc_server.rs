@@ -28,11 +28,11 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use super::embedded::EmbeddedSession;
-use super::remote::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
-use super::ring::Ring;
-use super::status::{teamgram_status, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE};
-use super::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
+use crate::embedded::EmbeddedSession;
+use crate::ring::Ring;
+use crate::status::{teamgram_status, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE};
+use crate::wire::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
+use crate::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use mtproto_core::authkey::{AuthKeyType, FutureSalt};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 
@@ -420,7 +420,7 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authkey::store::MemoryStore;
+    use crate::store::MemoryStore;
 
     #[tokio::test]
     async fn ownership_follows_a_membership_change() {
