@@ -15,6 +15,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${MTPROTO_GATEWAY_BIN:?set MTPROTO_GATEWAY_BIN to an mtproto-gateway binary}"
 gateway_bin=$(realpath "$MTPROTO_GATEWAY_BIN")
 timeout_secs=${GRAMMERS_PROBE_TIMEOUT_SECS:-10}
+# The gateway at debug, without the SQLite store's per-query lines.
+log_level=${GRAMMERS_GATEWAY_LOG_LEVEL:-info,mtproto_gateway=debug}
 read -r -a transports <<<"${GRAMMERS_TRANSPORTS:-full abridged intermediate obfuscated obfuscated-abridged}"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/mtproto-edge/grammers-target}
 
@@ -46,7 +48,7 @@ start_gateway() {
         if port_open "$port"; then
             continue
         fi
-        (cd "$workdir" && exec "$gateway_bin" --listen "127.0.0.1:$port" --log-level debug) \
+        (cd "$workdir" && exec "$gateway_bin" --listen "127.0.0.1:$port" --log-level "$log_level") \
             >>"$workdir/gateway.log" 2>&1 &
         gateway_pid=$!
         # The first start generates a 2048-bit RSA key: allow it some time.

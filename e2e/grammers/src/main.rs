@@ -29,15 +29,19 @@ use serde_json::{Value, json};
 use sha1::{Digest as _, Sha1};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Handshake, ping and help.getConfig against an MTProto server with grammers")]
+#[command(
+    version,
+    about = "Handshake, ping and help.getConfig against an MTProto server with grammers"
+)]
 struct Args {
     /// Server address, HOST:PORT.
     #[arg(long)]
     addr: String,
 
-    /// MTProto TCP transport. `obfuscated` is obfuscated2 around intermediate
-    /// (grammers can obfuscate abridged and intermediate, not full).
-    #[arg(long, value_enum, default_value_t = TransportKind::Abridged)]
+    /// MTProto TCP transport (grammers' own default is full). `obfuscated` is
+    /// obfuscated2 around intermediate (grammers can obfuscate abridged and
+    /// intermediate, not full).
+    #[arg(long, value_enum, default_value_t = TransportKind::Full)]
     transport: TransportKind,
 
     /// The server's RSA public key, PEM (PKCS#1 `RSA PUBLIC KEY` or
@@ -141,7 +145,9 @@ fn der_element(buf: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
         }
         let (bytes, rest) = buf.split_at(count);
         buf = rest;
-        bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
+        bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
     };
     if buf.len() < len {
         return Err(short());
@@ -334,21 +340,20 @@ async fn probe<T: Transport>(transport: T, args: &Args, addr: SocketAddr) -> boo
     )
     .await;
     let mut line = json!({"call": "handshake", "transport": kind.name(), "ms": elapsed_ms(start)});
-    let mut sender = match connected {
-        Ok(Ok(sender)) => {
-            line["ok"] = json!(true);
+    let outcome = match connected {
+        Ok(Ok(sender)) => Ok(sender),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no handshake within {}s", timeout.as_secs())),
+    };
+    line["ok"] = json!(outcome.is_ok());
+    line["replied"] = json!(outcome.is_ok());
+    let mut sender = match outcome {
+        Ok(sender) => {
             emit(line);
             sender
         }
-        Ok(Err(err)) => {
-            line["ok"] = json!(false);
-            line["error"] = json!(err.to_string());
-            emit(line);
-            return false;
-        }
-        Err(_) => {
-            line["ok"] = json!(false);
-            line["error"] = json!(format!("no handshake within {}s", timeout.as_secs()));
+        Err(err) => {
+            line["error"] = json!(err);
             emit(line);
             return false;
         }
@@ -415,7 +420,11 @@ fn main() -> ExitCode {
             }
         }
     });
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[cfg(test)]
@@ -424,7 +433,10 @@ mod tests {
 
     #[test]
     fn der_lengths() {
-        assert_eq!(der_element(&[0x02, 0x01, 0x05, 0xff]).unwrap(), (0x02, &[5u8][..], &[0xffu8][..]));
+        assert_eq!(
+            der_element(&[0x02, 0x01, 0x05, 0xff]).unwrap(),
+            (0x02, &[5u8][..], &[0xffu8][..])
+        );
         let long = [&[0x04, 0x81, 0x80][..], &[7u8; 0x80]].concat();
         let (_, contents, rest) = der_element(&long).unwrap();
         assert_eq!((contents.len(), rest.len()), (0x80, 0));
@@ -441,7 +453,9 @@ mod tests {
     #[test]
     fn fingerprint_of_telegrams_key() {
         const N: &str = "29379598170669337022986177149456128565388431120058863768162556424047512191330847455146576344487764408661701890505066208632169112269581063774293102577308490531282748465986139880977280302242772832972539403531316010870401287642763009136156734339538042419388722777357134487746169093539093850251243897188928735903389451772730245253062963384108812842079887538976360465290946139638691491496062099570836476454855996319192747663615955633778034897140982517446405334423701359108810182097749467210509584293428076654573384828809574217079944388301239431309115013843331317877374435868468779972014486325557807783825502498215169806323";
-        let n = BigUint::parse_bytes(N.as_bytes(), 10).unwrap().to_bytes_be();
+        let n = BigUint::parse_bytes(N.as_bytes(), 10)
+            .unwrap()
+            .to_bytes_be();
         assert_eq!(fingerprint(&n, &[1, 0, 1]), -3414540481677951611);
     }
 }
