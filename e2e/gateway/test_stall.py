@@ -10,10 +10,13 @@ more replies than every buffer on the way can hold (containers of
 `help.getConfig`, which the reference session answers with as many
 `rpc_error`s: ~20 KiB of replies per 5 KiB sent) and never reads.
 
-Every ping of the others must get its pong, the stalled connection must be
-closed for its writes (`write_failed`) within the write timeout and a margin,
-and the replies it could not take must be counted as dropped
-(`outbox_full` / `connection_closed`)."""
+Every ping of the others must get its pong within PING_TIMEOUT (generous,
+but shorter than the write timeout: a gateway whose delivery waits on the
+stalled socket holds up the sessions that share the stalled session's worker
+in the reference session for that long, and those pings are lost), the
+stalled connection must be closed for its writes (`write_failed`) within the
+write timeout and a margin, and the replies it could not take must be counted
+as dropped (`outbox_full` / `connection_closed`)."""
 
 import asyncio
 import ctypes
@@ -105,7 +108,7 @@ def flood_containers(buffered: int) -> int:
 def fast_ige_encrypt(data: bytes, key: bytes, iv: bytes) -> bytes:
     """AES-256-IGE through the libssl Telethon loaded, without Telethon's
     per-byte ctypes copies (the flood is megabytes); Telethon's own otherwise."""
-    lib = libssl._libssl
+    lib = getattr(libssl, "_libssl", None)
     if lib is None:
         return AES.encrypt_ige(data, key, iv)
     aes_key = libssl.AES_KEY()
