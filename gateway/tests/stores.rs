@@ -78,10 +78,19 @@ async fn conformance(store: &dyn AuthKeyStore) {
         Err(StoreError::Collision(_))
     ));
     assert_eq!(store.salts(perm.id()).await.unwrap(), vec![salt(1000)]);
-    store.add_salt(perm.id(), salt(2800)).await.unwrap();
+    store
+        .add_salts(perm.id(), &[salt(2800)], 2800)
+        .await
+        .unwrap();
     let mut salts = store.salts(perm.id()).await.unwrap();
     salts.sort_by_key(|s| s.valid_since);
     assert_eq!(salts, vec![salt(1000), salt(2800)]);
+    // get_future_salts writes 63 at once: the salts valid now stay (they
+    // used to be pruned against the new salts' start: a bad_server_salt loop).
+    let futures: Vec<FutureSalt> = (1..64).map(|i| salt(2800 + i * 1800)).collect();
+    store.add_salts(perm.id(), &futures, 2800).await.unwrap();
+    let salts = store.salts(perm.id()).await.unwrap();
+    assert!(salts.contains(&salt(1000)) && salts.contains(&salt(2800)));
 }
 
 #[tokio::test]

@@ -140,7 +140,7 @@ impl Core {
             salt: rand::thread_rng().gen(),
         };
         self.store
-            .add_salt(auth_key_id, salt)
+            .add_salts(auth_key_id, &[salt], now)
             .await
             .map_err(unavailable)?;
         let mut salts = salts;
@@ -314,14 +314,18 @@ impl Core {
                 && data.perm_auth_key_id == 0,
         };
         let outcome = reference::respond(msg_id, body, &ctx, &mut rand::thread_rng());
-        for (since, until, salt) in outcome.new_salts {
-            let future = FutureSalt {
-                valid_since: since,
-                valid_until: until,
-                salt,
-            };
+        if !outcome.new_salts.is_empty() {
+            let futures: Vec<FutureSalt> = outcome
+                .new_salts
+                .iter()
+                .map(|&(valid_since, valid_until, salt)| FutureSalt {
+                    valid_since,
+                    valid_until,
+                    salt,
+                })
+                .collect();
             self.store
-                .add_salt(data.auth_key_id, future)
+                .add_salts(data.auth_key_id, &futures, now)
                 .await
                 .map_err(unavailable)?;
         }

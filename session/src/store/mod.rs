@@ -28,7 +28,15 @@ pub trait AuthKeyStore: Send + Sync + std::fmt::Debug {
     /// Stores a new key with its first salt; refuses an id that already exists.
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError>;
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError>;
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError>;
+    /// Adds salts (one write, however many) and drops those that ended more
+    /// than [`SALT_KEEP_SECS`] before `now`. A salt valid at `now` is never
+    /// dropped: clients that lose theirs get `bad_server_salt` forever.
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        salts: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError>;
     /// Records a verified binding: the temp key's perm id, and the perm key's
     /// temp (or media temp) id.
     async fn bind_temp_key(
@@ -128,8 +136,13 @@ impl AuthKeyStore for Timed {
         self.inner.salts(auth_key_id).await
     }
 
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
-        self.inner.add_salt(auth_key_id, salt).await
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        salts: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.add_salts(auth_key_id, salts, now).await
     }
 
     async fn bind_temp_key(
@@ -141,8 +154,21 @@ impl AuthKeyStore for Timed {
     }
 }
 
-/// Salts kept per key; the ones that expire first are dropped beyond it.
+/// Salts kept per key in memory; beyond it the ones that start last go (a
+/// client that wanted them asks for future salts again).
 const MAX_SALTS_PER_KEY: usize = 128;
+
+/// How long a salt is kept after it ended (messages in flight may carry it).
+pub const SALT_KEEP_SECS: i64 = 7200;
+
+/// Adds `new` to `salts`, drops the expired ones, and keeps at most `max`:
+/// those that start first (the one valid now among them).
+pub fn merge_salts(salts: &mut Vec<FutureSalt>, new: &[FutureSalt], now: i64, max: usize) {
+    salts.retain(|s| i64::from(s.valid_until) >= now - SALT_KEEP_SECS);
+    salts.extend_from_slice(new);
+    salts.sort_by_key(|s| (s.valid_since, s.valid_until));
+    salts.truncate(max);
+}
 
 /// In-process store: keys vanish with the process. Salts are kept apart from
 /// keys (as teamgram keeps `salts_<id>` apart from `auth_keys`), so a session
@@ -212,21 +238,21 @@ impl AuthKeyStore for MemoryStore {
         Ok(())
     }
 
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        new: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError> {
         let mut maps = self.lock();
         let salts = maps.salts.entry(auth_key_id).or_default();
-        salts.push(salt);
-        if salts.len() > MAX_SALTS_PER_KEY {
-            salts.sort_by_key(|s| s.valid_until);
-            let excess = salts.len() - MAX_SALTS_PER_KEY;
-            salts.drain(..excess);
-        }
+        merge_salts(salts, new, now, MAX_SALTS_PER_KEY);
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mtproto_core::authkey::{AuthKey, AuthKeyType};
 
@@ -249,13 +275,54 @@ mod tests {
         ));
         assert_eq!(store.get(info.id()).await.unwrap(), Some(info.clone()));
         // A key this store never saw still gets its salts kept.
-        store.add_salt(77, salt(5)).await.unwrap();
+        store.add_salts(77, &[salt(5)], 0).await.unwrap();
         assert_eq!(store.salts(77).await.unwrap(), vec![salt(5)]);
         for n in 0..200 {
-            store.add_salt(info.id(), salt(n * 10)).await.unwrap();
+            store
+                .add_salts(info.id(), &[salt(n * 10)], 0)
+                .await
+                .unwrap();
         }
         let salts = store.salts(info.id()).await.unwrap();
         assert_eq!(salts.len(), MAX_SALTS_PER_KEY);
-        assert_eq!(salts.last(), Some(&salt(1990)));
+        // The cap drops the salts that start last, never the current one
+        // (salt(0) is there twice: from `insert` and from the loop).
+        assert_eq!(salts.first(), Some(&salt(0)));
+        assert_eq!(salts.last(), Some(&salt(1260)));
+    }
+
+    /// What `get_future_salts` does to a store: a current salt, then 63
+    /// future ones in one write. The current one must stay (it used to be
+    /// pruned against the new salts' start, so the client's next message got
+    /// `bad_server_salt`, it asked for future salts again, and so on forever:
+    /// grammers' first message after a handshake is `get_future_salts`).
+    pub(crate) async fn current_salt_survives_future_salts(store: &dyn AuthKeyStore) {
+        let now = 1_800_000_000;
+        let current = FutureSalt {
+            valid_since: now as i32 - 10,
+            valid_until: now as i32 + 1790,
+            salt: 1,
+        };
+        store.add_salts(5, &[current], now).await.unwrap();
+        let futures: Vec<FutureSalt> = (1..64)
+            .map(|i| FutureSalt {
+                valid_since: current.valid_since + i * 1800,
+                valid_until: current.valid_until + i * 1800,
+                salt: i64::from(i) + 1,
+            })
+            .collect();
+        store.add_salts(5, &futures, now).await.unwrap();
+        let salts = store.salts(5).await.unwrap();
+        assert!(salts.contains(&current), "the current salt is gone");
+        assert_eq!(salts.len(), 64);
+        // An expired one goes once it is old enough.
+        let later = now + 1800 + SALT_KEEP_SECS + 1;
+        store.add_salts(5, &[], later).await.unwrap();
+        assert!(!store.salts(5).await.unwrap().contains(&current));
+    }
+
+    #[tokio::test]
+    async fn memory_store_keeps_the_current_salt() {
+        current_salt_survives_future_salts(&MemoryStore::default()).await;
     }
 }

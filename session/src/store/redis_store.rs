@@ -13,7 +13,10 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{AuthKeyStore, StoreError};
+use super::{merge_salts, AuthKeyStore, StoreError};
+
+/// Salts kept per key (teamgram keeps the `salts_<id>` list this short).
+const MAX_SALTS: usize = 64;
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 const KEY_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -218,7 +221,8 @@ impl AuthKeyStore for RedisStore {
             return Err(StoreError::Collision(id));
         }
         self.put(&info).await?;
-        self.add_salt(id, salt).await
+        self.add_salts(id, &[salt], i64::from(salt.valid_since))
+            .await
     }
 
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {
@@ -240,13 +244,14 @@ impl AuthKeyStore for RedisStore {
             .collect())
     }
 
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        new: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError> {
         let mut salts = self.salts(auth_key_id).await?;
-        salts.retain(|s| s.valid_until >= salt.valid_since - 7200);
-        salts.push(salt);
-        salts.sort_by_key(|s| s.valid_until);
-        let excess = salts.len().saturating_sub(64);
-        salts.drain(..excess);
+        merge_salts(&mut salts, new, now, MAX_SALTS);
         let list: Vec<SaltJson> = salts
             .iter()
             .map(|s| SaltJson {

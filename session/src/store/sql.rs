@@ -11,7 +11,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 use tracing::warn;
 
-use super::{AuthKeyStore, StoreError};
+use super::{AuthKeyStore, StoreError, SALT_KEEP_SECS};
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
@@ -208,7 +208,7 @@ impl AuthKeyStore for SqlStore {
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {
         let rows = sqlx::query(
             "SELECT salt, valid_since, valid_until FROM mtproto_edge_salts \
-             WHERE auth_key_id = ? ORDER BY valid_until DESC LIMIT 128",
+             WHERE auth_key_id = ? ORDER BY valid_since, valid_until LIMIT 128",
         )
         .bind(auth_key_id)
         .fetch_all(&self.pool)
@@ -220,33 +220,42 @@ impl AuthKeyStore for SqlStore {
             .map_err(|e| self.err(e))
     }
 
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
-        // Expired salts are pruned as new ones arrive.
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        salts: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        // One transaction: `get_future_salts` writes 63 salts with one commit.
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         sqlx::query("DELETE FROM mtproto_edge_salts WHERE auth_key_id = ? AND valid_until < ?")
             .bind(auth_key_id)
-            .bind(salt.valid_since - 7200)
-            .execute(&self.pool)
+            .bind(now - SALT_KEEP_SECS)
+            .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
-        let inserted = sqlx::query(
-            "INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)",
-        )
-        .bind(auth_key_id)
-        .bind(salt.salt)
-        .bind(salt.valid_since)
-        .bind(salt.valid_until)
-        .execute(&self.pool)
-        .await;
-        match inserted {
-            Err(e)
-                if !e
-                    .as_database_error()
-                    .is_some_and(|d| d.is_unique_violation()) =>
-            {
-                Err(self.err(e))
+        for salt in salts {
+            let inserted = sqlx::query(
+                "INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)",
+            )
+            .bind(auth_key_id)
+            .bind(salt.salt)
+            .bind(salt.valid_since)
+            .bind(salt.valid_until)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Err(e)
+                    if !e
+                        .as_database_error()
+                        .is_some_and(|d| d.is_unique_violation()) =>
+                {
+                    return Err(self.err(e));
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        tx.commit().await.map_err(|e| self.err(e))
     }
 
     async fn bind_temp_key(
@@ -274,5 +283,18 @@ impl AuthKeyStore for SqlStore {
         .await
         .map_err(|e| self.err(e))?;
         tx.commit().await.map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_keeps_the_current_salt() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let store = SqlStore::connect(&url).await.unwrap();
+        crate::store::tests::current_salt_survives_future_salts(&store).await;
     }
 }

@@ -78,9 +78,14 @@ impl AuthKeyStore for TieredStore {
         failure.map_or(Ok(Vec::new()), Err)
     }
 
-    async fn add_salt(&self, auth_key_id: i64, salt: FutureSalt) -> Result<(), StoreError> {
+    async fn add_salts(
+        &self,
+        auth_key_id: i64,
+        salts: &[FutureSalt],
+        now: i64,
+    ) -> Result<(), StoreError> {
         for tier in &self.tiers {
-            tier.store.add_salt(auth_key_id, salt).await?;
+            tier.store.add_salts(auth_key_id, salts, now).await?;
         }
         Ok(())
     }
@@ -118,7 +123,7 @@ mod tests {
         async fn salts(&self, _: i64) -> Result<Vec<FutureSalt>, StoreError> {
             Err(StoreError::Unavailable("down".into()))
         }
-        async fn add_salt(&self, _: i64, _: FutureSalt) -> Result<(), StoreError> {
+        async fn add_salts(&self, _: i64, _: &[FutureSalt], _: i64) -> Result<(), StoreError> {
             Err(StoreError::Unavailable("down".into()))
         }
         async fn bind_temp_key(&self, _: &AuthKeyInfo, _: i64) -> Result<(), StoreError> {
