@@ -51,6 +51,9 @@ cargo build -p mtproto-gateway -p mtproto-session --locked
 export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
 (cd e2e/gateway && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 
+step "grammers (a third-party Rust client) against the embedded default, every TCP transport"
+CARGO_TARGET_DIR="$MTPROTO_CACHE/grammers-target" e2e/grammers/run.sh
+
 step "Kubernetes test bed (built from Go modules once, cached by version)"
 e2e/k8s/build-tools.sh
 
