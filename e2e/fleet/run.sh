@@ -222,7 +222,7 @@ start_session() { # start_session <n>: test host n and the session process on it
     POD_NAMESPACE="$NS" "$BIN/mtproto-session" --listen "0.0.0.0:$SESSION_PORT" \
     --kubernetes-service session --kubernetes-port-name grpc \
     --redis-url "redis://$HOST_IP:$REDIS_PORT" \
-    --log-level "info,mtproto_gateway::session::grpc_server=trace" >>"$OUT/session-$n.log" 2>&1 &
+    --log-level "info,mtproto_session::grpc_server=trace" >>"$OUT/session-$n.log" 2>&1 &
   PID[session-$n]=$!
   wait_until 20 "session $n listening" bash -c "exec 3<>/dev/tcp/$(session_ip "$n")/$SESSION_PORT"
 }
