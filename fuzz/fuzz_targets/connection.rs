@@ -143,7 +143,7 @@ impl Driver<'_> {
         let padding =
             12 + (16 - (plaintext.len() + 12) % 16) % 16 + 16 * usize::from(self.c.u8() % 4);
         let mut frame = message::encrypt_as_client(&key.key, &plaintext, padding, &mut self.rng);
-        if self.c.u8() % 16 == 0 {
+        if self.c.u8().is_multiple_of(16) {
             let at = usize::from(self.c.u8()) % frame.len();
             frame[at] ^= 1;
         }
@@ -193,7 +193,7 @@ impl Driver<'_> {
                     return;
                 };
                 let nonce = self.client_hs.nonce;
-                let retry_id = if self.c.u8() % 4 == 0 {
+                let retry_id = if self.c.u8().is_multiple_of(4) {
                     self.c.i64()
                 } else {
                     0

@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
                 hs.on_message(&body, NOW, &mut r)
             }
             // req_DH_params with a properly encrypted, input-shaped inner data.
-            2 | 3 | 4 => {
+            2..=4 => {
                 new_nonce = c.array();
                 let (variant, dc, expires_in) =
                     (c.u8(), i32::from(c.u8() as i8), c.i32() >> (c.u8() % 32));
@@ -81,14 +81,14 @@ fuzz_target!(|data: &[u8]| {
                     inner_data(variant, &nonce, &server_nonce, &new_nonce, dc, expires_in);
                 mutate(&mut c, &mut inner);
                 let public = server_key().public_key();
-                let encrypted = if c.u8() % 4 == 0 {
+                let encrypted = if c.u8().is_multiple_of(4) {
                     encrypt_legacy(&public, &inner, &mut r)
                 } else {
                     encrypt_rsa_pad(&public, &inner, &mut r)
                 };
                 let Some(encrypted) = encrypted else { continue };
                 let mut body = req_dh_params_body(&nonce, &server_nonce, fingerprint, &encrypted);
-                if c.u8() % 8 == 0 {
+                if c.u8().is_multiple_of(8) {
                     mutate(&mut c, &mut body);
                 }
                 hs.on_message(&body, NOW, &mut r)
@@ -100,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
                     _ => stored_aux.unwrap_or(0),
                 };
                 let own_g_b;
-                let g_b: &[u8] = if c.u8() % 4 == 0 {
+                let g_b: &[u8] = if c.u8().is_multiple_of(4) {
                     own_g_b = c.chunk().to_vec();
                     &own_g_b
                 } else {
@@ -112,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
                 let padding = c.take(pad_len).to_vec();
                 let mut body =
                     set_client_dh_body(&nonce, &server_nonce, &new_nonce, &inner, &padding);
-                if c.u8() % 8 == 0 {
+                if c.u8().is_multiple_of(8) {
                     mutate(&mut c, &mut body);
                 }
                 hs.on_message(&body, NOW, &mut r)

@@ -241,7 +241,7 @@ pub fn set_client_dh_body(
     let mut data = sha1(&[inner]).to_vec();
     data.extend_from_slice(inner);
     data.extend_from_slice(padding);
-    while data.len() % 16 != 0 {
+    while !data.len().is_multiple_of(16) {
         data.push(0);
     }
     let (key, iv) = handshake_key_iv(new_nonce, server_nonce);
