@@ -12,7 +12,9 @@ const MSG_ID_TOO_OLD_SECS: i64 = 300;
 /// ... or in the future (code 17).
 const MSG_ID_TOO_NEW_SECS: i64 = 30;
 /// Decompressed `gzip_packed` bodies are capped so a small frame cannot
-/// expand into an unbounded allocation.
+/// expand into an unbounded allocation: this many bytes for all the
+/// `gzip_packed` of one client message together (a container of 1024 of
+/// them would otherwise inflate 1024 times over).
 pub const MAX_UNPACKED_BYTES: u64 = 1 << 20;
 /// At most this many salts per `get_future_salts`.
 pub const MAX_FUTURE_SALTS: i32 = 64;
@@ -135,7 +137,8 @@ pub struct Context {
 /// Answers one client message (already past salt and msg_id checks).
 pub fn respond(msg_id: i64, body: &[u8], ctx: &Context, rng: &mut impl RngCore) -> Outcome {
     let mut out = Outcome::default();
-    respond_into(&mut out, msg_id, body, ctx, rng, 0);
+    let mut unpack_budget = MAX_UNPACKED_BYTES;
+    respond_into(&mut out, msg_id, body, ctx, rng, 0, &mut unpack_budget);
     out
 }
 
@@ -146,6 +149,7 @@ fn respond_into(
     ctx: &Context,
     rng: &mut impl RngCore,
     depth: u8,
+    unpack_budget: &mut u64,
 ) {
     let (session_id, now, current_salt) = (ctx.session_id, ctx.now, ctx.current_salt);
     let mut r = TlReader::new(body);
@@ -162,19 +166,17 @@ fn respond_into(
                 let Ok(inner) = r.take(len as usize) else {
                     return;
                 };
-                respond_into(out, inner_id, inner, ctx, rng, 1);
+                respond_into(out, inner_id, inner, ctx, rng, 1, unpack_budget);
             }
         }
         id::GZIP_PACKED if depth < 2 => {
             let Ok(packed) = r.bytes() else { return };
             let mut unpacked = Vec::new();
             let decoder = flate2::read::GzDecoder::new(packed);
-            if decoder
-                .take(MAX_UNPACKED_BYTES)
-                .read_to_end(&mut unpacked)
-                .is_ok()
-            {
-                respond_into(out, msg_id, &unpacked, ctx, rng, depth + 1);
+            let read = decoder.take(*unpack_budget).read_to_end(&mut unpacked);
+            *unpack_budget = unpack_budget.saturating_sub(unpacked.len() as u64);
+            if read.is_ok() {
+                respond_into(out, msg_id, &unpacked, ctx, rng, depth + 1, unpack_budget);
             }
         }
         id::PING | id::PING_DELAY_DISCONNECT => {
@@ -377,6 +379,32 @@ mod tests {
         assert!(since <= NOW as i32 && r.i32().unwrap() > NOW as i32);
         assert_eq!(r.i64().unwrap(), 1234);
         assert_eq!(out.new_salts.len(), 2);
+    }
+
+    /// Each `gzip_packed` of a container had its own 1 MiB cap, so 1024 small
+    /// bombs carrying `auth.bindTempAuthKey` kept 1 GiB from a ~1 MB message
+    /// (found reviewing the bound the `reference_session` fuzz target asserts).
+    #[test]
+    fn one_unpack_budget_for_all_gzip_packed_of_a_message() {
+        let mut bind = crate::bind::BIND_TEMP_AUTH_KEY.to_le_bytes().to_vec();
+        bind.resize(MAX_UNPACKED_BYTES as usize, 0);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&bind).unwrap();
+        let mut packed = Vec::new();
+        packed.put_u32(id::GZIP_PACKED);
+        packed.put_bytes(&gz.finish().unwrap());
+        let mut container = Vec::new();
+        container.put_u32(id::MSG_CONTAINER);
+        container.put_u32(4);
+        for mid in [4i64, 8, 12, 16] {
+            container.put_i64(mid);
+            container.put_i32(1);
+            container.put_u32(packed.len() as u32);
+            container.put_raw(&packed);
+        }
+        let out = respond(20, &container, &ctx(1, 1), &mut rand::thread_rng());
+        let kept: usize = out.binds.iter().map(|(_, b)| b.len()).sum();
+        assert_eq!(kept as u64, MAX_UNPACKED_BYTES, "{} binds", out.binds.len());
     }
 
     #[test]

@@ -489,7 +489,11 @@ impl Connection {
             Ok(opened) => opened,
             Err(close) => return self.close_with(close, now, rng),
         };
+        // A QuickAck is a courtesy: none for a client that leaves the
+        // transmit budget unread, or sending acked frames would queue
+        // 4 bytes per frame without bound.
         if frame.quick_ack
+            && self.unsent < self.settings.max_unsent_bytes
             && self
                 .transport
                 .encode_quick_ack(opened.quick_ack_token, &mut self.scratch)

@@ -358,6 +358,37 @@ fn quick_ack_goes_out_before_the_session_answers() {
     assert!(t.events().contains(&Event::QuickAck));
 }
 
+/// Found by the `connection` fuzz target: a client that never reads and
+/// sends frames asking for QuickAcks queued 4 bytes per frame without bound.
+#[test]
+fn no_quick_ack_once_the_unsent_budget_is_used() {
+    let mut t = Test::with(Settings {
+        max_unsent_bytes: 64,
+        ..settings()
+    });
+    let info = perm_key();
+    t.bind(&info);
+    let now = t.at(0);
+    assert!(t.conn.send_server_message(&[5u8; 48], now, &mut t.rng));
+    assert!(!t.conn.accepts_server_messages());
+    t.forwarded(Forwarded::Accepted);
+    t.actions();
+    t.events();
+    t.feed(&abridged(&encrypted(&info, 1, 8), true));
+    assert_eq!(
+        forwards(&t.actions()).len(),
+        1,
+        "the message itself goes on"
+    );
+    assert!(!t.events().contains(&Event::QuickAck));
+    let packets = t.written();
+    assert_eq!(packets.len(), 1, "only the server message: {packets:?}");
+    // Once written, QuickAcks come back.
+    t.forwarded(Forwarded::Accepted);
+    t.feed(&abridged(&encrypted(&info, 1, 12), true));
+    assert!(t.events().contains(&Event::QuickAck));
+}
+
 #[test]
 fn reading_pauses_at_the_forward_window_and_resumes_in_order() {
     let mut t = Test::new();
