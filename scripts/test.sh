@@ -42,6 +42,9 @@ cargo test --workspace --locked
 step "auth key stores against real Redis, MariaDB and SQLite"
 cargo test -p mtproto-gateway --locked --test stores -- --ignored
 
+step "fuzz smoke (each target a few seconds on its seed corpus)"
+scripts/fuzz.sh --smoke
+
 if [[ $QUICK == 1 ]]; then
     exit 0
 fi
