@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use rsa::RsaPublicKey;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use mtproto_core::authkey::AuthKey;
@@ -143,7 +143,9 @@ pub fn read_res_pq(
 
 #[derive(Debug)]
 pub struct Client {
-    stream: TcpStream,
+    /// Reads are buffered (a pipelining client reads several frames per
+    /// syscall); writes go straight to the socket.
+    stream: BufReader<TcpStream>,
     last_msg_id: i64,
 }
 
@@ -153,7 +155,7 @@ impl Client {
         stream.set_nodelay(true)?;
         stream.write_all(&[0xee; 4]).await?;
         Ok(Self {
-            stream,
+            stream: BufReader::with_capacity(64 << 10, stream),
             last_msg_id: 0,
         })
     }
@@ -170,7 +172,7 @@ impl Client {
         let mut frame = Vec::with_capacity(4 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).await?;
+        self.stream.get_mut().write_all(&frame).await?;
         Ok(())
     }
 
