@@ -8,6 +8,7 @@
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::future::{BoxFuture, OptionFuture};
@@ -16,7 +17,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tracing::info;
 
 use super::limiter::{Refused, Slot};
@@ -30,6 +31,8 @@ use mtproto_session::SessionClientEvent;
 
 /// Packets handed to one vectored write.
 const WRITE_BATCH: usize = 32;
+/// Server messages taken from the outbox per turn of the loop.
+const SERVER_MESSAGES_PER_TURN: usize = 32;
 
 /// The result of the one action a connection may be waiting on.
 enum Answer {
@@ -145,6 +148,11 @@ impl Cx {
         let mut forwards: FuturesOrdered<BoxFuture<'static, Forwarded>> = FuturesOrdered::new();
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
+        // One timer for the connection, moved only when the core's deadline
+        // moves (a new timer per loop turn costs a timer-wheel insert each).
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut timer_at: Option<Instant> = None;
         conn.handle_input(
             0,
             shell::now(),
@@ -163,6 +171,10 @@ impl Cx {
             let want_read = conn.wants_read();
             let accepts = conn.accepts_server_messages();
             let deadline = conn.poll_timeout().map(Instant::from_std);
+            if let Some(at) = deadline.filter(|&at| timer_at != Some(at)) {
+                timer.as_mut().reset(at);
+                timer_at = Some(at);
+            }
             let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
             let (input, n) = conn.io_buffers(&mut slices);
             let step = tokio::select! {
@@ -178,7 +190,7 @@ impl Cx {
                 Some(out) = inbox.recv(), if accepts => Step::Server(out),
                 Some(outcome) = forwards.next(), if !forwards.is_empty() => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Step::Timeout,
+                () = &mut timer, if deadline.is_some() => Step::Timeout,
                 _ = shutdown.changed() => Step::Shutdown,
             };
             let now = shell::now();
@@ -193,12 +205,25 @@ impl Cx {
                 Step::Wrote(Ok(Some(n))) if n > 0 => {
                     shared.metrics.bytes_sent.inc_by(n as u64);
                     conn.handle_written(n, now.instant);
-                    needs_flush = true;
+                    // Most streams flush at once (TCP always): try now rather
+                    // than in another turn of the loop; a stream that cannot
+                    // (a WebSocket's buffered frame) is flushed by the loop.
+                    needs_flush = !conn.has_transmit()
+                        && writer.flush().now_or_never().is_none_or(|r| r.is_err());
                 }
                 Step::Wrote(Ok(None)) => needs_flush = false,
                 Step::Wrote(_) => conn.close(Close::Write, now, &mut rand::thread_rng()),
                 Step::Server(out) => {
-                    conn.send_server_message(&out.payload, now, &mut rand::thread_rng());
+                    // Whatever else is queued goes into the same write.
+                    let mut rng = rand::thread_rng();
+                    conn.send_server_message(&out.payload, now, &mut rng);
+                    for _ in 1..SERVER_MESSAGES_PER_TURN {
+                        if !conn.accepts_server_messages() {
+                            break;
+                        }
+                        let Ok(out) = inbox.try_recv() else { break };
+                        conn.send_server_message(&out.payload, now, &mut rng);
+                    }
                 }
                 Step::Forwarded(outcome) => {
                     conn.handle_forwarded(outcome, now, &mut host, &mut rand::thread_rng())
