@@ -72,7 +72,7 @@ trap cleanup EXIT
 # --- binaries -----------------------------------------------------------------
 
 echo "== building the current tree (release)" >&2
-nice -n 5 cargo build --release -p mtproto-gateway >&2
+nice -n 5 cargo build --release -p mtproto-gateway -p mtproto-testclient >&2
 # Copies, so another build in the shared target directory cannot swap them mid-run.
 mkdir -p "$WORK/bin"
 cp "$CARGO_TARGET_DIR/release/mtproto-gateway" "$CARGO_TARGET_DIR/release/mtproto-loadgen" "$WORK/bin/"

@@ -50,7 +50,7 @@ if [[ $QUICK == 1 ]]; then
 fi
 
 step "gateway e2e (Telethon)"
-cargo build -p mtproto-gateway -p mtproto-session --locked
+cargo build -p mtproto-gateway -p mtproto-session -p mtproto-testclient --locked
 export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
 (cd e2e/gateway && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 

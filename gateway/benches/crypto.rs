@@ -16,7 +16,7 @@ use mtproto_core::handshake::{Handshake, HandshakeSettings, Step};
 use mtproto_core::message::{decrypt, encrypt_as_client, plaintext_message};
 use mtproto_core::pq::PqPool;
 use mtproto_core::rsa::ServerKey;
-use mtproto_gateway::client::{
+use mtproto_testclient::{
     read_res_pq, req_dh_params, req_pq_multi, set_client_dh_params, Exchange,
 };
 

@@ -2,7 +2,6 @@
 
 pub mod app;
 pub mod authkey;
-pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod server;

@@ -21,7 +21,7 @@ use rsa::RsaPublicKey;
 
 use mtproto_core::authkey::AuthKey;
 use mtproto_core::tl::{id, TlReader, TlWrite};
-use mtproto_gateway::client::Client;
+use mtproto_testclient::Client;
 
 #[derive(Debug, Parser)]
 #[command(name = "mtproto-loadgen", about = "Bounded MTProto load generator")]

@@ -162,7 +162,9 @@ impl Client {
 
     /// A fresh client msg_id (time-based, divisible by 4, increasing).
     pub fn next_msg_id(&mut self) -> i64 {
-        let now = crate::unix_time();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let id = ((now.as_secs() as i64) << 32 | i64::from(now.subsec_nanos()) << 2) & !3;
         self.last_msg_id = id.max(self.last_msg_id + 4);
         self.last_msg_id
