@@ -15,7 +15,9 @@
 # handshake limit lifted. The current tree's mtproto-loadgen drives both (the
 # protocol is the same); the gateway's CPU time is read from /proc/PID/stat.
 # With --rounds R, each gateway is measured R times (fresh process each round,
-# the order alternating) and the table shows the median of each figure.
+# the order alternating) and the table shows the median of each figure. The
+# last rows say how busy the rest of the machine was meanwhile (other
+# processes' CPU in % of all cores): figures taken beside other work are worse.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +33,7 @@ IN_FLIGHT="1 8"
 WARMUP=2
 ROUNDS=1
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "pipeline-bench: $*" >&2; exit 1; }
 
 while (($#)); do
@@ -117,6 +119,13 @@ cpu_ticks() {
     echo $((f[11] + f[12]))
 }
 
+# Busy CPU ticks of the whole machine so far (all but idle and iowait).
+machine_busy_ticks() {
+    local -a f
+    read -r -a f </proc/stat # cpu user nice system idle iowait irq softirq steal ...
+    echo $((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))
+}
+
 free_port() {
     local port
     for _ in $(seq 100); do
@@ -163,10 +172,12 @@ loadgen() {
 declare -A RESULT
 # Runs one measurement; appends to RESULT[side,n,metric] (one value per round).
 measure() {
-    local side="$1" n="$2" out before after pairs errors re
+    local side="$1" n="$2" out before after busy0 busy1 t0 t1 pairs errors re
+    busy0="$(machine_busy_ticks)" t0="$(date +%s%N)"
     before="$(cpu_ticks "$GATEWAY_PID")"
     out="$(loadgen --duration-secs "$DURATION" --in-flight "$n")"
     after="$(cpu_ticks "$GATEWAY_PID")"
+    busy1="$(machine_busy_ticks)" t1="$(date +%s%N)"
     echo "   $side N=$n: ${out//$'\n'/ | }" >&2
     re='([0-9]+) ping round trips.* ([0-9]+) errors'
     [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
@@ -182,6 +193,12 @@ measure() {
     RESULT[$side,$n,lgcpu]+=" ${BASH_REMATCH[5]}"
     RESULT[$side,$n,gwcpu]+=" $(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v p="$pairs" \
         'BEGIN { printf "%.1f", t / hz * 1e6 / p }')"
+    # CPU used by everything else on the machine meanwhile, in % of all cores:
+    # interference from other work makes the figures of this round worse.
+    RESULT[$side,$n,other]+=" $(awk -v busy="$((busy1 - busy0))" -v gw="$((after - before))" \
+        -v lg="${BASH_REMATCH[5]}" -v p="$pairs" -v hz="$CLK_TCK" -v ns="$((t1 - t0))" -v cores="$(nproc)" \
+        'BEGIN { o = (busy - gw) / hz - lg * p / 1e6; if (o < 0) o = 0; printf "%.0f", o / (ns / 1e9 * cores) * 100 }')"
+    echo "   $side N=$n: gateway CPU ${RESULT[$side,$n,gwcpu]##* } us/pair, other processes ${RESULT[$side,$n,other]##* }% of the machine" >&2
 }
 
 measure_side() {
@@ -233,4 +250,5 @@ for n in "${NS[@]}"; do
     row "p999 latency (us)" "$n" p999
     row "gateway CPU (us/pair)" "$n" gwcpu
     row "loadgen CPU (us/pair)" "$n" lgcpu
+    row "other load (% of cores)" "$n" other
 done
