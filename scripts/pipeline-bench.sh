@@ -119,11 +119,12 @@ cpu_ticks() {
     echo $((f[11] + f[12]))
 }
 
-# Busy CPU ticks of the whole machine so far (all but idle and iowait).
+# CPU ticks that processes of the whole machine used so far (user, nice,
+# system; not idle, iowait, or interrupts, which include loopback traffic's).
 machine_busy_ticks() {
     local -a f
     read -r -a f </proc/stat # cpu user nice system idle iowait irq softirq steal ...
-    echo $((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))
+    echo $((f[1] + f[2] + f[3]))
 }
 
 free_port() {
