@@ -257,7 +257,6 @@ pub struct Connection {
     settings: Arc<Settings>,
     handshake_settings: Arc<HandshakeSettings>,
     transport: Transport,
-    transport_named: bool,
     input: BytesMut,
     /// Boxed: most connections hold a key and no handshake.
     handshake: Option<Box<HandshakeFlow>>,
@@ -290,7 +289,6 @@ impl Connection {
     ) -> Self {
         Self {
             transport: Transport::new(settings.max_frame_bytes),
-            transport_named: false,
             input,
             handshake: None,
             key: None,
@@ -319,10 +317,6 @@ impl Connection {
     /// The session ids this connection carries.
     pub fn sessions(&self) -> &[i64] {
         &self.sessions
-    }
-
-    pub fn transport_name(&self) -> Option<&'static str> {
-        self.transport.name()
     }
 
     /// Why the connection is closing, once it is: the shell writes what is
@@ -365,12 +359,10 @@ impl Connection {
     /// Decodes and handles frames until one must wait or the input runs out.
     fn process(&mut self, now: Now, host: &mut impl Host, rng: &mut (impl RngCore + CryptoRng)) {
         while self.wants_read() {
+            let detecting = self.transport.name().is_none();
             let decoded = self.transport.decode(&mut self.input);
-            if !self.transport_named {
-                if let Some(name) = self.transport.name() {
-                    self.transport_named = true;
-                    self.events.push_back(Event::Transport(name));
-                }
+            if let Some(name) = self.transport.name().filter(|_| detecting) {
+                self.events.push_back(Event::Transport(name));
             }
             match decoded {
                 Ok(Some(frame)) => self.on_frame(frame, now, host, rng),

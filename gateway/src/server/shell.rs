@@ -21,7 +21,7 @@ use crate::metrics::{
 use mtproto_core::connection::{
     Close, Event, Forward, Forwarded, HandshakeJob, Host, KeyLookup, Now,
 };
-use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
+use mtproto_core::handshake::{HandshakeError, NewAuthKey, StoreOutcome};
 use mtproto_core::proxy::{self, Detected};
 use mtproto_core::transport::error_code;
 use mtproto_session::store::StoreError;
@@ -299,7 +299,7 @@ pub(super) async fn compute(mut job: Box<HandshakeJob>) -> Result<Box<HandshakeJ
         job
     })
     .await
-    .map_err(|_| Close::Session("the handshake's blocking task was cancelled".into()))
+    .map_err(|_| Close::Handshake(HandshakeError::OutOfOrder("blocking task", "aborted")))
 }
 
 /// Stores a new key (the configured store, else the session) and caches it.
