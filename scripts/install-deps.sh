@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--print-venv" ]]; then
     exit 0
 fi
 
-APT_PACKAGES=(python3-venv libssl-dev pkg-config openssl redis-server redis-tools mariadb-server mariadb-client haproxy nodejs shellcheck)
+APT_PACKAGES=(python3-venv python3-yaml libssl-dev pkg-config openssl redis-server redis-tools mariadb-server mariadb-client haproxy nodejs shellcheck)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

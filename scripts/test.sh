@@ -51,6 +51,9 @@ fi
 
 step "gateway e2e (Telethon)"
 cargo build -p mtproto-gateway -p mtproto-session -p mtproto-testclient --locked
+# The alert rules test (test_observability.py) checks and evaluates rules with promtool.
+MTPROTO_PROMTOOL="$(e2e/tools/promtool.sh)"
+export MTPROTO_PROMTOOL
 export MTPROTO_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/mtproto-gateway"
 (cd e2e/gateway && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
 

@@ -8,7 +8,7 @@
 #   e2e/kind/run.sh
 #
 # It installs the operator with Helm, deploys Redis and the sessions
-# (redis.yaml, session.yaml), creates the gateway's RSA key Secret, applies the
+# (examples/redis.yaml, examples/session.yaml), creates the gateway's RSA key Secret, applies the
 # MtprotoGateway (gateway.yaml), waits for Ready, and then runs client traffic
 # through the gateway Service's NodePort while it
 #   1. does nothing (baseline), and scrapes /metrics from every gateway pod;
@@ -187,8 +187,8 @@ kubectl wait --for condition=established --timeout "${TIMEOUT}s" crd/mtprotogate
 
 log "namespace $NS: Redis and the sessions"
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-manifest e2e/kind/redis.yaml | k apply -f -
-manifest e2e/kind/session.yaml | k apply -f -
+manifest examples/redis.yaml | k apply -f -
+manifest examples/session.yaml | k apply -f -
 k rollout status deployment/redis --timeout "${TIMEOUT}s"
 k rollout status deployment/session --timeout "${TIMEOUT}s"
 

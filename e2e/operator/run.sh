@@ -87,17 +87,57 @@ command -v helm >/dev/null || die "helm not on PATH (e2e/k8s/build-tools.sh buil
 # --- 2. chart static checks -----------------------------------------------------------
 log "helm lint / template"
 helm lint --strict charts/mtproto-operator >/dev/null || die "helm lint"
-helm lint --strict charts/mtproto-operator --set exampleGateway.enabled=true \
-  --set metrics.serviceMonitor.enabled=true >/dev/null || die "helm lint (all options)"
+helm lint --strict charts/mtproto-operator --set metrics.serviceMonitor.enabled=true \
+  --set prometheusRule.enabled=true --set grafanaDashboards.enabled=true >/dev/null || die "helm lint (all options)"
 if helm lint charts/mtproto-operator --set replicaCount=-1 >/dev/null 2>&1; then
   die "values.schema.json accepted replicaCount=-1"
 fi
+helm lint --strict charts/mtproto-operator --set global.imageRegistry=example.invalid >/dev/null \
+  || die "values.schema.json refuses global (umbrella charts set it)"
+# Every leaf of values.yaml is in the chart README's values table.
+python3 - charts/mtproto-operator <<'PY' || die "charts/mtproto-operator/README.md misses values (above)"
+import re, sys, yaml
+chart = sys.argv[1]
+values = yaml.safe_load(open(f"{chart}/values.yaml"))
+readme = open(f"{chart}/README.md").read()
+def leaves(node, prefix=""):
+    for key, value in node.items():
+        path = prefix + key
+        if isinstance(value, dict) and value and key not in ("resources",):
+            yield from leaves(value, path + ".")
+        else:
+            yield path
+documented = set()
+for cell in re.findall(r"^\| ([^|]+) \|", readme, re.M):
+    documented.update(re.findall(r"`([A-Za-z0-9_.]+)`", cell))
+missing = [p for p in leaves(values) if p not in documented]
+print("\n".join(missing), file=sys.stderr)
+sys.exit(1 if missing else 0)
+PY
 helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" >"$OUT/rendered.yaml" || die "helm template"
-for kind in Deployment ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Service PodDisruptionBudget; do
+for kind in Deployment ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding Service PodDisruptionBudget CustomResourceDefinition; do
   grep -q "^kind: $kind\$" "$OUT/rendered.yaml" || die "rendered chart lacks a $kind"
 done
-helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set exampleGateway.enabled=true \
-  | grep -q '^kind: MtprotoGateway$' || die "exampleGateway.enabled renders no MtprotoGateway"
+grep -q '^kind: MtprotoGateway$' "$OUT/rendered.yaml" && die "the chart must not install a MtprotoGateway"
+grep -q 'helm.sh/resource-policy: keep' "$OUT/rendered.yaml" || die "crds.keep (default) does not annotate the CRD"
+grep -q 'topologyKey: kubernetes.io/hostname' "$OUT/rendered.yaml" || die "no default topology spread"
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set crds.install=false \
+  | grep -q '^kind: CustomResourceDefinition$' && die "crds.install=false still renders the CRD"
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set crds.keep=false \
+  | grep -q 'helm.sh/resource-policy' && die "crds.keep=false still keeps the CRD"
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set grafanaDashboards.enabled=true \
+  --set prometheusRule.enabled=true >"$OUT/rendered-observability.yaml" || die "helm template (observability)"
+python3 - "$OUT/rendered-observability.yaml" charts/mtproto-operator <<'PY' || die "dashboards/PrometheusRule render differently from their files"
+import json, sys, yaml
+docs = {d["kind"]: d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+chart = sys.argv[2]
+boards = docs["ConfigMap"]["data"]
+assert sorted(boards) == ["mtproto-gateway.json", "mtproto-operator.json"], sorted(boards)
+for name, text in boards.items():
+    assert json.loads(text) == json.load(open(f"{chart}/dashboards/{name}")), name
+assert docs["ConfigMap"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+assert docs["PrometheusRule"]["spec"] == yaml.safe_load(open(f"{chart}/rules/mtproto-alerts.yaml"))
+PY
 kubectl create namespace "$RELEASE_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply --server-side --force-conflicts --dry-run=server -f "$OUT/rendered.yaml" >/dev/null \
   || die "rendered chart refused by the API server (dry run)"
@@ -114,9 +154,7 @@ kubectl -n "$RELEASE_NS" rollout status deployment/"$RELEASE" --timeout=60s >/de
 ready=$(kubectl -n "$RELEASE_NS" get deployment "$RELEASE" -o jsonpath='{.status.readyReplicas}')
 [[ $ready == 2 ]] || die "operator Deployment has $ready ready replicas, want 2"
 log "operator Deployment Ready (2/2, pods run by kwok)"
-helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set exampleGateway.enabled=true \
-  --show-only templates/gateway.yaml | kubectl apply --dry-run=server -f - >/dev/null \
-  || die "the chart's example MtprotoGateway is refused by the CRD"
+helm test "$RELEASE" -n "$RELEASE_NS" --timeout 60s >"$OUT/helm-test.txt" || die "helm test"
 
 # kube-controller-manager's garbage collector picks up a new CRD kind only on its next
 # discovery resync (every 30 s), and until then cannot cascade deletes from it. Gate on
@@ -183,6 +221,15 @@ for id in a b; do
   curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || die "operator $id not ready (log: $OUT/op-$id.log)"
 done
 log "operators running: $ops"
+
+# --- 5b. the README's quick start, literally (scripts/kind-demo.sh; pods are kwok fakes, so no traffic)
+log "quick start (scripts/kind-demo.sh, DEMO_TRAFFIC=0)"
+DEMO_NAMESPACE=quickstart DEMO_OPERATOR_NAMESPACE="$RELEASE_NS" DEMO_TRAFFIC=0 DEMO_TIMEOUT_SECS=120 \
+  DEMO_HELM_ARGS="--set leaderElection.leaseTtlSeconds=$LEASE_TTL" \
+  scripts/kind-demo.sh 2>"$OUT/kind-demo.log" || { tail -n 20 "$OUT/kind-demo.log" >&2; die "quick start"; }
+kubectl delete namespace quickstart --wait=false >/dev/null
+kubectl wait --for=delete namespace/quickstart --timeout=90s >/dev/null 2>&1 \
+  || die "quick start namespace not deleted (a gateway finalizer left behind?)"
 
 # --- 6. integration tests -----------------------------------------------------------------
 export E2E_OPERATORS="$ops" E2E_LEASE_NAMESPACE="$RELEASE_NS" E2E_LEASE_NAME="$RELEASE"

@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
-use crate::metrics::Metrics;
+use crate::metrics::{BuildLabels, Metrics};
 use crate::server::admin::{self, Readiness};
 use crate::server::limiter::Admission;
 use crate::server::registry::Registry;
@@ -122,6 +122,16 @@ impl Gateway {
         });
         let l = &config.limits;
         let metrics = Arc::new(Metrics::default());
+        metrics
+            .build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                session_mode: config.session.mode.name(),
+            })
+            .set(1);
+        metrics
+            .connections_limit
+            .set(i64::try_from(l.max_connections).unwrap_or(i64::MAX));
         let registry = Arc::new(Registry::new(metrics.clone()));
         let urls = config.store_urls();
         let key_store = store::open(&urls, &metrics.store)

@@ -264,6 +264,17 @@ pub enum SessionMode {
     Stream,
 }
 
+impl SessionMode {
+    /// The name in the configuration (`embedded`, `unary`, `stream`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionMode::Embedded => "embedded",
+            SessionMode::Unary => "unary",
+            SessionMode::Stream => "stream",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {

@@ -59,6 +59,13 @@ pub struct StepOutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    /// `embedded`, `unary` or `stream`: alerts about the session ring apply to the remote modes.
+    pub session_mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
     /// teamgram's method name, e.g. `session_sendDataToSession`.
     pub method: &'static str,
@@ -98,6 +105,10 @@ impl Default for SessionRpcMetrics {
 /// Everything the gateway records besides the auth-key cache's own counters.
 #[derive(Debug, Clone)]
 pub struct Metrics {
+    /// One series, value 1, naming the version and session mode of this process.
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// `limits.max_connections`, so dashboards and alerts can relate open connections to it.
+    pub connections_limit: Gauge,
     pub connections_accepted: Family<ListenerLabels, Counter>,
     pub connections_open: Family<OpenLabels, Gauge>,
     pub connections_closed: Family<ReasonLabels, Counter>,
@@ -129,6 +140,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            build_info: Family::default(),
+            connections_limit: Gauge::default(),
             connections_accepted: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -155,6 +168,16 @@ impl Metrics {
     /// Adds every metric to `registry` (counters get `_total` when encoded).
     pub fn register(&self, registry: &mut Registry) {
         let r = registry;
+        r.register(
+            "mtproto_build_info",
+            "Version and session mode of this gateway (value 1)",
+            self.build_info.clone(),
+        );
+        r.register(
+            "mtproto_connections_limit",
+            "Client connections this gateway accepts at most (limits.max_connections)",
+            self.connections_limit.clone(),
+        );
         r.register(
             "mtproto_connections_accepted",
             "Client connections accepted, by listener kind",
