@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outgoing};
-use super::shell::{self, GatewayHost, OpenGauge};
+use super::shell::{self, GatewayHost, Held, OpenGauge};
 use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
 use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJob, KeyLookup};
@@ -120,12 +120,17 @@ impl Cx {
         }
     }
 
-    fn host<'a>(&'a self, outbox: &'a mpsc::Sender<Outgoing>) -> GatewayHost<'a> {
+    fn host<'a>(
+        &'a self,
+        outbox: &'a mpsc::Sender<Outgoing>,
+        held: &'a mut Held,
+    ) -> GatewayHost<'a> {
         GatewayHost {
             shared: &self.shared,
             id: self.id,
             peer: self.peer,
             outbox: Some(outbox),
+            held,
         }
     }
 
@@ -144,6 +149,7 @@ impl Cx {
             initial,
             self.accepted.into_std(),
         );
+        let mut held = Held::new(shared.budgets.clone());
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut forwards: FuturesOrdered<BoxFuture<'static, Forwarded>> = FuturesOrdered::new();
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
@@ -156,7 +162,7 @@ impl Cx {
         conn.handle_input(
             0,
             shell::now(),
-            &mut self.host(&outbox),
+            &mut self.host(&outbox, &mut held),
             &mut rand::thread_rng(),
         );
         loop {
@@ -194,7 +200,7 @@ impl Cx {
                 _ = shutdown.changed() => Step::Shutdown,
             };
             let now = shell::now();
-            let mut host = self.host(&outbox);
+            let mut host = self.host(&outbox, &mut held);
             match step {
                 Step::Read(Ok(0)) => conn.close(Close::ClientClosed, now, &mut rand::thread_rng()),
                 Step::Read(Ok(n)) => {
@@ -249,6 +255,8 @@ impl Cx {
                 Step::Shutdown => conn.close(Close::Shutdown, now, &mut rand::thread_rng()),
             }
         }
+        // The budgets are free before the last writes.
+        drop(held);
         let close = conn.take_close().unwrap_or(Close::Shutdown);
         shell::count_close(&shared, self.id, self.peer, &close);
         if !matches!(close, Close::Write | Close::Read(_)) {
