@@ -12,7 +12,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use super::limiter::{Budgets, HandshakeSlot, Refused, Slot};
-use super::registry::{ConnectionId, Outbox};
+use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::Shared;
 use crate::config::ProxyProtocol;
 use crate::metrics::{
@@ -293,13 +293,44 @@ impl Drop for Held {
     }
 }
 
+/// A stream connection's queue of server messages, made when its first
+/// session attaches: connections without a key (the cheap ones to open in
+/// numbers) do not hold a channel.
+#[derive(Debug)]
+pub(super) struct LazyOutbox {
+    capacity: usize,
+    channel: Option<(Outbox, tokio::sync::mpsc::Receiver<Outgoing>)>,
+}
+
+impl LazyOutbox {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            channel: None,
+        }
+    }
+
+    fn sender(&mut self) -> &Outbox {
+        let capacity = self.capacity;
+        &self
+            .channel
+            .get_or_insert_with(|| tokio::sync::mpsc::channel(capacity))
+            .0
+    }
+
+    /// The receiving end, once made.
+    pub(super) fn inbox(&mut self) -> Option<&mut tokio::sync::mpsc::Receiver<Outgoing>> {
+        self.channel.as_mut().map(|(_, inbox)| inbox)
+    }
+}
+
 /// The core's view of the gateway's shared state for one client.
 pub(super) struct GatewayHost<'a> {
     pub shared: &'a Shared,
     pub id: ConnectionId,
     pub peer: SocketAddr,
     /// Where the registry sends this connection's server messages (stream connections).
-    pub outbox: Option<&'a Outbox>,
+    pub outbox: Option<&'a mut LazyOutbox>,
     pub held: &'a mut Held,
 }
 
@@ -329,11 +360,12 @@ impl Host for GatewayHost<'_> {
     }
 
     fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> Attached {
-        match self.outbox {
-            Some(outbox) => self
-                .shared
-                .registry
-                .attach(auth_key_id, session_id, self.id, outbox),
+        match self.outbox.as_mut() {
+            Some(outbox) => {
+                self.shared
+                    .registry
+                    .attach(auth_key_id, session_id, self.id, outbox.sender())
+            }
             None => Attached::Known,
         }
     }
