@@ -304,6 +304,13 @@ enum Waiting {
     Store,
 }
 
+/// Frees an emptied queue's storage: an idle connection holds none.
+fn release<T>(queue: &mut VecDeque<T>) {
+    if queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
+}
+
 /// One client connection (TCP or WebSocket byte stream).
 #[derive(Debug)]
 pub struct Connection {
@@ -788,14 +795,27 @@ impl Connection {
         }
         self.write_deadline =
             (!self.transmit.is_empty()).then(|| now + self.settings.write_timeout);
+        if self.transmit.is_empty() {
+            release(&mut self.transmit);
+            // The encoder's leftover room keeps the last packet's allocation alive.
+            self.scratch = BytesMut::new();
+        }
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() {
+            release(&mut self.actions);
+        }
+        action
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() {
+            release(&mut self.events);
+        }
+        event
     }
 
     /// The next deadline; call [`Connection::handle_timeout`] when it passes.

@@ -806,3 +806,21 @@ fn sessions_beyond_the_key_cap_get_429() {
     assert!(forwards(&t.actions()).is_empty());
     assert_eq!(t.written(), error_packet(error_code::FLOOD));
 }
+
+#[test]
+fn an_idle_connection_holds_no_queue_storage() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    t.actions();
+    t.forwarded(Forwarded::Accepted);
+    let now = t.at(0);
+    assert!(t.conn.send_server_message(&[5u8; 48], now, &mut t.rng));
+    t.events();
+    t.written();
+    assert_eq!(t.conn.actions.capacity(), 0);
+    assert_eq!(t.conn.events.capacity(), 0);
+    assert_eq!(t.conn.transmit.capacity(), 0);
+    assert_eq!(t.conn.scratch.capacity(), 0);
+    assert!(t.conn.input.capacity() <= IDLE_CHUNK);
+}
