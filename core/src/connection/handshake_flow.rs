@@ -69,12 +69,15 @@ const MSG_ID_PAST_SECS: i64 = 300;
 const MSG_ID_FUTURE_SECS: i64 = 30;
 
 /// The spec's rule for a client msg_id: a multiple of 4 whose upper half,
-/// Unix seconds, is within the window around `unix_secs`.
+/// Unix seconds, is within the window around `unix_secs`. 0 passes as "not
+/// given": grammers sends it in every unencrypted message, and Telegram's
+/// servers accept that.
 pub fn client_msg_id_ok(msg_id: i64, unix_secs: i64) -> bool {
     let secs = msg_id >> 32;
-    msg_id % 4 == 0
-        && secs >= unix_secs - MSG_ID_PAST_SECS
-        && secs <= unix_secs + MSG_ID_FUTURE_SECS
+    msg_id == 0
+        || (msg_id % 4 == 0
+            && secs >= unix_secs - MSG_ID_PAST_SECS
+            && secs <= unix_secs + MSG_ID_FUTURE_SECS)
 }
 
 fn step_name(constructor: Option<u32>) -> &'static str {

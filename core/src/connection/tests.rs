@@ -650,8 +650,9 @@ fn plain_msg_id_outside_the_window_or_not_a_multiple_of_4_closes_without_a_code(
         ((now + 31) << 32, false),
         (now << 32 | 1, false),
         (now << 32 | 2, false),
-        (0, false),
+        (0, true),
         (-4, false),
+        (4, false),
     ] {
         let mut t = Test::new();
         let mut bytes = vec![0xef];
