@@ -15,8 +15,12 @@ import pytest
 from telethon.tl.functions import PingRequest
 
 from conftest import free_port, start_gateway
-from mtclient import closed_by_server, connect, intermediate_frame, pin_server_key, recv_exactly
+from mtclient import (
+    Session, closed_by_server, connect, create_auth_key, intermediate_frame, pin_server_key, ping,
+    recv_exactly, recv_intermediate,
+)
 from promtext import metric, scrape
+from test_http import post, start_http_gateway
 
 REQ_PQ_MULTI = 0xBE7E8EF1
 FLOOD = struct.pack("<Ii", 4, -429)
@@ -256,4 +260,51 @@ def test_plain_msg_id_outside_the_spec_window_is_closed_without_a_code(tmp_path_
         assert closed(admin, "bad_msg_id") == 1
     finally:
         assert gw.alive()
+        gw.stop()
+
+
+def test_sessions_of_one_key_beyond_the_cap_get_429(tmp_path_factory):
+    gw, admin = budget_gateway(tmp_path_factory, "key-sessions", "max_sessions_per_auth_key = 2\n")
+    try:
+        pin_server_key(gw.public_key.read_text())
+        key = create_auth_key(gw.port)
+        held = []
+        # Two sessions of the key, each on its own connection and address.
+        for i in range(2):
+            sock = open_from(f"127.40.0.{i + 1}", gw.port)
+            sock.sendall(b"\xee\xee\xee\xee" + intermediate_frame(Session(key).message(ping(i))))
+            assert recv_intermediate(sock)
+            held.append(sock)
+        extra = open_from("127.40.0.3", gw.port)
+        extra.sendall(b"\xee\xee\xee\xee" + intermediate_frame(Session(key).message(ping(3))))
+        assert closed_by_server(extra) == FLOOD
+        extra.close()
+        assert closed(admin, "key_sessions_full") == 1
+        assert limit_exceeded(admin, "max_sessions_per_auth_key") == 1
+        # A session given back makes room.
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while metric(scrape(admin), "mtproto_sessions") > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again = open_from("127.40.0.4", gw.port)
+        again.sendall(b"\xee\xee\xee\xee" + intermediate_frame(Session(key).message(ping(4))))
+        assert recv_intermediate(again)
+        again.close()
+        for sock in held:
+            sock.close()
+    finally:
+        assert gw.alive(), gw.log_text()[-4000:]
+        gw.stop()
+
+
+def test_http_requests_over_the_per_address_rate_get_429(tmp_path_factory):
+    gw = start_http_gateway(tmp_path_factory.mktemp("http-rate"), "http_requests_per_ip_per_minute = 3")
+    try:
+        # Within the burst: answered on their merits (an empty body is a bad message).
+        assert [post(gw.port, b"")[0] for _ in range(3)] == [400, 400, 400]
+        status, _, body = post(gw.port, b"")
+        assert (status, body) == (429, struct.pack("<i", -429))
+        assert limit_exceeded(gw.admin_port, "http_requests_per_ip_per_minute") == 1
+    finally:
+        assert gw.alive(), gw.log_text()[-4000:]
         gw.stop()
