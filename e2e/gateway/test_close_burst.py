@@ -55,6 +55,7 @@ admin_listen = "127.0.0.1:{admin}"
 
 [limits]
 max_connections_per_ip = {CONNECTIONS * 2}
+max_sessions_per_auth_key = {CONNECTIONS * 2}
 """)
     gateway = start_gateway(tmp_path, ["--config", str(config), "--session-mode", "unary",
                                        "--grpc-listen", f"127.0.0.1:{free_port()}",

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
-use mtproto_core::connection::{Action, Connection, Forwarded, Host, KeyLookup, Now, Settings};
+use mtproto_core::connection::{
+    Action, Attached, Connection, Forwarded, Host, KeyLookup, Now, Settings,
+};
 use mtproto_core::handshake::StoreOutcome;
 use mtproto_core::message;
 use mtproto_core::rsa::encrypt_rsa_pad;
@@ -33,9 +35,12 @@ use mtproto_core_fuzz::{
 /// Packets the driver looks at per check (the queue may hold more).
 const SLICES: usize = 512;
 
-/// The per-address handshake rate, as a budget for the connection.
+/// The per-address handshake rate, as a budget for the connection; the
+/// gateway-wide budgets, with input-chosen room.
 struct FuzzHost {
     handshakes_left: u8,
+    handshake_slots: u8,
+    buffer_left: usize,
 }
 
 impl Host for FuzzHost {
@@ -46,8 +51,32 @@ impl Host for FuzzHost {
         self.handshakes_left -= 1;
         true
     }
-    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool {
-        (auth_key_id ^ session_id) & 1 == 0
+    fn begin_handshake(&mut self) -> bool {
+        if self.handshake_slots == 0 {
+            return false;
+        }
+        self.handshake_slots -= 1;
+        true
+    }
+    fn end_handshake(&mut self) {
+        self.handshake_slots += 1;
+    }
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> Attached {
+        match (auth_key_id ^ session_id) & 3 {
+            0 => Attached::New,
+            3 => Attached::KeyFull(3),
+            _ => Attached::Known,
+        }
+    }
+    fn buffer_grew(&mut self, bytes: usize) -> bool {
+        let Some(left) = self.buffer_left.checked_sub(bytes) else {
+            return false;
+        };
+        self.buffer_left = left;
+        true
+    }
+    fn buffer_shrank(&mut self, bytes: usize) {
+        self.buffer_left += bytes;
     }
 }
 
@@ -384,6 +413,7 @@ fuzz_target!(|data: &[u8]| {
         max_sessions: 1 + usize::from(c.u8() % 3),
         forward_window: 1 + usize::from(c.u8() % 4),
         max_unsent_bytes: 64 << (c.u8() % 7),
+        frame_timeout: Duration::from_secs(1 + u64::from(c.u8() % 30)),
     });
     let start = Instant::now();
     let perm = info(3, AuthKeyType::Perm, None, None);
@@ -402,6 +432,8 @@ fuzz_target!(|data: &[u8]| {
         ),
         host: FuzzHost {
             handshakes_left: c.u8() % 8,
+            handshake_slots: c.u8() % 3,
+            buffer_left: usize::from(c.u16()) * 4,
         },
         c,
         rng: rng(u64::from(seed)),

@@ -13,7 +13,7 @@ use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
 use crate::metrics::{BuildLabels, Metrics};
 use crate::server::admin::{self, Readiness};
-use crate::server::limiter::Admission;
+use crate::server::limiter::{Admission, Budgets};
 use crate::server::registry::Registry;
 use crate::server::reverse::ReversePath;
 use crate::server::{self, BoundListener, Keys, Limits, Shared};
@@ -132,7 +132,10 @@ impl Gateway {
         metrics
             .connections_limit
             .set(i64::try_from(l.max_connections).unwrap_or(i64::MAX));
-        let registry = Arc::new(Registry::new(metrics.clone()));
+        let registry = Arc::new(Registry::new(
+            metrics.clone(),
+            config.limits.max_sessions_per_auth_key,
+        ));
         let urls = config.store_urls();
         let key_store = store::open(&urls, &metrics.store)
             .await
@@ -210,6 +213,7 @@ impl Gateway {
                 max_sessions: l.max_sessions_per_connection,
                 forward_window: l.forward_window,
                 max_unsent_bytes: UNSENT_BYTES_PER_CONNECTION.max(l.max_frame_bytes),
+                frame_timeout: Duration::from_secs(l.frame_timeout_secs),
             }),
             handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(l.idle_timeout_secs),
@@ -262,6 +266,13 @@ impl Gateway {
                 l.max_connections,
                 l.max_connections_per_ip,
                 l.handshakes_per_ip_per_minute,
+                l.http_requests_per_ip_per_minute,
+            )),
+            budgets: Arc::new(Budgets::new(
+                l.max_handshakes_in_progress,
+                metrics.handshakes_in_progress.clone(),
+                l.max_buffered_bytes,
+                metrics.buffered_bytes.clone(),
             )),
             server_id,
             metrics,

@@ -300,6 +300,20 @@ pub struct LimitsConfig {
     pub http_max_wait_ms: u64,
     /// HTTP transport: bytes of server messages queued per session between requests.
     pub http_queue_bytes: usize,
+    /// From a frame's first byte to its last; a slower frame closes its connection.
+    pub frame_timeout_secs: u64,
+    /// Handshakes from `req_pq` until stored or failed, gateway-wide; beyond
+    /// it a new `req_pq` gets -429.
+    pub max_handshakes_in_progress: usize,
+    /// Client bytes held in partial frames, gateway-wide; the connection
+    /// that would pass it gets -429 and is closed.
+    pub max_buffered_bytes: usize,
+    /// Distinct sessions one auth key may have across all connections; a
+    /// connection that adds one more gets -429 and is closed.
+    pub max_sessions_per_auth_key: usize,
+    /// HTTP transport: requests per client address per minute, as a burst
+    /// refilled evenly; beyond it HTTP 429 with -429.
+    pub http_requests_per_ip_per_minute: u32,
 }
 
 impl Default for Config {
@@ -350,6 +364,11 @@ impl Default for Config {
                 handshakes_per_ip_per_minute: 120,
                 http_max_wait_ms: 25_000,
                 http_queue_bytes: 1 << 20,
+                frame_timeout_secs: 60,
+                max_handshakes_in_progress: 1024,
+                max_buffered_bytes: 256 << 20,
+                max_sessions_per_auth_key: 256,
+                http_requests_per_ip_per_minute: 6000,
             },
         }
     }
@@ -470,7 +489,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 11] = [
+        let checks: [(bool, &str); 15] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -516,6 +535,22 @@ impl Config {
             (
                 l.http_queue_bytes >= 1024,
                 "limits.http_queue_bytes must be at least 1024",
+            ),
+            (
+                l.frame_timeout_secs >= 1,
+                "limits.frame_timeout_secs must be at least 1",
+            ),
+            (
+                l.max_handshakes_in_progress >= 1 && l.max_sessions_per_auth_key >= 1,
+                "limits.max_handshakes_in_progress and limits.max_sessions_per_auth_key must be at least 1",
+            ),
+            (
+                l.max_buffered_bytes >= l.max_frame_bytes,
+                "limits.max_buffered_bytes must be at least limits.max_frame_bytes (one whole frame must fit); raise it or lower max_frame_bytes",
+            ),
+            (
+                l.http_requests_per_ip_per_minute >= 1,
+                "limits.http_requests_per_ip_per_minute must be at least 1",
             ),
         ];
         for (ok, message) in checks {
@@ -776,6 +811,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listeners[1].transport, ListenerTransport::Websocket);
+    }
+
+    #[test]
+    fn budget_settings_default_and_name_the_field() {
+        let c = Config::load_from(&cli(&[]), no_env()).unwrap();
+        assert_eq!(c.limits.frame_timeout_secs, 60);
+        assert_eq!(c.limits.max_handshakes_in_progress, 1024);
+        assert_eq!(c.limits.max_buffered_bytes, 256 << 20);
+        assert_eq!(c.limits.max_sessions_per_auth_key, 256);
+        assert_eq!(c.limits.http_requests_per_ip_per_minute, 6000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        for (text, field) in [
+            ("frame_timeout_secs = 0", "limits.frame_timeout_secs"),
+            (
+                "max_handshakes_in_progress = 0",
+                "limits.max_handshakes_in_progress",
+            ),
+            (
+                "max_sessions_per_auth_key = 0",
+                "limits.max_sessions_per_auth_key",
+            ),
+            ("max_buffered_bytes = 4096", "limits.max_buffered_bytes"),
+            (
+                "http_requests_per_ip_per_minute = 0",
+                "limits.http_requests_per_ip_per_minute",
+            ),
+        ] {
+            std::fs::write(&path, format!("[limits]\n{text}\n")).unwrap();
+            let err = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

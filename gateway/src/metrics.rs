@@ -41,6 +41,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The setting under `limits.` that bit, e.g. `max_buffered_bytes`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -133,6 +139,13 @@ pub struct Metrics {
     pub server_messages_dropped: Family<ReasonLabels, Counter>,
     /// MTProto sessions with a live connection here (the registry's size).
     pub sessions: Gauge,
+    /// Handshakes from `req_pq` until stored or failed (capped by
+    /// `limits.max_handshakes_in_progress`).
+    pub handshakes_in_progress: Gauge,
+    /// Client bytes held in partial frames (capped by `limits.max_buffered_bytes`).
+    pub buffered_bytes: Gauge,
+    /// Gateway limits that refused or closed something, by setting.
+    pub limit_exceeded: Family<LimitLabels, Counter>,
     pub session_rpc: SessionRpcMetrics,
     pub store: mtproto_session::metrics::StoreMetrics,
 }
@@ -158,6 +171,9 @@ impl Default for Metrics {
             outbox_queued: Gauge::default(),
             server_messages_dropped: Family::default(),
             sessions: Gauge::default(),
+            handshakes_in_progress: Gauge::default(),
+            buffered_bytes: Gauge::default(),
+            limit_exceeded: Family::default(),
             session_rpc: SessionRpcMetrics::default(),
             store: Default::default(),
         }
@@ -257,6 +273,21 @@ impl Metrics {
             "mtproto_sessions",
             "MTProto sessions with a live connection on this gateway",
             self.sessions.clone(),
+        );
+        r.register(
+            "mtproto_handshakes_in_progress",
+            "Handshakes from req_pq until the key is stored or a step fails (limits.max_handshakes_in_progress)",
+            self.handshakes_in_progress.clone(),
+        );
+        r.register(
+            "mtproto_buffered_bytes",
+            "Client bytes held in partial frames across all connections (limits.max_buffered_bytes)",
+            self.buffered_bytes.clone(),
+        );
+        r.register(
+            "mtproto_limit_exceeded",
+            "Connections closed or requests refused by a gateway limit, by the limits.* setting",
+            self.limit_exceeded.clone(),
         );
         r.register(
             "mtproto_session_rpc_duration_seconds",

@@ -1,4 +1,5 @@
-//! One handshake as a connection drives it: the per-address rate on
+//! One handshake as a connection drives it: the client msg_id rule of
+//! unencrypted messages, the per-address rate and the gateway-wide slot on
 //! `req_pq`, which steps are heavy (RSA, 2048-bit DH) and leave the caller's
 //! thread, the step and outcome events, storing the new key, and the msg_ids
 //! of the unencrypted replies. Used by stream connections and by the HTTP
@@ -57,7 +58,26 @@ pub struct HandshakeFlow {
     handshake: Option<Handshake>,
     /// When this handshake's `req_pq` came.
     started: Option<Instant>,
+    /// Holds one of the host's slots for handshakes in progress.
+    slot: bool,
     last_msg_id: i64,
+}
+
+/// How far a client msg_id's time may lie behind and ahead of the server's
+/// clock (the spec's window for client messages).
+const MSG_ID_PAST_SECS: i64 = 300;
+const MSG_ID_FUTURE_SECS: i64 = 30;
+
+/// The spec's rule for a client msg_id: a multiple of 4 whose upper half,
+/// Unix seconds, is within the window around `unix_secs`. 0 passes as "not
+/// given": grammers sends it in every unencrypted message, and Telegram's
+/// servers accept that.
+pub fn client_msg_id_ok(msg_id: i64, unix_secs: i64) -> bool {
+    let secs = msg_id >> 32;
+    msg_id == 0
+        || (msg_id % 4 == 0
+            && secs >= unix_secs - MSG_ID_PAST_SECS
+            && secs <= unix_secs + MSG_ID_FUTURE_SECS)
 }
 
 fn step_name(constructor: Option<u32>) -> &'static str {
@@ -74,6 +94,7 @@ impl HandshakeFlow {
         Self {
             handshake: Some(Handshake::new(settings)),
             started: None,
+            slot: false,
             last_msg_id: 0,
         }
     }
@@ -90,9 +111,17 @@ impl HandshakeFlow {
             .is_some_and(|h| h.state_name() == "done")
     }
 
-    /// Handles one unencrypted message body.
+    /// Gives back the host's slot, if this handshake holds one.
+    pub fn release(&mut self, host: &mut impl Host) {
+        if std::mem::take(&mut self.slot) {
+            host.end_handshake();
+        }
+    }
+
+    /// Handles one unencrypted message (its msg_id and body).
     pub fn on_message(
         &mut self,
+        msg_id: i64,
         body: &[u8],
         now: Now,
         host: &mut impl Host,
@@ -101,6 +130,14 @@ impl HandshakeFlow {
     ) -> Result<HandshakeAction, Close> {
         let constructor = Handshake::constructor(body);
         let step = step_name(constructor);
+        if !client_msg_id_ok(msg_id, now.unix_secs()) {
+            events.push_back(Event::HandshakeStep {
+                step,
+                outcome: "bad_msg_id",
+                elapsed: Duration::ZERO,
+            });
+            return Err(Close::BadPlainMsgId { msg_id });
+        }
         if step == "req_pq" {
             if !host.allow_handshake() {
                 events.push_back(Event::Handshake {
@@ -109,6 +146,15 @@ impl HandshakeFlow {
                 });
                 return Err(Close::HandshakeFlood);
             }
+            // A handshake restarted on the same connection keeps its slot.
+            if !self.slot && !host.begin_handshake() {
+                events.push_back(Event::Handshake {
+                    outcome: "busy",
+                    elapsed: None,
+                });
+                return Err(Close::HandshakesBusy);
+            }
+            self.slot = true;
             self.started = Some(now.instant);
         }
         let Some(mut handshake) = self.handshake.take() else {
@@ -126,7 +172,7 @@ impl HandshakeFlow {
         }
         let result = handshake.on_message(body, now.unix_secs(), rng);
         self.handshake = Some(handshake);
-        self.step_done(step, Duration::ZERO, result, now, events)
+        self.step_done(step, Duration::ZERO, result, now, host, events)
     }
 
     /// Takes back a step that ran off the connection's thread.
@@ -134,6 +180,7 @@ impl HandshakeFlow {
         &mut self,
         job: Box<HandshakeJob>,
         now: Now,
+        host: &mut impl Host,
         events: &mut VecDeque<Event>,
     ) -> Result<HandshakeAction, Close> {
         let HandshakeJob {
@@ -149,7 +196,7 @@ impl HandshakeFlow {
         self.handshake = Some(handshake);
         let result = result.unwrap_or(Err(HandshakeError::OutOfOrder(step, "not computed")));
         let elapsed = now.instant.saturating_duration_since(started);
-        self.step_done(step, elapsed, result, now, events)
+        self.step_done(step, elapsed, result, now, host, events)
     }
 
     fn step_done(
@@ -158,6 +205,7 @@ impl HandshakeFlow {
         elapsed: Duration,
         result: Result<Step, HandshakeError>,
         now: Now,
+        host: &mut impl Host,
         events: &mut VecDeque<Event>,
     ) -> Result<HandshakeAction, Close> {
         events.push_back(Event::HandshakeStep {
@@ -173,6 +221,7 @@ impl HandshakeFlow {
                     outcome: "failed",
                     elapsed: None,
                 });
+                self.release(host);
                 Err(e.into())
             }
             Ok(Step::Nothing) => Ok(HandshakeAction::Nothing),
@@ -186,8 +235,13 @@ impl HandshakeFlow {
         &mut self,
         outcome: StoreOutcome,
         now: Now,
+        host: &mut impl Host,
         events: &mut VecDeque<Event>,
     ) -> Result<HandshakeAction, Close> {
+        if outcome != StoreOutcome::Collision {
+            // Stored, or failed for good: no more work for this handshake.
+            self.release(host);
+        }
         let elapsed = match outcome {
             StoreOutcome::Stored => self
                 .started

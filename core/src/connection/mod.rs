@@ -26,7 +26,7 @@ use rand::{CryptoRng, RngCore};
 use thiserror::Error;
 
 pub use envelope::{open, resolve_key, KeyLookup, Opened};
-pub use handshake_flow::{HandshakeAction, HandshakeFlow, HandshakeJob};
+pub use handshake_flow::{client_msg_id_ok, HandshakeAction, HandshakeFlow, HandshakeJob};
 
 use crate::authkey::AuthKeyInfo;
 use crate::handshake::{HandshakeError, HandshakeSettings, NewAuthKey, StoreOutcome};
@@ -55,6 +55,9 @@ pub struct Settings {
     pub forward_window: usize,
     /// Unwritten bytes beyond which the connection takes no more server messages.
     pub max_unsent_bytes: usize,
+    /// From a frame's first byte to its last: a client cannot hold a partial
+    /// frame (and its buffer) open by trickling bytes.
+    pub frame_timeout: Duration,
 }
 
 /// The time, as the shell's clock reads it.
@@ -75,9 +78,33 @@ impl Now {
 pub trait Host {
     /// May this client start another handshake (the per-address rate)?
     fn allow_handshake(&mut self) -> bool;
-    /// This connection now carries (auth_key_id, session_id). True when the
-    /// session is new to this gateway (teamgram's `conn_type = 1`).
-    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool;
+    /// Takes one of the gateway's slots for handshakes in progress (the
+    /// RSA/DH work they can still ask for), held until
+    /// [`Host::end_handshake`] or until the connection ends; false when all
+    /// are taken.
+    fn begin_handshake(&mut self) -> bool;
+    /// The handshake that holds a slot ended (key stored or step failed).
+    fn end_handshake(&mut self);
+    /// This connection now carries (auth_key_id, session_id).
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> Attached;
+    /// This connection's buffered input (partial frames) grew by `bytes`:
+    /// false when that would pass the gateway-wide budget (nothing is
+    /// counted then).
+    fn buffer_grew(&mut self, bytes: usize) -> bool;
+    /// This connection's buffered input shrank by `bytes`.
+    fn buffer_shrank(&mut self, bytes: usize);
+}
+
+/// What [`Host::attach_session`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// The session is new to this gateway (teamgram's `conn_type = 1`).
+    New,
+    /// Another connection here carries it already.
+    Known,
+    /// The auth key already has this many sessions across the gateway's
+    /// connections: the session is not attached.
+    KeyFull(usize),
 }
 
 /// Why a connection ended.
@@ -124,6 +151,18 @@ pub enum Close {
     ClientLimit,
     #[error("too many handshakes from this client address")]
     HandshakeFlood,
+    #[error("the gateway's handshakes in progress are at their limit")]
+    HandshakesBusy,
+    #[error("the gateway's budget for buffered partial frames is spent")]
+    BufferBudget,
+    #[error("a started frame was not completed within the frame timeout")]
+    FrameTimeout,
+    #[error("auth key has {0} sessions across the gateway's connections")]
+    KeySessionsFull(usize),
+    /// The spec's window for client msg_ids (300 s past, 30 s ahead, a
+    /// multiple of 4), applied to the unencrypted handshake messages.
+    #[error("unencrypted message with msg_id {msg_id:#x} outside the spec's window or not a multiple of 4")]
+    BadPlainMsgId { msg_id: i64 },
 }
 
 impl Close {
@@ -150,16 +189,30 @@ impl Close {
             Close::ProxyHeaderMissing => "proxy_header_missing",
             Close::ClientLimit => "client_limit",
             Close::HandshakeFlood => "handshake_flood",
+            Close::HandshakesBusy => "handshakes_busy",
+            Close::BufferBudget => "buffer_budget",
+            Close::FrameTimeout => "frame_timeout",
+            Close::KeySessionsFull(_) => "key_sessions_full",
+            Close::BadPlainMsgId { .. } => "bad_msg_id",
         }
     }
 
-    /// The transport error code sent before closing, where MTProto has one.
+    /// The transport error code sent before closing, where MTProto has one:
+    /// −404 for a key that is truly unknown, −429 for every gateway limit a
+    /// client can retry later (the per-address handshake rate, the
+    /// gateway-wide handshake and buffer budgets, sessions per key). A bad
+    /// handshake msg_id gets none: −404 would make the client drop a key
+    /// it may have, −429 would tell it to back off from a flood it did not
+    /// cause; it is closed like any other malformed message.
     pub fn code(&self) -> Option<i32> {
         match self {
             Close::UnknownKey(_) | Close::ExpiredKey(_) | Close::KeyUnregistered(_) => {
                 Some(error_code::AUTH_KEY_NOT_FOUND)
             }
-            Close::HandshakeFlood => Some(error_code::FLOOD),
+            Close::HandshakeFlood
+            | Close::HandshakesBusy
+            | Close::BufferBudget
+            | Close::KeySessionsFull(_) => Some(error_code::FLOOD),
             _ => None,
         }
     }
@@ -251,6 +304,13 @@ enum Waiting {
     Store,
 }
 
+/// Frees an emptied queue's storage: an idle connection holds none.
+fn release<T>(queue: &mut VecDeque<T>) {
+    if queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
+}
+
 /// One client connection (TCP or WebSocket byte stream).
 #[derive(Debug)]
 pub struct Connection {
@@ -274,6 +334,10 @@ pub struct Connection {
     idle_deadline: Instant,
     /// Set while bytes wait to be written: the last progress plus the write timeout.
     write_deadline: Option<Instant>,
+    /// Set while a frame is incomplete: when it began plus the frame timeout.
+    frame_deadline: Option<Instant>,
+    /// Input bytes counted against the gateway's buffer budget.
+    buffered: usize,
     close: Option<Close>,
 }
 
@@ -303,6 +367,8 @@ impl Connection {
             handshake_deadline: now + settings.handshake_timeout,
             idle_deadline: now + settings.idle_timeout,
             write_deadline: None,
+            frame_deadline: None,
+            buffered: 0,
             close: None,
             settings,
             handshake_settings,
@@ -356,24 +422,55 @@ impl Connection {
         self.process(now, host, rng);
     }
 
-    /// Decodes and handles frames until one must wait or the input runs out.
+    /// Decodes and handles frames until one must wait or the input runs out,
+    /// then accounts for what is left buffered.
     fn process(&mut self, now: Now, host: &mut impl Host, rng: &mut (impl RngCore + CryptoRng)) {
+        let mut decoded = false;
         while self.wants_read() {
             let detecting = self.transport.name().is_none();
-            let decoded = self.transport.decode(&mut self.input);
+            let frame = self.transport.decode(&mut self.input);
             if let Some(name) = self.transport.name().filter(|_| detecting) {
                 self.events.push_back(Event::Transport(name));
             }
-            match decoded {
-                Ok(Some(frame)) => self.on_frame(frame, now, host, rng),
+            match frame {
+                Ok(Some(frame)) => {
+                    decoded = true;
+                    self.on_frame(frame, now, host, rng);
+                }
                 Ok(None) => break,
                 Err(e) => self.close_with(Close::Transport(e), now, rng),
             }
         }
-        if self.input.is_empty() && self.input.capacity() > IDLE_CHUNK {
-            // Give back what a large frame needed.
-            self.input = BytesMut::new();
+        if self.input.is_empty() {
+            self.frame_deadline = None;
+            if self.input.capacity() > IDLE_CHUNK {
+                // Give back what a large frame needed.
+                self.input = BytesMut::new();
+            }
+        } else if decoded || self.frame_deadline.is_none() {
+            // What is left is the start of the next frame.
+            self.frame_deadline = Some(now.instant + self.settings.frame_timeout);
         }
+        self.account_buffered(now, host, rng);
+    }
+
+    /// Brings the gateway's count of buffered input up to date; a
+    /// connection whose growth the budget cannot take is closed (only it).
+    fn account_buffered(&mut self, now: Now, host: &mut impl Host, rng: &mut impl RngCore) {
+        let held = if self.close.is_some() {
+            0
+        } else {
+            self.input.len()
+        };
+        if held > self.buffered {
+            if !host.buffer_grew(held - self.buffered) {
+                self.close_with(Close::BufferBudget, now, rng);
+                return self.account_buffered(now, host, rng);
+            }
+        } else if held < self.buffered {
+            host.buffer_shrank(self.buffered - held);
+        }
+        self.buffered = held;
     }
 
     fn on_frame(
@@ -405,7 +502,7 @@ impl Connection {
         let flow = self
             .handshake
             .get_or_insert_with(|| Box::new(HandshakeFlow::new(settings.clone())));
-        let action = flow.on_message(plain.body, now, host, rng, &mut self.events);
+        let action = flow.on_message(plain.msg_id, plain.body, now, host, rng, &mut self.events);
         self.on_handshake_action(action, now, rng);
     }
 
@@ -501,8 +598,19 @@ impl Connection {
                 let count = self.sessions.len();
                 return self.close_with(Close::TooManySessions(count), now, rng);
             }
-            self.sessions.push(session_id);
-            i32::from(host.attach_session(info.id(), session_id))
+            match host.attach_session(info.id(), session_id) {
+                Attached::New => {
+                    self.sessions.push(session_id);
+                    1
+                }
+                Attached::Known => {
+                    self.sessions.push(session_id);
+                    0
+                }
+                Attached::KeyFull(count) => {
+                    return self.close_with(Close::KeySessionsFull(count), now, rng)
+                }
+            }
         };
         self.forwards_in_flight += 1;
         self.actions
@@ -528,7 +636,9 @@ impl Connection {
         match resolve_key(auth_key_id, lookup, self.key.as_ref(), now.unix_secs()) {
             Ok(info) => {
                 if self.key.is_none() {
-                    self.handshake = None;
+                    if let Some(mut flow) = self.handshake.take() {
+                        flow.release(host);
+                    }
                 }
                 self.key = Some(info.clone());
                 self.decrypt_and_forward(&info, frame, now, host, rng);
@@ -558,7 +668,7 @@ impl Connection {
         let Some(flow) = self.handshake.as_mut() else {
             return;
         };
-        let action = flow.on_computed(job, now, &mut self.events);
+        let action = flow.on_computed(job, now, host, &mut self.events);
         self.on_handshake_action(action, now, rng);
         self.process(now, host, rng);
     }
@@ -578,7 +688,7 @@ impl Connection {
         let Some(flow) = self.handshake.as_mut() else {
             return;
         };
-        let action = flow.on_stored(outcome, now, &mut self.events);
+        let action = flow.on_stored(outcome, now, host, &mut self.events);
         self.on_handshake_action(action, now, rng);
         self.process(now, host, rng);
     }
@@ -685,14 +795,27 @@ impl Connection {
         }
         self.write_deadline =
             (!self.transmit.is_empty()).then(|| now + self.settings.write_timeout);
+        if self.transmit.is_empty() {
+            release(&mut self.transmit);
+            // The encoder's leftover room keeps the last packet's allocation alive.
+            self.scratch = BytesMut::new();
+        }
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() {
+            release(&mut self.actions);
+        }
+        action
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() {
+            release(&mut self.events);
+        }
+        event
     }
 
     /// The next deadline; call [`Connection::handle_timeout`] when it passes.
@@ -701,10 +824,17 @@ impl Connection {
             return self.write_deadline;
         }
         let handshake = self.key.is_none().then_some(self.handshake_deadline);
-        [Some(self.idle_deadline), handshake, self.write_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        // A frame that waits because this side paused reading is not late.
+        let frame = self.frame_deadline.filter(|_| self.wants_read());
+        [
+            Some(self.idle_deadline),
+            handshake,
+            self.write_deadline,
+            frame,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn handle_timeout(&mut self, now: Now, rng: &mut (impl RngCore + CryptoRng)) {
@@ -721,6 +851,8 @@ impl Connection {
         }
         if self.key.is_none() && self.handshake_deadline <= at {
             self.close_with(Close::HandshakeTimeout, now, rng);
+        } else if self.wants_read() && self.frame_deadline.is_some_and(|d| d <= at) {
+            self.close_with(Close::FrameTimeout, now, rng);
         } else if self.idle_deadline <= at {
             self.close_with(Close::IdleTimeout, now, rng);
         }

@@ -12,17 +12,61 @@ use crate::transport::error_code;
 #[derive(Default)]
 struct TestHost {
     refuse_handshakes: bool,
+    /// Gateway-wide handshake slots; `None`: unlimited.
+    handshake_slots: Option<usize>,
+    handshakes_in_progress: usize,
     attached: Vec<(i64, i64)>,
+    /// Sessions one key may have across connections; `None`: unlimited.
+    key_sessions: Option<usize>,
+    /// The gateway-wide buffer budget; `None`: unlimited.
+    buffer_budget: Option<usize>,
+    buffered: usize,
 }
 
 impl Host for TestHost {
     fn allow_handshake(&mut self) -> bool {
         !self.refuse_handshakes
     }
-    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool {
-        let new = !self.attached.contains(&(auth_key_id, session_id));
+    fn begin_handshake(&mut self) -> bool {
+        if self
+            .handshake_slots
+            .is_some_and(|max| self.handshakes_in_progress >= max)
+        {
+            return false;
+        }
+        self.handshakes_in_progress += 1;
+        true
+    }
+    fn end_handshake(&mut self) {
+        self.handshakes_in_progress -= 1;
+    }
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> Attached {
+        if self.attached.contains(&(auth_key_id, session_id)) {
+            return Attached::Known;
+        }
+        let of_key = self
+            .attached
+            .iter()
+            .filter(|(key, _)| *key == auth_key_id)
+            .count();
+        if self.key_sessions.is_some_and(|max| of_key >= max) {
+            return Attached::KeyFull(of_key);
+        }
         self.attached.push((auth_key_id, session_id));
-        new
+        Attached::New
+    }
+    fn buffer_grew(&mut self, bytes: usize) -> bool {
+        if self
+            .buffer_budget
+            .is_some_and(|max| self.buffered + bytes > max)
+        {
+            return false;
+        }
+        self.buffered += bytes;
+        true
+    }
+    fn buffer_shrank(&mut self, bytes: usize) {
+        self.buffered -= bytes;
     }
 }
 
@@ -44,6 +88,7 @@ fn settings() -> Settings {
         max_sessions: 2,
         forward_window: 2,
         max_unsent_bytes: 4096,
+        frame_timeout: Duration::from_secs(20),
     }
 }
 
@@ -75,8 +120,12 @@ impl Test {
     }
 
     fn feed(&mut self, bytes: &[u8]) {
+        self.feed_at(0, bytes);
+    }
+
+    fn feed_at(&mut self, secs: u64, bytes: &[u8]) {
         self.input(bytes);
-        let now = self.at(0);
+        let now = self.at(secs);
         self.conn
             .handle_input(bytes.len(), now, &mut self.host, &mut self.rng);
     }
@@ -145,8 +194,12 @@ fn error_packet(code: i32) -> Vec<Vec<u8>> {
 }
 
 fn req_pq_multi() -> Vec<u8> {
+    req_pq_multi_with((UNIX as i64) << 32)
+}
+
+fn req_pq_multi_with(msg_id: i64) -> Vec<u8> {
     let mut msg = vec![0u8; 8];
-    msg.extend_from_slice(&((UNIX as i64) << 32).to_le_bytes());
+    msg.extend_from_slice(&msg_id.to_le_bytes());
     msg.extend_from_slice(&20u32.to_le_bytes());
     msg.extend_from_slice(&id::REQ_PQ_MULTI.to_le_bytes());
     msg.extend_from_slice(&[7u8; 16]);
@@ -584,4 +637,191 @@ fn malformed_frames_close_with_the_transport_error() {
     // A 4-byte frame is too short for any message.
     t.feed(&[0xef, 1, 0, 0, 0, 0]);
     assert!(matches!(t.conn.closing(), Some(Close::Message(_))));
+}
+
+#[test]
+fn plain_msg_id_outside_the_window_or_not_a_multiple_of_4_closes_without_a_code() {
+    let now = UNIX as i64;
+    for (msg_id, ok) in [
+        (now << 32, true),
+        ((now - 300) << 32, true),
+        ((now + 30) << 32 | 0xffff_fffc, true),
+        ((now - 301) << 32 | 0xffff_fffc, false),
+        ((now + 31) << 32, false),
+        (now << 32 | 1, false),
+        (now << 32 | 2, false),
+        (0, true),
+        (-4, false),
+        (4, false),
+    ] {
+        let mut t = Test::new();
+        let mut bytes = vec![0xef];
+        bytes.extend(abridged(&req_pq_multi_with(msg_id), false));
+        t.feed(&bytes);
+        if ok {
+            assert!(t.conn.closing().is_none(), "{msg_id:#x}");
+            assert_eq!(t.written().len(), 1, "resPQ for {msg_id:#x}");
+        } else {
+            assert!(
+                matches!(t.conn.closing(), Some(Close::BadPlainMsgId { msg_id: m }) if *m == msg_id),
+                "{msg_id:#x}: {:?}",
+                t.conn.closing()
+            );
+            assert!(t.written().is_empty(), "no transport code");
+            assert_eq!(t.host.handshakes_in_progress, 0);
+        }
+    }
+}
+
+#[test]
+fn handshake_beyond_the_gateway_slots_gets_429_and_slots_come_back() {
+    let mut a = Test::new();
+    a.host.handshake_slots = Some(1);
+    let mut bytes = vec![0xef];
+    bytes.extend(abridged(&req_pq_multi(), false));
+    a.feed(&bytes);
+    assert_eq!(a.host.handshakes_in_progress, 1);
+    // A handshake restarted on the same connection keeps its one slot.
+    a.feed(&abridged(&req_pq_multi(), false));
+    assert!(a.conn.closing().is_none());
+    assert_eq!(a.host.handshakes_in_progress, 1);
+    assert_eq!(a.written().len(), 2);
+
+    // Another connection while every slot is taken.
+    let mut b = Test::new();
+    b.host.handshake_slots = Some(1);
+    b.host.handshakes_in_progress = 1;
+    b.feed(&bytes);
+    assert!(matches!(b.conn.closing(), Some(Close::HandshakesBusy)));
+    assert_eq!(b.written(), error_packet(error_code::FLOOD));
+    assert!(b.events().contains(&Event::Handshake {
+        outcome: "busy",
+        elapsed: None
+    }));
+    assert_eq!(b.host.handshakes_in_progress, 1, "nothing taken");
+
+    // A failed step gives the slot back.
+    let mut msg = vec![0u8; 8];
+    msg.extend_from_slice(&((UNIX as i64) << 32 | 4).to_le_bytes());
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&id::REQ_DH_PARAMS.to_le_bytes());
+    msg.extend_from_slice(&[0; 4]);
+    a.feed(&abridged(&msg, false));
+    let Some(Action::Compute(mut job)) = a.actions().pop() else {
+        panic!("expected a computation");
+    };
+    job.run(&mut rand::thread_rng());
+    let now = a.at(0);
+    a.conn.handle_computed(job, now, &mut a.host, &mut a.rng);
+    assert!(matches!(a.conn.closing(), Some(Close::Handshake(_))));
+    assert_eq!(a.host.handshakes_in_progress, 0);
+
+    // So does a connection that binds a key instead of finishing its handshake.
+    let mut c = Test::new();
+    c.feed(&bytes);
+    assert_eq!(c.host.handshakes_in_progress, 1);
+    c.written();
+    let info = perm_key();
+    c.feed(&abridged(&encrypted(&info, 1, 4), false));
+    c.key_found(&info);
+    assert_eq!(c.host.handshakes_in_progress, 0);
+    assert_eq!(forwards(&c.actions()).len(), 1);
+}
+
+#[test]
+fn a_frame_not_completed_within_the_frame_timeout_closes() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    t.forwarded(Forwarded::Accepted);
+    let frame = abridged(&encrypted(&info, 1, 8), false);
+    // Idle: only the idle deadline.
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(100).instant));
+    t.feed_at(1, &frame[..10]);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(21).instant));
+    // More bytes of the same frame do not move the deadline.
+    t.feed_at(15, &frame[10..20]);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(21).instant));
+    let now = t.at(21);
+    t.conn.handle_timeout(now, &mut t.rng);
+    assert!(matches!(t.conn.closing(), Some(Close::FrameTimeout)));
+    assert!(t.written().is_empty(), "no transport code");
+}
+
+#[test]
+fn a_completed_frame_ends_its_deadline_and_a_paused_reader_is_not_late() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    let first = abridged(&encrypted(&info, 1, 8), false);
+    t.feed_at(1, &first[..10]);
+    t.feed_at(2, &first[10..]);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(102).instant), "idle only");
+    // Two forwards in flight: reading pauses with the next frame half read.
+    assert!(!t.conn.wants_read());
+    let second = abridged(&encrypted(&info, 1, 12), false);
+    t.input(&second[..10]);
+    let now = t.at(3);
+    t.conn.handle_input(10, now, &mut t.host, &mut t.rng);
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(103).instant), "paused");
+    let now = t.at(30);
+    t.conn.handle_timeout(now, &mut t.rng);
+    assert!(t.conn.closing().is_none());
+    // Reading resumes: the partial frame now has its deadline.
+    t.forwarded(Forwarded::Accepted);
+    assert!(t.conn.wants_read());
+    assert_eq!(t.conn.poll_timeout(), Some(t.at(23).instant));
+}
+
+#[test]
+fn buffered_input_is_counted_and_past_the_budget_gets_429() {
+    let mut t = Test::new();
+    t.host.buffer_budget = Some(100);
+    let info = perm_key();
+    t.bind(&info);
+    t.forwarded(Forwarded::Accepted);
+    let frame = abridged(&encrypted(&info, 1, 8), false);
+    assert!(frame.len() > 60);
+    t.feed(&frame[..50]);
+    assert_eq!(t.host.buffered, 50);
+    t.feed(&frame[50..]);
+    assert_eq!(t.host.buffered, 0, "a completed frame is no longer counted");
+    t.forwarded(Forwarded::Accepted);
+    // Other connections hold 80 of the 100 bytes: 50 more do not fit.
+    t.host.buffered = 80;
+    t.feed(&frame[..50]);
+    assert!(matches!(t.conn.closing(), Some(Close::BufferBudget)));
+    assert_eq!(t.written(), error_packet(error_code::FLOOD));
+    assert_eq!(t.host.buffered, 80, "nothing of this connection counted");
+}
+
+#[test]
+fn sessions_beyond_the_key_cap_get_429() {
+    let mut t = Test::new();
+    t.host.key_sessions = Some(1);
+    let info = perm_key();
+    // Another connection carries a session of this key.
+    t.host.attached.push((info.id(), 99));
+    t.bind(&info);
+    assert!(matches!(t.conn.closing(), Some(Close::KeySessionsFull(1))));
+    assert!(forwards(&t.actions()).is_empty());
+    assert_eq!(t.written(), error_packet(error_code::FLOOD));
+}
+
+#[test]
+fn an_idle_connection_holds_no_queue_storage() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    t.actions();
+    t.forwarded(Forwarded::Accepted);
+    let now = t.at(0);
+    assert!(t.conn.send_server_message(&[5u8; 48], now, &mut t.rng));
+    t.events();
+    t.written();
+    assert_eq!(t.conn.actions.capacity(), 0);
+    assert_eq!(t.conn.events.capacity(), 0);
+    assert_eq!(t.conn.transmit.capacity(), 0);
+    assert_eq!(t.conn.scratch.capacity(), 0);
+    assert!(t.conn.input.capacity() <= IDLE_CHUNK);
 }

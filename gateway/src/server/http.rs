@@ -39,13 +39,13 @@ use tracing::{debug, info};
 
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outgoing};
-use super::shell::{self, GatewayHost, OpenGauge};
+use super::shell::{self, GatewayHost, Held, OpenGauge};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
 use crate::metrics::OutcomeLabels;
 use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::connection::{
-    open, resolve_key, Close, Forward, Forwarded, HandshakeAction, HandshakeFlow,
+    open, resolve_key, Attached, Close, Forward, Forwarded, HandshakeAction, HandshakeFlow,
 };
 use mtproto_core::handshake::{Handshake, HandshakeError};
 use mtproto_core::longpoll::{self, HttpWait, Sequence};
@@ -201,6 +201,8 @@ impl Hub {
 struct PendingHandshake {
     flow: HandshakeFlow,
     expires: Instant,
+    /// Its slot among the gateway's handshakes in progress.
+    held: Held,
 }
 
 /// One (auth_key_id, session_id) as the registry sees it: server messages
@@ -439,6 +441,18 @@ fn refuse(counter: &Counter, status: StatusCode, why: &'static str) -> Response<
 async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>> {
     let stats = &cx.shared.http.stats;
     stats.requests.inc();
+    if !cx
+        .shared
+        .admission
+        .allow_http_request(cx.peer.ip(), std::time::Instant::now())
+    {
+        shell::count_limit(&cx.shared, "http_requests_per_ip_per_minute");
+        debug!(conn = cx.id, peer = %cx.peer, "HTTP request rate exceeded");
+        return respond(
+            StatusCode::TOO_MANY_REQUESTS,
+            Bytes::copy_from_slice(&error_code::FLOOD.to_le_bytes()),
+        );
+    }
     if request.method() == Method::OPTIONS {
         let mut response = with_cors(Response::new(Full::new(Bytes::new())));
         response.headers_mut().insert(
@@ -507,6 +521,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
 fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
     let stats = &cx.shared.http.stats;
     let (id, peer) = (cx.id, cx.peer);
+    shell::count_limit_of(&cx.shared, &close);
     if let Some(code) = close.code() {
         let status = if code == error_code::AUTH_KEY_NOT_FOUND {
             shell::count_404(&cx.shared, id, peer, &close);
@@ -594,6 +609,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             PendingHandshake {
                 flow: HandshakeFlow::new(shared.handshake.clone()),
                 expires: now + shared.limits.handshake_timeout,
+                held: Held::new(shared.budgets.clone()),
             }
         } else {
             // An unknown nonce: expired, never started, or started on another pod.
@@ -611,8 +627,10 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
         id: cx.id,
         peer: cx.peer,
         outbox: None,
+        held: &mut pending.held,
     };
     let mut action = pending.flow.on_message(
+        plain.msg_id,
         plain.body,
         shell::now(),
         &mut host,
@@ -625,11 +643,15 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
         match action {
             Ok(HandshakeAction::Compute(job)) => {
                 let job = shell::compute(job).await?;
-                action = pending.flow.on_computed(job, shell::now(), &mut events);
+                action = pending
+                    .flow
+                    .on_computed(job, shell::now(), &mut host, &mut events);
             }
             Ok(HandshakeAction::Store(key)) => {
                 let outcome = shell::store_key(shared, cx.id, key).await;
-                action = pending.flow.on_stored(outcome, shell::now(), &mut events);
+                action = pending
+                    .flow
+                    .on_stored(outcome, shell::now(), &mut host, &mut events);
             }
             Ok(HandshakeAction::Reply(reply)) => break Ok(reply),
             Ok(HandshakeAction::Nothing) => {
@@ -735,7 +757,9 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
     let id = shared.connection_ids.next();
     let vc = Arc::new(VirtualConn::new(id, client_ip));
     let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
-    shared.registry.attach(key.0, session_id, id, &outbox);
+    if let Attached::KeyFull(n) = shared.registry.attach(key.0, session_id, id, &outbox) {
+        return Err(Close::KeySessionsFull(n));
+    }
     sessions.insert(key, vc.clone());
     tokio::spawn(run_session(
         shared.clone(),

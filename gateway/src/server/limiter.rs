@@ -1,6 +1,8 @@
-//! Admission limits: open connections per listener and per client address, and
-//! new handshakes per client address. The bookkeeping is plain data with time
-//! passed in, so the rules are tested without sockets or clocks.
+//! Admission limits: open connections per listener and per client address,
+//! new handshakes and HTTP requests per client address, and the gateway-wide
+//! budgets (handshakes in progress, bytes buffered in partial frames). The
+//! bookkeeping is plain data with time passed in, so the rules are tested
+//! without sockets or clocks.
 //!
 //! IPv6 clients are grouped by their /64: one subscriber usually owns a whole
 //! /64, so counting single addresses would let one host bypass the caps.
@@ -10,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -66,10 +69,11 @@ impl PerClientCount {
     }
 }
 
-/// New handshakes per client key: a burst of `per_minute`, refilled evenly over
-/// a minute (the generic cell rate algorithm: one instant per client).
+/// Events (new handshakes, HTTP requests) per client key: a burst of
+/// `per_minute`, refilled evenly over a minute (the generic cell rate
+/// algorithm: one instant per client).
 #[derive(Debug)]
-pub struct HandshakeRate {
+pub struct Rate {
     interval: Duration,
     burst: Duration,
     /// When each client's allowance is next fully restored.
@@ -79,7 +83,7 @@ pub struct HandshakeRate {
 /// Clients tracked before fully restored entries are swept.
 const SWEEP_AT: usize = 4096;
 
-impl HandshakeRate {
+impl Rate {
     pub fn new(per_minute: u32) -> Self {
         let interval = Duration::from_secs(60) / per_minute.max(1);
         Self {
@@ -89,7 +93,7 @@ impl HandshakeRate {
         }
     }
 
-    /// Takes one handshake from the client's allowance; false when it is spent.
+    /// Takes one event from the client's allowance; false when it is spent.
     pub fn allow(&mut self, key: ClientKey, now: Instant) -> bool {
         if self.full_at.len() >= SWEEP_AT {
             self.full_at.retain(|_, at| *at > now);
@@ -176,7 +180,8 @@ impl Refused {
 pub struct Admission {
     max_per_listener: usize,
     clients: Mutex<PerClientCount>,
-    handshakes: Mutex<HandshakeRate>,
+    handshakes: Mutex<Rate>,
+    http_requests: Mutex<Rate>,
     pub refused: Refused,
 }
 
@@ -198,11 +203,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Admission {
-    pub fn new(max_per_listener: usize, max_per_client: usize, handshakes_per_minute: u32) -> Self {
+    pub fn new(
+        max_per_listener: usize,
+        max_per_client: usize,
+        handshakes_per_minute: u32,
+        http_requests_per_minute: u32,
+    ) -> Self {
         Self {
             max_per_listener,
             clients: Mutex::new(PerClientCount::new(max_per_client)),
-            handshakes: Mutex::new(HandshakeRate::new(handshakes_per_minute)),
+            handshakes: Mutex::new(Rate::new(handshakes_per_minute)),
+            http_requests: Mutex::new(Rate::new(http_requests_per_minute)),
             refused: Refused::default(),
         }
     }
@@ -246,6 +257,73 @@ impl Admission {
     /// Whether the client may start another handshake now.
     pub fn allow_handshake(&self, ip: IpAddr, now: Instant) -> bool {
         lock(&self.handshakes).allow(ClientKey::from(ip), now)
+    }
+
+    /// Whether the client may send another HTTP-transport request now.
+    pub fn allow_http_request(&self, ip: IpAddr, now: Instant) -> bool {
+        lock(&self.http_requests).allow(ClientKey::from(ip), now)
+    }
+}
+
+/// Gateway-wide budgets, each a gauge that never passes its cap: what is
+/// taken is given back by the guard that took it.
+#[derive(Debug)]
+pub struct Budgets {
+    max_handshakes: i64,
+    handshakes: Gauge,
+    max_buffered: i64,
+    buffered: Gauge,
+}
+
+/// Adds `n` to `gauge` unless that would pass `max`.
+fn take(gauge: &Gauge, n: i64, max: i64) -> bool {
+    gauge
+        .inner()
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v + n <= max).then_some(v + n)
+        })
+        .is_ok()
+}
+
+impl Budgets {
+    /// Caps on the two gauges (the metrics' own handles).
+    pub fn new(
+        max_handshakes: usize,
+        handshakes: Gauge,
+        max_buffered: usize,
+        buffered: Gauge,
+    ) -> Self {
+        Self {
+            max_handshakes: i64::try_from(max_handshakes).unwrap_or(i64::MAX),
+            handshakes,
+            max_buffered: i64::try_from(max_buffered).unwrap_or(i64::MAX),
+            buffered,
+        }
+    }
+
+    /// One of the handshake slots, or `None` when all are taken.
+    pub fn begin_handshake(self: &Arc<Self>) -> Option<HandshakeSlot> {
+        take(&self.handshakes, 1, self.max_handshakes).then(|| HandshakeSlot(self.clone()))
+    }
+
+    /// Counts `bytes` more buffered input, unless that passes the budget.
+    pub fn buffer(&self, bytes: usize) -> bool {
+        i64::try_from(bytes).is_ok_and(|n| take(&self.buffered, n, self.max_buffered))
+    }
+
+    pub fn unbuffer(&self, bytes: usize) {
+        self.buffered
+            .dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// A handshake in progress; its slot is free again when this drops.
+#[derive(Debug)]
+pub struct HandshakeSlot(Arc<Budgets>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshakes.dec();
     }
 }
 
@@ -303,7 +381,7 @@ mod tests {
 
     #[test]
     fn handshake_burst_then_steady_rate() {
-        let mut r = HandshakeRate::new(6);
+        let mut r = Rate::new(6);
         let a = ClientKey::from(ip("10.0.0.1"));
         let t0 = Instant::now();
         for _ in 0..6 {
@@ -325,7 +403,7 @@ mod tests {
 
     #[test]
     fn handshake_table_is_swept() {
-        let mut r = HandshakeRate::new(60);
+        let mut r = Rate::new(60);
         let t0 = Instant::now();
         for i in 0..SWEEP_AT as u32 {
             assert!(r.allow(ClientKey::from(IpAddr::from(i.to_be_bytes())), t0));
@@ -337,7 +415,7 @@ mod tests {
 
     #[test]
     fn slots_are_returned_on_drop() {
-        let admission = Arc::new(Admission::new(2, 1, 60));
+        let admission = Arc::new(Admission::new(2, 1, 60, 60));
         let listener = Arc::new(ListenerSlots::default());
         let mut s1 = admission.enter_listener(&listener).unwrap();
         admission.enter_client(&mut s1, ip("10.0.0.1")).unwrap();
@@ -355,5 +433,33 @@ mod tests {
         let _s3 = admission.enter_listener(&listener).unwrap();
         assert_eq!(admission.refused.client_full.get(), 1);
         assert_eq!(admission.refused.listener_full.get(), 1);
+    }
+
+    #[test]
+    fn budgets_stop_at_their_caps_and_guards_give_back() {
+        let budgets = Arc::new(Budgets::new(2, Gauge::default(), 100, Gauge::default()));
+        let a = budgets.begin_handshake().unwrap();
+        let _b = budgets.begin_handshake().unwrap();
+        assert!(budgets.begin_handshake().is_none());
+        assert_eq!(budgets.handshakes.get(), 2);
+        drop(a);
+        assert_eq!(budgets.handshakes.get(), 1);
+        assert!(budgets.begin_handshake().is_some());
+        assert!(budgets.buffer(60));
+        assert!(!budgets.buffer(41), "over the cap: nothing counted");
+        assert!(budgets.buffer(40));
+        budgets.unbuffer(100);
+        assert_eq!(budgets.buffered.get(), 0);
+    }
+
+    #[test]
+    fn http_requests_have_their_own_rate() {
+        let admission = Admission::new(10, 10, 60, 2);
+        let t0 = Instant::now();
+        assert!(admission.allow_http_request(ip("10.0.0.1"), t0));
+        assert!(admission.allow_http_request(ip("10.0.0.1"), t0));
+        assert!(!admission.allow_http_request(ip("10.0.0.1"), t0));
+        assert!(admission.allow_http_request(ip("10.0.0.2"), t0));
+        assert!(admission.allow_handshake(ip("10.0.0.1"), t0));
     }
 }

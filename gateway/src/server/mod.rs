@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
 use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
-use limiter::{Admission, ListenerSlots};
+use limiter::{Admission, Budgets, ListenerSlots};
 use mtproto_core::handshake::HandshakeSettings;
 use mtproto_session::store::AuthKeyStore;
 use mtproto_session::{SessionClientEvent, SessionService};
@@ -74,6 +74,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Connection caps and handshake rate, shared by all listeners.
     pub admission: Arc<Admission>,
+    /// Handshakes in progress and buffered partial frames, gateway-wide.
+    pub budgets: Arc<Budgets>,
     /// This gateway's id as sessions address it.
     pub server_id: String,
     pub metrics: Arc<Metrics>,

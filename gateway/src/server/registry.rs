@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
+use mtproto_core::connection::Attached;
 use mtproto_session::GatewayDelivery;
 
 pub type ConnectionId = u64;
@@ -25,19 +26,28 @@ pub struct Outgoing {
 /// A connection's inbox for server messages.
 pub type Outbox = mpsc::Sender<Outgoing>;
 
-/// (auth_key_id, session_id) → the connections carrying it, oldest first.
-type SessionMap = HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>;
+/// (auth_key_id, session_id) → the connections carrying it, oldest first;
+/// and how many sessions each key has.
+#[derive(Debug, Default)]
+struct SessionMap {
+    sessions: HashMap<(i64, i64), Vec<(ConnectionId, Outbox)>>,
+    per_key: HashMap<i64, usize>,
+}
 
 #[derive(Debug)]
 pub struct Registry {
-    sessions: Mutex<SessionMap>,
+    map: Mutex<SessionMap>,
+    /// Distinct sessions one auth key may have across all connections (the
+    /// client picks session ids freely, and each costs registry and session memory).
+    max_sessions_per_key: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, max_sessions_per_key: usize) -> Self {
         Self {
-            sessions: Mutex::default(),
+            map: Mutex::default(),
+            max_sessions_per_key,
             metrics,
         }
     }
@@ -52,42 +62,63 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records that `conn` carries this session. Returns true when the session
-    /// was not on this gateway before (teamgram's `conn_type = 1`).
+    /// Records that `conn` carries this session: [`Attached::New`] when the
+    /// session was not on this gateway before (teamgram's `conn_type = 1`),
+    /// [`Attached::KeyFull`] (and nothing recorded) when it is new and its
+    /// key has `max_sessions_per_key` already.
     pub fn attach(
         &self,
         auth_key_id: i64,
         session_id: i64,
         conn: ConnectionId,
         outbox: &Outbox,
-    ) -> bool {
-        let mut map = self.lock();
-        let entry = map.entry((auth_key_id, session_id)).or_default();
-        let is_new = entry.is_empty();
+    ) -> Attached {
+        let mut guard = self.lock();
+        let map = &mut *guard;
+        let of_key = map.per_key.get(&auth_key_id).copied().unwrap_or(0);
+        let entry = match map.sessions.get_mut(&(auth_key_id, session_id)) {
+            Some(entry) => entry,
+            None if of_key >= self.max_sessions_per_key => return Attached::KeyFull(of_key),
+            None => {
+                map.per_key.insert(auth_key_id, of_key + 1);
+                map.sessions.entry((auth_key_id, session_id)).or_default()
+            }
+        };
+        let attached = if entry.is_empty() {
+            Attached::New
+        } else {
+            Attached::Known
+        };
         if !entry.iter().any(|(id, _)| *id == conn) {
             entry.push((conn, outbox.clone()));
         }
-        self.metrics.sessions.set(map.len() as i64);
-        is_new
+        self.metrics.sessions.set(map.sessions.len() as i64);
+        attached
     }
 
     /// Removes `conn` from a session; true when it was the session's last connection here.
     pub fn detach(&self, auth_key_id: i64, session_id: i64, conn: ConnectionId) -> bool {
-        let mut map = self.lock();
-        let Some(entry) = map.get_mut(&(auth_key_id, session_id)) else {
+        let mut guard = self.lock();
+        let map = &mut *guard;
+        let Some(entry) = map.sessions.get_mut(&(auth_key_id, session_id)) else {
             return false;
         };
         entry.retain(|(id, _)| *id != conn);
-        if entry.is_empty() {
-            map.remove(&(auth_key_id, session_id));
-            self.metrics.sessions.set(map.len() as i64);
-            true
-        } else {
-            false
+        if !entry.is_empty() {
+            return false;
         }
+        map.sessions.remove(&(auth_key_id, session_id));
+        if let Some(n) = map.per_key.get_mut(&auth_key_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.per_key.remove(&auth_key_id);
+            }
+        }
+        self.metrics.sessions.set(map.sessions.len() as i64);
+        true
     }
 }
 
@@ -105,7 +136,7 @@ impl GatewayDelivery for Registry {
         payload: Bytes,
     ) -> bool {
         let map = self.lock();
-        let Some(conns) = map.get(&(auth_key_id, session_id)) else {
+        let Some(conns) = map.sessions.get(&(auth_key_id, session_id)) else {
             drop(map);
             return self.dropped("no_connection");
         };
@@ -129,11 +160,11 @@ mod tests {
 
     #[tokio::test]
     async fn queues_once_for_the_newest_connection_without_waiting() {
-        let registry = Registry::new(Arc::default());
+        let registry = Registry::new(Arc::default(), 8);
         let (old_tx, mut old_rx) = mpsc::channel(1);
         let (new_tx, mut new_rx) = mpsc::channel(1);
-        assert!(registry.attach(1, 2, 10, &old_tx));
-        assert!(!registry.attach(1, 2, 11, &new_tx));
+        assert_eq!(registry.attach(1, 2, 10, &old_tx), Attached::New);
+        assert_eq!(registry.attach(1, 2, 11, &new_tx), Attached::Known);
         // Nobody reads the outboxes: delivery still returns at once.
         assert!(
             registry
@@ -155,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_outbox_is_not_delivered_and_counted() {
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::new(metrics.clone());
+        let registry = Registry::new(metrics.clone(), 8);
         // A client that stopped reading: its outbox holds one message and is full.
         let (tx, _rx) = mpsc::channel::<Outgoing>(1);
         registry.attach(5, 6, 20, &tx);
@@ -182,5 +213,22 @@ mod tests {
                 .get();
             assert_eq!(dropped, 1, "{reason}");
         }
+    }
+
+    #[test]
+    fn sessions_per_key_are_capped_across_connections() {
+        let registry = Registry::new(Arc::default(), 2);
+        let (tx, _rx) = mpsc::channel(1);
+        assert_eq!(registry.attach(1, 10, 100, &tx), Attached::New);
+        assert_eq!(registry.attach(1, 11, 101, &tx), Attached::New);
+        // A third session of key 1, on any connection, is refused; known
+        // sessions and other keys are not.
+        assert_eq!(registry.attach(1, 12, 102, &tx), Attached::KeyFull(2));
+        assert_eq!(registry.attach(1, 10, 102, &tx), Attached::Known);
+        assert_eq!(registry.attach(2, 12, 102, &tx), Attached::New);
+        assert!(!registry.detach(1, 10, 100));
+        assert!(registry.detach(1, 10, 102));
+        assert_eq!(registry.attach(1, 12, 102, &tx), Attached::New);
+        assert_eq!(registry.metrics.sessions.get(), 3);
     }
 }

@@ -11,15 +11,15 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use super::limiter::{Refused, Slot};
-use super::registry::{ConnectionId, Outbox};
+use super::limiter::{Budgets, HandshakeSlot, Refused, Slot};
+use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::Shared;
 use crate::config::ProxyProtocol;
 use crate::metrics::{
     Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
 };
 use mtproto_core::connection::{
-    Close, Event, Forward, Forwarded, HandshakeJob, Host, KeyLookup, Now,
+    Attached, Close, Event, Forward, Forwarded, HandshakeJob, Host, KeyLookup, Now,
 };
 use mtproto_core::handshake::{HandshakeError, NewAuthKey, StoreOutcome};
 use mtproto_core::proxy::{self, Detected};
@@ -174,6 +174,7 @@ fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
 /// Counts and logs why a connection (or an HTTP request) ended.
 pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
     count_closed(shared, close.reason());
+    count_limit_of(shared, close);
     if close.code() == Some(error_code::AUTH_KEY_NOT_FOUND) {
         return count_404(shared, id, peer, close);
     }
@@ -191,6 +192,28 @@ pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, c
 pub(super) fn count_404(shared: &Shared, id: ConnectionId, peer: SocketAddr, close: &Close) {
     shared.keys.cache.stats.not_found_sent.inc();
     info!(conn = id, %peer, "sent -404: {close}");
+}
+
+/// Adds one to `mtproto_limit_exceeded_total{limit}` when `close` is one of
+/// the gateway's budgets biting.
+pub(super) fn count_limit_of(shared: &Shared, close: &Close) {
+    let limit = match close {
+        Close::HandshakesBusy => "max_handshakes_in_progress",
+        Close::BufferBudget => "max_buffered_bytes",
+        Close::FrameTimeout => "frame_timeout_secs",
+        Close::KeySessionsFull(_) => "max_sessions_per_auth_key",
+        _ => return,
+    };
+    count_limit(shared, limit);
+}
+
+/// Adds one to `mtproto_limit_exceeded_total{limit}` (the setting's name).
+pub(super) fn count_limit(shared: &Shared, limit: &'static str) {
+    shared
+        .metrics
+        .limit_exceeded
+        .get_or_create(&crate::metrics::LimitLabels { limit })
+        .inc();
 }
 
 /// Adds one to `mtproto_connections_closed_total{reason}`.
@@ -245,13 +268,70 @@ pub(super) fn record(metrics: &Metrics, open: Option<&mut OpenGauge>, event: Eve
     }
 }
 
+/// What one connection (or HTTP handshake) holds of the gateway-wide
+/// budgets; all of it is given back when this drops.
+#[derive(Debug)]
+pub(super) struct Held {
+    budgets: Arc<Budgets>,
+    handshake: Option<HandshakeSlot>,
+    buffered: usize,
+}
+
+impl Held {
+    pub(super) fn new(budgets: Arc<Budgets>) -> Self {
+        Self {
+            budgets,
+            handshake: None,
+            buffered: 0,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budgets.unbuffer(self.buffered);
+    }
+}
+
+/// A stream connection's queue of server messages, made when its first
+/// session attaches: connections without a key (the cheap ones to open in
+/// numbers) do not hold a channel.
+#[derive(Debug)]
+pub(super) struct LazyOutbox {
+    capacity: usize,
+    channel: Option<(Outbox, tokio::sync::mpsc::Receiver<Outgoing>)>,
+}
+
+impl LazyOutbox {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            channel: None,
+        }
+    }
+
+    fn sender(&mut self) -> &Outbox {
+        let capacity = self.capacity;
+        &self
+            .channel
+            .get_or_insert_with(|| tokio::sync::mpsc::channel(capacity))
+            .0
+    }
+
+    /// The receiving end, once made.
+    pub(super) fn inbox(&mut self) -> Option<&mut tokio::sync::mpsc::Receiver<Outgoing>> {
+        self.channel.as_mut().map(|(_, inbox)| inbox)
+    }
+}
+
 /// The core's view of the gateway's shared state for one client.
 pub(super) struct GatewayHost<'a> {
     pub shared: &'a Shared,
     pub id: ConnectionId,
     pub peer: SocketAddr,
     /// Where the registry sends this connection's server messages (stream connections).
-    pub outbox: Option<&'a Outbox>,
+    pub outbox: Option<&'a mut LazyOutbox>,
+    pub held: &'a mut Held,
 }
 
 impl Host for GatewayHost<'_> {
@@ -267,14 +347,42 @@ impl Host for GatewayHost<'_> {
         allowed
     }
 
-    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> bool {
-        match self.outbox {
-            Some(outbox) => self
-                .shared
-                .registry
-                .attach(auth_key_id, session_id, self.id, outbox),
-            None => false,
+    fn begin_handshake(&mut self) -> bool {
+        self.held.handshake = self.shared.budgets.begin_handshake();
+        if self.held.handshake.is_none() {
+            debug!(conn = self.id, peer = %self.peer, "handshakes in progress at limits.max_handshakes_in_progress");
         }
+        self.held.handshake.is_some()
+    }
+
+    fn end_handshake(&mut self) {
+        self.held.handshake = None;
+    }
+
+    fn attach_session(&mut self, auth_key_id: i64, session_id: i64) -> Attached {
+        match self.outbox.as_mut() {
+            Some(outbox) => {
+                self.shared
+                    .registry
+                    .attach(auth_key_id, session_id, self.id, outbox.sender())
+            }
+            None => Attached::Known,
+        }
+    }
+
+    fn buffer_grew(&mut self, bytes: usize) -> bool {
+        if !self.shared.budgets.buffer(bytes) {
+            debug!(conn = self.id, peer = %self.peer, "buffered input at limits.max_buffered_bytes");
+            return false;
+        }
+        self.held.buffered += bytes;
+        true
+    }
+
+    fn buffer_shrank(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.held.buffered);
+        self.held.buffered -= bytes;
+        self.shared.budgets.unbuffer(bytes);
     }
 }
 

@@ -16,13 +16,13 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::info;
 
 use super::limiter::{Refused, Slot};
 use super::registry::{ConnectionId, Outgoing};
-use super::shell::{self, GatewayHost, OpenGauge};
+use super::shell::{self, GatewayHost, Held, LazyOutbox, OpenGauge};
 use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
 use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJob, KeyLookup};
@@ -120,12 +120,13 @@ impl Cx {
         }
     }
 
-    fn host<'a>(&'a self, outbox: &'a mpsc::Sender<Outgoing>) -> GatewayHost<'a> {
+    fn host<'a>(&'a self, outbox: &'a mut LazyOutbox, held: &'a mut Held) -> GatewayHost<'a> {
         GatewayHost {
             shared: &self.shared,
             id: self.id,
             peer: self.peer,
             outbox: Some(outbox),
+            held,
         }
     }
 
@@ -137,13 +138,14 @@ impl Cx {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let shared = self.shared.clone();
-        let (outbox, mut inbox) = mpsc::channel::<Outgoing>(shared.limits.outbox_capacity);
+        let mut outbox = LazyOutbox::new(shared.limits.outbox_capacity);
         let mut conn = Connection::new(
             shared.limits.connection.clone(),
             shared.handshake.clone(),
             initial,
             self.accepted.into_std(),
         );
+        let mut held = Held::new(shared.budgets.clone());
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut forwards: FuturesOrdered<BoxFuture<'static, Forwarded>> = FuturesOrdered::new();
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
@@ -156,7 +158,7 @@ impl Cx {
         conn.handle_input(
             0,
             shell::now(),
-            &mut self.host(&outbox),
+            &mut self.host(&mut outbox, &mut held),
             &mut rand::thread_rng(),
         );
         loop {
@@ -187,14 +189,14 @@ impl Cx {
                         writer.flush().await.map(|()| None)
                     }
                 }, if n > 0 || needs_flush => Step::Wrote(wrote),
-                Some(out) = inbox.recv(), if accepts => Step::Server(out),
+                Some(out) = async { outbox.inbox()?.recv().await }, if accepts => Step::Server(out),
                 Some(outcome) = forwards.next(), if !forwards.is_empty() => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
                 _ = shutdown.changed() => Step::Shutdown,
             };
             let now = shell::now();
-            let mut host = self.host(&outbox);
+            let mut host = self.host(&mut outbox, &mut held);
             match step {
                 Step::Read(Ok(0)) => conn.close(Close::ClientClosed, now, &mut rand::thread_rng()),
                 Step::Read(Ok(n)) => {
@@ -221,7 +223,9 @@ impl Cx {
                         if !conn.accepts_server_messages() {
                             break;
                         }
-                        let Ok(out) = inbox.try_recv() else { break };
+                        let Some(Ok(out)) = outbox.inbox().map(|inbox| inbox.try_recv()) else {
+                            break;
+                        };
                         conn.send_server_message(&out.payload, now, &mut rng);
                     }
                 }
@@ -249,6 +253,8 @@ impl Cx {
                 Step::Shutdown => conn.close(Close::Shutdown, now, &mut rand::thread_rng()),
             }
         }
+        // The budgets are free before the last writes.
+        drop(held);
         let close = conn.take_close().unwrap_or(Close::Shutdown);
         shell::count_close(&shared, self.id, self.peer, &close);
         if !matches!(close, Close::Write | Close::Read(_)) {
@@ -256,10 +262,12 @@ impl Cx {
         }
         let _ = timeout(shared.limits.write_timeout, writer.shutdown()).await;
         // Messages queued for this connection and never taken are lost with it.
-        inbox.close();
         let mut dropped = 0;
-        while inbox.try_recv().is_ok() {
-            dropped += 1;
+        if let Some(inbox) = outbox.inbox() {
+            inbox.close();
+            while inbox.try_recv().is_ok() {
+                dropped += 1;
+            }
         }
         if dropped > 0 {
             shared
