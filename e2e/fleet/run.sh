@@ -314,7 +314,7 @@ GRAMJS="$("$ROOT/scripts/install-deps.sh" --print-gramjs)"
 NODE_EXTRA_CA_CERTS="$OUT/tls.crt" timeout 60 node "$ROOT/e2e/gateway/gramjs/ws_ping.js" "$GRAMJS" "$WSS_A" \
   "$OUT/server-rsa-public.pem" obfuscated wss >"$OUT/wss-ping.txt" 2>&1 || die "GramJS over wss:// (see $OUT/wss-ping.txt)"
 grep -q "^pong" "$OUT/wss-ping.txt" || die "GramJS over wss:// got no pong"
-log "wss:// listener from the CR's tls: GramJS $(head -1 "$OUT/wss-ping.txt")"
+log "wss:// listener from the CR's tls: GramJS $(grep '^pong' "$OUT/wss-ping.txt"), handshakes retried on GramJS's invalid-new-nonce-hash flaw: $(grep -c '^gramjs-retry:' "$OUT/wss-ping.txt" || true)"
 log "fleet up: gateways 127.0.0.1:$GW_A/$GW_B (reverse path $HOST_IP:$GRPC_A/$GRPC_B), sessions $(members_of 1 2)"
 
 # ------------------------------------------------------------------------- traffic --
