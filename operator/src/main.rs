@@ -228,3 +228,38 @@ async fn metrics(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(args: &[&str]) -> Scope {
+        Args::parse_from(std::iter::once("mtproto-operator").chain(args.iter().copied())).scope()
+    }
+
+    #[test]
+    fn scope_flags() {
+        let s = scope(&[]);
+        assert!(s.watch_namespaces.is_none() && s.session_namespaces.is_none());
+        // Namespaced: sessions may only be in the watched namespaces unless listed.
+        let s = scope(&["--watch-namespaces", "edge, web"]);
+        assert_eq!(
+            s.watch_namespaces,
+            Some(vec!["edge".to_owned(), "web".to_owned()])
+        );
+        assert_eq!(
+            s.session_namespaces,
+            Some(["edge".to_owned(), "web".to_owned()].into())
+        );
+        let s = scope(&[
+            "--watch-namespaces",
+            "edge",
+            "--session-namespaces",
+            "teamgram",
+        ]);
+        assert_eq!(s.session_namespaces, Some(["teamgram".to_owned()].into()));
+        let s = scope(&["--session-namespaces", "teamgram,"]);
+        assert!(s.watch_namespaces.is_none());
+        assert_eq!(s.session_namespaces, Some(["teamgram".to_owned()].into()));
+    }
+}
