@@ -885,6 +885,34 @@ mod tests {
     }
 
     #[test]
+    fn load_balancer_addresses_take_ips_or_hostnames() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        assert!(load_balancer_addresses(&Service::default()).is_empty());
+        let svc = Service {
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![
+                        LoadBalancerIngress {
+                            ip: Some("203.0.113.7".into()),
+                            ..LoadBalancerIngress::default()
+                        },
+                        LoadBalancerIngress {
+                            hostname: Some("edge.elb.example".into()),
+                            ..LoadBalancerIngress::default()
+                        },
+                    ]),
+                }),
+                ..ServiceStatus::default()
+            }),
+            ..Service::default()
+        };
+        assert_eq!(
+            load_balancer_addresses(&svc),
+            ["203.0.113.7", "edge.elb.example"]
+        );
+    }
+
+    #[test]
     fn ownership_check_matches_controller_uid() {
         let gw = crate::fixtures::gateway();
         let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta::default();
