@@ -267,7 +267,7 @@ kubeconfig_for "$OUT/gateway.kubeconfig" "$APISERVER" "$NS" edge
 start_gateway() { # start_gateway <name> <listen port> <admin port> <grpc port> <wss port>
   # What differs from the pod: ports (two gateways share this host), the data dir, the
   # kubeconfig (a token of the operator-made ServiceAccount instead of in-cluster), and a
-  # short drain grace so scenario g stays quick. POD_IP is the host's bridge address,
+  # short drain grace and lame-duck delay so scenario g stays quick. POD_IP is the host's bridge address,
   # where sessions dial the reverse path ($POD_IP:grpc port, as in a pod). The listeners
   # keep the rendered kinds and TLS; only their addresses move to loopback ports.
   grep -q '"0.0.0.0:10443"' "$ETC/gateway.toml" && grep -q '"0.0.0.0:11443"' "$ETC/gateway.toml" \
@@ -275,7 +275,7 @@ start_gateway() { # start_gateway <name> <listen port> <admin port> <grpc port> 
   sed -e "s|\"0.0.0.0:10443\"|\"127.0.0.1:$2\"|" -e "s|\"0.0.0.0:11443\"|\"127.0.0.1:$5\"|" \
     "$ETC/gateway.toml" >"$ETC/gateway-$1.toml"
   KUBECONFIG="$OUT/gateway.kubeconfig" POD_IP="$HOST_IP" \
-    MTPROTO_GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS=$DRAIN_GRACE \
+    MTPROTO_GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS=$DRAIN_GRACE MTPROTO_GATEWAY_LIMITS__DRAIN_DELAY_SECS=1 \
     "$BIN/mtproto-gateway" --config "$ETC/gateway-$1.toml" --data-dir "$OUT/data-$1" \
     --admin-listen "127.0.0.1:$3" --grpc-listen "0.0.0.0:$4" \
     >"$OUT/gateway-$1.log" 2>&1 &
@@ -314,7 +314,7 @@ GRAMJS="$("$ROOT/scripts/install-deps.sh" --print-gramjs)"
 NODE_EXTRA_CA_CERTS="$OUT/tls.crt" timeout 60 node "$ROOT/e2e/gateway/gramjs/ws_ping.js" "$GRAMJS" "$WSS_A" \
   "$OUT/server-rsa-public.pem" obfuscated wss >"$OUT/wss-ping.txt" 2>&1 || die "GramJS over wss:// (see $OUT/wss-ping.txt)"
 grep -q "^pong" "$OUT/wss-ping.txt" || die "GramJS over wss:// got no pong"
-log "wss:// listener from the CR's tls: GramJS $(head -1 "$OUT/wss-ping.txt")"
+log "wss:// listener from the CR's tls: GramJS $(grep '^pong' "$OUT/wss-ping.txt"), handshakes retried on GramJS's invalid-new-nonce-hash flaw: $(grep -c '^gramjs-retry:' "$OUT/wss-ping.txt" || true)"
 log "fleet up: gateways 127.0.0.1:$GW_A/$GW_B (reverse path $HOST_IP:$GRPC_A/$GRPC_B), sessions $(members_of 1 2)"
 
 # ------------------------------------------------------------------------- traffic --

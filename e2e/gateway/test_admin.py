@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -9,7 +10,7 @@ import urllib.request
 from telethon.crypto import AuthKey
 from telethon.tl.functions import PingRequest
 
-from conftest import free_port, start_remote_gateway, start_session
+from conftest import free_port, start_gateway, start_remote_gateway, start_session
 from mtclient import connect, pin_server_key
 from promtext import metric
 
@@ -117,3 +118,55 @@ def test_a_connection_open_past_the_grace_is_closed_and_reported(tmp_path):
     finally:
         gateway.stop()
         session.stop()
+
+
+def test_lame_duck_keeps_accepting_while_not_ready_then_stops(tmp_path):
+    """limits.drain_delay_secs: after SIGTERM the gateway reports not ready but
+    still takes new clients (endpoints are catching up), then stops listening
+    and drains."""
+    admin = free_port()
+    config = tmp_path / "gw.toml"
+    # A delay long enough that the new client below connects within it even on
+    # a loaded box; the test waits on log lines, not on the clock.
+    config.write_text("[limits]\ndrain_delay_secs = 10\nshutdown_grace_secs = 2\n")
+    gateway = start_gateway(tmp_path, ["--admin-listen", f"127.0.0.1:{admin}", "--config", str(config)])
+    pin_server_key(gateway.public_key.read_text())
+
+    def wait_for_log(text: str) -> None:
+        deadline = time.monotonic() + 30
+        while text not in gateway.log_text():
+            assert gateway.alive() or text in gateway.log_text(), f"exited before logging {text!r}"
+            assert time.monotonic() < deadline, f"no {text!r} in the log"
+            time.sleep(0.05)
+
+    async def scenario():
+        before = await connect(gateway.port, "intermediate")
+        assert (await asyncio.wait_for(before.send(PingRequest(1)), 20)).ping_id == 1
+        gateway.proc.send_signal(signal.SIGTERM)
+        wait_for_log("lame duck")
+        assert get(admin, "/readyz")[0] == 503
+        # Not ready, yet a client that a stale endpoint still sends here gets in.
+        late = await connect(gateway.port, "abridged")
+        assert "draining connections" not in gateway.log_text(), "delay over before the client came"
+        assert (await asyncio.wait_for(late.send(PingRequest(2)), 20)).ping_id == 2
+        assert (await asyncio.wait_for(before.send(PingRequest(3)), 20)).ping_id == 3
+        # After the delay: no more accepting, open connections drain.
+        wait_for_log("draining connections")
+        refused = False
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", gateway.port), timeout=1):
+                    time.sleep(0.05)
+            except ConnectionRefusedError:
+                refused = True
+                break
+        assert refused, "still accepting after the lame-duck delay"
+        assert (await asyncio.wait_for(late.send(PingRequest(4)), 20)).ping_id == 4
+        await late.disconnect()
+        await before.disconnect()
+
+    try:
+        asyncio.run(scenario())
+        assert gateway.proc.wait(timeout=30) == 0
+    finally:
+        gateway.stop()

@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import warnings
 
 import pytest
 
@@ -18,6 +19,14 @@ from test_limits import req_pq_multi
 
 GRAMJS = subprocess.run([str(REPO / "scripts" / "install-deps.sh"), "--print-gramjs"],
                         capture_output=True, text=True, check=True).stdout.strip()
+
+
+def count_gramjs_retries(result: subprocess.CompletedProcess) -> None:
+    """ws_ping.js retries GramJS's own 1-in-256 `invalid new nonce hash` once;
+    each retry shows as a warning in the test summary."""
+    for line in result.stderr.splitlines():
+        if line.startswith("gramjs-retry:"):
+            warnings.warn(f"GramJS handshake retried once ({line})")
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
 
 
@@ -152,6 +161,7 @@ def test_gramjs_over_wss(wss_gateway, transport):
     result = subprocess.run(["node", str(REPO / "e2e/gateway/gramjs/ws_ping.js"), GRAMJS, str(wss_gateway.port),
                              str(wss_gateway.public_key), transport, "wss"],
                             capture_output=True, text=True, timeout=90, env=env)
+    count_gramjs_retries(result)
     assert result.returncode == 0, result.stdout + result.stderr + wss_gateway.log_text()[-3000:]
     assert "pong 4242" in result.stdout
 
@@ -174,6 +184,7 @@ def test_plain_websocket_on_a_tls_listener_is_refused(wss_gateway):
 def test_gramjs_handshake_and_ping(ws_gateway, transport):
     result = subprocess.run(["node", str(REPO / "e2e/gateway/gramjs/ws_ping.js"), GRAMJS, str(ws_gateway.open_port),
                              str(ws_gateway.public_key), transport], capture_output=True, text=True, timeout=90)
+    count_gramjs_retries(result)
     assert result.returncode == 0, result.stdout + result.stderr + ws_gateway.log_text()[-3000:]
     assert "pong 4242" in result.stdout
 

@@ -203,17 +203,29 @@ contexts:
   context: {cluster: e2e, user: operator}
 current-context: operator
 EOF
-# Free ports for the two operators' HTTP servers.
-read -r PORT_A PORT_B < <(python3 -c 'import socket
-s=[socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*[x.getsockname()[1] for x in s])')
+# Free ports for the two operators' HTTP servers, below the ephemeral range: a port
+# probed free there can be taken by an outgoing connection before the operator binds it.
+read -r PORT_A PORT_B < <(python3 -c 'import random,socket
+out=[]
+while len(out) < 2:
+    p=random.randrange(21000, 26000)
+    s=socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if p not in out:
+        out.append(p)
+print(*out)')
 ops=""
 for id in a b; do
   port=$([[ $id == a ]] && echo "$PORT_A" || echo "$PORT_B")
   KUBECONFIG="$OUT/operator-kubeconfig" POD_NAMESPACE="$RELEASE_NS" RUST_LOG="info,kube=warn" \
     OPERATOR_LEASE_NAME="$RELEASE" OPERATOR_LEASE_TTL_SECONDS=$LEASE_TTL \
     "$CARGO_TARGET_DIR/debug/mtproto-operator" --http-addr "127.0.0.1:$port" --identity "local-op-$id" \
+    --session-namespaces e2e-operator-sessions \
     >"$OUT/op-$id.log" 2>&1 &
   PIDS+=($!)
   ops="${ops:+$ops,}local-op-$id:$!:$port"

@@ -103,6 +103,8 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     readiness: Arc<Readiness>,
     shared: Arc<Shared>,
+    /// Lame duck after SIGTERM, before accepting stops.
+    drain_delay: Duration,
     grace: Duration,
 }
 
@@ -290,6 +292,7 @@ impl Gateway {
             admin,
             readiness: Arc::new(Readiness::new(remote_session)),
             shared,
+            drain_delay: Duration::from_secs(l.drain_delay_secs),
             grace: Duration::from_secs(l.shutdown_grace_secs),
         })
     }
@@ -330,14 +333,27 @@ impl Gateway {
                 drained,
             ))
         });
+        // Readiness turns false at SIGTERM; accepting stops only after the
+        // lame-duck delay, while endpoints and load balancers catch up.
+        let (stop_accepting_tx, stop_accepting) = watch::channel(false);
         let readiness = self.readiness.clone();
-        let mut draining = shutdown.clone();
+        let drain_delay = self.drain_delay;
+        let mut draining = shutdown;
         tokio::spawn(async move {
             if draining.wait_for(|stop| *stop).await.is_ok() {
                 readiness.start_draining();
+                if !drain_delay.is_zero() {
+                    info!(
+                        delay = ?drain_delay,
+                        "lame duck: not ready, still accepting connections"
+                    );
+                    tokio::time::sleep(drain_delay).await;
+                }
             }
+            // Also reached when the sender is dropped: stop then too.
+            let _ = stop_accepting_tx.send(true);
         });
-        server::serve(self.listeners, self.shared, shutdown, self.grace).await;
+        server::serve(self.listeners, self.shared, stop_accepting, self.grace).await;
         let _ = after_drain.send(true);
         if let Some(task) = admin {
             task.await.context("admin task")?.context("admin server")?;

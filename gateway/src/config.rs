@@ -288,6 +288,9 @@ pub struct LimitsConfig {
     /// They are sent in order; 1 makes each wait for the one before it.
     pub forward_window: usize,
     pub max_sessions_per_connection: usize,
+    /// After SIGTERM, seconds of lame duck: readiness is false but listeners
+    /// keep accepting, so load balancers notice before connections are refused.
+    pub drain_delay_secs: u64,
     pub shutdown_grace_secs: u64,
     /// Open connections per listener; more are closed at accept.
     pub max_connections: usize,
@@ -358,6 +361,7 @@ impl Default for Config {
                 outbox_capacity: 256,
                 forward_window: 16,
                 max_sessions_per_connection: 64,
+                drain_delay_secs: 0,
                 shutdown_grace_secs: 30,
                 max_connections: 100_000,
                 max_connections_per_ip: 256,

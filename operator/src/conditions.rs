@@ -6,6 +6,9 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+/// The fleet serves clients: at least one pod is available. Scaling and
+/// rollouts leave it alone, so it (not `Ready`) is what alerts and Events follow.
+pub const AVAILABLE: &str = "Available";
 /// All desired pods are ready and updated.
 pub const READY: &str = "Ready";
 /// A rollout or scale is under way.
@@ -52,11 +55,11 @@ fn deployment_condition<'a>(
         .and_then(|c| c.iter().find(|c| c.type_ == type_))
 }
 
-/// Computes `Ready`, `Progressing` and `Degraded`, keeping transition times from `previous`
-/// for conditions whose status did not change.
+/// Computes `Available`, `Ready`, `Progressing` and `Degraded`, keeping transition times
+/// from `previous` for conditions whose status did not change.
 pub fn compute(o: &Observed<'_>, previous: &[Condition], now: Time) -> Vec<Condition> {
     let (ready, progressing, degraded) = decide(o);
-    [ready, progressing, degraded]
+    [availability(o), ready, progressing, degraded]
         .into_iter()
         .map(|(type_, status, reason, message)| {
             let status = if status { "True" } else { "False" }.to_owned();
@@ -78,6 +81,45 @@ pub fn compute(o: &Observed<'_>, previous: &[Condition], now: Time) -> Vec<Condi
 }
 
 type Decision = (&'static str, bool, &'static str, String);
+
+/// From the Deployment alone: a failed reconcile does not stop pods that serve.
+fn availability(o: &Observed<'_>) -> Decision {
+    let Some(d) = o.deployment else {
+        return (
+            AVAILABLE,
+            false,
+            "DeploymentMissing",
+            "the Deployment does not exist yet".to_owned(),
+        );
+    };
+    let available = d
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0);
+    if o.replicas == 0 {
+        (
+            AVAILABLE,
+            false,
+            "ScaledToZero",
+            "no replicas requested".to_owned(),
+        )
+    } else if available > 0 {
+        (
+            AVAILABLE,
+            true,
+            "MinimumReplicasAvailable",
+            format!("{available}/{} replicas available", o.replicas),
+        )
+    } else {
+        (
+            AVAILABLE,
+            false,
+            "NoReplicasAvailable",
+            format!("0/{} replicas available", o.replicas),
+        )
+    }
+}
 
 fn decide(o: &Observed<'_>) -> (Decision, Decision, Decision) {
     let counts = replicas(o.deployment);
@@ -316,6 +358,36 @@ mod tests {
         assert_eq!(get(&c, DEGRADED).status, "True");
         assert_eq!(get(&c, DEGRADED).reason, "SecretNotFound");
         assert!(get(&c, READY).message.contains("spec.rsaKeys[0]"));
+    }
+
+    #[test]
+    fn scaling_and_failures_leave_available_alone() {
+        let serving = deployment(2, 2, 3, 3, 3);
+        let c = compute(&observed(Some(&serving), 3), &[], t(10));
+        assert_eq!(get(&c, AVAILABLE).status, "True");
+        // Scaling up: Ready flips, Available does not.
+        let scaling = compute(&observed(Some(&serving), 5), &c, t(20));
+        assert_eq!(get(&scaling, READY).status, "False");
+        assert_eq!(get(&scaling, AVAILABLE).status, "True");
+        assert_eq!(get(&scaling, AVAILABLE).last_transition_time, t(10));
+        // A failed reconcile does not take serving pods away.
+        let o = Observed {
+            failure: Some(("apply", "conflict")),
+            ..observed(Some(&serving), 3)
+        };
+        let failed = compute(&o, &c, t(30));
+        assert_eq!(get(&failed, DEGRADED).status, "True");
+        assert_eq!(get(&failed, AVAILABLE).status, "True");
+
+        let none = deployment(2, 2, 3, 0, 3);
+        let c = compute(&observed(Some(&none), 3), &[], t(10));
+        assert_eq!(get(&c, AVAILABLE).status, "False");
+        assert_eq!(get(&c, AVAILABLE).reason, "NoReplicasAvailable");
+        let zero = deployment(2, 2, 0, 0, 0);
+        let c = compute(&observed(Some(&zero), 0), &[], t(10));
+        assert_eq!(get(&c, AVAILABLE).reason, "ScaledToZero");
+        let c = compute(&observed(None, 3), &[], t(10));
+        assert_eq!(get(&c, AVAILABLE).status, "False");
     }
 
     #[test]

@@ -16,22 +16,23 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{reflector, ObjectRef, Store};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::build::{self, service_monitor_resource, Built, MANAGER, OWNER_NAMESPACE_LABEL};
-use crate::conditions::{self, Observed, READY};
-use crate::crd::{MtprotoGateway, MtprotoGatewayStatus};
+use crate::conditions::{self, Observed, AVAILABLE};
+use crate::crd::{MtprotoGateway, MtprotoGatewayStatus, RsaKeyStatus};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::validate::{referenced_keys, validate, Dereferenced};
@@ -45,14 +46,32 @@ const RESYNC: Duration = Duration::from_secs(300);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Upper bound of the retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a reconcile waits for the reader Role caches after a start.
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
 
-/// Shared state of all reconciles.
+/// What the operator watches and where it may grant access.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Namespaces whose gateways are reconciled; `None`: all of them (needs a
+    /// ClusterRole; with a list, namespaced Roles in those namespaces do).
+    pub watch_namespaces: Option<Vec<String>>,
+    /// Namespaces other than its own a gateway may name for its session
+    /// Service (the operator creates a Role there); `None`: any.
+    pub session_namespaces: Option<BTreeSet<String>>,
+}
+
+/// Shared state of the reconciles of one controller.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<MtprotoGateway>, u32>>,
+    allowed_session_namespaces: Option<BTreeSet<String>>,
+    /// Watch caches of the EndpointSlice reader Roles and RoleBindings this
+    /// controller may have made, so pruning reads memory, not the API server.
+    reader_roles: Vec<Store<Role>>,
+    reader_bindings: Vec<Store<RoleBinding>>,
 }
 
 impl Debug for Context {
@@ -62,20 +81,6 @@ impl Debug for Context {
 }
 
 impl Context {
-    /// A context whose Events name `instance` as the reporting replica.
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: &str) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.to_owned(),
-            instance: Some(instance.to_owned()),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
     fn backoff(&self, gw: &MtprotoGateway) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(ObjectRef::from_obj(gw)).or_insert(0);
@@ -132,52 +137,113 @@ fn watch_backoff() -> impl Backoff {
     )
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controllers (one for the cluster, or one per watched namespace)
+/// until `shutdown` turns true. Events name `instance` as the reporting replica.
 pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    client: Client,
+    metrics: Arc<Metrics>,
+    instance: &str,
+    scope: Scope,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let client = ctx.client.clone();
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let namespaces: Vec<Option<String>> = match &scope.watch_namespaces {
+        None => vec![None],
+        Some(list) => list.iter().cloned().map(Some).collect(),
+    };
+    let controllers = namespaces.into_iter().map(|ns| {
+        run_one(
+            client.clone(),
+            metrics.clone(),
+            instance,
+            &scope,
+            ns,
+            shutdown.clone(),
+        )
+    });
+    futures::future::join_all(controllers).await;
+}
+
+/// `Api::all` or `Api::namespaced`.
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A watch cache of `K` and the stream that keeps it (the controller polls it).
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = kube::runtime::reflector::store();
+    let stream = reflector(writer, watcher(api, config).backoff(watch_backoff())).touched_objects();
+    (store, stream)
+}
+
+async fn run_one(
+    client: Client,
+    metrics: Arc<Metrics>,
+    instance: &str,
+    scope: &Scope,
+    ns: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ns = ns.as_deref();
+    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    let owned = watcher::Config::default().labels(&managed);
+    // Where this controller's EndpointSlice readers can be: anywhere, or its
+    // namespace plus the allowed session namespaces (there labelled with it).
+    let reader_sources: Vec<(Option<&str>, watcher::Config)> = match ns {
+        None => vec![(None, owned.clone())],
+        Some(ns) => std::iter::once((Some(ns), owned.clone()))
+            .chain(
+                scope
+                    .session_namespaces
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.as_str() != ns)
+                    .map(|s| {
+                        (
+                            Some(s.as_str()),
+                            watcher::Config::default()
+                                .labels(&format!("{managed},{OWNER_NAMESPACE_LABEL}={ns}")),
+                        )
+                    }),
+            )
+            .collect(),
+    };
     let controller = Controller::new(
-        Api::<MtprotoGateway>::all(client.clone()),
+        api::<MtprotoGateway>(&client, ns),
         watcher::Config::default().any_semantic(),
     );
     let store = controller.store();
-    controller
+    let mut controller = controller
         .trigger_backoff(watch_backoff())
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
-        // The reader Role may sit in another namespace without an owner reference, so map
-        // it back by label as well.
+        .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(api::<Service>(&client, ns), owned.clone())
+        .owns(api::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, ns), owned)
+        // A Secret edit must roll the pods, so a change to any referenced Secret
+        // requeues the gateways that reference it. Metadata only: the values of
+        // every Secret in scope never stream through the operator (a reconcile
+        // reads the few it references).
         .watches(
-            Api::<Role>::all(client.clone()),
-            owned.clone(),
-            |r: Role| reader_owner(&r.metadata),
-        )
-        .watches(
-            Api::<RoleBinding>::all(client.clone()),
-            owned.clone(),
-            |r: RoleBinding| reader_owner(&r.metadata),
-        )
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
-        // A Secret edit must roll the pods, so a change to any referenced Secret requeues
-        // the gateways that reference it.
-        .watches(
-            Api::<Secret>::all(client),
+            api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret: Secret| {
+            move |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
                 store
@@ -190,8 +256,42 @@ pub async fn run(
                     .map(|gw| ObjectRef::from_obj(&*gw))
                     .collect::<Vec<_>>()
             },
-        )
-        .graceful_shutdown_on(shutdown)
+        );
+    let mut reader_roles = Vec::new();
+    let mut reader_bindings = Vec::new();
+    // A reader Role may sit in another namespace without an owner reference, so
+    // it maps back by label.
+    for (source_ns, config) in reader_sources {
+        let (roles, role_events) = reflect(api::<Role>(&client, source_ns), config.clone());
+        let (bindings, binding_events) = reflect(api::<RoleBinding>(&client, source_ns), config);
+        controller = controller
+            .watches_stream(role_events, |r: Role| reader_owner(&r.metadata))
+            .watches_stream(binding_events, |r: RoleBinding| reader_owner(&r.metadata));
+        reader_roles.push(roles);
+        reader_bindings.push(bindings);
+    }
+    let reporter = Reporter {
+        controller: MANAGER.to_owned(),
+        instance: Some(instance.to_owned()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        metrics,
+        failures: Mutex::new(HashMap::new()),
+        allowed_session_namespaces: scope.session_namespaces.clone(),
+        reader_roles,
+        reader_bindings,
+    });
+    info!(
+        namespace = ns.unwrap_or("(all)"),
+        "reconciling MtprotoGateways"
+    );
+    controller
+        .graceful_shutdown_on(async move {
+            // An error means the sender is gone, which also means stop.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             match res {
@@ -245,18 +345,29 @@ pub fn error_policy(gw: Arc<MtprotoGateway>, err: &Error, ctx: Arc<Context>) -> 
 }
 
 async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
-    let deref = dereference(gw, &ctx.client).await?;
+    let mut deref = dereference(gw, &ctx.client).await?;
+    deref.allowed_session_namespaces = ctx.allowed_session_namespaces.clone();
     let outcome = match validate(gw, &deref).and_then(|v| build::build(gw, &v).map(|b| (v, b))) {
-        Ok((v, built)) => apply_all(gw, &built, &v.session_namespace, &ctx.client)
+        Ok((v, built)) => apply_all(gw, &built, &v.session_namespace, ctx)
             .await
-            .map(|d| (build::endpoint(gw, &v), v.service_monitor, d)),
+            .map(|applied| (v, applied)),
         Err(e) => Err(e),
     };
     match outcome {
-        Ok((endpoint, service_monitor, deployment)) => {
+        Ok((v, applied)) => {
             let first_for_generation =
                 gw.status.as_ref().and_then(|s| s.observed_generation) != gw.metadata.generation;
-            let status = status_for(gw, Some(&deployment), endpoint, None);
+            let service_monitor = v.service_monitor;
+            let status = status_for(
+                gw,
+                Some(&applied.deployment),
+                Published {
+                    endpoint: build::endpoint(gw, &v),
+                    load_balancer: load_balancer_addresses(&applied.client_service),
+                    rsa_keys: v.rsa_status,
+                },
+                None,
+            );
             patch_status(gw, &status, ctx).await?;
             if first_for_generation {
                 ctx.publish(
@@ -283,11 +394,15 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
         }
         Err(err) => {
             let deployment = current_deployment(gw, &ctx.client).await;
-            let endpoint = gw.status.as_ref().and_then(|s| s.endpoint.clone());
+            let previous = gw.status.clone().unwrap_or_default();
             let status = status_for(
                 gw,
                 deployment.as_ref(),
-                endpoint,
+                Published {
+                    endpoint: previous.endpoint,
+                    load_balancer: previous.load_balancer,
+                    rsa_keys: previous.rsa_keys,
+                },
                 Some((err.metric_label(), &err.to_string())),
             );
             if let Err(e) = patch_status(gw, &status, ctx).await {
@@ -313,7 +428,7 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn cleanup(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
-    prune_foreign_readers(gw, None, &ctx.client).await?;
+    prune_foreign_readers(gw, None, ctx).await?;
     ctx.succeeded(gw);
     info!(gateway = %gw.name_any(), "cleaned up; owned objects follow by garbage collection");
     Ok(Action::await_change())
@@ -448,13 +563,20 @@ fn is_controlled_by(meta: &ObjectMeta, gw: &MtprotoGateway) -> bool {
         .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }
 
-/// Applies everything in dependency order and returns the Deployment as the server has it.
+/// The applied objects status reports on, as the server has them.
+struct Applied {
+    deployment: Deployment,
+    client_service: Service,
+}
+
+/// Applies everything in dependency order.
 async fn apply_all(
     gw: &MtprotoGateway,
     b: &Built,
     session_ns: &str,
-    client: &Client,
-) -> Result<Deployment, Error> {
+    ctx: &Context,
+) -> Result<Applied, Error> {
+    let client = &ctx.client;
     let ns = b
         .deployment
         .metadata
@@ -468,13 +590,13 @@ async fn apply_all(
     ssa(client, &b.role).await?;
     ssa(client, &b.role_binding).await?;
     let foreign = (session_ns != ns).then_some(session_ns);
-    prune_foreign_readers(gw, foreign, client).await?;
+    prune_foreign_readers(gw, foreign, ctx).await?;
     if foreign.is_some() {
         let reader = build::Names::new(&name).endpoint_reader;
         delete_owned::<RoleBinding>(gw, client, &ns, &reader).await?;
         delete_owned::<Role>(gw, client, &ns, &reader).await?;
     }
-    ssa(client, &b.client_service).await?;
+    let client_service = ssa(client, &b.client_service).await?;
     ssa(client, &b.grpc_service).await?;
     let deployment = ssa(client, &b.deployment).await?;
 
@@ -491,7 +613,22 @@ async fn apply_all(
         None => delete_owned::<NetworkPolicy>(gw, client, &ns, &name).await?,
     }
     apply_service_monitor(gw, b.service_monitor.as_ref(), client, &ns, &name).await?;
-    Ok(deployment)
+    Ok(Applied {
+        deployment,
+        client_service,
+    })
+}
+
+/// IPs and hostnames the client Service's load balancer got.
+fn load_balancer_addresses(svc: &Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+        .collect()
 }
 
 async fn apply_service_monitor(
@@ -547,23 +684,30 @@ async fn apply_service_monitor(
 }
 
 /// Removes EndpointSlice reader Roles/RoleBindings this gateway left in namespaces other than
-/// `keep` (all of them when `keep` is `None`).
+/// `keep` (all of them when `keep` is `None`), as the watch caches know them.
 async fn prune_foreign_readers(
     gw: &MtprotoGateway,
     keep: Option<&str>,
-    client: &Client,
+    ctx: &Context,
 ) -> Result<(), Error> {
     let ns = gw.namespace().unwrap_or_default();
-    let selector = format!(
-        "app.kubernetes.io/instance={},{OWNER_NAMESPACE_LABEL}={ns}",
-        gw.name_any()
-    );
-    let lp = ListParams::default().labels(&selector);
-    prune::<RoleBinding>(client, &lp, keep).await?;
-    prune::<Role>(client, &lp, keep).await
+    let name = gw.name_any();
+    let mine = |meta: &ObjectMeta| {
+        meta.labels.as_ref().is_some_and(|l| {
+            l.get("app.kubernetes.io/instance") == Some(&name)
+                && l.get(OWNER_NAMESPACE_LABEL) == Some(&ns)
+        })
+    };
+    prune(&ctx.client, &ctx.reader_bindings, &mine, keep).await?;
+    prune(&ctx.client, &ctx.reader_roles, &mine, keep).await
 }
 
-async fn prune<K>(client: &Client, lp: &ListParams, keep: Option<&str>) -> Result<(), Error>
+async fn prune<K>(
+    client: &Client,
+    stores: &[Store<K>],
+    mine: &(dyn Fn(&ObjectMeta) -> bool + Sync),
+    keep: Option<&str>,
+) -> Result<(), Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + k8s_openapi::Resource
@@ -571,12 +715,17 @@ where
         + Debug
         + DeserializeOwned,
 {
-    let all: Api<K> = Api::all(client.clone());
-    let list = all.list(lp).await.map_err(|source| Error::Read {
-        what: format!("{} list", <K as k8s_openapi::Resource>::KIND),
-        source: Box::new(source),
-    })?;
-    for obj in list.items {
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    let mut found = Vec::new();
+    for store in stores {
+        tokio::time::timeout(CACHE_SYNC_WAIT, store.wait_until_ready())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Error::CacheNotReady(kind))?;
+        found.extend(store.state().into_iter().filter(|o| mine(o.meta())));
+    }
+    for obj in found {
         let obj_ns = obj.namespace().unwrap_or_default();
         if Some(obj_ns.as_str()) == keep {
             continue;
@@ -611,10 +760,17 @@ async fn current_deployment(gw: &MtprotoGateway, client: &Client) -> Option<Depl
         .flatten()
 }
 
+/// What status tells clients about reaching the fleet.
+struct Published {
+    endpoint: Option<String>,
+    load_balancer: Vec<String>,
+    rsa_keys: Vec<RsaKeyStatus>,
+}
+
 fn status_for(
     gw: &MtprotoGateway,
     deployment: Option<&Deployment>,
-    endpoint: Option<String>,
+    published: Published,
     failure: Option<(&str, &str)>,
 ) -> MtprotoGatewayStatus {
     let previous = gw
@@ -635,7 +791,9 @@ fn status_for(
         replicas: counts.total,
         ready_replicas: counts.ready,
         selector: Some(build::selector_string(&gw.name_any())),
-        endpoint,
+        endpoint: published.endpoint,
+        load_balancer: published.load_balancer,
+        rsa_keys: published.rsa_keys,
     }
 }
 
@@ -666,32 +824,27 @@ async fn patch_status(
     Ok(())
 }
 
-/// Events when readiness flips, so `kubectl describe` tells the fleet's story.
+/// Events when availability flips, so `kubectl describe` tells the fleet's
+/// story; `Ready` flips with every scale and rollout, so it makes none.
 async fn announce_transitions(gw: &MtprotoGateway, status: &MtprotoGatewayStatus, ctx: &Context) {
     let was = gw
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE))
         .map(|c| c.status.as_str());
-    let Some(now) = status.conditions.iter().find(|c| c.type_ == READY) else {
+    let Some(now) = status.conditions.iter().find(|c| c.type_ == AVAILABLE) else {
         return;
     };
     if was == Some(now.status.as_str()) {
         return;
     }
-    let reason = if now.status == "True" {
-        "Ready"
+    let (type_, reason) = if now.status == "True" {
+        (EventType::Normal, "Available")
     } else {
-        "NotReady"
+        (EventType::Warning, "Unavailable")
     };
-    ctx.publish(
-        gw,
-        EventType::Normal,
-        reason,
-        "Observe",
-        now.message.clone(),
-    )
-    .await;
+    ctx.publish(gw, type_, reason, "Observe", now.message.clone())
+        .await;
 }
 
 #[cfg(test)]
@@ -729,6 +882,34 @@ mod tests {
         );
 
         assert!(reader_owner(&ObjectMeta::default()).is_none());
+    }
+
+    #[test]
+    fn load_balancer_addresses_take_ips_or_hostnames() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        assert!(load_balancer_addresses(&Service::default()).is_empty());
+        let svc = Service {
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![
+                        LoadBalancerIngress {
+                            ip: Some("203.0.113.7".into()),
+                            ..LoadBalancerIngress::default()
+                        },
+                        LoadBalancerIngress {
+                            hostname: Some("edge.elb.example".into()),
+                            ..LoadBalancerIngress::default()
+                        },
+                    ]),
+                }),
+                ..ServiceStatus::default()
+            }),
+            ..Service::default()
+        };
+        assert_eq!(
+            load_balancer_addresses(&svc),
+            ["203.0.113.7", "edge.elb.example"]
+        );
     }
 
     #[test]

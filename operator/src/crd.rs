@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,12 @@ pub const ADMIN_PORT: i32 = 9090;
         label_selector_path = ".status.selector"
     ),
     printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status",
+        description = "Whether the fleet serves clients"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
@@ -49,7 +56,7 @@ pub const ADMIN_PORT: i32 = 9090;
         description = "Desired gateway pods"
     ),
     printcolumn(
-        name = "Available",
+        name = "Ready-Pods",
         type_ = "integer",
         json_path = ".status.readyReplicas",
         description = "Ready gateway pods"
@@ -62,9 +69,12 @@ pub const ADMIN_PORT: i32 = 9090;
         priority = 1
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("!has(self.spec.autoscaling) || !self.spec.autoscaling.enabled || (self.spec.replicas >= self.spec.autoscaling.minReplicas && self.spec.replicas <= self.spec.autoscaling.maxReplicas)")
-        .message("spec.replicas must lie within spec.autoscaling.minReplicas..maxReplicas when autoscaling is enabled")
-        .field_path(".spec.replicas"),
+    validation = Rule::new("self.spec.drainDelaySeconds <= self.spec.terminationGracePeriodSeconds")
+        .message("spec.drainDelaySeconds must not exceed spec.terminationGracePeriodSeconds (the kubelet kills the pod at the end of the grace period)")
+        .field_path(".spec.drainDelaySeconds"),
+    validation = Rule::new("size(self.metadata.name) <= 58")
+        .message("metadata.name must be at most 58 characters: the gateway's `<name>-grpc` Service name must fit 63")
+        .field_path(".metadata.name"),
     validation = Rule::new("self.spec.listeners.all(l, l.port != 9090 && l.port != self.spec.session.grpcPort)")
         .message("listener ports must differ from the admin port 9090 and spec.session.grpcPort")
         .field_path(".spec.listeners"),
@@ -77,9 +87,12 @@ pub struct MtprotoGatewaySpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
 
-    /// Container image that runs `mtproto-gateway`.
+    /// Container image that runs `mtproto-gateway`; unset means the gateway
+    /// release matching this operator, so upgrading the operator upgrades
+    /// gateways that do not pin an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
 
     /// Image pull policy of the gateway container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,7 +102,8 @@ pub struct MtprotoGatewaySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<String>,
 
-    /// CPU and memory of the gateway container.
+    /// CPU and memory of the gateway container; unset means requests of
+    /// 100m CPU and 128Mi memory (the HPA's CPU target needs a request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
@@ -97,14 +111,33 @@ pub struct MtprotoGatewaySpec {
     #[serde(default)]
     pub log_level: LogLevel,
 
-    /// Seconds a pod gets to drain open connections after SIGTERM; the gateway
-    /// drains for 5 s less, then closes what is left.
+    /// Seconds a pod gets after SIGTERM: the lame-duck delay, then the drain of
+    /// open connections (for what is left less 5 s), then the close of the rest.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 0, max = 3600))]
     pub termination_grace_period_seconds: i64,
 
+    /// Seconds a pod keeps accepting connections after SIGTERM while reporting
+    /// not ready, so load balancers and endpoints stop sending it clients before
+    /// it stops listening.
+    #[serde(default = "default_drain_delay")]
+    #[schemars(range(min = 0, max = 600))]
+    pub drain_delay_seconds: i64,
+
+    /// How the Deployment replaces pods.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
+    /// Metadata and scheduling of the gateway pods.
+    #[serde(default)]
+    pub pod: PodSettings,
+
+    /// The gateway's ServiceAccount.
+    #[serde(default)]
+    pub service_account: ServiceAccountSpec,
+
     /// Client-facing listeners; each becomes a port on the client Service.
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     #[x_kube(
         validation = Rule::new("self.all(l, self.exists_one(m, m.port == l.port))").message("listener ports must be unique"),
         validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))").message("listener names must be unique")
@@ -160,6 +193,78 @@ fn default_grace() -> i64 {
     60
 }
 
+fn default_drain_delay() -> i64 {
+    5
+}
+
+/// The gateway image of this operator's release.
+pub fn default_image() -> String {
+    format!(
+        "ghcr.io/mtproto-edge/mtproto-gateway:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Rolling-update knobs of the Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Pods created above the desired count during a rollout (a number or a percentage).
+    #[serde(default = "default_max_surge")]
+    pub max_surge: IntOrString,
+    /// Pods that may be unavailable during a rollout (a number or a percentage);
+    /// 0 keeps capacity while old pods drain.
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+    /// Seconds a new pod must be ready before it counts as available.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+}
+
+fn default_max_surge() -> IntOrString {
+    IntOrString::String("25%".to_owned())
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(0)
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: default_max_surge(),
+            max_unavailable: default_max_unavailable(),
+            min_ready_seconds: 0,
+        }
+    }
+}
+
+/// Pod metadata and scheduling priority, passed through to the pod template.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// Extra pod annotations; the operator's own config-hash annotation wins.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra pod labels; the selector labels win.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+/// ServiceAccount settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountSpec {
+    /// Annotations (e.g. cloud workload identity bindings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
 /// Image pull policy.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum PullPolicy {
@@ -205,10 +310,21 @@ impl LogLevel {
 }
 
 /// One client-facing listener.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.name != 'grpc' && self.name != 'admin'")
+        .message("listener names grpc and admin are reserved for the gateway's own ports")
+        .field_path(".name"),
+    validation = Rule::new("!has(self.tls) || self.transport != 'tcp'")
+        .message("tls applies only to transport websocket or http (MTProto over TCP has its own obfuscation)")
+        .field_path(".tls"),
+    validation = Rule::new("self.transport == 'websocket' || (!has(self.path) && !has(self.allowedOrigins))")
+        .message("path and allowedOrigins apply only to transport websocket")
+        .field_path(".path")
+)]
 pub struct Listener {
-    /// Port name on the Services (a DNS label).
+    /// Port name on the Services (a DNS label; `grpc` and `admin` are taken).
     #[schemars(
         length(min = 1, max = 15),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -223,6 +339,14 @@ pub struct Listener {
     /// Whether a PROXY protocol header precedes client bytes.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// WebSocket request path (web clients use `/apiws`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[!-~]*$"))]
+    pub path: Option<String>,
+    /// WebSocket `Origin` values allowed; empty allows any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allowed_origins: Vec<String>,
     /// TLS on a `websocket` (`wss://`) or `http` (`https://`) listener, for
     /// deployments without a load balancer that terminates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -385,8 +509,13 @@ fn default_port_name() -> String {
 }
 
 /// Auth-key storage.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!((has(self.lookup) && self.lookup == 'store') || (has(self.writer) && self.writer == 'store')) || has(self.redisUrl) || has(self.mysqlUrl)")
+        .message("authKeys lookup or writer store needs redisUrl or mysqlUrl")
+        .field_path(".lookup")
+)]
 pub struct AuthKeysSpec {
     /// Secret key holding the Redis URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -394,6 +523,15 @@ pub struct AuthKeysSpec {
     /// Secret key holding the MySQL URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql_url: Option<SecretKeyRef>,
+    /// Where the gateway looks keys up: `store` reads Redis/MySQL above directly,
+    /// `session` asks the session service (teamgram's `session_queryAuthKey`).
+    /// Unset: `store` when a store URL is given, else `session`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<KeyLookup>,
+    /// Where keys made by handshakes are written: `store` or `session`
+    /// (teamgram's `session_setAuthKey`). Unset: as `lookup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<KeyLookup>,
     /// In-memory auth-key cache size per pod.
     #[serde(default = "default_cache_bytes")]
     #[schemars(range(min = 0, max = 68_719_476_736i64))]
@@ -402,6 +540,31 @@ pub struct AuthKeysSpec {
     #[serde(default = "default_cache_ttl")]
     #[schemars(range(min = 1, max = 604_800))]
     pub cache_ttl_seconds: i64,
+}
+
+/// Where auth keys are read or written.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyLookup {
+    Session,
+    Store,
+}
+
+impl AuthKeysSpec {
+    /// `lookup` with its default applied.
+    pub fn effective_lookup(&self) -> KeyLookup {
+        self.lookup
+            .unwrap_or(if self.redis_url.is_some() || self.mysql_url.is_some() {
+                KeyLookup::Store
+            } else {
+                KeyLookup::Session
+            })
+    }
+
+    /// `writer` with its default applied.
+    pub fn effective_writer(&self) -> KeyLookup {
+        self.writer.unwrap_or_else(|| self.effective_lookup())
+    }
 }
 
 fn default_cache_bytes() -> i64 {
@@ -417,6 +580,8 @@ impl Default for AuthKeysSpec {
         Self {
             redis_url: None,
             mysql_url: None,
+            lookup: None,
+            writer: None,
             cache_capacity_bytes: default_cache_bytes(),
             cache_ttl_seconds: default_cache_ttl(),
         }
@@ -443,6 +608,18 @@ pub struct LimitsSpec {
     #[serde(default = "default_idle_timeout")]
     #[schemars(range(min = 1, max = 86_400))]
     pub idle_timeout_seconds: i64,
+    /// New handshakes per client IP per minute per pod; beyond it clients get -429.
+    #[serde(default = "default_handshakes_per_ip")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub handshakes_per_ip_per_minute: i64,
+    /// A client that takes no bytes for this long is disconnected.
+    #[serde(default = "default_write_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub write_timeout_seconds: i64,
+    /// Largest MTProto frame accepted from a client.
+    #[serde(default = "default_max_frame_bytes")]
+    #[schemars(range(min = 1024, max = 16_777_216))]
+    pub max_frame_bytes: i64,
 }
 
 fn default_max_conns() -> i64 {
@@ -457,6 +634,15 @@ fn default_handshake_timeout() -> i64 {
 fn default_idle_timeout() -> i64 {
     300
 }
+fn default_handshakes_per_ip() -> i64 {
+    120
+}
+fn default_write_timeout() -> i64 {
+    30
+}
+fn default_max_frame_bytes() -> i64 {
+    1 << 20
+}
 
 impl Default for LimitsSpec {
     fn default() -> Self {
@@ -465,6 +651,9 @@ impl Default for LimitsSpec {
             max_connections_per_ip: default_max_conns_per_ip(),
             handshake_timeout_seconds: default_handshake_timeout(),
             idle_timeout_seconds: default_idle_timeout(),
+            handshakes_per_ip_per_minute: default_handshakes_per_ip(),
+            write_timeout_seconds: default_write_timeout(),
+            max_frame_bytes: default_max_frame_bytes(),
         }
     }
 }
@@ -475,7 +664,10 @@ impl Default for LimitsSpec {
 #[x_kube(
     validation = Rule::new("!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'")
         .message("externalTrafficPolicy needs type NodePort or LoadBalancer")
-        .field_path(".externalTrafficPolicy")
+        .field_path(".externalTrafficPolicy"),
+    validation = Rule::new("self.type == 'LoadBalancer' || (!has(self.loadBalancerClass) && !has(self.loadBalancerSourceRanges))")
+        .message("loadBalancerClass and loadBalancerSourceRanges need type LoadBalancer")
+        .field_path(".loadBalancerClass")
 )]
 pub struct ServiceSpec {
     /// Service type.
@@ -487,6 +679,36 @@ pub struct ServiceSpec {
     /// Keep client source IPs by routing only to local pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_traffic_policy: Option<ExternalTrafficPolicy>,
+    /// Pin each client IP to one pod. Unset: `ClientIP` when an `http` listener
+    /// exists (an HTTP-transport client's requests must reach the pod holding
+    /// its handshake), else `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// Load-balancer implementation to use (type LoadBalancer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub load_balancer_class: Option<String>,
+    /// Client CIDRs the cloud load balancer admits (type LoadBalancer only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+/// Service session affinity.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SessionAffinity {
+    ClientIP,
+    None,
+}
+
+impl SessionAffinity {
+    /// The value Kubernetes expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientIP => "ClientIP",
+            Self::None => "None",
+        }
+    }
 }
 
 /// Kubernetes Service type.
@@ -557,6 +779,15 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub target_connections_per_pod: Option<i64>,
+    /// Seconds the HPA looks back before removing pods, so a dip in load does
+    /// not drop (and reconnect) clients only to scale up again.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_scale_down_window() -> i32 {
+    300
 }
 
 /// PodDisruptionBudget.
@@ -626,6 +857,9 @@ pub struct ServiceMonitorSpec {
     #[serde(default = "default_interval")]
     #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
     pub interval: String,
+    /// Labels on the ServiceMonitor, e.g. the one a Prometheus selects on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_interval() -> String {
@@ -637,6 +871,7 @@ impl Default for ServiceMonitorSpec {
         Self {
             enabled: false,
             interval: default_interval(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -664,8 +899,9 @@ pub struct MtprotoGatewayStatus {
     /// `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Available`, `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Pods of the Deployment.
     #[serde(default)]
@@ -679,6 +915,27 @@ pub struct MtprotoGatewayStatus {
     /// Where clients connect (`host:port` of the first listener).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Addresses (IP or hostname) the load balancer of the client Service got.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer: Vec<String>,
+    /// The RSA keys served, in `spec.rsaKeys` order, with the fingerprints clients pin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rsa_keys: Vec<RsaKeyStatus>,
+}
+
+/// One served RSA key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RsaKeyStatus {
+    /// Secret holding the private key.
+    pub secret_name: String,
+    /// Key inside the Secret.
+    pub key: String,
+    /// MTProto fingerprint (lower 64 bits of SHA-1 over the TL-serialised public
+    /// key), as 16 hex digits, as the gateway logs it.
+    pub fingerprint: String,
+    /// The public key clients embed (PKCS#1 PEM).
+    pub public_key: String,
 }
 
 /// Header of the generated CRD file.
@@ -706,6 +963,7 @@ mod tests {
     use super::*;
     use crate::fixtures::gateway;
     use kube::CustomResourceExt;
+    use serde_json::json;
 
     #[test]
     fn committed_crds_match_the_types() {
@@ -747,7 +1005,17 @@ mod tests {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(cols, ["Ready", "Replicas", "Available", "Endpoint", "Age"]);
+        assert_eq!(
+            cols,
+            [
+                "Available",
+                "Ready",
+                "Replicas",
+                "Ready-Pods",
+                "Endpoint",
+                "Age"
+            ]
+        );
     }
 
     #[test]
@@ -774,10 +1042,6 @@ mod tests {
         assert!(cel_error(&gw).contains("admin port"));
 
         let mut gw = gateway();
-        gw.spec.replicas = 50;
-        assert!(cel_error(&gw).contains("minReplicas..maxReplicas"));
-
-        let mut gw = gateway();
         if let Some(a) = gw.spec.autoscaling.as_mut() {
             a.min_replicas = 11;
         }
@@ -789,12 +1053,89 @@ mod tests {
     }
 
     #[test]
-    fn disabled_autoscaling_does_not_bound_replicas() {
+    fn replicas_outside_the_autoscaler_bounds_are_accepted() {
+        // GitOps tools apply spec.replicas as written; the HPA clamps it.
         let mut gw = gateway();
         gw.spec.replicas = 50;
-        if let Some(a) = gw.spec.autoscaling.as_mut() {
-            a.enabled = false;
+        gw.validate_cel()
+            .expect("the HPA clamps, the API server does not refuse");
+    }
+
+    #[test]
+    fn cel_refuses_listener_mistakes() {
+        for reserved in ["grpc", "admin"] {
+            let mut gw = gateway();
+            gw.spec.listeners[0].name = reserved.into();
+            assert!(cel_error(&gw).contains("reserved"), "{reserved}");
         }
-        gw.validate_cel().expect("valid without autoscaling");
+
+        let mut gw = gateway();
+        gw.spec.listeners[0].tls = Some(ListenerTls {
+            certificate: gw.spec.rsa_keys[0].clone(),
+            private_key: gw.spec.rsa_keys[0].clone(),
+        });
+        assert!(cel_error(&gw).contains("tls applies only"));
+        gw.spec.listeners[0].transport = Transport::Http;
+        gw.validate_cel().expect("TLS on an http listener");
+
+        let mut gw = gateway();
+        gw.spec.listeners[0].path = Some("/ws".into());
+        assert!(cel_error(&gw).contains("path and allowedOrigins"));
+        let mut gw = gateway();
+        gw.spec.listeners[0].allowed_origins = vec!["https://web.example".into()];
+        assert!(cel_error(&gw).contains("path and allowedOrigins"));
+        gw.spec.listeners[0].transport = Transport::Websocket;
+        gw.validate_cel().expect("origins on a websocket listener");
+    }
+
+    #[test]
+    fn cel_bounds_the_name_by_the_grpc_service() {
+        let mut gw = gateway();
+        gw.metadata.name = Some("g".repeat(58));
+        gw.validate_cel().expect("58 characters fit");
+        gw.metadata.name = Some("g".repeat(59));
+        assert!(cel_error(&gw).contains("-grpc"));
+    }
+
+    #[test]
+    fn cel_ties_store_modes_and_load_balancer_fields() {
+        let mut gw = gateway();
+        gw.spec.auth_keys.redis_url = None;
+        gw.spec.auth_keys.mysql_url = None;
+        gw.validate_cel()
+            .expect("no store: lookup defaults to session");
+        gw.spec.auth_keys.writer = Some(KeyLookup::Store);
+        assert!(cel_error(&gw).contains("needs redisUrl or mysqlUrl"));
+
+        let mut gw = gateway();
+        gw.spec.service.load_balancer_source_ranges = vec!["10.0.0.0/8".into()];
+        gw.validate_cel().expect("the fixture is a LoadBalancer");
+        gw.spec.service.type_ = ServiceType::NodePort;
+        assert!(cel_error(&gw).contains("need type LoadBalancer"));
+    }
+
+    #[test]
+    fn listeners_and_conditions_are_list_maps() {
+        let crd = serde_json::to_value(MtprotoGateway::crd()).expect("json");
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+        let listeners = &schema["spec"]["properties"]["listeners"];
+        assert_eq!(listeners["x-kubernetes-list-type"], "map");
+        assert_eq!(listeners["x-kubernetes-list-map-keys"], json!(["name"]));
+        let conditions = &schema["status"]["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+    }
+
+    #[test]
+    fn key_lookup_follows_the_configured_stores() {
+        let gw = gateway();
+        assert_eq!(gw.spec.auth_keys.effective_lookup(), KeyLookup::Store);
+        assert_eq!(gw.spec.auth_keys.effective_writer(), KeyLookup::Store);
+        let mut keys = AuthKeysSpec::default();
+        assert_eq!(keys.effective_lookup(), KeyLookup::Session);
+        assert_eq!(keys.effective_writer(), KeyLookup::Session);
+        keys.lookup = Some(KeyLookup::Store);
+        keys.writer = Some(KeyLookup::Session);
+        assert_eq!(keys.effective_writer(), KeyLookup::Session);
     }
 }

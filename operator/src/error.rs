@@ -41,6 +41,10 @@ pub enum Error {
         source: Box<kube::Error>,
     },
 
+    /// A watch cache the reconcile reads from has not synced.
+    #[error("the {0} cache has not synced yet")]
+    CacheNotReady(&'static str),
+
     /// Writing status failed.
     #[error("patching status: {0}")]
     Status(#[source] Box<kube::Error>),
@@ -64,6 +68,7 @@ impl Error {
             Self::Read { .. } => "read",
             Self::Apply { .. } => "apply",
             Self::Delete { .. } => "delete",
+            Self::CacheNotReady(_) => "cache_not_ready",
             Self::Status(_) => "status",
             Self::Render(_) => "render",
             Self::Finalizer(inner) => match inner.as_ref() {

@@ -5,7 +5,9 @@ use serde_json::json;
 use crate::crd::{ListenerTls, MtprotoGateway, SecretKeyRef};
 use crate::validate::Dereferenced;
 
-pub const PEM: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n";
+/// Test-only 2048-bit RSA keys (PKCS#1 and PKCS#8), made with `openssl genrsa`.
+pub const PEM: &str = include_str!("testdata/rsa-a.pem");
+pub const OTHER_PEM: &str = include_str!("testdata/rsa-b.pem");
 
 /// A gateway using most features, as the API server would return it (defaults filled in by
 /// serde, generation and uid set).
@@ -47,7 +49,7 @@ pub fn dereferenced() -> Dereferenced {
         "rsa-keys".into(),
         [
             ("primary.pem".to_owned(), PEM.as_bytes().to_vec()),
-            ("old".to_owned(), PEM.as_bytes().to_vec()),
+            ("old".to_owned(), OTHER_PEM.as_bytes().to_vec()),
         ]
         .into_iter()
         .collect(),

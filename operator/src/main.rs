@@ -14,7 +14,7 @@ use axum::Router;
 use clap::Parser;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use mtproto_operator::controller::{self, Context};
+use mtproto_operator::controller::{self, Scope};
 use mtproto_operator::crd::MtprotoGateway;
 use mtproto_operator::leader::{Elector, Timing};
 use mtproto_operator::metrics::Metrics;
@@ -44,6 +44,36 @@ struct Args {
     /// This replica's identity in the Lease and in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Reconcile gateways only in these namespaces (comma separated), so
+    /// namespaced Roles there suffice instead of a ClusterRole. Unset: all.
+    #[arg(long, env = "OPERATOR_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
+    /// Namespaces a gateway may name for its session Service besides its own
+    /// (the operator creates an EndpointSlice reader Role there), comma
+    /// separated. Unset: any namespace, or with --watch-namespaces those.
+    #[arg(long, env = "OPERATOR_SESSION_NAMESPACES", value_delimiter = ',')]
+    session_namespaces: Vec<String>,
+}
+
+impl Args {
+    fn scope(&self) -> Scope {
+        let list = |v: &[String]| {
+            let v: Vec<String> = v
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+            (!v.is_empty()).then_some(v)
+        };
+        let watch_namespaces = list(&self.watch_namespaces);
+        let session_namespaces = list(&self.session_namespaces)
+            .or_else(|| watch_namespaces.clone())
+            .map(|v| v.into_iter().collect());
+        Scope {
+            watch_namespaces,
+            session_namespaces,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -81,10 +111,16 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("building a Kubernetes client")?;
-    Api::<MtprotoGateway>::all(client.clone())
+    let scope = args.scope();
+    info!(?scope, "scope");
+    let probe: Api<MtprotoGateway> = match scope.watch_namespaces.as_deref() {
+        Some([first, ..]) => Api::namespaced(client.clone(), first),
+        _ => Api::all(client.clone()),
+    };
+    probe
         .list(&ListParams::default().limit(1))
         .await
-        .context("MtprotoGateway CRD is not queryable; install it with `kubectl apply -f crds/` or the Helm chart")?;
+        .context("MtprotoGateway CRD is not queryable (or this operator may not list it); install it with `kubectl apply -f crds/` or the Helm chart")?;
     health.ready.store(true, Ordering::SeqCst);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -109,8 +145,7 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.set_leader(true);
 
-    let ctx = Arc::new(Context::new(client, metrics.clone(), &identity));
-    let reconciling = controller::run(ctx, stopped(stop_rx.clone()));
+    let reconciling = controller::run(client, metrics.clone(), &identity, scope, stop_rx.clone());
     tokio::select! {
         () = reconciling => {
             metrics.set_leader(false);
@@ -191,5 +226,40 @@ async fn metrics(
             content_type,
             e.to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(args: &[&str]) -> Scope {
+        Args::parse_from(std::iter::once("mtproto-operator").chain(args.iter().copied())).scope()
+    }
+
+    #[test]
+    fn scope_flags() {
+        let s = scope(&[]);
+        assert!(s.watch_namespaces.is_none() && s.session_namespaces.is_none());
+        // Namespaced: sessions may only be in the watched namespaces unless listed.
+        let s = scope(&["--watch-namespaces", "edge, web"]);
+        assert_eq!(
+            s.watch_namespaces,
+            Some(vec!["edge".to_owned(), "web".to_owned()])
+        );
+        assert_eq!(
+            s.session_namespaces,
+            Some(["edge".to_owned(), "web".to_owned()].into())
+        );
+        let s = scope(&[
+            "--watch-namespaces",
+            "edge",
+            "--session-namespaces",
+            "teamgram",
+        ]);
+        assert_eq!(s.session_namespaces, Some(["teamgram".to_owned()].into()));
+        let s = scope(&["--session-namespaces", "teamgram,"]);
+        assert!(s.watch_namespaces.is_none());
+        assert_eq!(s.session_namespaces, Some(["teamgram".to_owned()].into()));
     }
 }

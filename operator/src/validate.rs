@@ -4,12 +4,13 @@
 //! The schema and CEL rules already refuse most bad input at the API server; what remains here
 //! needs other objects (Secrets) or is awkward in CEL (CIDR syntax on older servers).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use mtproto_core::rsa::ServerKey;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{MtprotoGateway, SecretKeyRef, Transport};
+use crate::crd::{MtprotoGateway, RsaKeyStatus, SecretKeyRef, Transport};
 use crate::error::Error;
 
 /// Where the gateway reads its configuration and keys inside the pod.
@@ -25,6 +26,10 @@ pub struct Dereferenced {
     pub secrets: SecretData,
     /// Whether the `ServiceMonitor` API is served.
     pub service_monitor_api: bool,
+    /// Namespaces a gateway may name for its session Service (the operator's
+    /// `--session-namespaces`); `None` allows any. The operator creates a Role
+    /// there, so this bounds where a gateway's author can make it write.
+    pub allowed_session_namespaces: Option<BTreeSet<String>>,
 }
 
 /// A Secret value mounted as a file (an RSA key, a TLS certificate or key).
@@ -55,6 +60,8 @@ pub struct ValidatedGateway {
     pub session_namespace: String,
     /// RSA key files in the order the gateway should load them (first = primary).
     pub rsa_keys: Vec<SecretFile>,
+    /// What status shows of each key: fingerprint and public key, in the same order.
+    pub rsa_status: Vec<RsaKeyStatus>,
     /// Certificate and key files of TLS listeners, by listener name.
     pub listener_tls: BTreeMap<String, (SecretFile, SecretFile)>,
     /// SHA-256 (hex) over every referenced Secret value, so a Secret edit rolls the pods.
@@ -79,6 +86,7 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
 
     let mut seen = Vec::new();
     let mut rsa_keys = Vec::with_capacity(spec.rsa_keys.len());
+    let mut rsa_status = Vec::with_capacity(spec.rsa_keys.len());
     for (i, key) in spec.rsa_keys.iter().enumerate() {
         if seen.contains(&key) {
             return Err(Error::Invalid(format!(
@@ -88,12 +96,23 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         }
         seen.push(key);
         let value = secret_value(deref, key, &format!("spec.rsaKeys[{i}]"))?;
-        if !looks_like_pem_private_key(value) {
-            return Err(Error::Invalid(format!(
-                "spec.rsaKeys[{i}]: Secret {} key {} is not a PEM private key",
+        let invalid = |why: String| {
+            Error::Invalid(format!(
+                "spec.rsaKeys[{i}]: Secret {} key {} is not a 2048-bit RSA private key in PEM \
+                 (make one with `openssl genrsa 2048`): {why}",
                 key.secret_name, key.key
-            )));
-        }
+            ))
+        };
+        let pem = std::str::from_utf8(value).map_err(|e| invalid(e.to_string()))?;
+        let server_key = ServerKey::from_pem(pem).map_err(|e| invalid(e.to_string()))?;
+        rsa_status.push(RsaKeyStatus {
+            secret_name: key.secret_name.clone(),
+            key: key.key.clone(),
+            fingerprint: format!("{:016x}", server_key.fingerprint() as u64),
+            public_key: server_key
+                .public_pkcs1_pem()
+                .map_err(|e| invalid(e.to_string()))?,
+        });
         rsa_keys.push(SecretFile {
             source: key.clone(),
             relative_path: rsa_relative_path(key),
@@ -143,6 +162,16 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         .namespace
         .clone()
         .unwrap_or_else(|| namespace.clone());
+    if let Some(allowed) = &deref.allowed_session_namespaces {
+        if session_namespace != namespace && !allowed.contains(&session_namespace) {
+            return Err(Error::Invalid(format!(
+                "spec.session.service.namespace: {session_namespace} is not among the namespaces \
+                 this operator may grant access in ({}); use one of them, or have the operator's \
+                 administrator add it to --session-namespaces",
+                allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
 
     Ok(ValidatedGateway {
         namespace,
@@ -150,6 +179,7 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         session_namespace,
         secrets_hash: hash_referenced(gw, &deref.secrets),
         rsa_keys,
+        rsa_status,
         listener_tls,
         service_monitor: spec.metrics.service_monitor.enabled && deref.service_monitor_api,
     })
@@ -194,15 +224,6 @@ fn rsa_relative_path(key: &SecretKeyRef) -> String {
     } else {
         format!("rsa/{}/{}.pem", key.secret_name, key.key)
     }
-}
-
-fn looks_like_pem_private_key(value: &[u8]) -> bool {
-    std::str::from_utf8(value)
-        .map(|s| {
-            let s = s.trim_start();
-            s.starts_with("-----BEGIN") && s.contains("PRIVATE KEY-----")
-        })
-        .unwrap_or(false)
 }
 
 fn is_cidr(s: &str) -> bool {
@@ -316,6 +337,63 @@ mod tests {
             .insert("old".into(), b"not a key".to_vec());
         let err = validate(&gw, &d).expect_err("not pem");
         assert!(err.to_string().contains("spec.rsaKeys[1]"), "{err}");
+    }
+
+    #[test]
+    fn status_shows_each_key_with_its_mtproto_fingerprint() {
+        let v = validate(&gateway(), &dereferenced()).expect("valid");
+        let expected = |pem: &str| {
+            let k = ServerKey::from_pem(pem).expect("test key");
+            (
+                format!("{:016x}", k.fingerprint() as u64),
+                k.public_pkcs1_pem().expect("public"),
+            )
+        };
+        let got: Vec<_> = v
+            .rsa_status
+            .iter()
+            .map(|s| {
+                (
+                    s.secret_name.as_str(),
+                    s.key.as_str(),
+                    s.fingerprint.clone(),
+                    s.public_key.clone(),
+                )
+            })
+            .collect();
+        let (fa, pa) = expected(crate::fixtures::PEM);
+        let (fb, pb) = expected(crate::fixtures::OTHER_PEM);
+        assert_ne!(fa, fb);
+        assert_eq!(
+            got,
+            [
+                ("rsa-keys", "primary.pem", fa, pa),
+                ("rsa-keys", "old", fb, pb)
+            ]
+        );
+        assert!(v.rsa_status[0]
+            .public_key
+            .starts_with("-----BEGIN RSA PUBLIC KEY-----"));
+    }
+
+    #[test]
+    fn session_namespace_must_be_allowed() {
+        let gw = gateway();
+        let mut d = dereferenced();
+        d.allowed_session_namespaces = Some(["sessions".to_owned()].into());
+        let err = validate(&gw, &d).expect_err("teamgram is not allowed");
+        assert!(
+            err.to_string()
+                .contains("spec.session.service.namespace: teamgram"),
+            "{err}"
+        );
+        d.allowed_session_namespaces = Some(["teamgram".to_owned()].into());
+        validate(&gw, &d).expect("allowed");
+        // The gateway's own namespace needs no permission.
+        let mut same = gw.clone();
+        same.spec.session.service.namespace = None;
+        d.allowed_session_namespaces = Some(BTreeSet::new());
+        validate(&same, &d).expect("own namespace");
     }
 
     #[test]

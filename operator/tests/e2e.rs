@@ -266,7 +266,25 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         status.endpoint.as_deref(),
         Some(format!("edge.{ns}.svc:10443").as_str())
     );
+    assert_eq!(status.rsa_keys.len(), 2);
+    for (k, name) in status.rsa_keys.iter().zip(["primary.pem", "previous.pem"]) {
+        assert_eq!(
+            (k.secret_name.as_str(), k.key.as_str()),
+            ("gateway-rsa", name)
+        );
+        assert_eq!(k.fingerprint.len(), 16, "{k:?}");
+        assert!(
+            k.fingerprint.chars().all(|c| c.is_ascii_hexdigit()),
+            "{k:?}"
+        );
+        assert!(k.public_key.starts_with("-----BEGIN RSA PUBLIC KEY-----"));
+    }
+    assert_ne!(
+        status.rsa_keys[0].fingerprint,
+        status.rsa_keys[1].fingerprint
+    );
     for (type_, want) in [
+        ("Available", "True"),
         ("Ready", "True"),
         ("Progressing", "False"),
         ("Degraded", "False"),
@@ -358,6 +376,9 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         cfg["rsa_private_keys"][0].as_str(),
         Some("/etc/mtproto-gateway/rsa/gateway-rsa/primary.pem")
     );
+    // The Redis and MySQL the CR names are the stores the gateway consults.
+    assert_eq!(cfg["auth_keys"]["lookup"].as_str(), Some("store"));
+    assert_eq!(cfg["auth_keys"]["writer"].as_str(), Some("store"));
 
     // PDB, HPA, NetworkPolicy, ServiceAccount.
     let pdb = Api::<PodDisruptionBudget>::namespaced(c.clone(), &ns)
@@ -419,7 +440,14 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "REPLICAS", "AVAILABLE", "AGE"],
+        [
+            "NAME",
+            "AVAILABLE",
+            "READY",
+            "REPLICAS",
+            "READY-PODS",
+            "AGE"
+        ],
         "{table}"
     );
     let row: Vec<_> = lines
@@ -427,7 +455,7 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    assert_eq!(row[..4], ["edge", "True", "3", "3"], "{table}");
+    assert_eq!(row[..5], ["edge", "True", "True", "3", "3"], "{table}");
 
     // Events tell the story.
     let events = Api::<Event>::namespaced(c.clone(), &ns)
@@ -440,7 +468,7 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         .filter_map(|e| e.reason.clone())
         .collect();
     assert!(reasons.iter().any(|r| r == "Applied"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "Ready"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "Available"), "{reasons:?}");
     Ok(())
 }
 
@@ -585,7 +613,7 @@ async fn invalid_gateways_are_refused_naming_the_field() -> TestResult {
     let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), &ns);
 
     type Mutation = fn(&mut MtprotoGateway);
-    let cases: [(&str, Mutation, &[&str]); 6] = [
+    let cases: [(&str, Mutation, &[&str]); 13] = [
         (
             "negative replicas",
             |g| g.spec.replicas = -1,
@@ -622,6 +650,54 @@ async fn invalid_gateways_are_refused_naming_the_field() -> TestResult {
             "no RSA keys",
             |g| g.spec.rsa_keys.clear(),
             &["spec.rsaKeys"],
+        ),
+        (
+            "duplicate listener names (a list map)",
+            |g| g.spec.listeners[1].name = "tcp".to_owned(),
+            &["spec.listeners[1]", "Duplicate value"],
+        ),
+        (
+            "listener named grpc",
+            |g| g.spec.listeners[1].name = "grpc".to_owned(),
+            &["spec.listeners[1].name", "reserved"],
+        ),
+        (
+            "TLS on a TCP listener",
+            |g| {
+                let key = g.spec.rsa_keys[0].clone();
+                g.spec.listeners[0].tls = Some(mtproto_operator::crd::ListenerTls {
+                    certificate: key.clone(),
+                    private_key: key,
+                });
+            },
+            &["spec.listeners[0].tls", "tls applies only"],
+        ),
+        (
+            "WebSocket path on a TCP listener",
+            |g| g.spec.listeners[0].path = Some("/apiws".to_owned()),
+            &[
+                "spec.listeners[0].path",
+                "apply only to transport websocket",
+            ],
+        ),
+        (
+            "a name too long for the -grpc Service",
+            |g| g.metadata.name = Some("g".repeat(59)),
+            &["metadata.name", "<name>-grpc"],
+        ),
+        (
+            "lame duck longer than the grace period",
+            |g| g.spec.drain_delay_seconds = g.spec.termination_grace_period_seconds + 1,
+            &["spec.drainDelaySeconds"],
+        ),
+        (
+            "store writer without a store",
+            |g| {
+                g.spec.auth_keys.redis_url = None;
+                g.spec.auth_keys.mysql_url = None;
+                g.spec.auth_keys.writer = Some(mtproto_operator::crd::KeyLookup::Store);
+            },
+            &["spec.authKeys.lookup", "needs redisUrl or mysqlUrl"],
         ),
     ];
     for (what, mutate, needles) in cases {
@@ -662,6 +738,50 @@ async fn invalid_gateways_are_refused_naming_the_field() -> TestResult {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("spec.listeners[1].transport"), "{stderr}");
     assert!(api.get_opt("edge").await?.is_none());
+
+    // GitOps: replicas outside the autoscaler's bounds are the HPA's to clamp.
+    let mut gw = example(&ns);
+    gw.spec.replicas = 50;
+    api.create(
+        &PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        },
+        &gw,
+    )
+    .await
+    .expect("replicas outside minReplicas..maxReplicas are accepted");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn session_namespace_outside_the_allow_list_is_refused() -> TestResult {
+    // run.sh starts the operators with --session-namespaces e2e-operator-sessions.
+    let c = client().await;
+    let ns = namespace_with_secrets(&c, "e2e-allow").await;
+    let forbidden = "e2e-operator-forbidden";
+    ensure_namespace(&c, forbidden).await;
+    let mut gw = example(&ns);
+    gw.spec.session.service.namespace = Some(forbidden.to_owned());
+    apply_gateway(&c, &gw).await;
+    let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), &ns);
+    let degraded = wait_until("Degraded for the session namespace", WAIT, || async {
+        let gw = api.get("edge").await.ok()?;
+        condition(&gw, "Degraded")
+            .filter(|d| d.status == "True" && d.reason == "InvalidSpec")
+            .cloned()
+    })
+    .await;
+    assert!(
+        degraded.message.contains("spec.session.service.namespace"),
+        "{degraded:?}"
+    );
+    let roles: Api<Role> = Api::namespaced(c.clone(), forbidden);
+    assert!(roles.list(&ListParams::default()).await?.items.is_empty());
+    // Back to an allowed namespace: it recovers.
+    apply_gateway(&c, &example(&ns)).await;
+    wait_ready(&c, &ns, "edge", WAIT).await;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::crd::{MtprotoGatewaySpec, ADMIN_PORT};
+use crate::crd::{KeyLookup, MtprotoGatewaySpec, ADMIN_PORT};
 use crate::error::Error;
 use crate::validate::ValidatedGateway;
 
@@ -30,6 +30,10 @@ struct ListenerConfig<'a> {
     transport: &'a str,
     proxy_protocol: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    allowed_origins: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_key: Option<String>,
@@ -52,6 +56,8 @@ struct SessionKubernetes<'a> {
 
 #[derive(Serialize)]
 struct AuthKeysConfig {
+    lookup: &'static str,
+    writer: &'static str,
     cache_capacity_bytes: i64,
     cache_ttl_secs: i64,
 }
@@ -62,12 +68,24 @@ struct LimitsConfig {
     max_connections_per_ip: i64,
     handshake_timeout_secs: i64,
     idle_timeout_secs: i64,
+    write_timeout_secs: i64,
+    max_frame_bytes: i64,
+    handshakes_per_ip_per_minute: i64,
+    drain_delay_secs: i64,
     shutdown_grace_secs: i64,
 }
 
 /// What the gateway keeps of the pod's termination grace period after its
-/// drain: closing the connections left and reporting their sessions.
+/// lame-duck delay and drain: closing the connections left and reporting
+/// their sessions.
 const CLOSE_AFTER_DRAIN_SECS: i64 = 5;
+
+fn key_mode(k: KeyLookup) -> &'static str {
+    match k {
+        KeyLookup::Session => "session",
+        KeyLookup::Store => "store",
+    }
+}
 
 /// The contents of the ConfigMap key `gateway.toml`. Redis and MySQL URLs are not here: they
 /// reach the pod as env vars from Secrets so the ConfigMap holds no credentials.
@@ -86,6 +104,8 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
                     address: format!("0.0.0.0:{}", l.port),
                     transport: l.transport.as_str(),
                     proxy_protocol: l.proxy_protocol.as_str(),
+                    path: l.path.as_deref(),
+                    allowed_origins: &l.allowed_origins,
                     tls_cert: tls.map(|(cert, _)| cert.path()),
                     tls_key: tls.map(|(_, key)| key.path()),
                 }
@@ -102,6 +122,8 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
             },
         },
         auth_keys: AuthKeysConfig {
+            lookup: key_mode(spec.auth_keys.effective_lookup()),
+            writer: key_mode(spec.auth_keys.effective_writer()),
             cache_capacity_bytes: spec.auth_keys.cache_capacity_bytes,
             cache_ttl_secs: spec.auth_keys.cache_ttl_seconds,
         },
@@ -110,7 +132,13 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
             max_connections_per_ip: spec.limits.max_connections_per_ip,
             handshake_timeout_secs: spec.limits.handshake_timeout_seconds,
             idle_timeout_secs: spec.limits.idle_timeout_seconds,
-            shutdown_grace_secs: (spec.termination_grace_period_seconds - CLOSE_AFTER_DRAIN_SECS)
+            write_timeout_secs: spec.limits.write_timeout_seconds,
+            max_frame_bytes: spec.limits.max_frame_bytes,
+            handshakes_per_ip_per_minute: spec.limits.handshakes_per_ip_per_minute,
+            drain_delay_secs: spec.drain_delay_seconds,
+            shutdown_grace_secs: (spec.termination_grace_period_seconds
+                - spec.drain_delay_seconds
+                - CLOSE_AFTER_DRAIN_SECS)
                 .max(0),
         },
     };
@@ -120,8 +148,145 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::build::{build, CONFIG_KEY};
+    use crate::crd::{MtprotoGateway, SessionMode, Transport};
     use crate::fixtures::{dereferenced, gateway, with_listener_tls};
-    use crate::validate::{validate, CONFIG_DIR};
+    use crate::validate::{validate, Dereferenced, CONFIG_DIR};
+    use clap::Parser;
+    use mtproto_gateway::config::{self as gateway_config, Cli, Config};
+
+    /// Loads the rendered config the way the pod does: the gateway's own
+    /// `Config::load` with the container's arguments and environment (Secret
+    /// values taken from `d`), so the operator and the gateway cannot drift.
+    /// Also returns the `server_id` the gateway derives in that environment.
+    #[allow(clippy::result_large_err)] // figment's own error type, in its test jail
+    fn load_in_pod(gw: &MtprotoGateway, d: &Dereferenced) -> Result<(Config, String), String> {
+        let v = validate(gw, d).map_err(|e| e.to_string())?;
+        let b = build(gw, &v).map_err(|e| e.to_string())?;
+        let text = b
+            .config_map
+            .data
+            .as_ref()
+            .and_then(|m| m.get(CONFIG_KEY).cloned())
+            .ok_or("no gateway.toml")?;
+        let container = b
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|p| p.containers[0].clone())
+            .ok_or("no container")?;
+        let mut loaded = None;
+        figment::Jail::try_with(|jail| {
+            jail.create_file(CONFIG_KEY, &text)?;
+            for e in container.env.iter().flatten() {
+                let from = e.value_from.as_ref();
+                let value = match (&e.value, from.and_then(|f| f.secret_key_ref.as_ref())) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some(s)) => d
+                        .secrets
+                        .get(&s.name)
+                        .and_then(|k| k.get(&s.key))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .ok_or_else(|| format!("env {} names a missing Secret key", e.name))?,
+                    // The downward API: the pod's IP.
+                    (None, None) => "10.0.0.7".to_owned(),
+                };
+                jail.set_env(&e.name, value);
+            }
+            let config_path = format!("{CONFIG_DIR}/{CONFIG_KEY}");
+            let args = container.args.iter().flatten().map(|a| {
+                if *a == config_path {
+                    CONFIG_KEY.to_owned()
+                } else {
+                    a.clone()
+                }
+            });
+            let cli = Cli::parse_from(container.command.iter().flatten().cloned().chain(args));
+            loaded = Some(
+                Config::load(&cli)
+                    .and_then(|c| c.server_id().map(|id| (c, id)))
+                    .map_err(|e| e.to_string()),
+            );
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        loaded.ok_or("not loaded")?
+    }
+
+    #[test]
+    fn every_rendered_config_loads_in_the_gateway() {
+        let mut variants = vec![("fixture", gateway(), dereferenced())];
+
+        let mut gw = gateway();
+        let mut d = dereferenced();
+        with_listener_tls(&mut gw, 1, &mut d);
+        gw.spec.listeners[1].path = Some("/apiws".into());
+        gw.spec.listeners[1].allowed_origins = vec!["https://web.example".into()];
+        variants.push(("tls websocket with path and origins", gw, d));
+
+        let mut gw = gateway();
+        gw.spec.listeners[1].transport = Transport::Http;
+        gw.spec.listeners[1].proxy_protocol = crate::crd::ProxyProtocol::Optional;
+        gw.spec.auth_keys.redis_url = None;
+        gw.spec.auth_keys.mysql_url = None;
+        gw.spec.session.mode = SessionMode::Unary;
+        gw.spec.session.service.namespace = None;
+        variants.push(("http, no stores, unary", gw, dereferenced()));
+
+        let mut gw = gateway();
+        gw.spec.termination_grace_period_seconds = 0;
+        gw.spec.drain_delay_seconds = 0;
+        gw.spec.auth_keys.mysql_url = None;
+        gw.spec.limits.max_frame_bytes = 16 << 20;
+        variants.push(("no grace, redis only, largest frames", gw, dereferenced()));
+
+        for (what, gw, d) in variants {
+            let (c, _) = load_in_pod(&gw, &d).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let spec = &gw.spec;
+            assert_eq!(c.listeners.len(), spec.listeners.len(), "{what}");
+            assert_eq!(
+                c.limits.drain_delay_secs as i64, spec.drain_delay_seconds,
+                "{what}"
+            );
+            assert_eq!(
+                c.limits.max_frame_bytes as i64, spec.limits.max_frame_bytes,
+                "{what}"
+            );
+            assert_eq!(
+                c.auth_keys.redis_url.is_some(),
+                spec.auth_keys.redis_url.is_some(),
+                "{what}"
+            );
+            let store = |k: crate::crd::KeyLookup| k == crate::crd::KeyLookup::Store;
+            assert_eq!(
+                c.auth_keys.lookup == gateway_config::KeyLookup::Store,
+                store(spec.auth_keys.effective_lookup()),
+                "{what}"
+            );
+            assert_eq!(
+                c.auth_keys.writer == gateway_config::KeyLookup::Store,
+                store(spec.auth_keys.effective_writer()),
+                "{what}"
+            );
+            let k = c.session.kubernetes.as_ref().expect("discovery");
+            assert_eq!(k.service, spec.session.service.name, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_stores_named_in_the_spec_are_the_ones_consulted() {
+        let (c, server_id) = load_in_pod(&gateway(), &dereferenced()).expect("loads");
+        assert_eq!(c.auth_keys.redis_url.as_deref(), Some("redis://redis:6379"));
+        assert_eq!(
+            c.auth_keys.mysql_url.as_deref(),
+            Some("mysql://u:p@mysql/teamgram")
+        );
+        assert_eq!(c.auth_keys.lookup, gateway_config::KeyLookup::Store);
+        assert_eq!(c.auth_keys.writer, gateway_config::KeyLookup::Store);
+        assert_eq!(c.session.mode, gateway_config::SessionMode::Stream);
+        assert_eq!(server_id, "10.0.0.7:20110");
+    }
 
     #[test]
     fn tls_listeners_point_at_the_mounted_files() {
@@ -198,8 +363,18 @@ mod tests {
             Some(30)
         );
         assert_eq!(doc["limits"]["idle_timeout_secs"].as_integer(), Some(300));
-        // terminationGracePeriodSeconds 60 by default, 5 s kept for closing.
-        assert_eq!(doc["limits"]["shutdown_grace_secs"].as_integer(), Some(55));
+        // terminationGracePeriodSeconds 60 by default: 5 s lame duck, 5 s kept for closing.
+        assert_eq!(doc["limits"]["drain_delay_secs"].as_integer(), Some(5));
+        assert_eq!(doc["limits"]["shutdown_grace_secs"].as_integer(), Some(50));
+        assert_eq!(doc["limits"]["write_timeout_secs"].as_integer(), Some(30));
+        assert_eq!(doc["limits"]["max_frame_bytes"].as_integer(), Some(1 << 20));
+        assert_eq!(
+            doc["limits"]["handshakes_per_ip_per_minute"].as_integer(),
+            Some(120)
+        );
+        // The fixture names Redis and MySQL: the gateway must consult them.
+        assert_eq!(doc["auth_keys"]["lookup"].as_str(), Some("store"));
+        assert_eq!(doc["auth_keys"]["writer"].as_str(), Some("store"));
         assert!(
             !text.contains("redis://"),
             "credentials stay out of the ConfigMap"

@@ -145,7 +145,7 @@ pub fn build(gw: &MtprotoGateway, v: &ValidatedGateway) -> Result<Built, Error> 
     let (role, role_binding) = rbac::endpoint_reader(v, &names, &owner);
     Ok(Built {
         config_map,
-        service_account: rbac::service_account(v, &names, &owner),
+        service_account: rbac::service_account(spec, v, &names, &owner),
         role,
         role_binding,
         client_service: network::client_service(spec, v, &names, &owner),

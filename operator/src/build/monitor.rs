@@ -26,6 +26,9 @@ pub(super) fn service_monitor(
 ) -> DynamicObject {
     let mut obj = DynamicObject::new(&names.base, &service_monitor_resource()).within(&v.namespace);
     obj.metadata = meta(v, &names.base, owner);
+    let mut labels = spec.metrics.service_monitor.labels.clone();
+    labels.extend(obj.metadata.labels.take().unwrap_or_default());
+    obj.metadata.labels = Some(labels);
     obj.data = json!({
         "spec": {
             "selector": {"matchLabels": {
@@ -48,6 +51,8 @@ mod tests {
     fn service_monitor_scrapes_the_admin_port_of_the_internal_service() {
         let mut gw = gateway();
         gw.spec.metrics.service_monitor.enabled = true;
+        gw.spec.metrics.service_monitor.labels =
+            [("release".to_owned(), "kube-prometheus".to_owned())].into();
         let mut d = dereferenced();
         d.service_monitor_api = true;
         let v = validate(&gw, &d).expect("valid");
@@ -64,5 +69,8 @@ mod tests {
             "internal"
         );
         assert!(sm.metadata.owner_references.is_some());
+        let labels = sm.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels["release"], "kube-prometheus");
+        assert_eq!(labels["app.kubernetes.io/instance"], "edge");
     }
 }

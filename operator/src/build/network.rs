@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReferen
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{meta, selector_labels, Names};
-use crate::crd::{MtprotoGatewaySpec, ADMIN_PORT};
+use crate::crd::{MtprotoGatewaySpec, ServiceType, SessionAffinity, Transport, ADMIN_PORT};
 use crate::validate::ValidatedGateway;
 
 /// Label that tells the internal (gRPC + admin) Service apart, for the ServiceMonitor.
@@ -38,10 +38,31 @@ pub(super) fn client_service(
     if !spec.service.annotations.is_empty() {
         metadata.annotations = Some(spec.service.annotations.clone());
     }
+    let affinity = spec.service.session_affinity.unwrap_or(
+        if spec
+            .listeners
+            .iter()
+            .any(|l| l.transport == Transport::Http)
+        {
+            SessionAffinity::ClientIP
+        } else {
+            SessionAffinity::None
+        },
+    );
+    let load_balancer = spec.service.type_ == ServiceType::LoadBalancer;
     Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(spec.service.type_.as_str().to_owned()),
+            session_affinity: Some(affinity.as_str().to_owned()),
+            load_balancer_class: spec
+                .service
+                .load_balancer_class
+                .clone()
+                .filter(|_| load_balancer),
+            load_balancer_source_ranges: (load_balancer
+                && !spec.service.load_balancer_source_ranges.is_empty())
+            .then(|| spec.service.load_balancer_source_ranges.clone()),
             selector: Some(selector_labels(&v.name)),
             ports: Some(
                 spec.listeners
@@ -197,6 +218,44 @@ mod tests {
                 .map(|a| a["lb.example/proxy-protocol"].as_str()),
             Some("true")
         );
+    }
+
+    #[test]
+    fn client_service_affinity_and_load_balancer_fields() {
+        use crate::crd::{ServiceType, SessionAffinity, Transport};
+        use crate::fixtures::{dereferenced, gateway};
+        let svc = |gw: &crate::crd::MtprotoGateway| {
+            let v = crate::validate::validate(gw, &dereferenced()).expect("valid");
+            super::super::build(gw, &v)
+                .expect("build")
+                .client_service
+                .spec
+                .expect("spec")
+        };
+        let mut gw = gateway();
+        assert_eq!(svc(&gw).session_affinity.as_deref(), Some("None"));
+        // Several pods break HTTP-transport handshakes without affinity.
+        gw.spec.listeners[1].transport = Transport::Http;
+        assert_eq!(svc(&gw).session_affinity.as_deref(), Some("ClientIP"));
+        gw.spec.service.session_affinity = Some(SessionAffinity::None);
+        assert_eq!(svc(&gw).session_affinity.as_deref(), Some("None"));
+
+        gw.spec.service.load_balancer_class = Some("service.k8s.aws/nlb".into());
+        gw.spec.service.load_balancer_source_ranges = vec!["10.0.0.0/8".into()];
+        let s = svc(&gw);
+        assert_eq!(
+            s.load_balancer_class.as_deref(),
+            Some("service.k8s.aws/nlb")
+        );
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            Some(vec!["10.0.0.0/8".to_owned()])
+        );
+        gw.spec.service.type_ = ServiceType::NodePort;
+        gw.spec.service.external_traffic_policy = None;
+        let s = svc(&gw);
+        assert!(s.load_balancer_class.is_none());
+        assert!(s.load_balancer_source_ranges.is_none());
     }
 
     #[test]

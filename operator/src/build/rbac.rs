@@ -6,15 +6,20 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::{common_labels, meta, Names, OWNER_NAMESPACE_LABEL};
+use crate::crd::MtprotoGatewaySpec;
 use crate::validate::ValidatedGateway;
 
 pub(super) fn service_account(
+    spec: &MtprotoGatewaySpec,
     v: &ValidatedGateway,
     names: &Names,
     owner: &OwnerReference,
 ) -> ServiceAccount {
+    let mut metadata = meta(v, &names.base, owner);
+    metadata.annotations = (!spec.service_account.annotations.is_empty())
+        .then(|| spec.service_account.annotations.clone());
     ServiceAccount {
-        metadata: meta(v, &names.base, owner),
+        metadata,
         ..ServiceAccount::default()
     }
 }
@@ -71,6 +76,25 @@ mod tests {
     use super::*;
     use crate::fixtures::{dereferenced, gateway};
     use crate::validate::validate;
+
+    #[test]
+    fn service_account_carries_the_spec_annotations() {
+        let (_, b) = built();
+        assert!(b.service_account.metadata.annotations.is_none());
+        let mut gw = gateway();
+        gw.spec.service_account.annotations = [(
+            "iam.gke.io/gcp-service-account".to_owned(),
+            "edge@project.iam.gserviceaccount.com".to_owned(),
+        )]
+        .into();
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        let sa = super::super::build(&gw, &v).expect("build").service_account;
+        let annotations = sa.metadata.annotations.expect("annotations");
+        assert_eq!(
+            annotations["iam.gke.io/gcp-service-account"],
+            "edge@project.iam.gserviceaccount.com"
+        );
+    }
 
     #[test]
     fn cross_namespace_role_is_labelled_not_owned() {

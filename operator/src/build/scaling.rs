@@ -1,8 +1,9 @@
 //! PodDisruptionBudget and HorizontalPodAutoscaler.
 
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-    MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -88,10 +89,36 @@ pub(super) fn hpa(
             min_replicas: Some(a.min_replicas),
             max_replicas: a.max_replicas,
             metrics: Some(metrics),
-            ..HorizontalPodAutoscalerSpec::default()
+            behavior: Some(behavior(a.scale_down_stabilization_seconds)),
         },
         ..HorizontalPodAutoscaler::default()
     })
+}
+
+/// Scale-down waits out the stabilisation window and then removes at most 10%
+/// of the pods (at least one) a minute, since each removed pod disconnects its
+/// clients; scale-up keeps the HPA defaults.
+fn behavior(stabilization_seconds: i32) -> HorizontalPodAutoscalerBehavior {
+    HorizontalPodAutoscalerBehavior {
+        scale_down: Some(HPAScalingRules {
+            stabilization_window_seconds: Some(stabilization_seconds),
+            select_policy: Some("Max".to_owned()),
+            policies: Some(vec![
+                HPAScalingPolicy {
+                    type_: "Percent".to_owned(),
+                    value: 10,
+                    period_seconds: 60,
+                },
+                HPAScalingPolicy {
+                    type_: "Pods".to_owned(),
+                    value: 1,
+                    period_seconds: 60,
+                },
+            ]),
+            ..HPAScalingRules::default()
+        }),
+        scale_up: None,
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +147,13 @@ mod tests {
         let pods = m[1].pods.as_ref().expect("pods metric");
         assert_eq!(pods.metric.name, CONNECTIONS_METRIC);
         assert_eq!(pods.target.average_value, Some(Quantity("20000".into())));
+        let down = s
+            .behavior
+            .as_ref()
+            .and_then(|b| b.scale_down.as_ref())
+            .expect("scale-down behaviour");
+        assert_eq!(down.stabilization_window_seconds, Some(300));
+        assert_eq!(down.policies.as_ref().map(Vec::len), Some(2));
     }
 
     #[test]

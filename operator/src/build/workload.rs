@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector,
@@ -12,13 +13,14 @@ use k8s_openapi::api::core::v1::{
     SecretKeySelector, SecretProjection, SecurityContext, Sysctl, Volume, VolumeMount,
     VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use super::config::DATA_DIR;
 use super::{common_labels, meta, selector_labels, Names, CONFIG_HASH_ANNOTATION, CONFIG_KEY};
-use crate::crd::{MtprotoGatewaySpec, SecretKeyRef, ADMIN_PORT};
+use crate::crd::{default_image, MtprotoGatewaySpec, SecretKeyRef, ADMIN_PORT};
 use crate::validate::{ValidatedGateway, CONFIG_DIR};
 
 /// Non-root uid/gid the gateway runs as (the distroless "nonroot" user).
@@ -57,12 +59,13 @@ pub(super) fn deployment(
     owner: &OwnerReference,
     config_text: &str,
 ) -> Deployment {
-    let mut pod_labels = common_labels(&v.name);
-    pod_labels.extend(selector_labels(&v.name));
-    let annotations = BTreeMap::from([(
+    let mut pod_labels = spec.pod.labels.clone();
+    pod_labels.extend(common_labels(&v.name));
+    let mut annotations = spec.pod.annotations.clone();
+    annotations.insert(
         CONFIG_HASH_ANNOTATION.to_owned(),
         config_hash(config_text, &v.secrets_hash),
-    )]);
+    );
     let low_port = spec.listeners.iter().any(|l| l.port < 1024);
 
     Deployment {
@@ -73,14 +76,16 @@ pub(super) fn deployment(
                 match_labels: Some(selector_labels(&v.name)),
                 ..LabelSelector::default()
             },
-            // Surge first, so capacity never dips while pods drain their connections.
+            // Surge first by default, so capacity never dips while pods drain their connections.
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::String("25%".to_owned())),
-                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(spec.rollout.max_surge.clone()),
+                    max_unavailable: Some(spec.rollout.max_unavailable.clone()),
                 }),
             }),
+            min_ready_seconds: (spec.rollout.min_ready_seconds > 0)
+                .then_some(spec.rollout.min_ready_seconds),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -89,6 +94,7 @@ pub(super) fn deployment(
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(names.base.clone()),
+                    priority_class_name: spec.pod.priority_class_name.clone(),
                     termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -179,7 +185,7 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
 
     Container {
         name: "gateway".to_owned(),
-        image: Some(spec.image.clone()),
+        image: Some(spec.image.clone().unwrap_or_else(default_image)),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["mtproto-gateway".to_owned()]),
         args: Some(vec![
@@ -188,7 +194,7 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
         ]),
         ports: Some(ports),
         env: Some(env),
-        resources: spec.resources.clone(),
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         volume_mounts: Some(vec![
@@ -220,6 +226,18 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
             ..SecurityContext::default()
         }),
         ..Container::default()
+    }
+}
+
+/// Requests only: a limit would throttle handshakes under bursts, and an HPA
+/// CPU target is a percentage of the request.
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("100m".to_owned())),
+            ("memory".to_owned(), Quantity("128Mi".to_owned())),
+        ])),
+        ..ResourceRequirements::default()
     }
 }
 
@@ -402,6 +420,67 @@ mod tests {
     }
 
     #[test]
+    fn pass_through_and_defaults_reach_the_pod() {
+        let (_, b) = built();
+        let c = &pod(&b.deployment).containers[0];
+        let requests = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.clone())
+            .expect("default requests");
+        assert_eq!(requests["cpu"], Quantity("100m".into()));
+        assert_eq!(requests["memory"], Quantity("128Mi".into()));
+
+        let mut gw = gateway();
+        gw.spec.image = None;
+        gw.spec.pod.annotations = BTreeMap::from([
+            ("team".to_owned(), "edge".to_owned()),
+            (CONFIG_HASH_ANNOTATION.to_owned(), "mine".to_owned()),
+        ]);
+        gw.spec.pod.labels = BTreeMap::from([
+            ("tier".to_owned(), "front".to_owned()),
+            ("app.kubernetes.io/instance".to_owned(), "hijack".to_owned()),
+        ]);
+        gw.spec.pod.priority_class_name = Some("edge-critical".into());
+        gw.spec.rollout.max_surge = IntOrString::Int(1);
+        gw.spec.rollout.max_unavailable = IntOrString::String("10%".into());
+        gw.spec.rollout.min_ready_seconds = 15;
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        let d = super::super::build(&gw, &v).expect("build").deployment;
+        let p = pod(&d);
+        assert_eq!(
+            p.containers[0].image.as_deref(),
+            Some(
+                format!(
+                    "ghcr.io/mtproto-edge/mtproto-gateway:{}",
+                    env!("CARGO_PKG_VERSION")
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(p.priority_class_name.as_deref(), Some("edge-critical"));
+        let spec = d.spec.as_ref().expect("spec");
+        let t = spec.template.metadata.as_ref().expect("template meta");
+        let annotations = t.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations["team"], "edge");
+        assert_ne!(annotations[CONFIG_HASH_ANNOTATION], "mine");
+        let labels = t.labels.as_ref().expect("labels");
+        assert_eq!(labels["tier"], "front");
+        assert_eq!(
+            labels["app.kubernetes.io/instance"], "edge",
+            "selector labels win"
+        );
+        let ru = spec
+            .strategy
+            .as_ref()
+            .and_then(|s| s.rolling_update.as_ref())
+            .expect("rolling update");
+        assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
+        assert_eq!(ru.max_unavailable, Some(IntOrString::String("10%".into())));
+        assert_eq!(spec.min_ready_seconds, Some(15));
+    }
+
+    #[test]
     fn pods_are_locked_down() {
         let (_, b) = built();
         let p = pod(&b.deployment);
@@ -527,10 +606,11 @@ mod tests {
         );
 
         let mut rotated = d.clone();
-        rotated.secrets.get_mut("rsa-keys").expect("rsa").insert(
-            "old".into(),
-            crate::fixtures::PEM.replace("MIIB", "MIIC").into_bytes(),
-        );
+        rotated
+            .secrets
+            .get_mut("rsa-keys")
+            .expect("rsa")
+            .insert("old".into(), crate::fixtures::PEM.as_bytes().to_vec());
         let after_secret = hash_of(
             &super::super::build(&gw, &validate(&gw, &rotated).expect("valid"))
                 .expect("b")
