@@ -64,13 +64,12 @@ k wait mtprotogateway/edge --for=condition=Available --timeout="${TIMEOUT}s" >/d
     || die "MtprotoGateway edge not Available: $(k get mtprotogateway edge -o jsonpath='{.status.conditions}')"
 k get mtprotogateway edge -o wide >&2
 
-log "5. what clients need: the fingerprints and the public key"
-fingerprints="$(k get mtprotogateway edge -o jsonpath='{.status.rsaFingerprints}')"
+log "5. what clients need: the fingerprints and the public key (from the status)"
+fingerprints="$(k get mtprotogateway edge -o jsonpath='{.status.rsaKeys[*].fingerprint}')"
 [[ -n $fingerprints ]] || die "no fingerprints in the status"
-log "fingerprints in the status: $fingerprints"
-k get secret mtproto-rsa -o jsonpath='{.data.primary\.pem}' | base64 -d \
-    | openssl rsa -RSAPublicKey_out -out "$OUT/server-rsa-public.pem" 2>/dev/null \
-    || die "cannot derive the public key from Secret mtproto-rsa"
+log "fingerprints: $fingerprints"
+k get mtprotogateway edge -o jsonpath='{.status.rsaKeys[0].publicKey}' >"$OUT/server-rsa-public.pem"
+grep -q 'BEGIN RSA PUBLIC KEY' "$OUT/server-rsa-public.pem" || die "no public key in the status"
 log "public key: $OUT/server-rsa-public.pem"
 
 if [[ ${DEMO_TRAFFIC:-1} == 0 ]]; then

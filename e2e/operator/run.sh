@@ -68,9 +68,9 @@ cargo fmt -p mtproto-operator -- --check || die "cargo fmt"
 cargo clippy -q -p mtproto-operator --all-targets -- -D warnings || die "clippy"
 cargo test -q -p mtproto-operator --lib || die "unit tests"
 cargo build -q -p mtproto-operator --bins || die "build"
-mkdir -p "$OUT/crds" "$OUT/charts/mtproto-operator/crds"
+mkdir -p "$OUT/crds" "$OUT/charts/mtproto-operator/files"
 "$CARGO_TARGET_DIR/debug/crdgen" "$OUT" 2>/dev/null || die "crdgen"
-for f in crds/mtprotogateways.mtproto-edge.io.yaml charts/mtproto-operator/crds/mtprotogateways.mtproto-edge.io.yaml; do
+for f in crds/mtprotogateways.mtproto-edge.io.yaml charts/mtproto-operator/files/mtprotogateways.mtproto-edge.io.yaml; do
   diff -u "$f" "$OUT/$f" >/dev/null || die "$f drifted from the Rust types: run cargo run -p mtproto-operator --bin crdgen"
 done
 cargo test -q -p mtproto-operator --test e2e --no-run 2>/dev/null || die "building e2e tests"

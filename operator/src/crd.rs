@@ -946,7 +946,7 @@ const CRD_HEADER: &str =
 /// one the Helm chart installs.
 pub const CRD_FILES: [&str; 2] = [
     "crds/mtprotogateways.mtproto-edge.io.yaml",
-    "charts/mtproto-operator/crds/mtprotogateways.mtproto-edge.io.yaml",
+    "charts/mtproto-operator/files/mtprotogateways.mtproto-edge.io.yaml",
 ];
 
 /// The CRD as YAML, exactly as `crdgen` writes it to `crds/`.
@@ -970,7 +970,7 @@ mod tests {
         let generated = crd_yaml().expect("serialise CRD");
         let committed = [
             include_str!("../../crds/mtprotogateways.mtproto-edge.io.yaml"),
-            include_str!("../../charts/mtproto-operator/crds/mtprotogateways.mtproto-edge.io.yaml"),
+            include_str!("../../charts/mtproto-operator/files/mtprotogateways.mtproto-edge.io.yaml"),
         ];
         for (file, text) in CRD_FILES.iter().zip(committed) {
             assert!(

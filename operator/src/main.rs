@@ -12,6 +12,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::Client;
 use mtproto_operator::controller::{self, Scope};
@@ -53,6 +55,16 @@ struct Args {
     /// separated. Unset: any namespace, or with --watch-namespaces those.
     #[arg(long, env = "OPERATOR_SESSION_NAMESPACES", value_delimiter = ',')]
     session_namespaces: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Checks a running installation (the chart's `helm test`): the MtprotoGateway API is
+    /// served to this ServiceAccount and some replica holds the leader Lease, renewed
+    /// within its TTL. Exits non-zero, saying what is wrong, otherwise.
+    Check,
 }
 
 impl Args {
@@ -92,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Check) = args.command {
+        return check(&args).await;
+    }
     let identity = args
         .identity
         .clone()
@@ -158,6 +173,41 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(1)
         }
     }
+}
+
+async fn check(args: &Args) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("building a Kubernetes client")?;
+    let gateways: Api<MtprotoGateway> = match args.scope().watch_namespaces.as_deref() {
+        Some([first, ..]) => Api::namespaced(client.clone(), first),
+        _ => Api::all(client.clone()),
+    };
+    gateways
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("listing MtprotoGateways (is the CRD installed?)")?;
+    let leases: Api<Lease> = Api::namespaced(client, &args.lease_namespace);
+    let lease = leases
+        .get(&args.lease_name)
+        .await
+        .with_context(|| format!("reading Lease {}/{}", args.lease_namespace, args.lease_name))?;
+    let spec = lease.spec.unwrap_or_default();
+    let holder = spec
+        .holder_identity
+        .filter(|h| !h.is_empty())
+        .context("no operator replica holds the leader Lease")?;
+    let renewed = spec
+        .renew_time
+        .with_context(|| format!("the Lease held by {holder} was never renewed"))?;
+    let age = Timestamp::now().as_second() - renewed.0.as_second();
+    let ttl = i64::try_from(args.lease_ttl_seconds).unwrap_or(i64::MAX);
+    anyhow::ensure!(
+        age <= ttl,
+        "the leader {holder} last renewed the Lease {age} s ago (TTL {ttl} s)"
+    );
+    println!("ok: MtprotoGateway API served; {holder} leads (renewed {age} s ago)");
+    Ok(())
 }
 
 /// Resolves once `stop` turns true.

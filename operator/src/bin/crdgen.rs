@@ -1,5 +1,5 @@
 //! Writes the MtprotoGateway CRD generated from the Rust types into `crds/` and the Helm
-//! chart's `crds/`.
+//! chart's `files/` (its `templates/crd.yaml` renders it).
 //!
 //! Usage: `crdgen [REPO_ROOT]` (default: the current directory), or `crdgen -` for stdout.
 
