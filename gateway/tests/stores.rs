@@ -91,6 +91,11 @@ async fn conformance(store: &dyn AuthKeyStore) {
     store.add_salts(perm.id(), &futures, 2800).await.unwrap();
     let salts = store.salts(perm.id()).await.unwrap();
     assert!(salts.contains(&salt(1000)) && salts.contains(&salt(2800)));
+    // Past 2038-01-19 (beyond i32): stored, read back, and pruning compares
+    // real times (salt(2000) ended long before).
+    let late = FutureSalt::new(1 << 31, (1 << 31) + 1800, 77);
+    store.add_salts(temp.id(), &[late], 1 << 31).await.unwrap();
+    assert_eq!(store.salts(temp.id()).await.unwrap(), vec![late]);
 }
 
 #[tokio::test]
