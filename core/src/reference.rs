@@ -421,10 +421,15 @@ impl MsgWindow {
                 return Err(Refusal::Code(33));
             }
         }
-        self.seen.insert(at, (msg_id, seq_no));
-        if self.seen.len() > MSG_WINDOW {
+        // The oldest goes first, so the deque never outgrows MSG_WINDOW (a
+        // full window has `at` >= 1 here: lower ids got code 20 above).
+        let at = if self.seen.len() >= MSG_WINDOW {
             self.seen.pop_front();
-        }
+            at - 1
+        } else {
+            at
+        };
+        self.seen.insert(at, (msg_id, seq_no));
         Ok(())
     }
 }
@@ -714,6 +719,17 @@ mod tests {
         assert_eq!(
             window.admit(100, 1, false, Relevance::Content),
             Err(Refusal::Code(20))
+        );
+        // Memory stays at the window's size.
+        for i in 0..1000 {
+            let id = next + 4 * (i + 1);
+            let seq = 2 * (MSG_WINDOW as i32 + i as i32) + 3;
+            assert_eq!(window.admit(id, seq, false, Relevance::Content), Ok(()));
+        }
+        assert!(
+            window.seen.capacity() <= MSG_WINDOW,
+            "{}",
+            window.seen.capacity()
         );
         // Below a window that is not full, every id is known: accepted.
         let mut window = MsgWindow::default();
