@@ -119,12 +119,33 @@ impl AuthKeyInfo {
     }
 }
 
-/// A server salt and its validity window (unix seconds).
+/// A server salt and its validity window, as TL `int` dates (see
+/// [`crate::tl::date`]); compare them through [`FutureSalt::since`] and
+/// [`FutureSalt::until`], which stay right after 2038.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FutureSalt {
     pub valid_since: i32,
     pub valid_until: i32,
     pub salt: i64,
+}
+
+impl FutureSalt {
+    /// A salt valid from `since` until `until` (unix seconds).
+    pub fn new(since: i64, until: i64, salt: i64) -> Self {
+        Self {
+            valid_since: crate::tl::date(since),
+            valid_until: crate::tl::date(until),
+            salt,
+        }
+    }
+
+    pub fn since(&self) -> i64 {
+        crate::tl::unix_from_date(self.valid_since)
+    }
+
+    pub fn until(&self) -> i64 {
+        crate::tl::unix_from_date(self.valid_until)
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,10 @@ use super::tl::{id, TlError, TlReader, TlWrite};
 use crate::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 
 /// How long the first server salt is valid.
-pub const FIRST_SALT_LIFETIME_SECS: i32 = 1800;
+pub const FIRST_SALT_LIFETIME_SECS: i64 = 1800;
+
+/// Default of [`HandshakeSettings::max_temp_key_expires_secs`]: a day.
+pub const DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS: i32 = 86_400;
 
 /// Server keys offered in `resPQ`; the first is the primary.
 #[derive(Debug)]
@@ -29,6 +32,10 @@ pub struct HandshakeSettings {
     /// Accept `p_q_inner_data` padded the pre-RSA_PAD way (SHA1 | data | padding),
     /// as Telethon and other older clients still send it.
     pub accept_legacy_rsa_padding: bool,
+    /// A temp key lives at most this long, whatever `expires_in` its client
+    /// asked for (the client learns of the earlier end from −404, and makes
+    /// a new one, as after any expiry).
+    pub max_temp_key_expires_secs: i32,
 }
 
 impl HandshakeSettings {
@@ -307,6 +314,7 @@ impl Handshake {
         if key_type != AuthKeyType::Perm && expires_in <= 0 {
             return Err(HandshakeError::BadExpiresIn(expires_in));
         }
+        let expires_in = expires_in.min(self.settings.max_temp_key_expires_secs);
 
         let params = dh::params();
         let (a, g_a) = params
@@ -319,7 +327,7 @@ impl Handshake {
         dh_inner.put_u32(dh::G);
         dh_inner.put_bytes(&params.prime_bytes);
         dh_inner.put_bytes(&left_pad_256(&g_a.to_bytes_be()));
-        dh_inner.put_i32(now as i32);
+        dh_inner.put_i32(crate::tl::date(now));
 
         let mut answer = Vec::with_capacity(dh_inner.len() + 36);
         answer.put_raw(&sha1(&[&dh_inner]));
@@ -407,11 +415,7 @@ impl Handshake {
         let expires_at = (ex.key_type != AuthKeyType::Perm).then(|| now + i64::from(ex.expires_in));
         let new_key = NewAuthKey {
             info: AuthKeyInfo::new(key.clone(), ex.key_type, expires_at),
-            first_salt: FutureSalt {
-                valid_since: now as i32,
-                valid_until: now as i32 + FIRST_SALT_LIFETIME_SECS,
-                salt,
-            },
+            first_salt: FutureSalt::new(now, now + FIRST_SALT_LIFETIME_SECS, salt),
             expires_in: ex.expires_in,
             dc: ex.dc,
         };

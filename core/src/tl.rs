@@ -43,6 +43,9 @@ pub mod id {
     pub const HTTP_WAIT: u32 = 0x9299_359f;
     pub const MSGS_STATE_REQ: u32 = 0xda69_fb52;
     pub const MSGS_STATE_INFO: u32 = 0x04de_b57d;
+    pub const MSGS_ALL_INFO: u32 = 0x8cc0_d131;
+    pub const MSG_RESEND_REQ: u32 = 0x7d86_1a08;
+    pub const MSG_RESEND_ANS_REQ: u32 = 0x8610_baeb;
     pub const RPC_DROP_ANSWER: u32 = 0x58e4_a740;
     pub const RPC_ANSWER_UNKNOWN: u32 = 0x5e2a_d36e;
     pub const INVOKE_WITH_LAYER: u32 = 0xda9b_0d0d;
@@ -58,6 +61,20 @@ pub enum TlError {
     UnexpectedConstructor { got: u32, expected: &'static str },
     #[error("TL vector of {0} elements is longer than allowed")]
     VectorTooLong(u32),
+}
+
+/// Unix time as a TL `int` date (server_time, future salts, teamgram's
+/// stored salts): its low 32 bits. From 2038-01-19 the value no longer fits a
+/// signed `int`; it wraps to a negative one whose bits are the unsigned time,
+/// which is how [`unix_from_date`] (and clients that read dates as unsigned,
+/// e.g. tdlib) take it back, valid until 2106. Arithmetic stays in `i64`.
+pub fn date(unix: i64) -> i32 {
+    unix as u32 as i32
+}
+
+/// The unix time a TL `int` date stands for (see [`date`]).
+pub fn unix_from_date(date: i32) -> i64 {
+    i64::from(date as u32)
 }
 
 /// A bounds-checked cursor over TL-encoded bytes.

@@ -134,9 +134,10 @@ def raw_intermediate(port: int) -> socket.socket:
     return sock
 
 
-def encrypt_client_message(key: AuthKey, salt: int, session_id: int, body: bytes, msg_id: int) -> tuple[bytes, bytes]:
+def encrypt_client_message(key: AuthKey, salt: int, session_id: int, body: bytes, msg_id: int,
+                           seq_no: int = 1) -> tuple[bytes, bytes]:
     """Encrypts like Telethon's MTProtoState, returning (frame payload, plaintext)."""
-    data = struct.pack("<qqqii", salt, session_id, msg_id, 1, len(body)) + body
+    data = struct.pack("<qqqii", salt, session_id, msg_id, seq_no, len(body)) + body
     padding = os.urandom(-(len(data) + 12) % 16 + 12)
     plaintext = data + padding
     state = MTProtoState(key, LOGGERS)
@@ -153,11 +154,21 @@ class Session:
         self.id = struct.unpack("<q", os.urandom(8))[0]
         self.salt = 0
         self.next_msg_id = int(time.time()) << 32
+        self.content_sent = 0
 
-    def message(self, body: bytes) -> bytes:
-        """A content-related message (seq_no 1) with the next msg_id."""
+    def seq_no(self, content_related: bool = True) -> int:
+        """The next seq_no, counted as clients do: odd for content-related
+        messages (each counts), even for the others."""
+        if content_related:
+            self.content_sent += 1
+            return 2 * self.content_sent - 1
+        return 2 * self.content_sent
+
+    def message(self, body: bytes, content_related: bool = True) -> bytes:
+        """A message with the next msg_id and seq_no."""
         self.next_msg_id += 4
-        payload, _ = encrypt_client_message(self.key, self.salt, self.id, body, self.next_msg_id)
+        payload, _ = encrypt_client_message(self.key, self.salt, self.id, body, self.next_msg_id,
+                                            self.seq_no(content_related))
         return payload
 
     def read(self, payload: bytes):

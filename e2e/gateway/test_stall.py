@@ -119,11 +119,12 @@ def fast_ige_encrypt(data: bytes, key: bytes, iv: bytes) -> bytes:
     return out.raw
 
 
-def encrypt_fast(session: Session, body: bytes) -> bytes:
+def encrypt_fast(session: Session, body: bytes, content_related: bool = True) -> bytes:
     """`Session.message(body)` (MTProto 2.0, client to server) with fast_ige_encrypt."""
     session.next_msg_id += 4
     key = session.key
-    data = struct.pack("<qqqii", session.salt, session.id, session.next_msg_id, 1, len(body)) + body
+    seq_no = session.seq_no(content_related)
+    data = struct.pack("<qqqii", session.salt, session.id, session.next_msg_id, seq_no, len(body)) + body
     plaintext = data + os.urandom(-(len(data) + 12) % 16 + 12)
     msg_key = hashlib.sha256(key.key[88:120] + plaintext).digest()[8:24]
     aes_key, aes_iv = MTProtoState(key, LOGGERS)._calc_key(key.key, msg_key, True)
@@ -136,10 +137,10 @@ def api_call_container(session: Session) -> bytes:
     container of as many rpc_result(rpc_error 400) (~20 KiB), cheap for the
     session, large for the connection."""
     body = struct.pack("<II", MSG_CONTAINER, CALLS_PER_CONTAINER)
-    for i in range(CALLS_PER_CONTAINER):
+    for _ in range(CALLS_PER_CONTAINER):
         session.next_msg_id += 4
-        body += struct.pack("<qiII", session.next_msg_id, 2 * i + 1, 4, HELP_GET_CONFIG)
-    return encrypt_fast(session, body)
+        body += struct.pack("<qiII", session.next_msg_id, session.seq_no(), 4, HELP_GET_CONFIG)
+    return encrypt_fast(session, body, content_related=False)
 
 
 def counter(text: str, name: str, **labels: str) -> float:

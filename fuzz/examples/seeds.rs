@@ -407,16 +407,23 @@ fn reference_session(dir: &Path) {
             "container",
             container(&[
                 (msg_id(1), 1, ping(5)),
-                (msg_id(2), 1, gzip(&ping(8))),
-                (msg_id(3), 2, ack),
-                (msg_id(4), 3, gzip(&bind_req)),
+                (msg_id(2), 3, gzip(&ping(8))),
+                (msg_id(3), 4, ack),
+                (msg_id(4), 5, gzip(&bind_req)),
             ]),
         ),
         ("gzip-bind", gzip(&bind_req)),
     ];
     for (name, body) in bodies {
         let mut s = Script::default();
-        s.u8(0).i64(msg_id(8)).i64(1).u16(0).i64(9).raw(&body);
+        let seq_no = if name == "container" { 6 } else { 1 };
+        s.u8(0)
+            .i64(msg_id(8))
+            .i64(1)
+            .u16(0)
+            .i64(9)
+            .i32(seq_no)
+            .raw(&body);
         write(dir, "reference_session", name, &s.0);
     }
 }

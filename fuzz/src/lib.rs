@@ -114,6 +114,8 @@ pub fn handshake_settings() -> Arc<HandshakeSettings> {
                 keys: vec![server_key().clone()],
                 pq_pool: PqPool::generate(1, &mut rng(7)),
                 accept_legacy_rsa_padding: true,
+                max_temp_key_expires_secs:
+                    mtproto_core::handshake::DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
             })
         })
         .clone()

@@ -99,6 +99,7 @@ fn handshake(c: &mut Criterion) {
         keys: vec![key.clone()],
         pq_pool: PqPool::generate(16, &mut rand::thread_rng()),
         accept_legacy_rsa_padding: true,
+        max_temp_key_expires_secs: mtproto_core::handshake::DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
     });
     let mut group = c.benchmark_group("handshake");
     group.sample_size(20);

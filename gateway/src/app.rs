@@ -121,6 +121,7 @@ impl Gateway {
             keys,
             pq_pool: PqPool::generate(256, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
+            max_temp_key_expires_secs: config.handshake.max_temp_key_expires_secs as i32,
         });
         let l = &config.limits;
         let metrics = Arc::new(Metrics::default());
@@ -152,7 +153,11 @@ impl Gateway {
         let mut remote_session = None;
         let (session, grpc, server_id): (Arc<dyn SessionService>, _, _) = match s.mode {
             SessionMode::Embedded => (
-                Arc::new(EmbeddedSession::new(key_store.clone(), registry.clone())),
+                Arc::new(EmbeddedSession::with_unpack_budget(
+                    key_store.clone(),
+                    registry.clone(),
+                    l.max_frame_bytes as u64,
+                )),
                 None,
                 "embedded".to_string(),
             ),

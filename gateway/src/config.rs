@@ -15,7 +15,7 @@ pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
-const ENV_SETTINGS: [&str; 9] = [
+const ENV_SETTINGS: [&str; 10] = [
     "admin_listen",
     "log_level",
     "data_dir",
@@ -25,6 +25,7 @@ const ENV_SETTINGS: [&str; 9] = [
     "session",
     "auth_keys",
     "limits",
+    "handshake",
 ];
 
 /// Command-line flags. Each one overrides the same setting from the file and environment.
@@ -93,6 +94,16 @@ pub struct Config {
     pub session: SessionConfig,
     pub auth_keys: AuthKeysConfig,
     pub limits: LimitsConfig,
+    pub handshake: HandshakeConfig,
+}
+
+/// What handshakes here accept from clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeConfig {
+    /// A temp key (`p_q_inner_data_temp`) lives at most this long, whatever
+    /// `expires_in` its client asked for.
+    pub max_temp_key_expires_secs: u32,
 }
 
 /// Where auth keys are kept and how the gateway caches them.
@@ -374,6 +385,9 @@ impl Default for Config {
                 max_sessions_per_auth_key: 256,
                 http_requests_per_ip_per_minute: 6000,
             },
+            handshake: HandshakeConfig {
+                max_temp_key_expires_secs: 86_400,
+            },
         }
     }
 }
@@ -561,6 +575,12 @@ impl Config {
             if !ok {
                 anyhow::bail!("invalid configuration: {message}");
             }
+        }
+        if !(1..=i32::MAX as u32).contains(&self.handshake.max_temp_key_expires_secs) {
+            anyhow::bail!(
+                "invalid configuration: handshake.max_temp_key_expires_secs must be between 1 and \
+                 2147483647 (default 86400, a day)"
+            );
         }
         for (i, listener) in self.listeners.iter().enumerate() {
             let websocket = listener.transport == ListenerTransport::Websocket;
@@ -942,5 +962,24 @@ mod tests {
             assert!(err.contains("limits.max_frame_bytes"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn temp_key_lifetime_cap_defaults_to_a_day_and_is_checked() {
+        let c = Config::load_from(&cli(&[]), no_env()).unwrap();
+        assert_eq!(c.handshake.max_temp_key_expires_secs, 86_400);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "[handshake]\nmax_temp_key_expires_secs = 3600\n").unwrap();
+        let c = Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap();
+        assert_eq!(c.handshake.max_temp_key_expires_secs, 3600);
+        std::fs::write(&path, "[handshake]\nmax_temp_key_expires_secs = 0\n").unwrap();
+        let err =
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("handshake.max_temp_key_expires_secs"),
+            "{err}"
+        );
     }
 }

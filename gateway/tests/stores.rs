@@ -91,6 +91,11 @@ async fn conformance(store: &dyn AuthKeyStore) {
     store.add_salts(perm.id(), &futures, 2800).await.unwrap();
     let salts = store.salts(perm.id()).await.unwrap();
     assert!(salts.contains(&salt(1000)) && salts.contains(&salt(2800)));
+    // Past 2038-01-19 (beyond i32): stored, read back, and pruning compares
+    // real times (salt(2000) ended long before).
+    let late = FutureSalt::new(1 << 31, (1 << 31) + 1800, 77);
+    store.add_salts(temp.id(), &[late], 1 << 31).await.unwrap();
+    assert_eq!(store.salts(temp.id()).await.unwrap(), vec![late]);
 }
 
 #[tokio::test]
@@ -178,6 +183,49 @@ async fn redis_conformance_legacy_hash_and_corrupt_entries() {
             .await
             .unwrap();
         assert_eq!(store.get(id).await.unwrap(), None);
+    }
+    // A cached miss may be replaced by a real key; a legacy-only key may not.
+    let fresh = key(5, AuthKeyType::Perm);
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}auth_keys2_{}", fresh.id()))
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.insert(fresh.clone(), salt(1)).await.unwrap();
+    assert_eq!(store.get(fresh.id()).await.unwrap(), Some(fresh));
+    assert!(matches!(
+        store.insert(key(4, AuthKeyType::Perm), salt(1)).await,
+        Err(StoreError::Collision(_))
+    ));
+}
+
+/// Two handshakes that made the same key id race to store it: one wins, the
+/// others are told to retry (a read-then-write let several overwrite it).
+#[tokio::test]
+#[ignore = "needs scripts/services.sh"]
+async fn redis_insert_is_atomic() {
+    let prefix = unique("t");
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(redis(&prefix).await);
+    }
+    for round in 0..20u8 {
+        let info = key(100 + round, AuthKeyType::Perm);
+        let results = futures::future::join_all(
+            stores
+                .iter()
+                .flat_map(|store| (0..4).map(|_| store.insert(info.clone(), salt(1)))),
+        )
+        .await;
+        let stored = results.iter().filter(|r| r.is_ok()).count();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Ok(()) | Err(StoreError::Collision(_)))),
+            "{results:?}"
+        );
+        assert_eq!(stored, 1, "round {round}: {stored} inserts stored the key");
     }
 }
 

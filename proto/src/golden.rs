@@ -112,6 +112,7 @@ fn auth_key_info_and_set_auth_key() {
         perm_auth_key_id: 5,
         temp_auth_key_id: -1,
         media_temp_auth_key_id: 0,
+        expires_at: 0,
     };
     let mut info_bytes = Vec::new();
     len(1, b"authKeyInfo", &mut info_bytes);
@@ -122,6 +123,14 @@ fn auth_key_info_and_set_auth_key() {
     int(6, 5, &mut info_bytes);
     int(7, -1, &mut info_bytes);
     assert_eq!(info.encode_to_vec(), info_bytes);
+    // Our expiry field rides beside teamgram's, which skips it.
+    let expiring = mtproto::AuthKeyInfo {
+        expires_at: 1_800_086_400,
+        ..info.clone()
+    };
+    let mut expiring_bytes = info_bytes.clone();
+    int(100, 1_800_086_400, &mut expiring_bytes);
+    assert_eq!(expiring.encode_to_vec(), expiring_bytes);
 
     let salt = mtproto::FutureSalt {
         predicate_name: "futureSalt".into(),

@@ -18,7 +18,7 @@ use mtproto_core::authkey::{AuthKeyInfo, AuthKeyType, FutureSalt};
 use mtproto_core::bind::{self, BindRequest, Outer};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_core::message::{next_server_msg_id, plaintext_message};
-use mtproto_core::reference::{self, Reply, SALT_PERIOD_SECS};
+use mtproto_core::reference::{self, MsgWindow, Reply, SALT_PERIOD_SECS};
 use mtproto_core::tl::{id, TlWrite};
 
 /// TL `boolTrue`.
@@ -38,6 +38,8 @@ struct SessionState {
     /// a first message refused for its salt creates the state (its
     /// `bad_server_salt` needs a msg_id) but not the announcement.
     announced: bool,
+    /// The client's recent msg_ids and seq_nos.
+    window: MsgWindow,
 }
 
 impl SessionState {
@@ -80,15 +82,28 @@ struct Core {
     store: Arc<dyn AuthKeyStore>,
     gateway: Arc<dyn GatewayDelivery>,
     sessions: Mutex<HashMap<(i64, i64), SessionState>>,
+    /// See [`reference::Context::max_unpacked_bytes`].
+    max_unpacked_bytes: u64,
 }
 
 impl EmbeddedSession {
     /// Starts the workers; needs a tokio runtime.
     pub fn new(store: Arc<dyn AuthKeyStore>, gateway: Arc<dyn GatewayDelivery>) -> Self {
+        Self::with_unpack_budget(store, gateway, reference::DEFAULT_MAX_UNPACKED_BYTES)
+    }
+
+    /// As [`EmbeddedSession::new`]; the `gzip_packed` of one client message
+    /// inflate to at most `max_unpacked_bytes` (the gateway's frame limit).
+    pub fn with_unpack_budget(
+        store: Arc<dyn AuthKeyStore>,
+        gateway: Arc<dyn GatewayDelivery>,
+        max_unpacked_bytes: u64,
+    ) -> Self {
         let core = Arc::new(Core {
             store,
             gateway,
             sessions: Mutex::new(HashMap::new()),
+            max_unpacked_bytes,
         });
         let workers = (0..WORKERS)
             .map(|_| {
@@ -127,18 +142,13 @@ impl Core {
         let salts = self.store.salts(auth_key_id).await.map_err(unavailable)?;
         let current = salts
             .iter()
-            .filter(|s| i64::from(s.valid_since) <= now && now < i64::from(s.valid_until))
-            .max_by_key(|s| s.valid_until)
+            .filter(|s| s.since() <= now && now < s.until())
+            .max_by_key(|s| s.until())
             .map(|s| s.salt);
         if let Some(salt) = current {
             return Ok((salt, salts));
         }
-        let since = now as i32;
-        let salt = FutureSalt {
-            valid_since: since,
-            valid_until: since + SALT_PERIOD_SECS,
-            salt: rand::thread_rng().gen(),
-        };
+        let salt = FutureSalt::new(now, now + SALT_PERIOD_SECS, rand::thread_rng().gen());
         self.store
             .add_salts(auth_key_id, &[salt], now)
             .await
@@ -269,9 +279,7 @@ impl Core {
         let now = unix_now();
         let (salt, salts) = self.current_salt(data.auth_key_id, now).await?;
         let salt_ok = salts.iter().any(|s| {
-            s.salt == data.salt
-                && i64::from(s.valid_since) - 60 <= now
-                && now <= i64::from(s.valid_until) + SALT_GRACE_SECS
+            s.salt == data.salt && s.since() - 60 <= now && now <= s.until() + SALT_GRACE_SECS
         });
         if !salt_ok {
             let reply = reference::bad_server_salt(msg_id, seq_no, salt);
@@ -284,16 +292,19 @@ impl Core {
             return Ok(());
         }
         let mut replies = Vec::new();
-        let is_new = {
+        let key = (data.auth_key_id, data.session_id);
+        let (is_new, mut window) = {
             let mut sessions = self.sessions();
-            let key = (data.auth_key_id, data.session_id);
             if !sessions.contains_key(&key) && sessions.len() >= MAX_SESSIONS {
                 if let Some(&evict) = sessions.keys().next() {
                     sessions.remove(&evict);
                 }
             }
             let state = sessions.entry(key).or_default();
-            !std::mem::replace(&mut state.announced, true)
+            (
+                !std::mem::replace(&mut state.announced, true),
+                std::mem::take(&mut state.window),
+            )
         };
         if is_new {
             debug!(
@@ -312,28 +323,40 @@ impl Core {
             current_salt: salt,
             unbound_temp_key: data.key_type != AuthKeyType::Perm as i32
                 && data.perm_auth_key_id == 0,
+            max_unpacked_bytes: self.max_unpacked_bytes,
         };
-        let outcome = reference::respond(msg_id, body, &ctx, &mut rand::thread_rng());
+        // The window is taken out so inflating gzip_packed does not hold the
+        // lock; this session's messages are handled by this worker only.
+        let outcome = reference::respond(
+            msg_id,
+            seq_no,
+            body,
+            &ctx,
+            &mut window,
+            &mut rand::thread_rng(),
+        );
+        if let Some(state) = self.sessions().get_mut(&key) {
+            state.window = window;
+        }
         if !outcome.new_salts.is_empty() {
-            let futures: Vec<FutureSalt> = outcome
-                .new_salts
-                .iter()
-                .map(|&(valid_since, valid_until, salt)| FutureSalt {
-                    valid_since,
-                    valid_until,
-                    salt,
-                })
-                .collect();
             self.store
-                .add_salts(data.auth_key_id, &futures, now)
+                .add_salts(data.auth_key_id, &outcome.new_salts, now)
                 .await
                 .map_err(unavailable)?;
         }
         for (bind_msg_id, body) in &outcome.binds {
             replies.push(self.bind(&data, *bind_msg_id, body).await);
         }
-        if let Some(destroyed) = outcome.destroyed_session {
-            self.sessions().remove(&(data.auth_key_id, destroyed));
+        for &(destroy_msg_id, target) in &outcome.destroy_sessions {
+            let existed = self
+                .sessions()
+                .remove(&(data.auth_key_id, target))
+                .is_some();
+            replies.push(reference::destroy_session_result(
+                destroy_msg_id,
+                target,
+                existed,
+            ));
         }
         replies.extend(outcome.replies);
         self.deliver(&data, salt, replies).await;

@@ -24,6 +24,7 @@ pub fn info_to_proto(info: &AuthKeyInfo) -> pb::AuthKeyInfo {
         perm_auth_key_id: info.perm_auth_key_id,
         temp_auth_key_id: info.temp_auth_key_id,
         media_temp_auth_key_id: info.media_temp_auth_key_id,
+        expires_at: info.expires_at.unwrap_or(0),
     }
 }
 
@@ -50,7 +51,8 @@ pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
         perm_auth_key_id: info.perm_auth_key_id,
         temp_auth_key_id: info.temp_auth_key_id,
         media_temp_auth_key_id: info.media_temp_auth_key_id,
-        expires_at: None,
+        // teamgram's sessions do not send it: 0, no expiry known.
+        expires_at: (info.expires_at != 0).then_some(info.expires_at),
     })
 }
 
@@ -102,5 +104,26 @@ mod tests {
         let mut proto = info_to_proto(&info);
         proto.auth_key_type = 9;
         assert!(info_from_proto(&proto).is_err());
+    }
+
+    /// Keys looked up through a remote session lost their expiry here, so
+    /// gateways never refused an expired temp key they had not made.
+    #[test]
+    fn temp_key_expiry_crosses_the_wire() {
+        let info = AuthKeyInfo::new(
+            AuthKey::new([6; 256]),
+            AuthKeyType::Temp,
+            Some(1_800_000_000),
+        );
+        let proto = info_to_proto(&info);
+        assert_eq!(proto.expires_at, 1_800_000_000);
+        let back = info_from_proto(&proto).unwrap();
+        assert_eq!(back, info);
+        assert!(back.is_expired(1_800_000_000));
+        let perm = AuthKeyInfo::new(AuthKey::new([7; 256]), AuthKeyType::Perm, None);
+        assert_eq!(
+            info_from_proto(&info_to_proto(&perm)).unwrap().expires_at,
+            None
+        );
     }
 }

@@ -147,6 +147,10 @@ pub struct Client {
     /// syscall); writes go straight to the socket.
     stream: BufReader<TcpStream>,
     last_msg_id: i64,
+    /// Content-related messages sent: the next one's seq_no is twice this
+    /// plus one. One count for all sessions of the connection keeps each
+    /// session's seq_nos growing with its msg_ids, as the session checks.
+    content_sent: i32,
 }
 
 impl Client {
@@ -157,6 +161,7 @@ impl Client {
         Ok(Self {
             stream: BufReader::with_capacity(64 << 10, stream),
             last_msg_id: 0,
+            content_sent: 0,
         })
     }
 
@@ -258,7 +263,8 @@ impl Client {
         Ok(CreatedKey { key, salt })
     }
 
-    /// Sends one encrypted message; returns its msg_id.
+    /// Sends one encrypted content-related message (each call takes the
+    /// next odd seq_no; callers take msg_ids from [`Client::next_msg_id`]).
     pub async fn send(
         &mut self,
         key: &AuthKey,
@@ -267,7 +273,9 @@ impl Client {
         msg_id: i64,
         body: &[u8],
     ) -> Result<(), ClientError> {
-        let plain = plaintext_message(salt, session_id, msg_id, 1, body);
+        let seq_no = self.content_sent.wrapping_mul(2).wrapping_add(1);
+        self.content_sent = self.content_sent.wrapping_add(1);
+        let plain = plaintext_message(salt, session_id, msg_id, seq_no, body);
         let padding = 12 + (16 - (plain.len() + 12) % 16) % 16;
         let frame = encrypt_as_client(key, &plain, padding, &mut rand::thread_rng());
         self.send_frame(&frame).await

@@ -102,6 +102,7 @@ impl Test {
             keys: vec![test_key().clone()],
             pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: true,
+            max_temp_key_expires_secs: crate::handshake::DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
         });
         let start = Instant::now();
         Self {

@@ -13,6 +13,7 @@ fn settings(accept_legacy: bool) -> Arc<HandshakeSettings> {
         keys: vec![test_key().clone()],
         pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
         accept_legacy_rsa_padding: accept_legacy,
+        max_temp_key_expires_secs: DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
     })
 }
 
@@ -240,6 +241,17 @@ fn temp_keys_carry_expiry_and_media_type() {
     assert_eq!(k.info.expires_at, Some(NOW + 600));
     let k = complete(Variant::TempDc(2, 600), false);
     assert_eq!(k.info.key_type, AuthKeyType::Temp);
+}
+
+#[test]
+fn temp_key_expiry_is_capped_by_the_setting() {
+    let asked = DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS + 1;
+    let k = complete(Variant::Temp(i32::MAX), false);
+    let max = i64::from(DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS);
+    assert_eq!(k.info.expires_at, Some(NOW + max));
+    assert_eq!(k.expires_in, DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS);
+    let k = complete(Variant::TempDc(-2, asked), false);
+    assert_eq!(k.info.expires_at, Some(NOW + max));
 }
 
 #[test]

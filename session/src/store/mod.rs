@@ -164,9 +164,9 @@ pub const SALT_KEEP_SECS: i64 = 7200;
 /// Adds `new` to `salts`, drops the expired ones, and keeps at most `max`:
 /// those that start first (the one valid now among them).
 pub fn merge_salts(salts: &mut Vec<FutureSalt>, new: &[FutureSalt], now: i64, max: usize) {
-    salts.retain(|s| i64::from(s.valid_until) >= now - SALT_KEEP_SECS);
+    salts.retain(|s| s.until() >= now - SALT_KEEP_SECS);
     salts.extend_from_slice(new);
-    salts.sort_by_key(|s| (s.valid_since, s.valid_until));
+    salts.sort_by_key(|s| (s.since(), s.until()));
     salts.truncate(max);
 }
 

@@ -22,6 +22,19 @@ use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType, FutureSalt};
 const KEY_TTL_SECS: u64 = 7 * 24 * 3600;
 const SALT_PERIOD_SECS: u64 = 1800;
 
+/// Writes `auth_keys2_<id>` (KEYS[1]) only where no key is stored: absent or
+/// a cached miss (`"*"`), and no legacy hash (KEYS[2]). One script, so two
+/// handshakes that made the same id cannot both store it. Returns 1 if
+/// written, 0 on a collision.
+const INSERT_SCRIPT: &str = r"
+local held = redis.call('GET', KEYS[1])
+if (held and held ~= '*') or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+";
+
 /// teamgram's `mtproto.AuthKeyInfo` as Go's encoding/json writes it.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct InfoJson {
@@ -139,6 +152,16 @@ impl RedisStore {
 
     /// Writes the `auth_keys2_<id>` JSON entry.
     async fn put(&self, info: &AuthKeyInfo) -> Result<(), StoreError> {
+        let text = Self::to_json(info)?;
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set_ex(self.key("auth_keys2", info.id()), text, KEY_TTL_SECS)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn to_json(info: &AuthKeyInfo) -> Result<String, StoreError> {
         let json = InfoJson {
             predicate_name: "authKeyInfo".into(),
             constructor: i64::from(0xccee_efc0_u32 as i32),
@@ -150,13 +173,7 @@ impl RedisStore {
             media_temp_auth_key_id: info.media_temp_auth_key_id,
             expires_at: info.expires_at,
         };
-        let text = serde_json::to_string(&json).map_err(unavailable)?;
-        let mut conn = self.conn.clone();
-        let _: () = conn
-            .set_ex(self.key("auth_keys2", info.id()), text, KEY_TTL_SECS)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        serde_json::to_string(&json).map_err(unavailable)
     }
 
     /// The legacy hash `auth_keys_<id>` (raw key bytes in field `auth_key`).
@@ -212,17 +229,22 @@ impl AuthKeyStore for RedisStore {
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
         let id = info.id();
         let mut conn = self.conn.clone();
-        // Only where nothing real is stored; a cached miss ("*") may be replaced.
-        let existing: Option<String> = conn
-            .get(self.key("auth_keys2", id))
+        // EVAL rather than the redis crate's Script (EVALSHA with a fallback):
+        // keys are written once per handshake, and it needs no extra feature.
+        let written: i64 = redis::cmd("EVAL")
+            .arg(INSERT_SCRIPT)
+            .arg(2)
+            .arg(self.key("auth_keys2", id))
+            .arg(self.key("auth_keys", id))
+            .arg(Self::to_json(&info)?)
+            .arg(KEY_TTL_SECS)
+            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if existing.as_deref().is_some_and(|v| v != "*") {
+        if written == 0 {
             return Err(StoreError::Collision(id));
         }
-        self.put(&info).await?;
-        self.add_salts(id, &[salt], i64::from(salt.valid_since))
-            .await
+        self.add_salts(id, &[salt], salt.since()).await
     }
 
     async fn salts(&self, auth_key_id: i64) -> Result<Vec<FutureSalt>, StoreError> {

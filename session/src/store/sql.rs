@@ -95,12 +95,14 @@ fn key_type(value: i32) -> AuthKeyType {
     AuthKeyType::from_teamgram(value).unwrap_or(AuthKeyType::Perm)
 }
 
+/// Salt times are stored as unix seconds in 64 bits (MySQL: BIGINT since
+/// migration 0002), not as TL's wrapped `int` dates, so SQL compares them.
 fn salt_from_row(row: &AnyRow) -> Result<FutureSalt, sqlx::Error> {
-    Ok(FutureSalt {
-        salt: row.try_get("salt")?,
-        valid_since: row.try_get("valid_since")?,
-        valid_until: row.try_get("valid_until")?,
-    })
+    Ok(FutureSalt::new(
+        row.try_get("valid_since")?,
+        row.try_get("valid_until")?,
+        row.try_get("salt")?,
+    ))
 }
 
 #[async_trait]
@@ -197,8 +199,8 @@ impl AuthKeyStore for SqlStore {
         sqlx::query("INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)")
             .bind(id)
             .bind(salt.salt)
-            .bind(salt.valid_since)
-            .bind(salt.valid_until)
+            .bind(salt.since())
+            .bind(salt.until())
             .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
@@ -240,8 +242,8 @@ impl AuthKeyStore for SqlStore {
             )
             .bind(auth_key_id)
             .bind(salt.salt)
-            .bind(salt.valid_since)
-            .bind(salt.valid_until)
+            .bind(salt.since())
+            .bind(salt.until())
             .execute(&mut *tx)
             .await;
             match inserted {
