@@ -225,6 +225,30 @@ pub struct SessionConfig {
     /// How messages are sharded over session instances.
     #[serde(default)]
     pub ring: RingKind,
+    /// Mutual TLS with the session services, both gRPC directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SessionTls>,
+    /// Plaintext gRPC by choice (teamgram Go sessions); logged as a warning.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionTls {
+    /// CA bundle (PEM) sessions' certificates must chain to.
+    pub ca_file: PathBuf,
+    /// This gateway's certificate chain (PEM), valid for the gateway name sessions check.
+    pub cert_file: PathBuf,
+    /// The private key (PEM) of `cert_file`.
+    pub key_file: PathBuf,
+    /// The DNS SAN sessions' certificates must carry, as servers and as reverse-path callers.
+    #[serde(default = "default_session_peer_name")]
+    pub peer_name: String,
+}
+
+fn default_session_peer_name() -> String {
+    mtproto_session::tls::DEFAULT_SESSION_NAME.to_string()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +337,8 @@ impl Default for Config {
                 retries: 3,
                 kubernetes: None,
                 ring: RingKind::Gozero,
+                tls: None,
+                plaintext: false,
             },
             auth_keys: AuthKeysConfig {
                 redis_url: None,
@@ -554,6 +580,17 @@ impl Config {
         }
         for endpoint in &s.endpoints {
             session_address(endpoint)?;
+        }
+        match (&s.tls, s.plaintext, s.mode) {
+            (Some(_), true, _) => anyhow::bail!(
+                "invalid configuration: session.tls and session.plaintext are both set; \
+                 remove session.plaintext to use mutual TLS, or session.tls for plaintext gRPC"
+            ),
+            (Some(_), _, SessionMode::Embedded) => anyhow::bail!(
+                "invalid configuration: session.tls is set but session.mode is embedded (no gRPC); \
+                 remove session.tls or set session.mode to unary or stream"
+            ),
+            _ => {}
         }
         let k = &self.auth_keys;
         if k.lookup == KeyLookup::Store

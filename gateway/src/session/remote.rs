@@ -28,6 +28,7 @@ use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_session::ring::Ring;
 use mtproto_session::status::{raw_status, ExposeRawStatus};
+use mtproto_session::tls::{Connector, TlsFiles};
 use mtproto_session::wire::{
     data_to_proto, event_to_proto, info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED,
     REDIRECT_PREFIX,
@@ -210,6 +211,8 @@ pub struct RemoteSession {
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<StreamLink>>>,
     metrics: SessionRpcMetrics,
+    /// Sessions are dialled with mutual TLS when set.
+    tls: Option<Arc<TlsFiles>>,
 }
 
 impl RemoteSession {
@@ -221,7 +224,12 @@ impl RemoteSession {
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             metrics,
+            tls: None,
         }
+    }
+
+    pub fn with_tls(self, tls: Option<Arc<TlsFiles>>) -> Self {
+        Self { tls, ..self }
     }
 
     /// Replaces the ring membership (static list today; discovery later).
@@ -258,7 +266,10 @@ impl RemoteSession {
             .connect_timeout(self.settings.call_timeout)
             .timeout(self.settings.call_timeout)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
