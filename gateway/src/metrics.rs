@@ -67,7 +67,7 @@ pub struct MethodLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcErrorLabels {
     pub method: &'static str,
-    /// `redirect`, `unregistered`, `transient` or `fatal`.
+    /// `redirect`, `redirect_refused` (to a non-member), `unregistered`, `transient` or `fatal`.
     pub kind: &'static str,
 }
 
