@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
@@ -242,6 +242,11 @@ impl Gateway {
             if let Some(addr) = listener.local_addr() {
                 let endpoint = &listener.endpoint;
                 let tls = endpoint.tls.is_some();
+                if endpoint.proxy_protocol != crate::config::ProxyProtocol::Off
+                    && endpoint.proxy_trusted_sources.is_empty()
+                {
+                    warn!(%addr, "PROXY headers are honoured from any source: clients that reach this port directly can choose their address; set proxy_trusted_sources to the load balancers' CIDRs");
+                }
                 match &endpoint.websocket {
                     Some(ws) => {
                         info!(%addr, path = %ws.path, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")

@@ -46,6 +46,9 @@ pub struct Cli {
     /// PROXY protocol (v1 and v2) on the --listen, --listen-ws and --listen-http listeners: off, optional or required.
     #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"])]
     pub proxy_protocol: Option<String>,
+    /// Addresses (CIDR) whose PROXY headers those listeners honour. Repeatable; none: any source.
+    #[arg(long = "proxy-trusted-source", value_name = "CIDR")]
+    pub proxy_trusted_sources: Vec<ipnet::IpNet>,
     /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
     /// primary, all are offered to clients (key rotation). Without one, a key is
     /// generated and kept in the data directory.
@@ -138,6 +141,11 @@ pub struct Listener {
     pub transport: ListenerTransport,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// Sources (CIDRs) whose PROXY headers are honoured; from others a
+    /// header closes the connection (`required`) or is ignored and counted
+    /// (`optional`). Empty: any source (only safe behind a firewall).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_trusted_sources: Vec<ipnet::IpNet>,
     /// WebSocket only: the request path (web clients use `/apiws`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -166,6 +174,7 @@ impl Listener {
             address,
             transport,
             proxy_protocol,
+            proxy_trusted_sources: Vec::new(),
             path: None,
             allowed_origins: Vec::new(),
             tls_cert: None,
@@ -447,18 +456,22 @@ impl Config {
                     Some("optional") => ProxyProtocol::Optional,
                     _ => ProxyProtocol::Off,
                 };
+                let listener = |address, transport| Listener {
+                    proxy_trusted_sources: cli.proxy_trusted_sources.clone(),
+                    ..Listener::new(address, transport, proxy)
+                };
                 let tcp = cli
                     .listen
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Tcp, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Tcp));
                 let ws = cli
                     .listen_ws
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Websocket, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Websocket));
                 let http = cli
                     .listen_http
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Http, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Http));
                 tcp.chain(ws).chain(http).collect()
             }),
             admin_listen: cli.admin_listen,
