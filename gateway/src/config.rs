@@ -857,6 +857,57 @@ mod tests {
     }
 
     #[test]
+    fn session_tls_and_trusted_proxy_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        let remote = "[session]\nmode = \"unary\"\nendpoints = [\"s:1\"]\n";
+        let tls =
+            "[session.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let c = load(&format!("{remote}{tls}")).unwrap();
+        let t = c.session.tls.unwrap();
+        assert_eq!(t.peer_name, "mtproto-session");
+        assert_eq!(t.ca_file, PathBuf::from("ca.pem"));
+        assert!(!c.session.plaintext);
+        let err = load(&format!("{remote}plaintext = true\n{tls}")).unwrap_err();
+        assert!(err.to_string().contains("session.plaintext"), "{err}");
+        let err = load(&format!("[session]\n{tls}")).unwrap_err();
+        assert!(
+            err.to_string().contains("session.mode is embedded"),
+            "{err}"
+        );
+        let err = load(&format!("{remote}[session.tls]\nca_file = \"ca.pem\"\n")).unwrap_err();
+        assert!(err.to_string().contains("cert_file"), "{err}");
+
+        let c = load("[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_protocol = \"required\"\nproxy_trusted_sources = [\"10.0.0.0/8\", \"fd00::/8\"]\n").unwrap();
+        assert_eq!(c.listeners[0].proxy_trusted_sources.len(), 2);
+        let err = load(
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_trusted_sources = [\"10.0.0.1\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("proxy_trusted_sources"), "{err}");
+        let c = Config::load_from(
+            &cli(&[
+                "--listen",
+                "127.0.0.1:1",
+                "--proxy-protocol",
+                "optional",
+                "--proxy-trusted-source",
+                "192.0.2.0/24",
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners[0].proxy_trusted_sources,
+            vec!["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
     fn partial_sections_keep_the_other_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");
