@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
 use tokio_rustls::rustls::client::verify_server_name;
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
@@ -50,6 +50,9 @@ pub const DEFAULT_SESSION_NAME: &str = "mtproto-session";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections accepted and handshaken, waiting for the gRPC server.
 const ACCEPT_QUEUE: usize = 64;
+/// TLS handshakes in progress at once; connections beyond are closed at
+/// accept (peers are a few gateways or sessions, each with few connections).
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Where one side's TLS material is and whom it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,6 +403,7 @@ pub fn incoming(
     tls: Option<Arc<TlsFiles>>,
 ) -> ReceiverStream<io::Result<ServedIo>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+    let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -429,9 +433,14 @@ pub fn incoming(
                 }
                 continue;
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(peer = %addr, "gRPC TLS handshakes at their limit: connection closed");
+                continue;
+            };
             let acceptor = TlsAcceptor::from(tls.server_config());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let certificate = stream
