@@ -4,7 +4,8 @@
 //! CA; a client with no certificate, another CA's certificate or the wrong
 //! role's certificate cannot call `session_queryAuthKey`,
 //! `session_setAuthKey` or `gateway_sendDataToGateway`; a session takes a
-//! message's `server_id` only when it is the calling gateway's own; rotated
+//! message's `server_id` only when it is the calling gateway's own; a gateway
+//! refuses a redirect to a session off its ring; rotated
 //! certificate files are served without a restart while established
 //! connections carry on.
 
@@ -42,11 +43,14 @@ use mtproto_edge_proto::session::rpc_session_client::RpcSessionClient;
 use mtproto_edge_proto::session::{self as spb};
 use mtproto_gateway::app::Gateway;
 use mtproto_gateway::config::{Cli, Config};
+use mtproto_gateway::metrics::{RpcErrorLabels, SessionRpcMetrics};
+use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_session::ring::Ring;
 use mtproto_session::store::MemoryStore;
 use mtproto_session::tls::{self, TlsFiles, TlsSettings};
+use mtproto_session::{SessionClientEvent, SessionError, SessionService};
 
 const GATEWAY: &str = "mtproto-gateway";
 const SESSION: &str = "mtproto-session";
@@ -243,15 +247,23 @@ fn channel(addr: SocketAddr, config: Arc<ClientConfig>, server_name: &'static st
 
 /// The reference session as `mtproto-session` serves it with `--tls-*`.
 async fn tls_session(files: Arc<TlsFiles>) -> SocketAddr {
+    tls_session_on_ring(files, &[]).await
+}
+
+/// The same with `others` on its ring besides itself.
+async fn tls_session_on_ring(files: Arc<TlsFiles>, others: &[&str]) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let members = std::iter::once(addr.to_string())
+        .chain(others.iter().map(|o| o.to_string()))
+        .collect::<Vec<_>>();
     let session = Arc::new(EmbeddedSession::new(
         Arc::new(MemoryStore::default()),
         Arc::new(RemoteGateways::new(Duration::from_secs(1)).with_tls(Some(files.clone()))),
     ));
     let service = Arc::new(SessionGrpc::new(
         session,
-        Ring::new([addr.to_string()]),
+        Ring::new(members),
         addr.to_string(),
     ));
     tokio::spawn(
@@ -522,4 +534,62 @@ async fn rotated_certificates_are_served_without_a_restart() {
     // A broken rewrite keeps the last good files in use.
     write(dir.path(), "session.pem", b"not a certificate");
     assert_eq!(served_certificate(session, as_gateway).await, der(&cert));
+}
+
+#[tokio::test]
+async fn with_tls_a_redirect_off_the_ring_is_refused_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = ca("fleet CA");
+    let session_files = TlsFiles::load(settings(
+        identity(dir.path(), "session", &fleet, SESSION),
+        GATEWAY,
+    ))
+    .expect("session TLS");
+    // The session's ring has a member this gateway's ring does not.
+    const STRANGER: &str = "127.0.0.1:9";
+    let session = tls_session_on_ring(session_files, &[STRANGER]).await;
+    let gateway_files = TlsFiles::load(settings(
+        identity(dir.path(), "gateway", &fleet, GATEWAY),
+        SESSION,
+    ))
+    .expect("gateway TLS");
+    let metrics = SessionRpcMetrics::default();
+    let retries = 2;
+    let client = RemoteSession::new(
+        vec![session.to_string()],
+        RemoteSettings {
+            mode: Mode::Unary,
+            call_timeout: Duration::from_secs(5),
+            retries,
+            backoff: Duration::from_millis(1),
+        },
+        metrics.clone(),
+    )
+    .with_tls(Some(gateway_files));
+    let theirs = {
+        let ring = Ring::new([session.to_string(), STRANGER.to_string()]);
+        (1..100_000)
+            .find(|id| ring.owner_of_id(*id) == Some(STRANGER))
+            .expect("the stranger owns some key")
+    };
+    let event = SessionClientEvent {
+        server_id: "127.0.0.1:20110".into(),
+        auth_key_id: theirs,
+        key_type: 0,
+        perm_auth_key_id: theirs,
+        session_id: 1,
+        client_ip: "192.0.2.1".into(),
+    };
+    match client.close_session(event).await {
+        Err(SessionError::Unavailable(e)) => assert!(e.contains("not a ring member"), "{e}"),
+        r => panic!("expected a refused redirect, got {r:?}"),
+    }
+    let refused = metrics
+        .errors
+        .get_or_create(&RpcErrorLabels {
+            method: "session_closeSession",
+            kind: "redirect_refused",
+        })
+        .get();
+    assert_eq!(refused, retries as u64 + 1);
 }

@@ -1,9 +1,10 @@
 //! The gateway as a client of remote session services over gRPC, in
 //! teamgram's unary (`session.RPCSession`) or bidirectional-stream
 //! (`session.RPCSessionStream`) mode. Requests are routed on the go-zero ring;
-//! `REDIRECT_TO_<addr>` is followed only to a current ring member (a session
-//! cannot send this gateway's traffic elsewhere), transient errors are retried
-//! with backoff, and a node is never evicted because of a blip.
+//! `REDIRECT_TO_<addr>` is followed (with mutual TLS only to a current ring
+//! member, so a session cannot send this gateway's traffic elsewhere),
+//! transient errors are retried with backoff, and a node is never evicted
+//! because of a blip.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,6 +218,11 @@ pub struct RemoteSession {
     metrics: SessionRpcMetrics,
     /// Sessions are dialled with mutual TLS when set.
     tls: Option<Arc<TlsFiles>>,
+    /// Redirects to addresses off the ring are refused (set with TLS). In
+    /// plaintext, as teamgram's gateway, any redirect is followed: a session
+    /// there is unauthenticated anyway, and a static list may name only an
+    /// entry point that redirects to the others.
+    members_only: bool,
 }
 
 impl RemoteSession {
@@ -229,11 +235,16 @@ impl RemoteSession {
             streams: Mutex::new(HashMap::new()),
             metrics,
             tls: None,
+            members_only: false,
         }
     }
 
     pub fn with_tls(self, tls: Option<Arc<TlsFiles>>) -> Self {
-        Self { tls, ..self }
+        Self {
+            members_only: tls.is_some(),
+            tls,
+            ..self
+        }
     }
 
     /// Replaces the ring membership (static list today; discovery later).
@@ -352,7 +363,7 @@ impl RemoteSession {
         loop {
             let mut outcome = call(target.clone()).await;
             if let Err(Failure::Redirect(addr)) = &outcome {
-                if !self.is_member(addr) {
+                if self.members_only && !self.is_member(addr) {
                     warn!(method, session = %target, to = %addr, "refused a redirect to a session that is not a ring member");
                     outcome = Err(Failure::NotMember(addr.clone()));
                 }
@@ -637,8 +648,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_redirect_to_a_non_member_is_refused_and_counted() {
-        let session = remote(1);
+    async fn with_tls_a_redirect_to_a_non_member_is_refused_and_counted() {
+        let session = RemoteSession {
+            members_only: true,
+            ..remote(1)
+        };
         let called = Mutex::new(Vec::new());
         let result = session
             .route(7, "m", |addr| {
@@ -663,6 +677,16 @@ mod tests {
             })
             .get();
         assert_eq!(refused, 2);
+
+        // Plaintext (teamgram's way): followed.
+        let called = Mutex::new(Vec::new());
+        let _ = remote(0)
+            .route(7, "m", |addr| {
+                called.lock().unwrap().push(addr);
+                async { Err::<(), _>(Failure::Redirect("evil:1".into())) }
+            })
+            .await;
+        assert!(called.into_inner().unwrap().contains(&"evil:1".to_string()));
     }
 
     #[test]
