@@ -223,6 +223,11 @@ pub struct Listener {
     /// Whether a PROXY protocol header precedes client bytes.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// The load balancers (CIDRs) whose PROXY headers are honoured; from other
+    /// peers a header closes the connection (`required`) or is ignored
+    /// (`optional`). Empty: any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_trusted_sources: Vec<String>,
     /// TLS on a `websocket` (`wss://`) or `http` (`https://`) listener, for
     /// deployments without a load balancer that terminates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
