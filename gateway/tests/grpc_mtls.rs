@@ -531,8 +531,19 @@ async fn rotated_certificates_are_served_without_a_restart() {
         "{status:?}"
     );
 
-    // A broken rewrite keeps the last good files in use.
+    // A broken rewrite keeps the last good files in use, until fixed.
     write(dir.path(), "session.pem", b"not a certificate");
+    assert_eq!(
+        served_certificate(session, as_gateway.clone()).await,
+        der(&cert)
+    );
+    assert_eq!(
+        served_certificate(session, as_gateway.clone()).await,
+        der(&cert)
+    );
+    let (cert, key) = leaf(&fleet, SESSION);
+    write(dir.path(), "session-key.pem", &key);
+    write(dir.path(), "session.pem", &cert);
     assert_eq!(served_certificate(session, as_gateway).await, der(&cert));
 }
 

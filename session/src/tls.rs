@@ -95,6 +95,9 @@ struct Loaded {
     stamp: Vec<Option<FileStamp>>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// Stamps of files that failed to load: not retried (nor warned about
+    /// again) until they change once more.
+    rejected: Option<Vec<Option<FileStamp>>>,
 }
 
 /// What changes when a file is rewritten or a Secret's symlink is swapped.
@@ -139,6 +142,7 @@ impl TlsFiles {
                 stamp,
                 server,
                 client,
+                rejected: None,
             }),
         }))
     }
@@ -152,11 +156,11 @@ impl TlsFiles {
 
     /// The current configurations, rebuilt first if a file changed. A
     /// rewrite caught half-way (or a bad new file) keeps the previous ones
-    /// and is retried on the next connection.
+    /// until the files change again.
     fn current(&self) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         let stamp = Self::stamps(&self.settings);
-        if stamp != loaded.stamp {
+        if stamp != loaded.stamp && loaded.rejected.as_ref() != Some(&stamp) {
             match build(&self.settings, &self.peer) {
                 Ok((server, client)) => {
                     info!(cert = %self.settings.cert_file.display(), "gRPC TLS files changed: reloaded");
@@ -164,10 +168,12 @@ impl TlsFiles {
                         stamp,
                         server,
                         client,
+                        rejected: None,
                     };
                 }
                 Err(e) => {
-                    warn!("gRPC TLS files changed but cannot be loaded, keeping the previous ones: {e}")
+                    warn!("gRPC TLS files changed but cannot be loaded, keeping the previous ones: {e}");
+                    loaded.rejected = Some(stamp);
                 }
             }
         }
