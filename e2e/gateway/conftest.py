@@ -115,9 +115,10 @@ def start_gateway(workdir: Path, extra: list[str] | None = None, data: Path | No
                    log_name=f"gateway-{port}.log")
 
 
-def start_session(workdir: Path, port: int | None = None, members: list[str] | None = None) -> Process:
+def start_session(workdir: Path, port: int | None = None, members: list[str] | None = None,
+                  extra: list[str] | None = None) -> Process:
     port = port or free_port()
-    args = ["--listen", f"127.0.0.1:{port}", "--log-level", LOG_FILTER]
+    args = ["--listen", f"127.0.0.1:{port}", "--log-level", LOG_FILTER, *(extra or [])]
     for member in members or []:
         args += ["--member", member]
     return Process(workdir, args, port, program=session_binary(), log_name=f"session-{port}.log")

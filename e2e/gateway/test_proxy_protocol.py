@@ -15,6 +15,7 @@ from telethon.tl.functions import PingRequest
 
 from conftest import LOG_FILTER, free_port, start_gateway, start_session, wait_for_port
 from mtclient import closed_by_server, connect, intermediate_frame, pin_server_key
+from promtext import metric, scrape
 from test_limits import answers_req_pq, req_pq_multi
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/install-deps.sh)")
@@ -158,6 +159,74 @@ def test_optional_listener_takes_both(tmp_path_factory):
         assert answers_req_pq(proxied)
         proxied.close()
         wait_for_log(gw, "client=198.51.100.7:40000")
+    finally:
+        assert gw.alive()
+        gw.stop()
+
+
+def raw_ping_req_pq(port: int, source: str, header: bytes) -> socket.socket:
+    """A connection from `source` that sends `header`, then the intermediate tag."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(header + b"\xee\xee\xee\xee")
+    return sock
+
+
+def v2_header(client: str, client_port: int, gateway_port: int) -> bytes:
+    address = socket.inet_aton(client) + socket.inet_aton("127.0.0.1")
+    return (V2_SIGNATURE + b"\x21\x11\x00\x0c" + address
+            + struct.pack(">HH", client_port, gateway_port))
+
+
+def test_optional_listener_honours_only_trusted_sources(tmp_path_factory):
+    admin = free_port()
+    gw = start_gateway(tmp_path_factory.mktemp("trusted-optional"),
+                       ["--proxy-protocol", "optional", "--proxy-trusted-source", "127.0.0.2/32",
+                        "--admin-listen", f"127.0.0.1:{admin}"])
+    try:
+        trusted = raw_ping_req_pq(gw.port, "127.0.0.2", v2_header("198.51.100.7", 40000, gw.port))
+        assert answers_req_pq(trusted)
+        trusted.close()
+        wait_for_log(gw, "client=198.51.100.7:40000")
+        # From elsewhere the header is skipped, the socket peer stays the client, and it is counted.
+        untrusted = raw_ping_req_pq(gw.port, "127.0.0.3", v2_header("198.51.100.8", 40001, gw.port))
+        assert answers_req_pq(untrusted)
+        untrusted.close()
+        wait_for_log(gw, "PROXY header from an untrusted source ignored")
+        assert "client=198.51.100.8" not in plain_log(gw)
+        assert metric(scrape(admin), "mtproto_proxy_headers_untrusted") == 1
+        direct = raw_ping_req_pq(gw.port, "127.0.0.3", b"")
+        assert answers_req_pq(direct)
+        direct.close()
+    finally:
+        assert gw.alive()
+        gw.stop()
+
+
+def test_required_listener_closes_untrusted_sources(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trusted-required")
+    admin = free_port()
+    gw = start_gateway(workdir, ["--proxy-protocol", "required", "--proxy-trusted-source", "127.0.0.2/32",
+                                 "--admin-listen", f"127.0.0.1:{admin}"])
+    try:
+        untrusted = raw_ping_req_pq(gw.port, "127.0.0.3", v2_header("198.51.100.9", 40002, gw.port))
+        assert closed_by_server(untrusted) == b""
+        untrusted.close()
+        wait_for_log(gw, "socket_peer=127.0.0.3:")
+        assert "client=198.51.100.9" not in plain_log(gw)
+        trusted = raw_ping_req_pq(gw.port, "127.0.0.2", v2_header("198.51.100.10", 40003, gw.port))
+        assert answers_req_pq(trusted)
+        trusted.close()
+        wait_for_log(gw, "client=198.51.100.10:40003")
+        # Each refusal (this one and the start-up probe's, from 127.0.0.1) is logged and counted.
+        deadline = time.monotonic() + 10
+        while plain_log(gw).count("not a trusted PROXY source") < 2:
+            assert time.monotonic() < deadline, plain_log(gw)[-3000:]
+            time.sleep(0.05)
+        assert plain_log(gw).count("not a trusted PROXY source") == 2
+        assert metric(scrape(admin), "mtproto_refused_proxy_header") == 2
     finally:
         assert gw.alive()
         gw.stop()

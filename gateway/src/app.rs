@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, KeyLookup, SessionMode};
@@ -27,6 +27,7 @@ use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStreamServ
 use mtproto_session::discovery;
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::store;
+use mtproto_session::tls::{self, GrpcSecurity, TlsFiles, TlsSettings};
 use mtproto_session::SessionService;
 
 /// File names of the generated key in the data directory.
@@ -89,6 +90,25 @@ fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// How the session gRPC links are secured: `session.tls`, explicit
+/// plaintext, or nothing configured (plaintext with a louder warning).
+fn grpc_security(s: &crate::config::SessionConfig) -> anyhow::Result<GrpcSecurity> {
+    match (&s.tls, s.plaintext) {
+        (Some(t), _) => {
+            let files = TlsFiles::load(TlsSettings {
+                ca_file: t.ca_file.clone(),
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+                peer_name: t.peer_name.clone(),
+            })
+            .map_err(|e| anyhow::anyhow!("session.tls: {e}"))?;
+            Ok(GrpcSecurity::Tls(files))
+        }
+        (None, true) => Ok(GrpcSecurity::Plaintext),
+        (None, false) => Ok(GrpcSecurity::Unconfigured),
+    }
+}
+
 /// Encrypted bytes a connection holds for a client that reads slowly before
 /// it stops taking server messages (they wait in its outbox, then delivery
 /// reports them undelivered). One frame always fits.
@@ -98,8 +118,8 @@ const UNSENT_BYTES_PER_CONNECTION: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Gateway {
     listeners: Vec<BoundListener>,
-    /// The reverse-path gRPC server, in remote session modes.
-    grpc: Option<(TcpListener, ReversePath)>,
+    /// The reverse-path gRPC server, in remote session modes (TLS when set).
+    grpc: Option<(TcpListener, ReversePath, Option<Arc<TlsFiles>>)>,
     admin: Option<TcpListener>,
     readiness: Arc<Readiness>,
     shared: Arc<Shared>,
@@ -178,15 +198,16 @@ impl Gateway {
                     backoff: Duration::from_millis(50),
                 };
                 let server_id = config.server_id()?;
+                let security = grpc_security(s)?;
+                security.log("session", "session.tls (ca_file, cert_file, key_file)");
                 let listener = TcpListener::bind(s.grpc_listen).await.with_context(|| {
                     format!("session.grpc_listen: cannot listen on {}", s.grpc_listen)
                 })?;
                 info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
-                let remote = Arc::new(RemoteSession::new(
-                    members,
-                    settings,
-                    metrics.session_rpc.clone(),
-                ));
+                let remote = Arc::new(
+                    RemoteSession::new(members, settings, metrics.session_rpc.clone())
+                        .with_tls(security.tls()),
+                );
                 if let Some(k) = &s.kubernetes {
                     let client = kube::Client::try_default().await.context(
                         "session.kubernetes: no Kubernetes client config (in-cluster or KUBECONFIG)",
@@ -206,7 +227,7 @@ impl Gateway {
                 remote_session = Some(remote.clone());
                 (
                     remote,
-                    Some((listener, ReversePath::new(registry.clone()))),
+                    Some((listener, ReversePath::new(registry.clone()), security.tls())),
                     server_id,
                 )
             }
@@ -242,6 +263,11 @@ impl Gateway {
             if let Some(addr) = listener.local_addr() {
                 let endpoint = &listener.endpoint;
                 let tls = endpoint.tls.is_some();
+                if endpoint.proxy_protocol != crate::config::ProxyProtocol::Off
+                    && endpoint.proxy_trusted_sources.is_empty()
+                {
+                    warn!(%addr, "PROXY headers are honoured from any source: clients that reach this port directly can choose their address; set proxy_trusted_sources to the load balancers' CIDRs");
+                }
                 match &endpoint.websocket {
                     Some(ws) => {
                         info!(%addr, path = %ws.path, tls, proxy_protocol = ?endpoint.proxy_protocol, "listening for MTProto WebSocket clients")
@@ -313,7 +339,7 @@ impl Gateway {
         // The reverse path and the admin endpoint outlive the drain: draining
         // connections still get their replies, and probes still get answers.
         let (after_drain, drained) = watch::channel(false);
-        let grpc = self.grpc.map(|(listener, reverse)| {
+        let grpc = self.grpc.map(|(listener, reverse, tls)| {
             let mut stop = drained.clone();
             let addr = listener.local_addr().ok();
             info!(?addr, "serving gateway.RPCGateway for session replies");
@@ -321,12 +347,9 @@ impl Gateway {
                 tonic::transport::Server::builder()
                     .add_service(RpcGatewayServer::new(reverse.clone()))
                     .add_service(RpcGatewayStreamServer::new(reverse))
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        async move {
-                            let _ = stop.wait_for(|stopped| *stopped).await;
-                        },
-                    ),
+                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    }),
             )
         });
         let admin = self.admin.map(|listener| {

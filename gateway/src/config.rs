@@ -47,6 +47,9 @@ pub struct Cli {
     /// PROXY protocol (v1 and v2) on the --listen, --listen-ws and --listen-http listeners: off, optional or required.
     #[arg(long, value_name = "MODE", value_parser = ["off", "optional", "required"])]
     pub proxy_protocol: Option<String>,
+    /// Addresses (CIDR) whose PROXY headers those listeners honour. Repeatable; none: any source.
+    #[arg(long = "proxy-trusted-source", value_name = "CIDR")]
+    pub proxy_trusted_sources: Vec<ipnet::IpNet>,
     /// Server RSA private key (PEM, PKCS#1 or PKCS#8). Repeatable: the first is
     /// primary, all are offered to clients (key rotation). Without one, a key is
     /// generated and kept in the data directory.
@@ -149,6 +152,11 @@ pub struct Listener {
     pub transport: ListenerTransport,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// Sources (CIDRs) whose PROXY headers are honoured; from others a
+    /// header closes the connection (`required`) or is ignored and counted
+    /// (`optional`). Empty: any source (only safe behind a firewall).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_trusted_sources: Vec<ipnet::IpNet>,
     /// WebSocket only: the request path (web clients use `/apiws`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -177,6 +185,7 @@ impl Listener {
             address,
             transport,
             proxy_protocol,
+            proxy_trusted_sources: Vec::new(),
             path: None,
             allowed_origins: Vec::new(),
             tls_cert: None,
@@ -236,6 +245,30 @@ pub struct SessionConfig {
     /// How messages are sharded over session instances.
     #[serde(default)]
     pub ring: RingKind,
+    /// Mutual TLS with the session services, both gRPC directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SessionTls>,
+    /// Plaintext gRPC by choice (teamgram Go sessions); logged as a warning.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionTls {
+    /// CA bundle (PEM) sessions' certificates must chain to.
+    pub ca_file: PathBuf,
+    /// This gateway's certificate chain (PEM), valid for the gateway name sessions check.
+    pub cert_file: PathBuf,
+    /// The private key (PEM) of `cert_file`.
+    pub key_file: PathBuf,
+    /// The DNS SAN sessions' certificates must carry, as servers and as reverse-path callers.
+    #[serde(default = "default_session_peer_name")]
+    pub peer_name: String,
+}
+
+fn default_session_peer_name() -> String {
+    mtproto_session::tls::DEFAULT_SESSION_NAME.to_string()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +385,8 @@ impl Default for Config {
                 retries: 3,
                 kubernetes: None,
                 ring: RingKind::Gozero,
+                tls: None,
+                plaintext: false,
             },
             auth_keys: AuthKeysConfig {
                 redis_url: None,
@@ -469,18 +504,22 @@ impl Config {
                     Some("optional") => ProxyProtocol::Optional,
                     _ => ProxyProtocol::Off,
                 };
+                let listener = |address, transport| Listener {
+                    proxy_trusted_sources: cli.proxy_trusted_sources.clone(),
+                    ..Listener::new(address, transport, proxy)
+                };
                 let tcp = cli
                     .listen
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Tcp, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Tcp));
                 let ws = cli
                     .listen_ws
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Websocket, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Websocket));
                 let http = cli
                     .listen_http
                     .iter()
-                    .map(|&a| Listener::new(a, ListenerTransport::Http, proxy));
+                    .map(|&a| listener(a, ListenerTransport::Http));
                 tcp.chain(ws).chain(http).collect()
             }),
             admin_listen: cli.admin_listen,
@@ -624,6 +663,17 @@ impl Config {
         }
         for endpoint in &s.endpoints {
             session_address(endpoint)?;
+        }
+        match (&s.tls, s.plaintext, s.mode) {
+            (Some(_), true, _) => anyhow::bail!(
+                "invalid configuration: session.tls and session.plaintext are both set; \
+                 remove session.plaintext to use mutual TLS, or session.tls for plaintext gRPC"
+            ),
+            (Some(_), _, SessionMode::Embedded) => anyhow::bail!(
+                "invalid configuration: session.tls is set but session.mode is embedded (no gRPC); \
+                 remove session.tls or set session.mode to unary or stream"
+            ),
+            _ => {}
         }
         let k = &self.auth_keys;
         if k.lookup == KeyLookup::Store
@@ -908,6 +958,57 @@ mod tests {
         }
         let err = load("[limits]\nhttp_max_wait_ms = 0\n").unwrap_err();
         assert!(err.to_string().contains("limits.http_max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn session_tls_and_trusted_proxy_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        let remote = "[session]\nmode = \"unary\"\nendpoints = [\"s:1\"]\n";
+        let tls =
+            "[session.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let c = load(&format!("{remote}{tls}")).unwrap();
+        let t = c.session.tls.unwrap();
+        assert_eq!(t.peer_name, "mtproto-session");
+        assert_eq!(t.ca_file, PathBuf::from("ca.pem"));
+        assert!(!c.session.plaintext);
+        let err = load(&format!("{remote}plaintext = true\n{tls}")).unwrap_err();
+        assert!(err.to_string().contains("session.plaintext"), "{err}");
+        let err = load(&format!("[session]\n{tls}")).unwrap_err();
+        assert!(
+            err.to_string().contains("session.mode is embedded"),
+            "{err}"
+        );
+        let err = load(&format!("{remote}[session.tls]\nca_file = \"ca.pem\"\n")).unwrap_err();
+        assert!(err.to_string().contains("cert_file"), "{err}");
+
+        let c = load("[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_protocol = \"required\"\nproxy_trusted_sources = [\"10.0.0.0/8\", \"fd00::/8\"]\n").unwrap();
+        assert_eq!(c.listeners[0].proxy_trusted_sources.len(), 2);
+        let err = load(
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nproxy_trusted_sources = [\"10.0.0.1\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("proxy_trusted_sources"), "{err}");
+        let c = Config::load_from(
+            &cli(&[
+                "--listen",
+                "127.0.0.1:1",
+                "--proxy-protocol",
+                "optional",
+                "--proxy-trusted-source",
+                "192.0.2.0/24",
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners[0].proxy_trusted_sources,
+            vec!["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub struct MethodLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcErrorLabels {
     pub method: &'static str,
-    /// `redirect`, `unregistered`, `transient` or `fatal`.
+    /// `redirect`, `redirect_refused` (to a non-member), `unregistered`, `transient` or `fatal`.
     pub kind: &'static str,
 }
 
@@ -129,6 +129,8 @@ pub struct Metrics {
     pub handshake_duration: Histogram,
     pub rsa_decrypt_duration: Histogram,
     pub quick_acks_sent: Counter,
+    /// PROXY headers skipped, not honoured: the socket peer is not a trusted source.
+    pub proxy_headers_untrusted: Counter,
     /// Encrypted client messages the session service accepted.
     pub messages_forwarded: Counter,
     /// Server messages encrypted and written to a client.
@@ -166,6 +168,7 @@ impl Default for Metrics {
             handshake_duration: latency(),
             rsa_decrypt_duration: latency(),
             quick_acks_sent: Counter::default(),
+            proxy_headers_untrusted: Counter::default(),
             messages_forwarded: Counter::default(),
             messages_sent: Counter::default(),
             outbox_queued: Gauge::default(),
@@ -248,6 +251,11 @@ impl Metrics {
             "mtproto_quick_acks_sent",
             "QuickAck tokens sent",
             self.quick_acks_sent.clone(),
+        );
+        r.register(
+            "mtproto_proxy_headers_untrusted",
+            "PROXY headers ignored (optional mode) because the socket peer is not in proxy_trusted_sources",
+            self.proxy_headers_untrusted.clone(),
         );
         r.register(
             "mtproto_messages_forwarded",

@@ -347,6 +347,11 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub allowed_origins: Vec<String>,
+    /// The load balancers (CIDRs) whose PROXY headers are honoured; from other
+    /// peers a header closes the connection (`required`) or is ignored
+    /// (`optional`). Empty: any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_trusted_sources: Vec<String>,
     /// TLS on a `websocket` (`wss://`) or `http` (`https://`) listener, for
     /// deployments without a load balancer that terminates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -21,7 +21,8 @@ pub fn gateway() -> MtprotoGateway {
             "image": "ghcr.io/example/mtproto-gateway:1.0",
             "listeners": [
                 {"name": "tcp", "port": 10443},
-                {"name": "ws", "port": 8080, "transport": "websocket", "proxyProtocol": "required"}
+                {"name": "ws", "port": 8080, "transport": "websocket", "proxyProtocol": "required",
+                 "proxyTrustedSources": ["10.0.0.0/24"]}
             ],
             "rsaKeys": [
                 {"secretName": "rsa-keys", "key": "primary.pem"},

@@ -119,6 +119,16 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         });
     }
 
+    for (i, listener) in spec.listeners.iter().enumerate() {
+        for (j, cidr) in listener.proxy_trusted_sources.iter().enumerate() {
+            if !is_cidr(cidr) {
+                return Err(Error::Invalid(format!(
+                    "spec.listeners[{i}].proxyTrustedSources[{j}]: {cidr:?} is not a CIDR"
+                )));
+            }
+        }
+    }
+
     let mut listener_tls = BTreeMap::new();
     for (i, listener) in spec.listeners.iter().enumerate() {
         let Some(tls) = &listener.tls else { continue };
@@ -411,6 +421,14 @@ mod tests {
         gw.spec.network_policy.client_cidrs = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()];
         let err = validate(&gw, &dereferenced()).expect_err("cidr");
         assert!(err.to_string().contains("clientCidrs[1]"), "{err}");
+        let mut gw = gateway();
+        gw.spec.listeners[0].proxy_trusted_sources = vec!["10.1.0.0/16".into(), "10.1.0.1".into()];
+        let err = validate(&gw, &dereferenced()).expect_err("cidr");
+        assert!(
+            err.to_string()
+                .contains("spec.listeners[0].proxyTrustedSources[1]"),
+            "{err}"
+        );
         for ok in ["0.0.0.0/0", "2001:db8::/32"] {
             assert!(is_cidr(ok), "{ok}");
         }

@@ -2,7 +2,9 @@
 //! teamgram's `session.RPCSession` and `session.RPCSessionStream` over the
 //! embedded session, checks ring ownership (`REDIRECT_TO_<owner>`), and sends
 //! replies back through the gateway named in each message
-//! (`gateway.RPCGateway/gateway_sendDataToGateway`).
+//! (`gateway.RPCGateway/gateway_sendDataToGateway`). With mutual TLS, a
+//! message's `server_id` must be the calling gateway's own (see
+//! [`Peer::may_claim_host`]), so no caller can have replies sent elsewhere.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -31,6 +33,7 @@ use tracing::{debug, warn};
 use crate::embedded::EmbeddedSession;
 use crate::ring::Ring;
 use crate::status::{teamgram_status, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE};
+use crate::tls::{Connector, Peer, TlsFiles};
 use crate::wire::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
 use crate::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use mtproto_core::authkey::{AuthKeyType, FutureSalt};
@@ -104,10 +107,15 @@ impl SessionGrpc {
         Ok(self.session.set_auth_key(&key).await? == StoreOutcome::Stored)
     }
 
-    async fn send(&self, req: spb::TlSessionSendDataToSession) -> Result<bool, ServiceError> {
+    async fn send(
+        &self,
+        peer: Option<&Peer>,
+        req: spb::TlSessionSendDataToSession,
+    ) -> Result<bool, ServiceError> {
         let data = req
             .data
             .ok_or(ServiceError::BadRequest("sendDataToSession without data"))?;
+        check_server_id(peer, &data.server_id)?;
         self.check_owner(data.perm_auth_key_id)?;
         debug!(
             auth_key_id = data.auth_key_id,
@@ -134,8 +142,13 @@ impl SessionGrpc {
         Ok(true)
     }
 
-    async fn close(&self, client: Option<spb::SessionClientEvent>) -> Result<bool, ServiceError> {
+    async fn close(
+        &self,
+        peer: Option<&Peer>,
+        client: Option<spb::SessionClientEvent>,
+    ) -> Result<bool, ServiceError> {
         let event = client.ok_or(ServiceError::BadRequest("closeSession without client"))?;
+        check_server_id(peer, &event.server_id)?;
         self.check_owner(event.perm_auth_key_id)?;
         self.session
             .close_session(SessionClientEvent {
@@ -151,6 +164,23 @@ impl SessionGrpc {
     }
 }
 
+/// Refuses a `server_id` the calling gateway cannot prove is its own.
+/// Served without [`crate::tls::incoming`] there is no [`Peer`]: plaintext.
+fn check_server_id(peer: Option<&Peer>, server_id: &str) -> Result<(), ServiceError> {
+    let host = server_id
+        .rsplit_once(':')
+        .map_or(server_id, |(host, _)| host);
+    match peer {
+        Some(peer) if !peer.may_claim_host(host) => {
+            warn!(server_id, peer = ?peer.addr, "refused: server_id is not the calling gateway's");
+            Err(ServiceError::Forbidden(format!(
+                "server_id {server_id} is not the calling gateway's address or certificate name"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Errors as teamgram reports them.
 #[derive(Debug, thiserror::Error)]
 enum ServiceError {
@@ -160,6 +190,8 @@ enum ServiceError {
     Redirect(String),
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -182,6 +214,7 @@ impl ServiceError {
             ServiceError::Unregistered => i32::from(UNREGISTERED_CODE),
             ServiceError::Redirect(_) => i32::from(REDIRECT_CODE),
             ServiceError::BadRequest(_) => 400,
+            ServiceError::Forbidden(_) => 403,
             ServiceError::Internal(_) => 500,
         }
     }
@@ -195,6 +228,7 @@ impl ServiceError {
                 teamgram_status(self.code() as u16, self.to_string())
             }
             ServiceError::BadRequest(_) => Status::invalid_argument(self.to_string()),
+            ServiceError::Forbidden(_) => Status::permission_denied(self.to_string()),
             ServiceError::Internal(_) => Status::internal(self.to_string()),
         }
     }
@@ -238,7 +272,8 @@ impl RpcSession for SessionGrpc {
         &self,
         request: Request<spb::TlSessionSendDataToSession>,
     ) -> Result<Response<pb::Bool>, Status> {
-        self.send(request.into_inner())
+        let peer = request.extensions().get::<Peer>().cloned();
+        self.send(peer.as_ref(), request.into_inner())
             .await
             .map(|ok| Response::new(pb::Bool::from_bool(ok)))
             .map_err(|e| e.status())
@@ -255,7 +290,8 @@ impl RpcSession for SessionGrpc {
         &self,
         request: Request<spb::TlSessionCloseSession>,
     ) -> Result<Response<pb::Bool>, Status> {
-        self.close(request.into_inner().client)
+        let peer = request.extensions().get::<Peer>().cloned();
+        self.close(peer.as_ref(), request.into_inner().client)
             .await
             .map(|ok| Response::new(pb::Bool::from_bool(ok)))
             .map_err(|e| e.status())
@@ -293,12 +329,13 @@ pub struct SessionStreamGrpc(pub Arc<SessionGrpc>);
 impl SessionGrpc {
     async fn handle_stream(
         &self,
+        peer: Option<&Peer>,
         payload: Option<StreamRequest>,
     ) -> Result<StreamResponse, ServiceError> {
         let ack = |ok: bool| StreamResponse::Ack(spb::SessionStreamAck { success: ok });
         match payload {
-            Some(StreamRequest::SendData(req)) => self.send(req).await.map(ack),
-            Some(StreamRequest::CloseSession(req)) => self.close(req.client).await.map(ack),
+            Some(StreamRequest::SendData(req)) => self.send(peer, req).await.map(ack),
+            Some(StreamRequest::CloseSession(req)) => self.close(peer, req.client).await.map(ack),
             Some(StreamRequest::CreateSession(_)) => Ok(ack(true)),
             Some(StreamRequest::QueryAuthKey(req)) => {
                 self.query(req).await.map(StreamResponse::AuthKey)
@@ -318,13 +355,14 @@ impl RpcSessionStream for SessionStreamGrpc {
         &self,
         request: Request<Streaming<spb::SessionStreamRequest>>,
     ) -> Result<Response<Self::SessionDataStreamStream>, Status> {
+        let peer = request.extensions().get::<Peer>().cloned();
         let inbound = request.into_inner();
         let service = self.0.clone();
         let responses = inbound.then(move |item| {
-            let service = service.clone();
+            let (service, peer) = (service.clone(), peer.clone());
             async move {
                 let request = item?;
-                let payload = match service.handle_stream(request.payload).await {
+                let payload = match service.handle_stream(peer.as_ref(), request.payload).await {
                     Ok(payload) => payload,
                     Err(e) => StreamResponse::Error(spb::SessionStreamError {
                         code: e.code(),
@@ -355,6 +393,8 @@ pub fn routes(service: Arc<SessionGrpc>) -> Routes {
 pub struct RemoteGateways {
     channels: Mutex<HashMap<String, Channel>>,
     timeout: Duration,
+    /// Gateways are dialled with mutual TLS when set.
+    tls: Option<Arc<TlsFiles>>,
 }
 
 impl RemoteGateways {
@@ -362,7 +402,12 @@ impl RemoteGateways {
         Self {
             channels: Mutex::default(),
             timeout,
+            tls: None,
         }
+    }
+
+    pub fn with_tls(self, tls: Option<Arc<TlsFiles>>) -> Self {
+        Self { tls, ..self }
     }
 
     fn channel(&self, server_id: &str) -> Option<Channel> {
@@ -371,11 +416,14 @@ impl RemoteGateways {
             return Some(channel.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{server_id}")).ok()?;
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(server_id.to_string(), channel.clone());
         Some(channel)
     }

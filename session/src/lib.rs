@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod ring;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 use async_trait::async_trait;

@@ -310,9 +310,7 @@ pub async fn run(
     done: mpsc::Sender<()>,
 ) {
     let _open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "http");
-    let Some(admitted) =
-        shell::admit(&shared, stream, peer, &mut slot, endpoint.proxy_protocol).await
-    else {
+    let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
         return;
     };
     let (id, peer, stream, buf) = (admitted.id, admitted.peer, admitted.stream, admitted.buf);

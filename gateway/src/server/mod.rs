@@ -236,6 +236,8 @@ async fn accept_loop(
 #[derive(Debug)]
 pub struct Endpoint {
     pub proxy_protocol: ProxyProtocol,
+    /// Socket peers whose PROXY headers are honoured; empty: any.
+    pub proxy_trusted_sources: Vec<ipnet::IpNet>,
     /// Set on WebSocket listeners.
     pub websocket: Option<websocket::WsOptions>,
     /// MTProto's HTTP transport.
@@ -331,6 +333,7 @@ pub async fn bind_all(
             listener,
             endpoint: Arc::new(Endpoint {
                 proxy_protocol: l.proxy_protocol,
+                proxy_trusted_sources: l.proxy_trusted_sources.clone(),
                 websocket,
                 http: l.transport == ListenerTransport::Http,
                 tls,

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::limiter::{Budgets, HandshakeSlot, Refused, Slot};
 use super::registry::{ConnectionId, Outbox, Outgoing};
-use super::Shared;
+use super::{Endpoint, Shared};
 use crate::config::ProxyProtocol;
 use crate::metrics::{
     Metrics, OpenLabels, OutcomeLabels, ReasonLabels, StepLabels, StepOutcomeLabels,
@@ -99,7 +99,7 @@ pub(super) async fn admit(
     mut stream: TcpStream,
     peer: SocketAddr,
     slot: &mut Slot,
-    mode: ProxyProtocol,
+    endpoint: &Endpoint,
 ) -> Option<Admitted> {
     let mut admitted = Admitted {
         id: shared.connection_ids.next(),
@@ -109,7 +109,7 @@ pub(super) async fn admit(
         accepted: Instant::now(),
     };
     let deadline = admitted.accepted + shared.limits.handshake_timeout;
-    match read_proxy_header(shared, &mut admitted, mode, deadline).await {
+    match read_proxy_header(shared, &mut admitted, endpoint, deadline).await {
         Ok(()) => match shared.admission.enter_client(slot, admitted.peer.ip()) {
             Ok(()) => return Some(admitted),
             Err(_) => count_close(shared, admitted.id, admitted.peer, &Close::ClientLimit),
@@ -121,15 +121,28 @@ pub(super) async fn admit(
     None
 }
 
-/// Reads the PROXY header, if the listener takes one; its source replaces the peer.
+/// Reads the PROXY header, if the listener takes one; its source replaces
+/// the peer when the socket peer is a trusted source. An untrusted peer is
+/// closed where a header is required, and has its header skipped (counted)
+/// where it is optional, so no client can choose its own address.
 async fn read_proxy_header(
     shared: &Shared,
     conn: &mut Admitted,
-    mode: ProxyProtocol,
+    endpoint: &Endpoint,
     deadline: Instant,
 ) -> Result<(), Close> {
+    let mode = endpoint.proxy_protocol;
     if mode == ProxyProtocol::Off {
         return Ok(());
+    }
+    let trusted = endpoint.proxy_trusted_sources.is_empty()
+        || endpoint
+            .proxy_trusted_sources
+            .iter()
+            .any(|net| net.contains(&conn.peer.ip()));
+    if !trusted && mode == ProxyProtocol::Required {
+        debug!(conn = conn.id, socket_peer = %conn.peer, "not a trusted PROXY source");
+        return Err(proxy_refused(shared, conn.id, Close::ProxyHeaderMissing));
     }
     let (id, buf) = (conn.id, &mut conn.buf);
     let detected = loop {
@@ -151,6 +164,11 @@ async fn read_proxy_header(
     match detected {
         Detected::Header(header) => {
             buf.advance(header.len);
+            if !trusted {
+                shared.metrics.proxy_headers_untrusted.inc();
+                debug!(conn = id, socket_peer = %conn.peer, "PROXY header from an untrusted source ignored");
+                return Ok(());
+            }
             if let Some(source) = header.source {
                 debug!(conn = id, socket_peer = %conn.peer, client = %source, "PROXY header");
                 conn.peer = source;

@@ -53,9 +53,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
-    let Some(admitted) =
-        shell::admit(&shared, stream, peer, &mut slot, endpoint.proxy_protocol).await
-    else {
+    let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
         return;
     };
     let (stream, buf) = (admitted.stream, admitted.buf);

@@ -1,8 +1,10 @@
 //! The gateway as a client of remote session services over gRPC, in
 //! teamgram's unary (`session.RPCSession`) or bidirectional-stream
 //! (`session.RPCSessionStream`) mode. Requests are routed on the go-zero ring;
-//! `REDIRECT_TO_<addr>` is followed, transient errors are retried with backoff,
-//! and a node is never evicted because of a blip.
+//! `REDIRECT_TO_<addr>` is followed (with mutual TLS only to a current ring
+//! member, so a session cannot send this gateway's traffic elsewhere),
+//! transient errors are retried with backoff, and a node is never evicted
+//! because of a blip.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_session::ring::Ring;
 use mtproto_session::status::{raw_status, ExposeRawStatus};
+use mtproto_session::tls::{Connector, TlsFiles};
 use mtproto_session::wire::{
     data_to_proto, event_to_proto, info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED,
     REDIRECT_PREFIX,
@@ -61,6 +64,8 @@ pub struct RemoteSettings {
 enum Failure {
     Unregistered,
     Redirect(String),
+    /// A redirect to an address not on the ring: refused.
+    NotMember(String),
     Transient(String),
     Fatal(String),
 }
@@ -70,6 +75,7 @@ impl Failure {
         match self {
             Failure::Unregistered => "unregistered",
             Failure::Redirect(_) => "redirect",
+            Failure::NotMember(_) => "redirect_refused",
             Failure::Transient(_) => "transient",
             Failure::Fatal(_) => "fatal",
         }
@@ -210,6 +216,13 @@ pub struct RemoteSession {
     channels: Mutex<HashMap<String, Channel>>,
     streams: Mutex<HashMap<String, Arc<StreamLink>>>,
     metrics: SessionRpcMetrics,
+    /// Sessions are dialled with mutual TLS when set.
+    tls: Option<Arc<TlsFiles>>,
+    /// Redirects to addresses off the ring are refused (set with TLS). In
+    /// plaintext, as teamgram's gateway, any redirect is followed: a session
+    /// there is unauthenticated anyway, and a static list may name only an
+    /// entry point that redirects to the others.
+    members_only: bool,
 }
 
 impl RemoteSession {
@@ -221,6 +234,16 @@ impl RemoteSession {
             channels: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             metrics,
+            tls: None,
+            members_only: false,
+        }
+    }
+
+    pub fn with_tls(self, tls: Option<Arc<TlsFiles>>) -> Self {
+        Self {
+            members_only: tls.is_some(),
+            tls,
+            ..self
         }
     }
 
@@ -237,6 +260,15 @@ impl RemoteSession {
             .unwrap_or_else(|e| e.into_inner())
             .members()
             .to_vec()
+    }
+
+    fn is_member(&self, addr: &str) -> bool {
+        self.ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .members()
+            .iter()
+            .any(|m| m == addr)
     }
 
     fn owner(&self, key: i64) -> Result<String, SessionError> {
@@ -258,7 +290,10 @@ impl RemoteSession {
             .connect_timeout(self.settings.call_timeout)
             .timeout(self.settings.call_timeout)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -326,7 +361,13 @@ impl RemoteSession {
         let mut target = self.owner(ring_key)?;
         let (mut redirects, mut attempt) = (0, 0);
         loop {
-            let outcome = call(target.clone()).await;
+            let mut outcome = call(target.clone()).await;
+            if let Err(Failure::Redirect(addr)) = &outcome {
+                if self.members_only && !self.is_member(addr) {
+                    warn!(method, session = %target, to = %addr, "refused a redirect to a session that is not a ring member");
+                    outcome = Err(Failure::NotMember(addr.clone()));
+                }
+            }
             if let Err(failure) = &outcome {
                 let kind = failure.kind();
                 self.metrics
@@ -345,7 +386,11 @@ impl RemoteSession {
                 // Sessions bouncing a key between them disagree about the ring
                 // for a moment (one has seen a membership change, another not
                 // yet): back off and start again from this gateway's ring.
-                Err(Failure::Redirect(addr)) if attempt < self.settings.retries => {
+                // This gateway's ring may lag a new member for a moment: back
+                // off and ask the ring again, as for a bounce.
+                Err(Failure::Redirect(addr) | Failure::NotMember(addr))
+                    if attempt < self.settings.retries =>
+                {
                     attempt += 1;
                     let delay = self.settings.backoff * (1 << attempt.min(6));
                     warn!(method, session = %target, to = %addr, attempt, "redirects exhausted, retrying in {delay:?}");
@@ -355,6 +400,11 @@ impl RemoteSession {
                 }
                 Err(Failure::Redirect(addr)) => {
                     return Err(SessionError::Redirect(addr));
+                }
+                Err(Failure::NotMember(addr)) => {
+                    return Err(SessionError::Unavailable(format!(
+                        "{method} on {target}: redirected to {addr}, not a ring member"
+                    )))
                 }
                 Err(Failure::Transient(msg)) if attempt < self.settings.retries => {
                     attempt += 1;
@@ -595,6 +645,48 @@ mod tests {
         assert!(route(1).await.is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         assert!(matches!(route(0).await, Err(SessionError::Redirect(_))));
+    }
+
+    #[tokio::test]
+    async fn with_tls_a_redirect_to_a_non_member_is_refused_and_counted() {
+        let session = RemoteSession {
+            members_only: true,
+            ..remote(1)
+        };
+        let called = Mutex::new(Vec::new());
+        let result = session
+            .route(7, "m", |addr| {
+                called.lock().unwrap().push(addr);
+                async { Err::<(), _>(Failure::Redirect("evil:1".into())) }
+            })
+            .await;
+        assert!(matches!(result, Err(SessionError::Unavailable(m)) if m.contains("evil:1")));
+        // Never dialled: each attempt went to a member, then back to the ring.
+        let called = called.into_inner().unwrap();
+        assert_eq!(called.len(), 2);
+        assert!(
+            called.iter().all(|a| a == "a:1" || a == "b:1"),
+            "{called:?}"
+        );
+        let refused = session
+            .metrics
+            .errors
+            .get_or_create(&RpcErrorLabels {
+                method: "m",
+                kind: "redirect_refused",
+            })
+            .get();
+        assert_eq!(refused, 2);
+
+        // Plaintext (teamgram's way): followed.
+        let called = Mutex::new(Vec::new());
+        let _ = remote(0)
+            .route(7, "m", |addr| {
+                called.lock().unwrap().push(addr);
+                async { Err::<(), _>(Failure::Redirect("evil:1".into())) }
+            })
+            .await;
+        assert!(called.into_inner().unwrap().contains(&"evil:1".to_string()));
     }
 
     #[test]

@@ -29,6 +29,8 @@ struct ListenerConfig<'a> {
     address: String,
     transport: &'a str,
     proxy_protocol: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    proxy_trusted_sources: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<&'a str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
@@ -106,6 +108,7 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
                     proxy_protocol: l.proxy_protocol.as_str(),
                     path: l.path.as_deref(),
                     allowed_origins: &l.allowed_origins,
+                    proxy_trusted_sources: &l.proxy_trusted_sources,
                     tls_cert: tls.map(|(cert, _)| cert.path()),
                     tls_key: tls.map(|(_, key)| key.path()),
                 }
@@ -338,6 +341,17 @@ mod tests {
         assert_eq!(listeners[1]["transport"].as_str(), Some("websocket"));
         assert_eq!(listeners[1]["proxy_protocol"].as_str(), Some("required"));
         assert_eq!(listeners[0]["proxy_protocol"].as_str(), Some("off"));
+        assert_eq!(
+            listeners[1]["proxy_trusted_sources"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+        assert_eq!(
+            listeners[1]["proxy_trusted_sources"][0].as_str(),
+            Some("10.0.0.0/24")
+        );
+        assert!(listeners[0].get("proxy_trusted_sources").is_none());
 
         let session = doc["session"].as_table().expect("session");
         assert_eq!(session["mode"].as_str(), Some("stream"));

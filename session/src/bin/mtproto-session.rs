@@ -3,6 +3,7 @@
 //! service messages and refuses API calls, like the gateway's embedded session.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_session::metrics::StoreMetrics;
 use mtproto_session::ring::Ring;
 use mtproto_session::store::{self, StoreUrls};
+use mtproto_session::tls::{self, GrpcSecurity, TlsFiles, TlsSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,8 +69,44 @@ struct Cli {
     /// Deadline of a reply delivery to a gateway.
     #[arg(long, default_value_t = 5000)]
     gateway_timeout_ms: u64,
+    /// CA bundle (PEM) gateways' certificates must chain to; with --tls-cert
+    /// and --tls-key, turns on mutual TLS for both gRPC directions (re-read
+    /// when the files change).
+    #[arg(long, env = "MTPROTO_SESSION_TLS_CA", requires_all = ["tls_cert", "tls_key"], conflicts_with = "plaintext")]
+    tls_ca: Option<PathBuf>,
+    /// This session's certificate chain (PEM), valid for the session name gateways check.
+    #[arg(long, env = "MTPROTO_SESSION_TLS_CERT", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "MTPROTO_SESSION_TLS_KEY", requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
+    /// The DNS SAN gateways' certificates must carry, as callers and as reply targets.
+    #[arg(long, env = "MTPROTO_SESSION_TLS_PEER_NAME", default_value = tls::DEFAULT_GATEWAY_NAME)]
+    tls_peer_name: String,
+    /// Serve and dial gateways without TLS (teamgram Go gateways); logged as a warning.
+    #[arg(long, env = "MTPROTO_SESSION_PLAINTEXT")]
+    plaintext: bool,
     #[arg(long, default_value = "info", env = "MTPROTO_SESSION_LOG_LEVEL")]
     log_level: String,
+}
+
+fn security(cli: &Cli) -> anyhow::Result<GrpcSecurity> {
+    if cli.plaintext {
+        return Ok(GrpcSecurity::Plaintext);
+    }
+    let (Some(ca_file), Some(cert_file), Some(key_file)) =
+        (&cli.tls_ca, &cli.tls_cert, &cli.tls_key)
+    else {
+        return Ok(GrpcSecurity::Unconfigured);
+    };
+    let files = TlsFiles::load(TlsSettings {
+        ca_file: ca_file.clone(),
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        peer_name: cli.tls_peer_name.clone(),
+    })
+    .context("--tls-ca/--tls-cert/--tls-key/--tls-peer-name")?;
+    Ok(GrpcSecurity::Tls(files))
 }
 
 fn advertise(cli: &Cli) -> anyhow::Result<String> {
@@ -93,14 +131,16 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let me = advertise(&cli)?;
+    let security = security(&cli)?;
+    security.log("session", "--tls-ca, --tls-cert and --tls-key");
     let members = if cli.members.is_empty() {
         vec![me.clone()]
     } else {
         cli.members.clone()
     };
-    let gateways = Arc::new(RemoteGateways::new(Duration::from_millis(
-        cli.gateway_timeout_ms,
-    )));
+    let gateways = Arc::new(
+        RemoteGateways::new(Duration::from_millis(cli.gateway_timeout_ms)).with_tls(security.tls()),
+    );
     let urls = StoreUrls {
         redis_url: cli.redis_url.clone(),
         redis_key_prefix: String::new(),
@@ -138,10 +178,7 @@ async fn main() -> anyhow::Result<()> {
     info!(listen = %cli.listen, %me, ?members, "mtproto-session serving session.RPCSession");
     tonic::transport::Server::builder()
         .add_routes(grpc_server::routes(service))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        )
+        .serve_with_incoming_shutdown(tls::incoming(listener, security.tls()), shutdown_signal())
         .await
         .context("gRPC server")?;
     info!("stopped");
