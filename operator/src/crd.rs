@@ -975,7 +975,9 @@ mod tests {
         let generated = crd_yaml().expect("serialise CRD");
         let committed = [
             include_str!("../../crds/mtprotogateways.mtproto-edge.io.yaml"),
-            include_str!("../../charts/mtproto-operator/files/mtprotogateways.mtproto-edge.io.yaml"),
+            include_str!(
+                "../../charts/mtproto-operator/files/mtprotogateways.mtproto-edge.io.yaml"
+            ),
         ];
         for (file, text) in CRD_FILES.iter().zip(committed) {
             assert!(
