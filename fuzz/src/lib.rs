@@ -114,6 +114,7 @@ pub fn handshake_settings() -> Arc<HandshakeSettings> {
                 keys: vec![server_key().clone()],
                 pq_pool: PqPool::generate(1, &mut rng(7)),
                 accept_legacy_rsa_padding: true,
+                dh_secret_bits: dh::SPEC_SECRET_BITS,
             })
         })
         .clone()
@@ -138,7 +139,7 @@ pub fn pq() -> (u32, u32, u64) {
 pub fn client_g_b() -> &'static [u8] {
     static G_B: OnceLock<Vec<u8>> = OnceLock::new();
     G_B.get_or_init(|| {
-        let (_, g_b) = dh::params().new_secret(&mut rng(3)).expect("dh");
+        let (_, g_b) = dh::params().new_secret(dh::SPEC_SECRET_BITS, &mut rng(3)).expect("dh");
         g_b.to_bytes_be()
     })
 }

@@ -57,6 +57,7 @@ impl Test {
             keys: vec![test_key().clone()],
             pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: true,
+            dh_secret_bits: crate::dh::SPEC_SECRET_BITS,
         });
         let start = Instant::now();
         Self {
