@@ -119,6 +119,7 @@ impl Gateway {
             keys,
             pq_pool: PqPool::generate(256, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
+            dh_secret_bits: config.handshake.dh_secret_bits,
         });
         let l = &config.limits;
         let metrics = Arc::new(Metrics::default());

@@ -15,7 +15,7 @@ pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
-const ENV_SETTINGS: [&str; 9] = [
+const ENV_SETTINGS: [&str; 10] = [
     "admin_listen",
     "log_level",
     "data_dir",
@@ -25,6 +25,7 @@ const ENV_SETTINGS: [&str; 9] = [
     "session",
     "auth_keys",
     "limits",
+    "handshake",
 ];
 
 /// Command-line flags. Each one overrides the same setting from the file and environment.
@@ -93,6 +94,18 @@ pub struct Config {
     pub session: SessionConfig,
     pub auth_keys: AuthKeysConfig,
     pub limits: LimitsConfig,
+    pub handshake: HandshakeConfig,
+}
+
+/// The auth key handshake's cryptography.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakeConfig {
+    /// Length of the server's DH secret. 2048 is what the spec asks for; a
+    /// shorter secret (at least 224 bits: twice the 112-bit strength of a
+    /// 2048-bit safe-prime group, per NIST SP 800-56A and RFC 7919) makes
+    /// the server's two exponentiations several times cheaper.
+    pub dh_secret_bits: u32,
 }
 
 /// Where auth keys are kept and how the gateway caches them.
@@ -340,6 +353,9 @@ impl Default for Config {
                 http_max_wait_ms: 25_000,
                 http_queue_bytes: 1 << 20,
             },
+            handshake: HandshakeConfig {
+                dh_secret_bits: mtproto_core::dh::SPEC_SECRET_BITS,
+            },
         }
     }
 }
@@ -459,7 +475,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 11] = [
+        let checks: [(bool, &str); 12] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -505,6 +521,12 @@ impl Config {
             (
                 l.http_queue_bytes >= 1024,
                 "limits.http_queue_bytes must be at least 1024",
+            ),
+            (
+                (mtproto_core::dh::MIN_SECRET_BITS..=mtproto_core::dh::SPEC_SECRET_BITS)
+                    .contains(&self.handshake.dh_secret_bits),
+                "handshake.dh_secret_bits must be between 224 (twice the 112-bit strength of \
+                 the 2048-bit group) and 2048 (the spec's length, the default)",
             ),
         ];
         for (ok, message) in checks {
@@ -804,6 +826,23 @@ mod tests {
         }
         let err = load("[limits]\nhttp_max_wait_ms = 0\n").unwrap_err();
         assert!(err.to_string().contains("limits.http_max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn dh_secret_bits_defaults_to_the_spec_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        assert_eq!(load("").unwrap().handshake.dh_secret_bits, 2048);
+        let c = load("[handshake]\ndh_secret_bits = 256\n").unwrap();
+        assert_eq!(c.handshake.dh_secret_bits, 256);
+        for bad in [0, 128, 223, 2049, 4096] {
+            let err = load(&format!("[handshake]\ndh_secret_bits = {bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("handshake.dh_secret_bits"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use mtproto_core::message::{
     decrypt_as_server_reply, encode_plain, encrypt_as_client, plaintext_message,
 };
 use mtproto_core::pq::{be_u64, factorize};
-use mtproto_core::rsa::{encrypt_rsa_pad, fingerprint, left_pad_256};
+use mtproto_core::rsa::{encrypt_rsa_pad, fingerprint};
 use mtproto_core::tl::{id, TlReader, TlWrite};
 
 #[derive(Debug, Error)]
@@ -147,6 +147,8 @@ pub struct Client {
     /// syscall); writes go straight to the socket.
     stream: BufReader<TcpStream>,
     last_msg_id: i64,
+    /// Length of the client's DH secret `b` (the spec's 2048 unless set).
+    dh_secret_bits: u32,
 }
 
 impl Client {
@@ -157,7 +159,14 @@ impl Client {
         Ok(Self {
             stream: BufReader::with_capacity(64 << 10, stream),
             last_msg_id: 0,
+            dh_secret_bits: dh::SPEC_SECRET_BITS,
         })
+    }
+
+    /// A shorter client DH secret for handshakes made from now on (a load
+    /// generator that wants to spend its CPU on the server's part).
+    pub fn set_dh_secret_bits(&mut self, bits: u32) {
+        self.dh_secret_bits = bits;
     }
 
     /// A fresh client msg_id (time-based, divisible by 4, increasing).
@@ -241,9 +250,11 @@ impl Client {
             return Err(protocol("g_a out of range"));
         }
         let crypto = |e: openssl::error::ErrorStack| protocol(e.to_string());
-        let (b, g_b) = params.new_secret(&mut rand::thread_rng()).map_err(crypto)?;
-        let shared = params.pow_secret(&g_a, &b).map_err(crypto)?;
-        let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
+        let (b, g_b) = params
+            .new_secret(self.dh_secret_bits, &mut rand::thread_rng())
+            .map_err(crypto)?;
+        let shared = params.shared_key(&g_a, &b).map_err(crypto)?;
+        let key = AuthKey::new(*shared);
         let req = set_client_dh_params(&ex, &g_b);
         let answer = self.plain_call(&req).await?;
         let mut r = TlReader::new(&answer);
