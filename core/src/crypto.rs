@@ -134,10 +134,7 @@ type Block = GenericArray<u8, U16>;
 /// IGE's IV: the first half stands for the previous ciphertext block, the
 /// second for the previous plaintext block.
 fn split_iv(iv: &[u8; 32]) -> (Block, Block) {
-    (
-        *Block::from_slice(&iv[..16]),
-        *Block::from_slice(&iv[16..]),
-    )
+    (*Block::from_slice(&iv[..16]), *Block::from_slice(&iv[16..]))
 }
 
 fn xor_block(block: &mut Block, other: &Block) {

@@ -182,8 +182,14 @@ mod tests {
         for bits in [MIN_SECRET_BITS, 256, 1001, SPEC_SECRET_BITS] {
             let (a, g_a) = p.new_secret(bits, &mut rng).unwrap();
             let a_bits = BigUint::from_bytes_be(&a.0).bits();
-            assert!(a_bits <= bits as usize && a_bits > bits as usize - 32, "{bits}: {a_bits}");
-            assert_eq!(format!("{a:?}"), format!("DhSecret({} bits)", bits.div_ceil(8) * 8));
+            assert!(
+                a_bits <= bits as usize && a_bits > bits as usize - 32,
+                "{bits}: {a_bits}"
+            );
+            assert_eq!(
+                format!("{a:?}"),
+                format!("DhSecret({} bits)", bits.div_ceil(8) * 8)
+            );
             let (b, g_b) = p.new_secret(SPEC_SECRET_BITS, &mut rng).unwrap();
             let key = p.shared_key(&g_b, &a).unwrap();
             assert_eq!(key, p.shared_key(&g_a, &b).unwrap());

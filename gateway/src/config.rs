@@ -841,7 +841,10 @@ mod tests {
         assert_eq!(c.handshake.dh_secret_bits, 256);
         for bad in [0, 128, 223, 2049, 4096] {
             let err = load(&format!("[handshake]\ndh_secret_bits = {bad}\n")).unwrap_err();
-            assert!(err.to_string().contains("handshake.dh_secret_bits"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("handshake.dh_secret_bits"),
+                "{bad}: {err}"
+            );
         }
     }
 

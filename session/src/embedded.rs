@@ -522,7 +522,10 @@ mod tests {
         assert_eq!(cache.check(8, 1, now), None, "another key");
 
         cache.put(7, vec![salt(1, t - 100, t + 1700)], now);
-        assert_eq!(cache.check(7, 1, now + SALT_CACHE_SECS - 1), Some((1, true)));
+        assert_eq!(
+            cache.check(7, 1, now + SALT_CACHE_SECS - 1),
+            Some((1, true))
+        );
         assert_eq!(cache.check(7, 1, now + SALT_CACHE_SECS), None, "aged");
         cache.forget(7);
         assert_eq!(cache.check(7, 1, now), None);
@@ -550,10 +553,16 @@ mod tests {
         for at in [now, now + 9, now + 10, now + 19] {
             for candidate in 1..=5 {
                 let expected = (
-                    current_salt(&stored, at).map(|s| s.salt).unwrap_or_default(),
+                    current_salt(&stored, at)
+                        .map(|s| s.salt)
+                        .unwrap_or_default(),
                     salt_accepted(&stored, candidate, at),
                 );
-                assert_eq!(cache.check(7, candidate, at), Some(expected), "{candidate} at {at}");
+                assert_eq!(
+                    cache.check(7, candidate, at),
+                    Some(expected),
+                    "{candidate} at {at}"
+                );
             }
         }
     }
@@ -609,7 +618,10 @@ mod tests {
         assert!(!accepted, "0 is not a salt of the key");
         assert_eq!(store.inner.salts(9).await.unwrap()[0].salt, current);
         for _ in 0..100 {
-            assert_eq!(core.check_salt(9, current, now).await.unwrap(), (current, true));
+            assert_eq!(
+                core.check_salt(9, current, now).await.unwrap(),
+                (current, true)
+            );
         }
         assert_eq!(store.salt_reads.load(Ordering::Relaxed), 1);
 
