@@ -23,4 +23,9 @@ for size in (1024, 16384):
 hs, rsa = ns("handshake", "server_side_full_handshake"), ns("handshake", "openssl_rsa2048_private_decrypt")
 if hs and rsa:
     print(f"handshake: {1e9/hs:.0f}/s per core; OpenSSL RSA-2048 private: {1e9/rsa:.0f}/s -> handshakes per RSA op {rsa/hs:.3f}")
+ceiling, hs256 = ns("handshake", "openssl_ceiling_rsa_and_two_modexps"), ns("handshake", "server_side_full_handshake_dh256")
+if hs and ceiling:
+    print(f"handshake: {hs/1e3:.0f} us; OpenSSL RSA + two 2048-bit modexps: {ceiling/1e3:.0f} us -> ours/ceiling {hs/ceiling:.2f}")
+if hs and hs256:
+    print(f"handshake with a 256-bit DH secret: {hs256/1e3:.0f} us -> {hs/hs256:.2f}x the handshakes per core of 2048 bits")
 PY

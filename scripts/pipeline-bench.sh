@@ -22,8 +22,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-export MTPROTO_CACHE="${MTPROTO_CACHE:-$HOME/.cache/mtproto-edge}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MTPROTO_CACHE/cargo-target}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/pipeline-bench.XXXXXX")"
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
+trap bench_cleanup EXIT
 
 AGAINST=""
 BEFORE_BIN=""
@@ -34,7 +36,6 @@ WARMUP=2
 ROUNDS=1
 
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-die() { echo "pipeline-bench: $*" >&2; exit 1; }
 
 while (($#)); do
     case "$1" in
@@ -56,114 +57,23 @@ for n in "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "${NS[@]}"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
 done
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/pipeline-bench.XXXXXX")"
-GATEWAY_PID=""
-WORKTREE=""
-cleanup() {
-    if [[ -n "$GATEWAY_PID" ]]; then
-        kill "$GATEWAY_PID" 2>/dev/null || true
-        wait "$GATEWAY_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$WORKTREE" ]]; then
-        git -C "$ROOT" worktree remove --force "$WORKTREE" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # --- binaries -----------------------------------------------------------------
 
-echo "== building the current tree (release)" >&2
-nice -n 5 cargo build --release -p mtproto-gateway -p mtproto-testclient >&2
-# Copies, so another build in the shared target directory cannot swap them mid-run.
-mkdir -p "$WORK/bin"
-cp "$CARGO_TARGET_DIR/release/mtproto-gateway" "$CARGO_TARGET_DIR/release/mtproto-loadgen" "$WORK/bin/"
-AFTER_BIN="$WORK/bin/mtproto-gateway"
-LOADGEN="$WORK/bin/mtproto-loadgen"
-AFTER_LABEL="$(git rev-parse --short=7 HEAD)"
-if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
-    AFTER_LABEL="$AFTER_LABEL+dirty"
-fi
-
-REV="$(git rev-parse --verify "$AGAINST^{commit}")" || die "unknown revision $AGAINST"
-BEFORE_LABEL="${REV:0:7}"
+build_current mtproto-gateway mtproto-testclient
+AFTER_BIN="$WORK/bin/current/mtproto-gateway"
+LOADGEN="$WORK/bin/current/mtproto-loadgen"
+AFTER_LABEL="$CURRENT_LABEL"
 if [[ -n "$BEFORE_BIN" ]]; then
     [[ -x "$BEFORE_BIN" ]] || die "--before-bin: $BEFORE_BIN is not an executable"
+    BEFORE_LABEL="$(git rev-parse --short=7 "$AGAINST^{commit}")" || die "unknown revision $AGAINST"
     echo "== before: $BEFORE_BIN (given as revision $BEFORE_LABEL)" >&2
 else
-    REV_TARGET="$MTPROTO_CACHE/target-${REV:0:12}"
-    BEFORE_BIN="$REV_TARGET/release/mtproto-gateway"
-    if [[ -x "$BEFORE_BIN" ]]; then
-        echo "== before: reusing $BEFORE_BIN" >&2
-    else
-        echo "== building $BEFORE_LABEL (release) into $REV_TARGET" >&2
-        WORKTREE="$WORK/src"
-        git -C "$ROOT" worktree add --detach "$WORKTREE" "$REV" >&2
-        (cd "$WORKTREE" && CARGO_TARGET_DIR="$REV_TARGET" nice -n 5 cargo build --release -p mtproto-gateway >&2)
-        git -C "$ROOT" worktree remove --force "$WORKTREE"
-        WORKTREE=""
-    fi
+    build_revision "$AGAINST" mtproto-gateway
+    BEFORE_BIN="$REV_BIN/mtproto-gateway"
+    BEFORE_LABEL="$REV_LABEL"
 fi
 
 # --- measuring ----------------------------------------------------------------
-
-CLK_TCK="$(getconf CLK_TCK)"
-
-# CPU ticks (user + system) of a process so far.
-cpu_ticks() {
-    local stat rest
-    local -a f
-    stat="$(<"/proc/$1/stat")"
-    rest="${stat##*) }" # fields from 3 (state) on; utime and stime are 14 and 15
-    read -r -a f <<<"$rest"
-    echo $((f[11] + f[12]))
-}
-
-# CPU ticks that processes of the whole machine used so far (user, nice,
-# system; not idle, iowait, or interrupts, which include loopback traffic's).
-machine_busy_ticks() {
-    local -a f
-    read -r -a f </proc/stat # cpu user nice system idle iowait irq softirq steal ...
-    echo $((f[1] + f[2] + f[3]))
-}
-
-free_port() {
-    local port
-    for _ in $(seq 100); do
-        port=$((20000 + RANDOM % 10000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    die "no free port"
-}
-
-# Starts a gateway binary in its embedded default; sets GATEWAY_PID, PORT, DATA.
-start_gateway() {
-    local bin="$1" name="$2"
-    PORT="$(free_port)"
-    DATA="$WORK/data-$name"
-    mkdir -p "$DATA"
-    MTPROTO_GATEWAY_LIMITS__HANDSHAKES_PER_IP_PER_MINUTE=10000000 \
-        "$bin" --listen "127.0.0.1:$PORT" --data-dir "$DATA" --log-level warn \
-        >"$WORK/gateway-$name.log" 2>&1 &
-    GATEWAY_PID=$!
-    for _ in $(seq 300); do
-        if [[ -s "$DATA/server-rsa-public.pem" ]] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-            return
-        fi
-        kill -0 "$GATEWAY_PID" 2>/dev/null || { cat "$WORK/gateway-$name.log" >&2; die "$name gateway exited"; }
-        sleep 0.1
-    done
-    die "$name gateway did not listen on 127.0.0.1:$PORT within 30 s"
-}
-
-stop_gateway() {
-    kill "$GATEWAY_PID"
-    wait "$GATEWAY_PID" 2>/dev/null || true
-    GATEWAY_PID=""
-}
 
 loadgen() {
     "$LOADGEN" --target "127.0.0.1:$PORT" --public-key "$DATA/server-rsa-public.pem" \
@@ -192,13 +102,11 @@ measure() {
     RESULT[$side,$n,p99]+=" ${BASH_REMATCH[3]}"
     RESULT[$side,$n,p999]+=" ${BASH_REMATCH[4]}"
     RESULT[$side,$n,lgcpu]+=" ${BASH_REMATCH[5]}"
-    RESULT[$side,$n,gwcpu]+=" $(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v p="$pairs" \
-        'BEGIN { printf "%.1f", t / hz * 1e6 / p }')"
+    RESULT[$side,$n,gwcpu]+=" $(us_per $((after - before)) "$pairs")"
     # CPU used by everything else on the machine meanwhile, in % of all cores:
     # interference from other work makes the figures of this round worse.
-    RESULT[$side,$n,other]+=" $(awk -v busy="$((busy1 - busy0))" -v gw="$((after - before))" \
-        -v lg="${BASH_REMATCH[5]}" -v p="$pairs" -v hz="$CLK_TCK" -v ns="$((t1 - t0))" -v cores="$(nproc)" \
-        'BEGIN { o = (busy - gw) / hz - lg * p / 1e6; if (o < 0) o = 0; printf "%.0f", o / (ns / 1e9 * cores) * 100 }')"
+    RESULT[$side,$n,other]+=" $(other_load $((busy1 - busy0)) $((after - before)) \
+        "$(awk -v u="${BASH_REMATCH[5]}" -v p="$pairs" 'BEGIN { print u * p / 1e6 }')" $((t1 - t0)))"
     echo "   $side N=$n: gateway CPU ${RESULT[$side,$n,gwcpu]##* } us/pair, other processes ${RESULT[$side,$n,other]##* }% of the machine" >&2
 }
 
@@ -206,14 +114,14 @@ measure_side() {
     local side="$1" bin
     if [[ "$side" == before ]]; then bin="$BEFORE_BIN"; else bin="$AFTER_BIN"; fi
     echo "== $side: $bin" >&2
-    start_gateway "$bin" "$side"
+    start_gateway "$bin" "gateway-$side"
     if ((WARMUP > 0)); then
         loadgen --duration-secs "$WARMUP" >/dev/null
     fi
     for n in "${NS[@]}"; do
         measure "$side" "$n"
     done
-    stop_gateway
+    stop_pid "$GATEWAY_PID"
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -228,12 +136,6 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # --- the table ----------------------------------------------------------------
-
-# The median of space-separated numbers (the mean of the middle two for an even count).
-median() {
-    tr ' ' '\n' <<<"$1" | grep . | sort -g |
-        awk '{ v[NR] = $1 } END { m = int((NR + 1) / 2); print (NR % 2) ? v[m] : (v[m] + v[m + 1]) / 2 }'
-}
 
 echo
 echo "$CONNECTIONS connections, ${DURATION} s per measurement, median of $ROUNDS round(s), loopback, $(nproc) cores shared by gateway and loadgen"

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use zeroize::Zeroize;
+
 use crate::crypto::sha1;
 
 /// A 2048-bit MTProto auth key with its 64-bit id.
@@ -41,6 +43,14 @@ impl AuthKey {
 
     pub fn bytes(&self) -> &[u8; 256] {
         &self.bytes
+    }
+}
+
+impl Drop for AuthKey {
+    /// A dropped key (a closed connection's, an evicted cache entry's) leaves
+    /// no copy of itself in freed memory.
+    fn drop(&mut self) {
+        self.bytes.zeroize();
     }
 }
 

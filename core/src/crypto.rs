@@ -1,10 +1,15 @@
 //! MTProto symmetric crypto: AES-256-IGE in place, the MTProto 2.0 key
 //! derivation, `msg_key`, and the handshake's temporary AES key.
 
-use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyInit};
-use aes::Aes256;
+use aes::cipher::consts::U16;
+use aes::cipher::{
+    generic_array::GenericArray, BlockBackend, BlockClosure, BlockDecrypt, BlockEncrypt,
+    BlockSizeUser, KeyInit,
+};
+use aes::{Aes256Dec, Aes256Enc};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 /// Which side produced a message; selects the `x` offset into the auth key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,37 +32,112 @@ impl Direction {
 /// AES-256-IGE encryption in place. `data.len()` must be a multiple of 16
 /// (callers check before calling; a remainder is left untouched).
 pub fn ige_encrypt(data: &mut [u8], key: &[u8; 32], iv: &[u8; 32]) {
-    let cipher = Aes256::new(GenericArray::from_slice(key));
-    let mut prev_cipher: [u8; 16] = iv[..16].try_into().unwrap_or([0; 16]);
-    let mut prev_plain: [u8; 16] = iv[16..].try_into().unwrap_or([0; 16]);
-    for chunk in data.chunks_exact_mut(16) {
-        let plain: [u8; 16] = chunk.try_into().unwrap_or([0; 16]);
-        let block = GenericArray::from_mut_slice(chunk);
-        xor_in_place(block, &prev_cipher);
-        cipher.encrypt_block(block);
-        xor_in_place(block, &prev_plain);
-        prev_cipher.copy_from_slice(block);
-        prev_plain = plain;
-    }
+    Aes256Enc::new(GenericArray::from_slice(key)).encrypt_with_backend(IgeEncrypt { data, iv });
 }
 
 /// AES-256-IGE decryption in place; the counterpart of [`ige_encrypt`].
 pub fn ige_decrypt(data: &mut [u8], key: &[u8; 32], iv: &[u8; 32]) {
-    let cipher = Aes256::new(GenericArray::from_slice(key));
-    let mut prev_cipher: [u8; 16] = iv[..16].try_into().unwrap_or([0; 16]);
-    let mut prev_plain: [u8; 16] = iv[16..].try_into().unwrap_or([0; 16]);
-    for chunk in data.chunks_exact_mut(16) {
-        let encrypted: [u8; 16] = chunk.try_into().unwrap_or([0; 16]);
-        let block = GenericArray::from_mut_slice(chunk);
-        xor_in_place(block, &prev_plain);
-        cipher.decrypt_block(block);
-        xor_in_place(block, &prev_cipher);
-        prev_plain.copy_from_slice(block);
-        prev_cipher = encrypted;
+    Aes256Dec::new(GenericArray::from_slice(key)).decrypt_with_backend(IgeDecrypt {
+        data,
+        iv,
+        hash: None,
+    });
+}
+
+/// [`ige_decrypt`] and then [`msg_key_large`] of the plaintext, in one pass:
+/// each 64 bytes are hashed as soon as they are decrypted, while they are in
+/// the L1 cache and while the chained AES rounds (which wait on each other)
+/// leave the CPU's other units free for SHA-256.
+pub fn ige_decrypt_msg_key_large(
+    data: &mut [u8],
+    key: &[u8; 32],
+    iv: &[u8; 32],
+    auth_key: &[u8; 256],
+    dir: Direction,
+) -> [u8; 32] {
+    let x = dir.x();
+    let mut hash = Sha256::new_with_prefix(&auth_key[88 + x..120 + x]);
+    Aes256Dec::new(GenericArray::from_slice(key)).decrypt_with_backend(IgeDecrypt {
+        data,
+        iv,
+        hash: Some(&mut hash),
+    });
+    hash.finalize().into()
+}
+
+/// Bytes decrypted between two hash updates.
+const HASH_STRIDE: usize = 64;
+
+/// The IGE loops run as closures inside the AES backend (which is compiled
+/// for AES-NI when the CPU has it), so the round keys stay in registers
+/// across blocks instead of being reloaded for each one.
+struct IgeEncrypt<'a> {
+    data: &'a mut [u8],
+    iv: &'a [u8; 32],
+}
+
+impl BlockSizeUser for IgeEncrypt<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockClosure for IgeEncrypt<'_> {
+    fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
+        let (mut prev_cipher, mut prev_plain) = split_iv(self.iv);
+        for chunk in self.data.chunks_exact_mut(16) {
+            let block = Block::from_mut_slice(chunk);
+            let plain = *block;
+            xor_block(block, &prev_cipher);
+            backend.proc_block(block.into());
+            xor_block(block, &prev_plain);
+            prev_cipher = *block;
+            prev_plain = plain;
+        }
     }
 }
 
-fn xor_in_place(block: &mut [u8], other: &[u8; 16]) {
+struct IgeDecrypt<'a> {
+    data: &'a mut [u8],
+    iv: &'a [u8; 32],
+    hash: Option<&'a mut Sha256>,
+}
+
+impl BlockSizeUser for IgeDecrypt<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockClosure for IgeDecrypt<'_> {
+    fn call<B: BlockBackend<BlockSize = U16>>(mut self, backend: &mut B) {
+        let (mut prev_plain, mut prev_cipher) = {
+            let (c, p) = split_iv(self.iv);
+            (p, c)
+        };
+        let whole = self.data.len() / 16 * 16;
+        for stride in self.data[..whole].chunks_mut(HASH_STRIDE) {
+            for chunk in stride.chunks_exact_mut(16) {
+                let block = Block::from_mut_slice(chunk);
+                let encrypted = *block;
+                xor_block(block, &prev_plain);
+                backend.proc_block(block.into());
+                xor_block(block, &prev_cipher);
+                prev_plain = *block;
+                prev_cipher = encrypted;
+            }
+            if let Some(hash) = self.hash.as_deref_mut() {
+                hash.update(&*stride);
+            }
+        }
+    }
+}
+
+type Block = GenericArray<u8, U16>;
+
+/// IGE's IV: the first half stands for the previous ciphertext block, the
+/// second for the previous plaintext block.
+fn split_iv(iv: &[u8; 32]) -> (Block, Block) {
+    (*Block::from_slice(&iv[..16]), *Block::from_slice(&iv[16..]))
+}
+
+fn xor_block(block: &mut Block, other: &Block) {
     for (b, o) in block.iter_mut().zip(other) {
         *b ^= o;
     }
@@ -131,29 +211,36 @@ pub fn message_key_iv_v1(
 }
 
 /// The handshake's temporary AES key and IV, derived from `new_nonce` and
-/// `server_nonce`, that protect `server_DH_inner_data` and `client_DH_inner_data`.
-pub fn handshake_key_iv(new_nonce: &[u8; 32], server_nonce: &[u8; 16]) -> ([u8; 32], [u8; 32]) {
-    let ns: [u8; 20] = Sha1::new()
-        .chain_update(new_nonce)
-        .chain_update(server_nonce)
-        .finalize()
-        .into();
-    let sn: [u8; 20] = Sha1::new()
-        .chain_update(server_nonce)
-        .chain_update(new_nonce)
-        .finalize()
-        .into();
-    let nn: [u8; 20] = Sha1::new()
-        .chain_update(new_nonce)
-        .chain_update(new_nonce)
-        .finalize()
-        .into();
-    let mut key = [0u8; 32];
-    key[..20].copy_from_slice(&ns);
+/// `server_nonce`, that protect `server_DH_inner_data` and `client_DH_inner_data`;
+/// wiped when dropped.
+pub fn handshake_key_iv(
+    new_nonce: &[u8; 32],
+    server_nonce: &[u8; 16],
+) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let ns = Zeroizing::new(<[u8; 20]>::from(
+        Sha1::new()
+            .chain_update(new_nonce)
+            .chain_update(server_nonce)
+            .finalize(),
+    ));
+    let sn = Zeroizing::new(<[u8; 20]>::from(
+        Sha1::new()
+            .chain_update(server_nonce)
+            .chain_update(new_nonce)
+            .finalize(),
+    ));
+    let nn = Zeroizing::new(<[u8; 20]>::from(
+        Sha1::new()
+            .chain_update(new_nonce)
+            .chain_update(new_nonce)
+            .finalize(),
+    ));
+    let mut key = Zeroizing::new([0u8; 32]);
+    key[..20].copy_from_slice(&ns[..]);
     key[20..].copy_from_slice(&sn[..12]);
-    let mut iv = [0u8; 32];
+    let mut iv = Zeroizing::new([0u8; 32]);
     iv[..8].copy_from_slice(&sn[12..]);
-    iv[8..28].copy_from_slice(&nn);
+    iv[8..28].copy_from_slice(&nn[..]);
     iv[28..].copy_from_slice(&new_nonce[..4]);
     (key, iv)
 }
@@ -243,6 +330,24 @@ mod tests {
             )),
             "0eb33b67aa7ab277c938d3873af7dc3d3ad4a39045f6c36556ca4359f17affae"
         );
+    }
+
+    #[test]
+    fn fused_decrypt_and_hash_match_the_separate_steps() {
+        let auth_key = telethon_auth_key();
+        let (key, iv) = ([3u8; 32], [4u8; 32]);
+        for blocks in [2, 3, 4, 5, 8, 9, 1024] {
+            let original: Vec<u8> = (0..blocks * 16).map(|i| (i * 7) as u8).collect();
+            for dir in [Direction::ClientToServer, Direction::ServerToClient] {
+                let mut separate = original.clone();
+                ige_decrypt(&mut separate, &key, &iv);
+                let expected = msg_key_large(&auth_key, &separate, dir);
+                let mut fused = original.clone();
+                let got = ige_decrypt_msg_key_large(&mut fused, &key, &iv, &auth_key, dir);
+                assert_eq!(fused, separate, "{blocks} blocks");
+                assert_eq!(got, expected, "{blocks} blocks");
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use openssl::bn::{BigNum, BigNumContext};
 use openssl::error::ErrorStack;
 use rand::RngCore;
 use rsa::BigUint;
+use zeroize::Zeroizing;
 
 /// Telegram's 2048-bit safe prime, which every client knows and accepts
 /// without a full primality check.
@@ -20,6 +21,23 @@ e418fc15e83ebea0f87fa9ff5eed70050ded2849f47bf959d956850ce929851f\
 
 /// g = 3 generates the subgroup of order (p-1)/2 because p mod 3 == 2.
 pub const G: u32 = 3;
+
+/// The secret length the spec asks for: as long as the prime.
+pub const SPEC_SECRET_BITS: u32 = 2048;
+
+/// The shortest secret accepted: NIST SP 800-56A rev. 3 (§5.6.1.1.1) and
+/// RFC 7919 (§5.2) ask for at least twice the group's security strength,
+/// which is 112 bits for a 2048-bit safe-prime group.
+pub const MIN_SECRET_BITS: u32 = 224;
+
+/// A DH secret exponent (big-endian), wiped from memory when dropped.
+pub struct DhSecret(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for DhSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DhSecret({} bits)", self.0.len() * 8)
+    }
+}
 
 #[derive(Debug)]
 pub struct DhParams {
@@ -54,12 +72,21 @@ impl DhParams {
             && x <= &(&self.prime - &self.margin)
     }
 
-    /// Draws a 2048-bit secret `a` whose `g^a mod p` is in the safe range.
-    pub fn new_secret(&self, rng: &mut impl RngCore) -> Result<(BigUint, BigUint), ErrorStack> {
+    /// Draws a secret `a` of `bits` bits (at most 2048; see [`MIN_SECRET_BITS`])
+    /// whose `g^a mod p` is in the safe range. A shorter secret makes `g^a`
+    /// and the shared key's exponentiation cheaper in proportion.
+    pub fn new_secret(
+        &self,
+        bits: u32,
+        rng: &mut impl RngCore,
+    ) -> Result<(DhSecret, BigUint), ErrorStack> {
+        let bits = bits.clamp(1, SPEC_SECRET_BITS);
+        let len = bits.div_ceil(8) as usize;
         loop {
-            let mut bytes = [0u8; 256];
+            let mut bytes = Zeroizing::new(vec![0u8; len]);
             rng.fill_bytes(&mut bytes);
-            let a = BigUint::from_bytes_be(&bytes);
+            bytes[0] &= 0xff >> (len as u32 * 8 - bits);
+            let a = DhSecret(bytes);
             let g_a = self.pow_secret(&self.g, &a)?;
             if self.in_safe_range(&g_a) {
                 return Ok((a, g_a));
@@ -67,19 +94,45 @@ impl DhParams {
         }
     }
 
-    /// `base^secret mod p` with OpenSSL's constant-time Montgomery
-    /// exponentiation: the secret exponent does not leak through timing, and
-    /// it is about 3× faster than num-bigint's `modpow`. Two of these are most
-    /// of a handshake's server time (`scripts/bench.sh`).
-    pub fn pow_secret(&self, base: &BigUint, secret: &BigUint) -> Result<BigUint, ErrorStack> {
+    /// `base^secret mod p` (a public value such as `g^a`).
+    pub fn pow_secret(&self, base: &BigUint, secret: &DhSecret) -> Result<BigUint, ErrorStack> {
+        let mut power = self.exp(base, secret)?;
+        let result = BigUint::from_bytes_be(&power.to_vec());
+        power.clear();
+        Ok(result)
+    }
+
+    /// The auth key `g_b^a mod p` as the 256 bytes MTProto uses (leading
+    /// zeros kept), wiped when dropped.
+    pub fn shared_key(
+        &self,
+        g_b: &BigUint,
+        secret: &DhSecret,
+    ) -> Result<Zeroizing<[u8; 256]>, ErrorStack> {
+        let mut power = self.exp(g_b, secret)?;
+        let bytes = Zeroizing::new(power.to_vec());
+        power.clear();
+        let mut key = Zeroizing::new([0u8; 256]);
+        let len = bytes.len().min(256);
+        key[256 - len..].copy_from_slice(&bytes[bytes.len() - len..]);
+        Ok(key)
+    }
+
+    /// OpenSSL's constant-time Montgomery exponentiation: the secret
+    /// exponent does not leak through timing, and it is about 3× faster than
+    /// num-bigint's `modpow`. Two of these are most of a handshake's server
+    /// time (`scripts/perf.sh`). OpenSSL's copy of the secret is cleared
+    /// before it is freed (its context clears its temporaries itself).
+    fn exp(&self, base: &BigUint, secret: &DhSecret) -> Result<BigNum, ErrorStack> {
         let mut ctx = BigNumContext::new()?;
         let base = BigNum::from_slice(&base.to_bytes_be())?;
-        let mut exponent = BigNum::from_slice(&secret.to_bytes_be())?;
-        exponent.set_const_time();
         let prime = BigNum::from_slice(&self.prime_bytes)?;
+        let mut exponent = BigNum::from_slice(&secret.0)?;
+        exponent.set_const_time();
         let mut power = BigNum::new()?;
-        power.mod_exp(&base, &exponent, &prime, &mut ctx)?;
-        Ok(BigUint::from_bytes_be(&power.to_vec()))
+        let done = power.mod_exp(&base, &exponent, &prime, &mut ctx);
+        exponent.clear();
+        done.map(|()| power)
     }
 }
 
@@ -111,12 +164,37 @@ mod tests {
         assert!(!p.in_safe_range(&(&p.prime - &one)));
         assert!(!p.in_safe_range(&BigUint::from(2u32)));
         assert!(!p.in_safe_range(&(&p.prime - (&one << 1000))));
-        let (a, g_a) = p.new_secret(&mut rand::thread_rng()).unwrap();
+        let (a, g_a) = p
+            .new_secret(SPEC_SECRET_BITS, &mut rand::thread_rng())
+            .unwrap();
         assert_eq!(
             g_a,
-            p.g.modpow(&a, &p.prime),
+            p.g.modpow(&BigUint::from_bytes_be(&a.0), &p.prime),
             "OpenSSL and num-bigint agree"
         );
         assert!(p.in_safe_range(&g_a));
+    }
+
+    #[test]
+    fn secrets_have_the_asked_length_and_agree_on_the_key() {
+        let p = params();
+        let mut rng = rand::thread_rng();
+        for bits in [MIN_SECRET_BITS, 256, 1001, SPEC_SECRET_BITS] {
+            let (a, g_a) = p.new_secret(bits, &mut rng).unwrap();
+            let a_bits = BigUint::from_bytes_be(&a.0).bits();
+            assert!(
+                a_bits <= bits as usize && a_bits > bits as usize - 32,
+                "{bits}: {a_bits}"
+            );
+            assert_eq!(
+                format!("{a:?}"),
+                format!("DhSecret({} bits)", bits.div_ceil(8) * 8)
+            );
+            let (b, g_b) = p.new_secret(SPEC_SECRET_BITS, &mut rng).unwrap();
+            let key = p.shared_key(&g_b, &a).unwrap();
+            assert_eq!(key, p.shared_key(&g_a, &b).unwrap());
+            let expected = g_b.modpow(&BigUint::from_bytes_be(&a.0), &p.prime);
+            assert_eq!(BigUint::from_bytes_be(&key[..]), expected);
+        }
     }
 }

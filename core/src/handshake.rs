@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rand::{CryptoRng, RngCore};
 use rsa::BigUint;
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use super::crypto::{handshake_key_iv, ige_decrypt, ige_encrypt, sha1};
 use super::dh;
@@ -36,6 +37,8 @@ pub struct HandshakeSettings {
     /// asked for (the client learns of the earlier end from −404, and makes
     /// a new one, as after any expiry).
     pub max_temp_key_expires_secs: i32,
+    /// Length of the server's DH secret `a` ([`dh::SPEC_SECRET_BITS`] by default).
+    pub dh_secret_bits: u32,
 }
 
 impl HandshakeSettings {
@@ -134,13 +137,13 @@ pub enum StoreOutcome {
 struct Exchange {
     nonce: [u8; 16],
     server_nonce: [u8; 16],
-    new_nonce: [u8; 32],
-    a: BigUint,
+    new_nonce: Zeroizing<[u8; 32]>,
+    a: dh::DhSecret,
     key_type: AuthKeyType,
     expires_in: i32,
     dc: Option<i32>,
-    tmp_key: [u8; 32],
-    tmp_iv: [u8; 32],
+    tmp_key: Zeroizing<[u8; 32]>,
+    tmp_iv: Zeroizing<[u8; 32]>,
     /// aux hash of the key from the previous attempt, after a `dh_gen_retry`.
     retry_aux_hash: Option<[u8; 8]>,
 }
@@ -292,7 +295,7 @@ impl Handshake {
         let m = key.decrypt_raw(encrypted);
         self.rsa_decrypt_time = Some(started.elapsed());
         let m = m?;
-        let (inner_bytes, _padding): (Vec<u8>, Padding) =
+        let (inner_bytes, _padding): (Zeroizing<Vec<u8>>, Padding) =
             unpad(&m, self.settings.accept_legacy_rsa_padding, |b| {
                 parse_inner(b).ok().map(|(_, len)| len)
             })?;
@@ -318,7 +321,7 @@ impl Handshake {
 
         let params = dh::params();
         let (a, g_a) = params
-            .new_secret(rng)
+            .new_secret(self.settings.dh_secret_bits, rng)
             .map_err(|e| HandshakeError::Crypto(e.to_string()))?;
         let mut dh_inner = Vec::with_capacity(600);
         dh_inner.put_u32(id::SERVER_DH_INNER_DATA);
@@ -347,7 +350,7 @@ impl Handshake {
         self.state = State::DhSent(Box::new(Exchange {
             nonce,
             server_nonce,
-            new_nonce: inner.new_nonce,
+            new_nonce: Zeroizing::new(inner.new_nonce),
             a,
             key_type,
             expires_in,
@@ -405,9 +408,9 @@ impl Handshake {
             return Err(HandshakeError::GbOutOfRange);
         }
         let shared = params
-            .pow_secret(&g_b, &ex.a)
+            .shared_key(&g_b, &ex.a)
             .map_err(|e| HandshakeError::Crypto(e.to_string()))?;
-        let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
+        let key = AuthKey::new(*shared);
 
         let salt = i64::from_le_bytes(std::array::from_fn(|i| {
             ex.new_nonce[i] ^ ex.server_nonce[i]
@@ -440,7 +443,7 @@ impl Handshake {
             StoreOutcome::Failed => (id::DH_GEN_FAIL, 3),
         };
         let aux = key.aux_hash();
-        let hash = sha1(&[&ex.new_nonce, &[number], &aux]);
+        let hash = sha1(&[&ex.new_nonce[..], &[number], &aux]);
         let mut out = Vec::with_capacity(52);
         out.put_u32(constructor);
         out.put_raw(&ex.nonce);

@@ -7,7 +7,9 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 
-use super::crypto::{ige_decrypt, ige_encrypt, message_key_iv, msg_key_large, Direction};
+use super::crypto::{
+    ige_decrypt, ige_decrypt_msg_key_large, ige_encrypt, message_key_iv, msg_key_large, Direction,
+};
 use crate::authkey::AuthKey;
 
 /// Plaintext header: salt, session_id, msg_id, seq_no, message_data_length.
@@ -127,8 +129,13 @@ pub fn decrypt<'a>(
     let msg_key: [u8; 16] = payload[8..24].try_into().unwrap_or([0; 16]);
     let plaintext = &mut payload[24..24 + cipher_len];
     let (aes_key, aes_iv) = message_key_iv(key.bytes(), &msg_key, Direction::ClientToServer);
-    ige_decrypt(plaintext, &aes_key, &aes_iv);
-    let large = msg_key_large(key.bytes(), plaintext, Direction::ClientToServer);
+    let large = ige_decrypt_msg_key_large(
+        plaintext,
+        &aes_key,
+        &aes_iv,
+        key.bytes(),
+        Direction::ClientToServer,
+    );
     if !bool::from(large[8..24].ct_eq(&msg_key)) {
         return Err(MessageError::BadMsgKey);
     }

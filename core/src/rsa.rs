@@ -8,6 +8,7 @@ use rsa::pkcs8::DecodePrivateKey;
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, RsaPrivateKey, RsaPublicKey};
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use super::crypto::{ige_decrypt, sha1, sha256};
 use super::tl::TlWrite;
@@ -38,11 +39,18 @@ pub enum RsaDecryptError {
 /// writes and generates the key; the private operation on client data runs
 /// in OpenSSL (blinded, constant-time, several times faster than `rsa`'s, and
 /// free of the Marvin timing issue RUSTSEC-2023-0071 reports for it).
-#[derive(Debug, Clone)]
+/// Its `Debug` shows the fingerprint only, so logs never carry the key.
+#[derive(Clone)]
 pub struct ServerKey {
     private: RsaPrivateKey,
     operation: openssl::rsa::Rsa<openssl::pkey::Private>,
     fingerprint: i64,
+}
+
+impl std::fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerKey {{ fingerprint: {:#018x} }}", self.fingerprint)
+    }
 }
 
 /// Which padding scheme the client used.
@@ -154,17 +162,18 @@ pub fn unpad(
     m: &[u8; 256],
     accept_legacy: bool,
     inner_len: impl Fn(&[u8]) -> Option<usize>,
-) -> Result<(Vec<u8>, Padding), RsaDecryptError> {
+) -> Result<(Zeroizing<Vec<u8>>, Padding), RsaDecryptError> {
     // RSA_PAD: m = temp_key_xor(32) | aes_encrypted(224).
     let aes_encrypted = &m[32..];
     let hash = sha256(&[aes_encrypted]);
-    let temp_key: [u8; 32] = std::array::from_fn(|i| m[i] ^ hash[i]);
-    let mut data_with_hash = [0u8; 224];
+    // The temporary key and the decrypted block (which holds new_nonce) are wiped after use.
+    let temp_key = Zeroizing::new(std::array::from_fn::<u8, 32, _>(|i| m[i] ^ hash[i]));
+    let mut data_with_hash = Zeroizing::new([0u8; 224]);
     data_with_hash.copy_from_slice(aes_encrypted);
-    ige_decrypt(&mut data_with_hash, &temp_key, &[0u8; 32]);
-    let mut data_with_padding = data_with_hash[..192].to_vec();
+    ige_decrypt(&mut data_with_hash[..], &temp_key, &[0u8; 32]);
+    let mut data_with_padding = Zeroizing::new(data_with_hash[..192].to_vec());
     data_with_padding.reverse();
-    if sha256(&[&temp_key, &data_with_padding])[..] == data_with_hash[192..] {
+    if sha256(&[&temp_key[..], &data_with_padding[..]])[..] == data_with_hash[192..] {
         return Ok((data_with_padding, Padding::RsaPad));
     }
     // Legacy: m = 0 | SHA1(data) | data | random padding.
@@ -172,7 +181,7 @@ pub fn unpad(
         let rest = &m[21..];
         if let Some(len) = inner_len(rest).filter(|&l| l <= rest.len()) {
             if sha1(&[&rest[..len]])[..] == m[1..21] {
-                return Ok((rest.to_vec(), Padding::LegacySha1));
+                return Ok((Zeroizing::new(rest.to_vec()), Padding::LegacySha1));
             }
         }
     }
@@ -314,6 +323,16 @@ t6N/byY9Nw9p21Og3AoXSL2q/2IJ1WRUhebgAdGVMlV1fkuOQoEzR7EdpqtQD9Cs
         assert_eq!(
             key.decrypt_raw(&[1; 255]).unwrap_err(),
             RsaDecryptError::WrongLength(255)
+        );
+    }
+
+    #[test]
+    fn debug_shows_the_fingerprint_only() {
+        let key = test_key();
+        let shown = format!("{key:?}");
+        assert_eq!(
+            shown,
+            format!("ServerKey {{ fingerprint: {:#018x} }}", key.fingerprint())
         );
     }
 

@@ -116,6 +116,7 @@ pub fn handshake_settings() -> Arc<HandshakeSettings> {
                 accept_legacy_rsa_padding: true,
                 max_temp_key_expires_secs:
                     mtproto_core::handshake::DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
+                dh_secret_bits: dh::SPEC_SECRET_BITS,
             })
         })
         .clone()
@@ -140,7 +141,9 @@ pub fn pq() -> (u32, u32, u64) {
 pub fn client_g_b() -> &'static [u8] {
     static G_B: OnceLock<Vec<u8>> = OnceLock::new();
     G_B.get_or_init(|| {
-        let (_, g_b) = dh::params().new_secret(&mut rng(3)).expect("dh");
+        let (_, g_b) = dh::params()
+            .new_secret(dh::SPEC_SECRET_BITS, &mut rng(3))
+            .expect("dh");
         g_b.to_bytes_be()
     })
 }

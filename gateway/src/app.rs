@@ -142,6 +142,7 @@ impl Gateway {
             pq_pool: PqPool::generate(256, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: config.accept_legacy_rsa_padding,
             max_temp_key_expires_secs: config.handshake.max_temp_key_expires_secs as i32,
+            dh_secret_bits: config.handshake.dh_secret_bits,
         });
         let l = &config.limits;
         let metrics = Arc::new(Metrics::default());

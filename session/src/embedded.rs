@@ -84,6 +84,7 @@ struct Core {
     sessions: Mutex<HashMap<(i64, i64), SessionState>>,
     /// See [`reference::Context::max_unpacked_bytes`].
     max_unpacked_bytes: u64,
+    salts: SaltCache,
 }
 
 impl EmbeddedSession {
@@ -104,6 +105,7 @@ impl EmbeddedSession {
             gateway,
             sessions: Mutex::new(HashMap::new()),
             max_unpacked_bytes,
+            salts: SaltCache::default(),
         });
         let workers = (0..WORKERS)
             .map(|_| {
@@ -133,27 +135,42 @@ impl Core {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The salt clients should use now, creating one when none is current.
-    async fn current_salt(
+    /// The salt clients should use now, and whether the message's salt is
+    /// acceptable. Answered from the salt cache when it can be (no store read
+    /// per message); a salt the cache does not accept is checked against the
+    /// store before it is refused, so a salt another gateway handed out (from
+    /// the same store) is accepted as soon as it is stored.
+    async fn check_salt(
+        &self,
+        auth_key_id: i64,
+        salt: i64,
+        now: i64,
+    ) -> Result<(i64, bool), SessionError> {
+        if let Some((current, true)) = self.salts.check(auth_key_id, salt, now) {
+            return Ok((current, true));
+        }
+        let (current, salts) = self.read_salts(auth_key_id, now).await?;
+        let accepted = salt_accepted(&salts, salt, now);
+        self.salts.put(auth_key_id, salts, now);
+        Ok((current, accepted))
+    }
+
+    /// The key's salts from the store, with a current one created (and
+    /// stored) when none is valid now.
+    async fn read_salts(
         &self,
         auth_key_id: i64,
         now: i64,
     ) -> Result<(i64, Vec<FutureSalt>), SessionError> {
-        let salts = self.store.salts(auth_key_id).await.map_err(unavailable)?;
-        let current = salts
-            .iter()
-            .filter(|s| s.since() <= now && now < s.until())
-            .max_by_key(|s| s.until())
-            .map(|s| s.salt);
-        if let Some(salt) = current {
-            return Ok((salt, salts));
+        let mut salts = self.store.salts(auth_key_id).await.map_err(unavailable)?;
+        if let Some(current) = current_salt(&salts, now) {
+            return Ok((current.salt, salts));
         }
         let salt = FutureSalt::new(now, now + SALT_PERIOD_SECS, rand::thread_rng().gen());
         self.store
             .add_salts(auth_key_id, &[salt], now)
             .await
             .map_err(unavailable)?;
-        let mut salts = salts;
         salts.push(salt);
         Ok((salt.salt, salts))
     }
@@ -277,10 +294,7 @@ impl Core {
             return Ok(());
         };
         let now = unix_now();
-        let (salt, salts) = self.current_salt(data.auth_key_id, now).await?;
-        let salt_ok = salts.iter().any(|s| {
-            s.salt == data.salt && s.since() - 60 <= now && now <= s.until() + SALT_GRACE_SECS
-        });
+        let (salt, salt_ok) = self.check_salt(data.auth_key_id, data.salt, now).await?;
         if !salt_ok {
             let reply = reference::bad_server_salt(msg_id, seq_no, salt);
             self.deliver(&data, salt, vec![reply]).await;
@@ -343,6 +357,7 @@ impl Core {
                 .add_salts(data.auth_key_id, &outcome.new_salts, now)
                 .await
                 .map_err(unavailable)?;
+            self.salts.forget(data.auth_key_id);
         }
         for (bind_msg_id, body) in &outcome.binds {
             replies.push(self.bind(&data, *bind_msg_id, body).await);
@@ -361,6 +376,87 @@ impl Core {
         replies.extend(outcome.replies);
         self.deliver(&data, salt, replies).await;
         Ok(())
+    }
+}
+
+/// The salt valid at `now` that ends last: the one clients are told to use.
+fn current_salt(salts: &[FutureSalt], now: i64) -> Option<FutureSalt> {
+    salts
+        .iter()
+        .filter(|s| s.since() <= now && now < s.until())
+        .max_by_key(|s| s.until())
+        .copied()
+}
+
+/// Whether a message may carry `salt` at `now`: a salt of the key, from a
+/// minute before its window (clock skew) to [`SALT_GRACE_SECS`] after it.
+fn salt_accepted(salts: &[FutureSalt], salt: i64, now: i64) -> bool {
+    salts
+        .iter()
+        .any(|s| s.salt == salt && s.since() - 60 <= now && now <= s.until() + SALT_GRACE_SECS)
+}
+
+/// How long cached salts are used before the store is read again, at most.
+const SALT_CACHE_SECS: i64 = 60;
+/// Keys whose salts are cached; beyond it an arbitrary entry goes.
+const SALT_CACHE_KEYS: usize = 100_000;
+
+/// The salts of recently active keys, so that a message costs no store read.
+///
+/// The store stays the truth that gateways sharing it agree on; the cache
+/// only saves reads, with these rules:
+/// - an entry is used until its current salt ends or for
+///   [`SALT_CACHE_SECS`], whichever is first, then read again, so a salt
+///   another gateway made current is announced here within that time;
+/// - a salt the entry does not accept is looked up in the store before it is
+///   refused (salts another gateway handed out are accepted at once; a client
+///   with a wrong salt costs one read per message, as before the cache);
+/// - this session's own writes (`get_future_salts`) drop the entry, so the
+///   next message reads what was stored.
+#[derive(Debug, Default)]
+struct SaltCache {
+    entries: Mutex<HashMap<i64, CachedSalts>>,
+}
+
+#[derive(Debug)]
+struct CachedSalts {
+    salts: Vec<FutureSalt>,
+    fresh_until: i64,
+}
+
+impl SaltCache {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<i64, CachedSalts>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current salt and whether `salt` is accepted, from a fresh entry
+    /// that has a current salt; `None` when the store must be read.
+    fn check(&self, auth_key_id: i64, salt: i64, now: i64) -> Option<(i64, bool)> {
+        let entries = self.entries();
+        let entry = entries.get(&auth_key_id).filter(|e| now < e.fresh_until)?;
+        let current = current_salt(&entry.salts, now)?;
+        Some((current.salt, salt_accepted(&entry.salts, salt, now)))
+    }
+
+    /// Caches salts just read from the store (which hold one valid at `now`),
+    /// keeping only those that can be accepted while the entry is fresh.
+    fn put(&self, auth_key_id: i64, mut salts: Vec<FutureSalt>, now: i64) {
+        let Some(current) = current_salt(&salts, now) else {
+            return;
+        };
+        let fresh_until = (now + SALT_CACHE_SECS).min(current.until());
+        salts.retain(|s| s.until() + SALT_GRACE_SECS >= now && s.since() - 60 < fresh_until);
+        let mut entries = self.entries();
+        if entries.len() >= SALT_CACHE_KEYS && !entries.contains_key(&auth_key_id) {
+            if let Some(&evict) = entries.keys().next() {
+                entries.remove(&evict);
+            }
+        }
+        entries.insert(auth_key_id, CachedSalts { salts, fresh_until });
+    }
+
+    fn forget(&self, auth_key_id: i64) {
+        self.entries().remove(&auth_key_id);
     }
 }
 
@@ -416,5 +512,147 @@ impl SessionService for EmbeddedSession {
             .sessions()
             .remove(&(event.auth_key_id, event.session_id));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn salt(salt: i64, valid_since: i32, valid_until: i32) -> FutureSalt {
+        FutureSalt {
+            valid_since,
+            valid_until,
+            salt,
+        }
+    }
+
+    #[test]
+    fn cached_salts_serve_until_the_current_salt_ends_or_the_entry_ages() {
+        let cache = SaltCache::default();
+        let now = 1_800_000_000;
+        let t = now as i32;
+        cache.put(7, vec![salt(1, t - 100, t + 30)], now);
+        assert_eq!(cache.check(7, 1, now), Some((1, true)));
+        assert_eq!(cache.check(7, 2, now), Some((1, false)));
+        assert_eq!(cache.check(7, 1, now + 30), None, "the current salt ended");
+        assert_eq!(cache.check(8, 1, now), None, "another key");
+
+        cache.put(7, vec![salt(1, t - 100, t + 1700)], now);
+        assert_eq!(
+            cache.check(7, 1, now + SALT_CACHE_SECS - 1),
+            Some((1, true))
+        );
+        assert_eq!(cache.check(7, 1, now + SALT_CACHE_SECS), None, "aged");
+        cache.forget(7);
+        assert_eq!(cache.check(7, 1, now), None);
+    }
+
+    /// The cache answers as the full list does while the entry is fresh: a
+    /// future salt that starts meanwhile is current and accepted (from a
+    /// minute early), an old one within its grace is accepted, and salts
+    /// that cannot matter before the entry ages are not kept.
+    #[test]
+    fn cached_salts_answer_as_the_stored_list() {
+        let cache = SaltCache::default();
+        let now = 1_800_000_000;
+        let t = now as i32;
+        let stored = vec![
+            salt(1, t - 2000, t - 200),
+            salt(2, t - 200, t + 20),
+            salt(3, t + 10, t + 1810),
+            salt(4, t + 1810, t + 3610),
+            salt(5, t - 9000, t - 8000),
+        ];
+        cache.put(7, stored.clone(), now);
+        let kept: Vec<i64> = cache.entries()[&7].salts.iter().map(|s| s.salt).collect();
+        assert_eq!(kept, vec![1, 2, 3]);
+        for at in [now, now + 9, now + 10, now + 19] {
+            for candidate in 1..=5 {
+                let expected = (
+                    current_salt(&stored, at)
+                        .map(|s| s.salt)
+                        .unwrap_or_default(),
+                    salt_accepted(&stored, candidate, at),
+                );
+                assert_eq!(
+                    cache.check(7, candidate, at),
+                    Some(expected),
+                    "{candidate} at {at}"
+                );
+            }
+        }
+    }
+
+    /// A store that counts reads of salts.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: MemoryStore,
+        salt_reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl AuthKeyStore for Counting {
+        async fn get(&self, id: i64) -> Result<Option<AuthKeyInfo>, StoreError> {
+            self.inner.get(id).await
+        }
+        async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
+            self.inner.insert(info, salt).await
+        }
+        async fn salts(&self, id: i64) -> Result<Vec<FutureSalt>, StoreError> {
+            self.salt_reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.salts(id).await
+        }
+        async fn add_salts(&self, id: i64, s: &[FutureSalt], now: i64) -> Result<(), StoreError> {
+            self.inner.add_salts(id, s, now).await
+        }
+        async fn bind_temp_key(&self, t: &AuthKeyInfo, perm: i64) -> Result<(), StoreError> {
+            self.inner.bind_temp_key(t, perm).await
+        }
+    }
+
+    #[derive(Debug)]
+    struct Nowhere;
+
+    #[async_trait]
+    impl GatewayDelivery for Nowhere {
+        async fn send_data_to_gateway(&self, _: &str, _: i64, _: i64, _: Bytes) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_read_salts_once_and_salts_from_elsewhere_are_accepted() {
+        let store = Arc::new(Counting::default());
+        let core = Core {
+            store: store.clone(),
+            gateway: Arc::new(Nowhere),
+            sessions: Mutex::new(HashMap::new()),
+            max_unpacked_bytes: reference::DEFAULT_MAX_UNPACKED_BYTES,
+            salts: SaltCache::default(),
+        };
+        let now = unix_now();
+        let (current, accepted) = core.check_salt(9, 0, now).await.unwrap();
+        assert!(!accepted, "0 is not a salt of the key");
+        assert_eq!(store.inner.salts(9).await.unwrap()[0].salt, current);
+        for _ in 0..100 {
+            assert_eq!(
+                core.check_salt(9, current, now).await.unwrap(),
+                (current, true)
+            );
+        }
+        assert_eq!(store.salt_reads.load(Ordering::Relaxed), 1);
+
+        // Another gateway sharing the store hands out a salt valid now.
+        let elsewhere = salt(42, now as i32 - 5, now as i32 + 1000);
+        store.inner.add_salts(9, &[elsewhere], now).await.unwrap();
+        let (_, accepted) = core.check_salt(9, 42, now).await.unwrap();
+        assert!(accepted);
+        assert_eq!(store.salt_reads.load(Ordering::Relaxed), 2);
+        assert!(core.check_salt(9, 42, now).await.unwrap().1);
+        assert_eq!(store.salt_reads.load(Ordering::Relaxed), 2, "cached since");
     }
 }

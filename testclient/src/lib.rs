@@ -17,7 +17,7 @@ use mtproto_core::message::{
     decrypt_as_server_reply, encode_plain, encrypt_as_client, plaintext_message,
 };
 use mtproto_core::pq::{be_u64, factorize};
-use mtproto_core::rsa::{encrypt_rsa_pad, fingerprint, left_pad_256};
+use mtproto_core::rsa::{encrypt_rsa_pad, fingerprint};
 use mtproto_core::tl::{id, TlReader, TlWrite};
 
 #[derive(Debug, Error)]
@@ -151,6 +151,8 @@ pub struct Client {
     /// plus one. One count for all sessions of the connection keeps each
     /// session's seq_nos growing with its msg_ids, as the session checks.
     content_sent: i32,
+    /// Length of the client's DH secret `b` (the spec's 2048 unless set).
+    dh_secret_bits: u32,
 }
 
 impl Client {
@@ -162,7 +164,14 @@ impl Client {
             stream: BufReader::with_capacity(64 << 10, stream),
             last_msg_id: 0,
             content_sent: 0,
+            dh_secret_bits: dh::SPEC_SECRET_BITS,
         })
+    }
+
+    /// A shorter client DH secret for handshakes made from now on (a load
+    /// generator that wants to spend its CPU on the server's part).
+    pub fn set_dh_secret_bits(&mut self, bits: u32) {
+        self.dh_secret_bits = bits;
     }
 
     /// A fresh client msg_id (time-based, divisible by 4, increasing).
@@ -246,9 +255,11 @@ impl Client {
             return Err(protocol("g_a out of range"));
         }
         let crypto = |e: openssl::error::ErrorStack| protocol(e.to_string());
-        let (b, g_b) = params.new_secret(&mut rand::thread_rng()).map_err(crypto)?;
-        let shared = params.pow_secret(&g_a, &b).map_err(crypto)?;
-        let key = AuthKey::new(left_pad_256(&shared.to_bytes_be()));
+        let (b, g_b) = params
+            .new_secret(self.dh_secret_bits, &mut rand::thread_rng())
+            .map_err(crypto)?;
+        let shared = params.shared_key(&g_a, &b).map_err(crypto)?;
+        let key = AuthKey::new(*shared);
         let req = set_client_dh_params(&ex, &g_b);
         let answer = self.plain_call(&req).await?;
         let mut r = TlReader::new(&answer);

@@ -103,6 +103,7 @@ impl Test {
             pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
             accept_legacy_rsa_padding: true,
             max_temp_key_expires_secs: crate::handshake::DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
+            dh_secret_bits: crate::dh::SPEC_SECRET_BITS,
         });
         let start = Instant::now();
         Self {

@@ -14,6 +14,7 @@ fn settings(accept_legacy: bool) -> Arc<HandshakeSettings> {
         pq_pool: PqPool::generate(4, &mut rand::thread_rng()),
         accept_legacy_rsa_padding: accept_legacy,
         max_temp_key_expires_secs: DEFAULT_MAX_TEMP_KEY_EXPIRES_SECS,
+        dh_secret_bits: dh::SPEC_SECRET_BITS,
     })
 }
 
@@ -168,8 +169,10 @@ fn set_client_dh_msg(c: &Client, retry_id: i64, g_b: &BigUint, corrupt_hash: boo
     msg
 }
 
-fn client_secret() -> (BigUint, BigUint) {
-    dh::params().new_secret(&mut rand::thread_rng()).unwrap()
+fn client_secret() -> (dh::DhSecret, BigUint) {
+    dh::params()
+        .new_secret(dh::SPEC_SECRET_BITS, &mut rand::thread_rng())
+        .unwrap()
 }
 
 fn check_dh_gen(reply: &[u8], c: &Client, key: &AuthKey, constructor: u32, n: u8) {
@@ -202,9 +205,7 @@ fn complete(variant: Variant, legacy: bool) -> NewAuthKey {
     let Step::StoreKey(new_key) = step else {
         panic!("expected StoreKey");
     };
-    let client_key = AuthKey::new(left_pad_256(
-        &g_a.modpow(&b, &dh::params().prime).to_bytes_be(),
-    ));
+    let client_key = AuthKey::new(*dh::params().shared_key(&g_a, &b).unwrap());
     assert_eq!(new_key.info.key, client_key);
     let salt = i64::from_le_bytes(std::array::from_fn(|i| c.new_nonce[i] ^ c.server_nonce[i]));
     assert_eq!(new_key.first_salt.salt, salt);

@@ -1,0 +1,310 @@
+#!/usr/bin/env bash
+# The performance report: one table, every figure measured in this run on
+# this machine, each beside the ceiling or budget it is judged against.
+#
+#   scripts/perf.sh [--quick] [--against REV] [--duration-secs 10]
+#       [--connections 8] [--idle-connections 10000] [--skip-idle] [--skip-bench]
+#       [--bin-dir DIR]
+#
+# - Handshakes: gateway (embedded default, SQLite keys) CPU per handshake and
+#   handshakes/s, driven by mtproto-loadgen with 2048-bit client DH secrets and
+#   with 256-bit ones, and with handshake.dh_secret_bits = 256 on the gateway;
+#   the ceiling is OpenSSL doing one RSA-2048 private operation and two
+#   2048-bit modular exponentiations with 2048-bit exponents (criterion bench
+#   `crypto`, same run).
+# - Forwarding: request/response pairs (ping/pong) per second, p50/p99
+#   latency, and gateway CPU per pair with 1 and 8 in flight per connection,
+#   in the embedded default and with a separate mtproto-session over unary
+#   and stream gRPC; judged against the load generator's own CPU per pair
+#   (the mirror work: encrypt, decrypt, syscalls).
+# - Idle memory: gateway RSS per idle connection at 10,000 connections, TCP
+#   and WebSocket (e2e/gateway/measure_idle.py), against 4 KiB and 8 KiB.
+# - IGE decrypt + msg_key check MB/s at 16 KiB and 1 KiB against OpenSSL
+#   AES-256-CBC encrypt (criterion bench, same run).
+# - The release gateway's size against 40 MB.
+#
+# --quick: 4 s per measurement, 2,000 idle connections, shorter benches.
+# --bin-dir DIR: release binaries of the current tree already built there
+# (mtproto-gateway, mtproto-loadgen, mtproto-session) instead of building.
+# --against REV: the same gateway measurements for REV (built in a git
+# worktree, target directory kept in $MTPROTO_CACHE/target-<rev12>), as a
+# second column; bench rows are measured for the current tree only.
+# The last rows say how busy the rest of the machine was (other processes'
+# CPU in % of all cores): figures taken beside other work are worse.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/perf.XXXXXX")"
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
+trap bench_cleanup EXIT
+
+AGAINST=""
+DURATION=10
+CONNECTIONS=8
+IDLE_CONNECTIONS=10000
+QUICK=0
+SKIP_IDLE=0
+SKIP_BENCH=0
+BIN=""
+
+usage() { sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while (($#)); do
+    case "$1" in
+        --quick) QUICK=1; DURATION=4; IDLE_CONNECTIONS=2000; shift ;;
+        --against) AGAINST="${2:?--against needs a revision}"; shift 2 ;;
+        --duration-secs) DURATION="${2:?}"; shift 2 ;;
+        --connections) CONNECTIONS="${2:?}"; shift 2 ;;
+        --idle-connections) IDLE_CONNECTIONS="${2:?}"; shift 2 ;;
+        --skip-idle) SKIP_IDLE=1; shift ;;
+        --skip-bench) SKIP_BENCH=1; shift ;;
+        --bin-dir) BIN="${2:?--bin-dir needs a directory}"; shift 2 ;;
+        -h | --help) usage 0 ;;
+        *) echo "perf: unknown argument $1" >&2; usage 2 ;;
+    esac
+done
+for n in "$DURATION" "$CONNECTIONS" "$IDLE_CONNECTIONS"; do
+    [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
+done
+
+# --- binaries -----------------------------------------------------------------
+
+PACKAGES=(mtproto-gateway mtproto-testclient mtproto-session)
+if [[ -n "$BIN" ]]; then
+    for p in mtproto-gateway mtproto-loadgen mtproto-session; do
+        [[ -x "$BIN/$p" ]] || die "--bin-dir: no $BIN/$p"
+    done
+    CURRENT_LABEL="bin-dir"
+else
+    build_current "${PACKAGES[@]}"
+    BIN="$WORK/bin/current"
+fi
+LOADGEN="$BIN/mtproto-loadgen"
+SIDES=(current)
+declare -A BIN_DIR=([current]="$BIN")
+declare -A LABEL=([current]="$CURRENT_LABEL")
+if [[ -n "$AGAINST" ]]; then
+    build_revision "$AGAINST" mtproto-gateway mtproto-session
+    SIDES+=(before)
+    BIN_DIR[before]="$REV_BIN"
+    LABEL[before]="$REV_LABEL"
+fi
+
+# --- gateway measurements -----------------------------------------------------
+
+declare -A R # R[side,row] = value
+
+# measure SIDE KEY SESSION_PID LOADGEN_ARG...: one loadgen run against the
+# gateway in GATEWAY_PID (and the session in SESSION_PID, or "-").
+measure() {
+    local side="$1" key="$2" session="$3"
+    shift 3
+    local busy0 busy1 t0 t1 g0 g1 s0=0 s1=0 out re handshakes pings errors count lg
+    busy0="$(machine_busy_ticks)" t0="$(date +%s%N)"
+    g0="$(cpu_ticks "$GATEWAY_PID")"
+    [[ "$session" == - ]] || s0="$(cpu_ticks "$session")"
+    out="$("$LOADGEN" --target "127.0.0.1:$PORT" --public-key "$DATA/server-rsa-public.pem" \
+        --connections "$CONNECTIONS" --duration-secs "$DURATION" "$@")"
+    g1="$(cpu_ticks "$GATEWAY_PID")"
+    [[ "$session" == - ]] || s1="$(cpu_ticks "$session")"
+    busy1="$(machine_busy_ticks)" t1="$(date +%s%N)"
+    echo "   ${LABEL[$side]} $key: ${out//$'\n'/ | }" >&2
+    re='([0-9]+) handshakes \(([0-9.]+)/s\), ([0-9]+) ping round trips.* ([0-9]+) errors'
+    [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
+    handshakes="${BASH_REMATCH[1]}" pings="${BASH_REMATCH[3]}" errors="${BASH_REMATCH[4]}"
+    ((errors == 0)) || echo "   warning: $errors errors ($key)" >&2
+    if [[ "$out" =~ pairs/s ]]; then
+        count="$pings"
+        re='([0-9.]+) pairs/s, latency p50 ([0-9]+) us, p99 ([0-9]+) us.*loadgen CPU ([0-9.]+) us/pair'
+        [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
+        R[$side,$key,rate]="${BASH_REMATCH[1]}"
+        R[$side,$key,p50]="${BASH_REMATCH[2]}"
+        R[$side,$key,p99]="${BASH_REMATCH[3]}"
+        lg="${BASH_REMATCH[4]}"
+    else
+        count="$handshakes"
+        re='handshakes \(([0-9.]+)/s\).*loadgen CPU ([0-9.]+) us/handshake'
+        [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
+        R[$side,$key,rate]="${BASH_REMATCH[1]}"
+        lg="${BASH_REMATCH[2]}"
+    fi
+    ((count > 0)) || die "nothing measured ($key)"
+    R[$side,$key,gw]="$(us_per $((g1 - g0)) "$count")"
+    R[$side,$key,lg]="$lg"
+    if [[ "$session" != - ]]; then
+        R[$side,$key,session]="$(us_per $((s1 - s0)) "$count")"
+    fi
+    R[$side,$key,other]="$(other_load $((busy1 - busy0)) $((g1 - g0 + s1 - s0)) \
+        "$(awk -v u="$lg" -v n="$count" 'BEGIN { print u * n / 1e6 }')" $((t1 - t0)))"
+}
+
+measure_handshakes() {
+    local side="$1" bin="${BIN_DIR[$1]}/mtproto-gateway"
+    echo "== ${LABEL[$side]}: handshakes" >&2
+    start_gateway "$bin" "gateway-$side-hs"
+    measure "$side" hs_2048_c2048 - --pings 0 --dh-secret-bits 2048
+    measure "$side" hs_2048_c256 - --pings 0 --dh-secret-bits 256
+    stop_pid "$GATEWAY_PID"
+    if [[ "$side" == current ]]; then
+        MTPROTO_GATEWAY_HANDSHAKE__DH_SECRET_BITS=256 start_gateway "$bin" "gateway-$side-hs256"
+        measure "$side" hs_256_c256 - --pings 0 --dh-secret-bits 256
+        stop_pid "$GATEWAY_PID"
+    fi
+}
+
+measure_pairs() {
+    local side="$1" mode="$2" bin_dir="${BIN_DIR[$1]}" session=- n
+    echo "== ${LABEL[$side]}: pairs, $mode" >&2
+    if [[ "$mode" == embedded ]]; then
+        start_gateway "$bin_dir/mtproto-gateway" "gateway-$side-$mode"
+    else
+        start_session "$bin_dir/mtproto-session" "session-$side-$mode"
+        session="$SESSION_PID"
+        start_gateway "$bin_dir/mtproto-gateway" "gateway-$side-$mode" \
+            --session "grpc://127.0.0.1:$SESSION_PORT" --session-mode "$mode" \
+            --grpc-listen "127.0.0.1:$(free_port)"
+    fi
+    "$LOADGEN" --target "127.0.0.1:$PORT" --public-key "$DATA/server-rsa-public.pem" \
+        --connections "$CONNECTIONS" --duration-secs 2 --pings 1000000000 --dh-secret-bits 256 >/dev/null
+    for n in 1 8; do
+        measure "$side" "$mode,$n" "$session" --pings 1000000000 --in-flight "$n" --dh-secret-bits 256
+    done
+    stop_pid "$GATEWAY_PID"
+    [[ "$session" == - ]] || stop_pid "$session"
+}
+
+measure_idle() {
+    local side="$1" transport="$2" venv out re
+    venv="$(find "$MTPROTO_CACHE" -maxdepth 1 -name 'venv-*' -type d | head -n 1)"
+    [[ -n "$venv" ]] || die "no Python venv in $MTPROTO_CACHE (scripts/install-deps.sh makes it)"
+    echo "== ${LABEL[$side]}: idle connections, $transport" >&2
+    out="$(cd "$ROOT/e2e/gateway" && MTPROTO_GATEWAY_BIN="${BIN_DIR[$side]}/mtproto-gateway" \
+        "$venv/bin/python" measure_idle.py "$IDLE_CONNECTIONS" "$IDLE_CONNECTIONS" "$transport")"
+    echo "   ${LABEL[$side]} idle $transport: $out" >&2
+    re='kept_open=([0-9]+).*per_kept_connection_bytes=([0-9]+)'
+    [[ "$out" =~ $re ]] || die "unexpected measure_idle output: $out"
+    R[$side,idle_$transport,kept]="${BASH_REMATCH[1]}"
+    R[$side,idle_$transport,bytes]="${BASH_REMATCH[2]}"
+}
+
+for side in "${SIDES[@]}"; do
+    measure_handshakes "$side"
+    for mode in embedded unary stream; do
+        measure_pairs "$side" "$mode"
+    done
+    if ((SKIP_IDLE == 0)); then
+        measure_idle "$side" tcp
+        measure_idle "$side" ws
+    fi
+    R[$side,size]="$(stat -c %s "${BIN_DIR[$side]}/mtproto-gateway" | awk '{ printf "%.1f", $1 / 1e6 }')"
+done
+
+# --- same-run ceilings (criterion) --------------------------------------------
+
+declare -A B
+if ((SKIP_BENCH == 0)); then
+    echo "== criterion bench crypto (OpenSSL ceilings)" >&2
+    BENCH_ARGS=(--warm-up-time 1 --measurement-time 3 --noplot)
+    ((QUICK)) && BENCH_ARGS=(--warm-up-time 1 --measurement-time 1 --noplot)
+    nice -n 5 cargo bench -p mtproto-gateway --bench crypto -- "${BENCH_ARGS[@]}" >"$WORK/bench.log" 2>&1 ||
+        { tail -n 30 "$WORK/bench.log" >&2; die "cargo bench failed"; }
+    while read -r name value; do
+        B[$name]="$value"
+    done < <(python3 - "$CARGO_TARGET_DIR/criterion" <<'PY'
+import json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+def ns(group, name):
+    f = root / group / name / "new" / "estimates.json"
+    return json.loads(f.read_text())["mean"]["point_estimate"] if f.exists() else None
+for size in (1024, 16384):
+    for name in ("mtproto_ige_decrypt_verify", "openssl_aes256_cbc_encrypt"):
+        t = ns(f"aes_{size}", name)
+        if t:
+            print(f"{name}_{size} {size / t * 1e9 / 1e6:.1f}")
+for name in ("openssl_ceiling_rsa_and_two_modexps", "server_side_full_handshake",
+             "server_side_full_handshake_dh256", "openssl_rsa2048_private_decrypt"):
+    t = ns("handshake", name)
+    if t:
+        print(f"{name} {t / 1e3:.1f}")
+PY
+)
+fi
+bench() { echo "${B[$1]:--}"; }
+
+# --- the table ----------------------------------------------------------------
+
+get() { echo "${R[$1]:--}"; }
+CEILING_HS="$(bench openssl_ceiling_rsa_and_two_modexps)"
+per_core() { awk -v us="$1" 'BEGIN { if (us != "-" && us > 0) printf "%.0f", 1e6 / us; else print "-" }'; }
+
+echo
+echo "perf report: $(nproc) cores (shared: see 'other load'), loopback, ${CONNECTIONS} connections, ${DURATION} s per measurement, release builds"
+header=("figure" "${LABEL[current]}")
+[[ -n "$AGAINST" ]] && header+=("${LABEL[before]}")
+header+=("ceiling/budget" "ratio")
+row() { # LABEL CURRENT BEFORE CEILING RATIO
+    if [[ -n "$AGAINST" ]]; then
+        printf '%-58s %12s %12s %15s %7s\n' "$1" "$2" "$3" "$4" "$5"
+    else
+        printf '%-58s %12s %15s %7s\n' "$1" "$2" "$4" "$5"
+    fi
+}
+row "${header[@]:0:1}" "${header[1]}" "${LABEL[before]:-}" "ceiling/budget" "ratio"
+
+for key in hs_2048_c2048 hs_2048_c256 hs_256_c256; do
+    case "$key" in
+        hs_2048_c2048) what="server 2048-bit DH, client 2048" ;;
+        hs_2048_c256) what="server 2048-bit DH, client 256" ;;
+        hs_256_c256) what="server 256-bit DH, client 256" ;;
+    esac
+    cur="$(get "current,$key,gw")"
+    row "handshake: gateway CPU us ($what)" "$cur" "$(get "before,$key,gw")" "$CEILING_HS" "$(ratio "$cur" "$CEILING_HS")"
+    row "  handshakes/s (loadgen on the same cores)" "$(get "current,$key,rate")" "$(get "before,$key,rate")" "" ""
+    row "  handshakes/s per gateway core" "$(per_core "$cur")" "$(per_core "$(get "before,$key,gw")")" "$(per_core "$CEILING_HS")" \
+        "$(ratio "$(per_core "$cur")" "$(per_core "$CEILING_HS")")"
+    row "  loadgen CPU us/handshake" "$(get "current,$key,lg")" "$(get "before,$key,lg")" "" ""
+done
+row "handshakes/s per core: 256-bit / 2048-bit DH" \
+    "$(ratio "$(per_core "$(get current,hs_256_c256,gw)")" "$(per_core "$(get current,hs_2048_c256,gw)")")" "" "2.5 (goal)" ""
+for mode in embedded unary stream; do
+    for n in 1 8; do
+        k="$mode,$n"
+        cur="$(get "current,$k,gw")" lg="$(get "current,$k,lg")"
+        row "pairs $mode, $n in flight: gateway CPU us/pair" "$cur" "$(get "before,$k,gw")" "$lg (loadgen)" "$(ratio "$cur" "$lg")"
+        if [[ "$mode" != embedded ]]; then
+            row "  session CPU us/pair" "$(get "current,$k,session")" "$(get "before,$k,session")" "" ""
+        fi
+        row "  pairs/s" "$(get "current,$k,rate")" "$(get "before,$k,rate")" "" ""
+        row "  latency p50 / p99 us" "$(get "current,$k,p50")/$(get "current,$k,p99")" \
+            "$(get "before,$k,p50")/$(get "before,$k,p99")" "" ""
+    done
+done
+if ((SKIP_IDLE == 0)); then
+    for t in tcp ws; do
+        budget=4096
+        [[ "$t" == ws ]] && budget=8192
+        cur="$(get "current,idle_$t,bytes")"
+        row "idle $t: bytes/connection (${IDLE_CONNECTIONS} opened)" "$cur" "$(get "before,idle_$t,bytes")" "$budget" "$(ratio "$cur" "$budget")"
+        row "  connections kept open" "$(get "current,idle_$t,kept")" "$(get "before,idle_$t,kept")" "" ""
+    done
+fi
+for size in 16384 1024; do
+    ours="$(bench "mtproto_ige_decrypt_verify_$size")" ref="$(bench "openssl_aes256_cbc_encrypt_$size")"
+    row "IGE decrypt+verify MB/s, $size B" "$ours" "" "$ref (OpenSSL)" "$(ratio "$ours" "$ref")"
+done
+row "criterion: server handshake us, 2048 / 256 DH" "$(bench server_side_full_handshake)/$(bench server_side_full_handshake_dh256)" "" "$CEILING_HS" \
+    "$(ratio "$(bench server_side_full_handshake)" "$CEILING_HS")"
+cur="$(get current,size)"
+row "mtproto-gateway release binary MB" "$cur" "$(get before,size)" "40" "$(ratio "$cur" 40)"
+others=""
+for side in "${SIDES[@]}"; do
+    list=""
+    for k in hs_2048_c2048 hs_2048_c256 hs_256_c256 embedded,1 embedded,8 unary,1 unary,8 stream,1 stream,8; do
+        v="$(get "$side,$k,other")"
+        [[ "$v" == - ]] || list+="$v "
+    done
+    others+="${LABEL[$side]}: ${list% } %; "
+done
+echo "other load (% of all cores, per measurement in row order): ${others%; }"
