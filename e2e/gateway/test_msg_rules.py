@@ -199,3 +199,43 @@ def test_destroy_session_ok_for_another_live_session_then_none(gateway):
     finally:
         other.close()
         raw.close()
+
+
+GZIP_PACKED = 0x3072CFA1
+
+
+def gzip_packed(body: bytes) -> bytes:
+    """gzip_packed#3072cfa1 packed_data:bytes (TL bytes: a long length prefix, padded to 4)."""
+    import gzip
+
+    packed = gzip.compress(body, compresslevel=9)
+    header = struct.pack("<I", GZIP_PACKED) + b"\xfe" + struct.pack("<I", len(packed))[:3]
+    return header + packed + b"\0" * (-len(packed) % 4)
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_gzip_bomb_is_cut_at_the_frame_budget(gateway):
+    """A container of 48 gzip_packed pings, each inflating to 4 MiB (192 MiB in all, about
+    200 KiB on the wire): the session inflates at most limits.max_frame_bytes (1 MiB) of the
+    whole message, so the gateway's peak memory barely moves, only the first ping (cut to
+    the budget) is answered, and the connection goes on working."""
+    pin_server_key(gateway.public_key.read_text())
+    raw = Raw(gateway.port, Session(create_auth_key(gateway.port)))
+    try:
+        before = vm_hwm_kib(gateway.proc.pid)
+        bomb = gzip_packed(ping(500) + b"\0" * (4 << 20))
+        inner = [(raw.next_id(), raw.session.seq_no(), bomb) for _ in range(48)]
+        raw.send(container(inner), content_related=False)
+        raw.send(ping(501))
+        answered = []
+        while 501 not in answered:
+            answered += [o.ping_id for o in raw.replies() if type(o).__name__ == "Pong"]
+        assert answered == [500, 501], answered
+        grown_mib = (vm_hwm_kib(gateway.proc.pid) - before) / 1024
+        assert grown_mib < 64, f"peak memory grew {grown_mib:.0f} MiB for a 192 MiB bomb"
+    finally:
+        raw.close()
