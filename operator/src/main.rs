@@ -128,14 +128,7 @@ async fn main() -> anyhow::Result<()> {
         .context("building a Kubernetes client")?;
     let scope = args.scope();
     info!(?scope, "scope");
-    let probe: Api<MtprotoGateway> = match scope.watch_namespaces.as_deref() {
-        Some([first, ..]) => Api::namespaced(client.clone(), first),
-        _ => Api::all(client.clone()),
-    };
-    probe
-        .list(&ListParams::default().limit(1))
-        .await
-        .context("MtprotoGateway CRD is not queryable (or this operator may not list it); install it with `kubectl apply -f crds/` or the Helm chart")?;
+    probe_gateway_api(&client, &scope).await?;
     health.ready.store(true, Ordering::SeqCst);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -175,18 +168,24 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Lists one MtprotoGateway where this operator looks: the CRD is installed and
+/// this identity may read it.
+async fn probe_gateway_api(client: &Client, scope: &Scope) -> anyhow::Result<()> {
+    let api: Api<MtprotoGateway> = match scope.watch_namespaces.as_deref() {
+        Some([first, ..]) => Api::namespaced(client.clone(), first),
+        _ => Api::all(client.clone()),
+    };
+    api.list(&ListParams::default().limit(1))
+        .await
+        .context("MtprotoGateway CRD is not queryable (or this operator may not list it); install it with `kubectl apply -f crds/` or the Helm chart")?;
+    Ok(())
+}
+
 async fn check(args: &Args) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("building a Kubernetes client")?;
-    let gateways: Api<MtprotoGateway> = match args.scope().watch_namespaces.as_deref() {
-        Some([first, ..]) => Api::namespaced(client.clone(), first),
-        _ => Api::all(client.clone()),
-    };
-    gateways
-        .list(&ListParams::default().limit(1))
-        .await
-        .context("listing MtprotoGateways (is the CRD installed?)")?;
+    probe_gateway_api(&client, &args.scope()).await?;
     let leases: Api<Lease> = Api::namespaced(client, &args.lease_namespace);
     let lease = leases
         .get(&args.lease_name)
