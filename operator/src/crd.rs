@@ -73,8 +73,7 @@ pub const ADMIN_PORT: i32 = 9090;
         .message("spec.drainDelaySeconds must not exceed spec.terminationGracePeriodSeconds (the kubelet kills the pod at the end of the grace period)")
         .field_path(".spec.drainDelaySeconds"),
     validation = Rule::new("size(self.metadata.name) <= 58")
-        .message("metadata.name must be at most 58 characters: the gateway's `<name>-grpc` Service name must fit 63")
-        .field_path(".metadata.name"),
+        .message("metadata.name must be at most 58 characters: the gateway's `<name>-grpc` Service name must fit 63"),
     validation = Rule::new("self.spec.listeners.all(l, l.port != 9090 && l.port != self.spec.session.grpcPort)")
         .message("listener ports must differ from the admin port 9090 and spec.session.grpcPort")
         .field_path(".spec.listeners"),
