@@ -205,22 +205,8 @@ contexts:
   context: {cluster: e2e, user: operator}
 current-context: operator
 EOF
-# Free ports for the two operators' HTTP servers, below the ephemeral range: a port
-# probed free there can be taken by an outgoing connection before the operator binds it.
-read -r PORT_A PORT_B < <(python3 -c 'import random,socket
-out=[]
-while len(out) < 2:
-    p=random.randrange(21000, 26000)
-    s=socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    if p not in out:
-        out.append(p)
-print(*out)')
+# Free ports for the two operators' HTTP servers (below the ephemeral range).
+read -r PORT_A PORT_B < <(python3 e2e/operator/free-ports.py 2)
 ops=""
 for id in a b; do
   port=$([[ $id == a ]] && echo "$PORT_A" || echo "$PORT_B")

@@ -44,20 +44,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { # below the ephemeral range, as the other e2e scripts pick ports
-  python3 -c 'import random,socket
-while True:
-    p=random.randrange(21000, 26000)
-    s=socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(p)
-    break'
-}
 
 if ! e2e/k8s/controlplane.sh status >/dev/null 2>&1; then
   STARTED_CP=1
@@ -95,7 +81,7 @@ printf '%-60s %10s %10s\n' "operator" "VmHWM MiB" "VmRSS MiB"
 n=0
 for bin in "$@"; do
   n=$((n + 1))
-  port=$(free_port)
+  port=$(python3 "$ROOT/e2e/operator/free-ports.py" 1)
   RUST_LOG="info,kube=warn" POD_NAMESPACE=default OPERATOR_LEASE_NAME="secret-memory-$n" \
     "$bin" --http-addr "127.0.0.1:$port" --identity "secret-memory-$n" >"$OUT/op-$n.log" 2>&1 &
   PID=$!
