@@ -231,14 +231,20 @@ pub fn decrypt_as_server_reply(key: &AuthKey, frame: &[u8]) -> Option<Vec<u8>> {
 
 /// Next server msg_id: time-based, strictly increasing after `last`, and
 /// ≡ 1 mod 4 for responses, ≡ 3 mod 4 for other server messages.
+///
+/// `last` may come from a session service (HTTP containers take an id after
+/// the queued messages'), so it can sit at the top of the range: there no
+/// larger id exists and the largest one with the right residue is returned.
 pub fn next_server_msg_id(last: i64, unix_secs: i64, subsec_nanos: u32, response: bool) -> i64 {
     let base = (unix_secs << 32) | (i64::from(subsec_nanos) << 2);
     let want = if response { 1 } else { 3 };
-    let mut id = base.max(last + 1);
-    while id.rem_euclid(4) != want {
-        id += 1;
+    let from = base.max(last.saturating_add(1));
+    let aligned = from - from.rem_euclid(4) + want;
+    if aligned >= from {
+        aligned
+    } else {
+        aligned.checked_add(4).unwrap_or(aligned)
     }
-    id
 }
 
 /// Builds the plaintext header + body of one message.
@@ -385,6 +391,18 @@ mod tests {
         assert!(b > a && b % 4 == 3);
         let c = next_server_msg_id(b, 1_799_999_999, 0, true);
         assert!(c > b && c % 4 == 1);
+    }
+
+    #[test]
+    fn server_msg_ids_at_the_top_of_the_range_do_not_overflow() {
+        for last in [i64::MAX, i64::MAX - 1, i64::MAX - 3, i64::MAX - 4, i64::MAX - 7] {
+            for response in [true, false] {
+                let id = next_server_msg_id(last, 1_800_000_000, 5, response);
+                assert_eq!(id.rem_euclid(4), if response { 1 } else { 3 });
+                assert!(id > last || i64::MAX - id < 4, "{last} -> {id}");
+            }
+        }
+        assert_eq!(next_server_msg_id(i64::MAX - 8, 0, 0, false), i64::MAX - 4);
     }
 
     #[test]
