@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Executor, Row};
 use tracing::warn;
 
 use super::{AuthKeyStore, StoreError, SALT_KEEP_SECS};
@@ -42,9 +42,23 @@ impl SqlStore {
                 )))
             }
         };
+        let sqlite = name == "sqlite";
         let pool = AnyPoolOptions::new()
-            .max_connections(if name == "sqlite" { 1 } else { 8 })
+            .max_connections(if sqlite { 1 } else { 8 })
             .acquire_timeout(std::time::Duration::from_secs(3))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // A handshake's key write commits without fsync (the WAL is
+                        // synced at checkpoints): a power cut can lose the newest keys,
+                        // whose clients then get -404 and make new ones; the file
+                        // itself stays consistent.
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|e| unavailable(&name, e))?;
@@ -298,5 +312,27 @@ mod tests {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
         let store = SqlStore::connect(&url).await.unwrap();
         crate::store::tests::current_salt_survives_future_salts(&store).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_runs_in_wal_mode_and_keys_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let store = SqlStore::connect(&url).await.unwrap();
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let info = AuthKeyInfo::new(AuthKey::new([7; 256]), AuthKeyType::Perm, None);
+        let salt = FutureSalt::new(1_800_000_000, 1_800_001_800, 9);
+        store.insert(info.clone(), salt).await.unwrap();
+        store.pool.close().await;
+        let reopened = SqlStore::connect(&url).await.unwrap();
+        let got = reopened.get(info.id()).await.unwrap().expect("key kept");
+        assert_eq!(got.key.bytes(), info.key.bytes());
+        assert_eq!(reopened.salts(info.id()).await.unwrap(), vec![salt]);
     }
 }
