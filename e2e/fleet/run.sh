@@ -84,22 +84,8 @@ trap cleanup EXIT
 VENV="$("$ROOT/scripts/install-deps.sh" --print-venv)"
 PY="$VENV/bin/python"
 
-free_ports() { # free_ports <n>: n free TCP ports on this host, below the ephemeral range
-  # (an ephemeral port found free can be taken by an outgoing connection before we bind it)
-  python3 -c 'import random,socket,sys
-out=[]
-while len(out) < int(sys.argv[1]):
-    p=random.randrange(21000, 32000)
-    s=socket.socket()
-    try:
-        s.bind(("0.0.0.0", p))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    if p not in out and p != 20120:
-        out.append(p)
-print(*out)' "$1"
+free_ports() { # free_ports <n>: n free TCP ports on every address, below the ephemeral range
+  python3 "$ROOT/e2e/tools/free-ports.py" "$1"
 }
 
 wait_until() { # wait_until <seconds> <what> <command...>

@@ -1,7 +1,8 @@
-"""Prints COUNT distinct loopback ports that are free now, below the ephemeral range: a
-port probed free inside it can be taken by an outgoing connection before the caller binds it.
+"""Prints COUNT distinct TCP ports that are free now on every address, below the ephemeral
+range: a port probed free inside it can be taken by an outgoing connection before the caller
+binds it.
 
-    python3 e2e/operator/free-ports.py COUNT
+    python3 e2e/tools/free-ports.py COUNT
 """
 
 import random
@@ -13,7 +14,7 @@ while len(ports) < int(sys.argv[1]):
     port = random.randrange(21000, 26000)
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("0.0.0.0", port))
         except OSError:
             continue
     if port not in ports:
