@@ -395,7 +395,13 @@ mod tests {
 
     #[test]
     fn server_msg_ids_at_the_top_of_the_range_do_not_overflow() {
-        for last in [i64::MAX, i64::MAX - 1, i64::MAX - 3, i64::MAX - 4, i64::MAX - 7] {
+        for last in [
+            i64::MAX,
+            i64::MAX - 1,
+            i64::MAX - 3,
+            i64::MAX - 4,
+            i64::MAX - 7,
+        ] {
             for response in [true, false] {
                 let id = next_server_msg_id(last, 1_800_000_000, 5, response);
                 assert_eq!(id.rem_euclid(4), if response { 1 } else { 3 });
