@@ -192,7 +192,10 @@ async fn accept_loop(
                             })
                             .inc();
                         // Dropping the stream closes it before any per-connection state exists.
-                        let total = shared.admission.refused.listener_full.get();
+                        let total = shared
+                            .admission
+                            .refused
+                            .total(limiter::Refusal::ListenerFull);
                         debug!(listener = ?local, %peer, refused_total = total, "listener at limits.max_connections; closed");
                         continue;
                     }
