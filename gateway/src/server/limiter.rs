@@ -129,7 +129,8 @@ pub enum Refusal {
     ProxyHeader,
     /// A WebSocket upgrade refused (path, Origin, bad request) or not finished.
     WebsocketUpgrade,
-    /// A TLS handshake on a `wss://`/`https://` listener failed or timed out.
+    /// A TLS handshake on a `wss://`/`https://` listener failed (one that runs
+    /// out of time closes as `handshake_timeout`, like other slow starts).
     TlsHandshake,
     /// HTTP 405: not POST.
     HttpMethod,
