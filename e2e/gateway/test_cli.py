@@ -1,14 +1,15 @@
 """The command line: pinned keys (PKCS#1 and PKCS#8, rotation), the embedded
-default with no flags, and configuration errors that name the field."""
+default with no flags, configuration errors that name the field, and the log format."""
 
 import asyncio
+import json
 import socket
 import subprocess
 
 import pytest
 from telethon.tl.functions import PingRequest
 
-from conftest import Gateway, free_port, gateway_binary, start_gateway
+from conftest import Gateway, free_port, gateway_binary, start_gateway, start_remote_gateway, start_session
 from mtclient import connect, pin_server_key
 
 
@@ -83,3 +84,54 @@ def test_bad_settings_name_the_field(tmp_path, args, expected):
     )
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr
+
+
+def log_lines(process) -> list[str]:
+    """The non-empty lines of a stopped process's stdout and stderr."""
+    return [line for line in process.log_path.read_text().splitlines() if line.strip()]
+
+
+def parses_as_json_event(line: str) -> bool:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(event, dict) and bool(event.get("level")) and bool(event.get("fields", {}).get("message"))
+
+
+def test_json_logs_from_gateway_and_session(tmp_path, monkeypatch):
+    """The flag on the gateway, the environment variable on the session: after a real
+    handshake and ping through both, every line either wrote is one JSON event."""
+    monkeypatch.setenv("MTPROTO_LOG_FORMAT", "json")
+    session = start_session(tmp_path)
+    monkeypatch.delenv("MTPROTO_LOG_FORMAT")
+    gw = start_remote_gateway(tmp_path, [session.port], "unary")
+    gw.stop()
+    text_lines = log_lines(gw)
+    gw.args += ["--log-format", "json"]
+    gw.restart()
+    try:
+        pin_server_key(gw.public_key.read_text())
+        assert ping_once(gw.port) == 11
+    finally:
+        assert gw.stop() == 0
+        assert session.stop() == 0
+    json_lines = log_lines(gw)[len(text_lines):]
+    # The first run was in text mode (the default), the restart in JSON.
+    assert text_lines and not any(parses_as_json_event(line) for line in text_lines), text_lines[:3]
+    for process, lines in (("gateway", json_lines), ("session", log_lines(session))):
+        assert len(lines) > 3, f"{process}: too few log lines: {lines}"
+        bad = [line for line in lines if not parses_as_json_event(line)]
+        assert not bad, f"{process}: not JSON events with level and fields.message: {bad[:3]}"
+        events = [json.loads(line) for line in lines]
+        assert all(e.get("timestamp") and e.get("target") for e in events), events[0]
+    messages = [json.loads(line)["fields"]["message"] for line in json_lines]
+    assert "shutting down" in messages, messages
+
+
+@pytest.mark.parametrize("binary", ["mtproto-gateway", "mtproto-session"])
+def test_an_unknown_log_format_names_the_choices(binary):
+    program = gateway_binary().parent / binary
+    proc = subprocess.run([str(program), "--log-format", "xml"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--log-format" in proc.stderr and "text, json" in proc.stderr, proc.stderr

@@ -304,9 +304,9 @@ def test_bad_requests_get_clear_statuses_and_are_counted(http_gateway):
     status, headers, _ = http_exchange(port, b"OPTIONS /apiw HTTP/1.1\r\nHost: x\r\nOrigin: https://web.example\r\n\r\n")
     assert status == 200 and headers["access-control-allow-origin"] == "*"
     after = metrics(http_gateway)
-    for name, added in [("mtproto_http_refused_method", 1), ("mtproto_http_refused_path", 1),
-                        ("mtproto_http_refused_too_large", 2), ("mtproto_http_refused_bad_body", 3)]:
-        assert metric(after, name) - metric(before, name) == added, name
+    for reason, added in [("http_method", 1), ("http_path", 1), ("http_too_large", 2), ("http_bad_body", 3)]:
+        counts = [metric(m, "mtproto_refused", reason=reason) for m in (before, after)]
+        assert counts[1] - counts[0] == added, reason
     # Every request above came on its own TCP connection of the HTTP listener.
     accepted = [metric(m, "mtproto_connections_accepted", listener="http") for m in (before, after)]
     assert accepted[1] - accepted[0] == 8

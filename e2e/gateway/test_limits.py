@@ -128,7 +128,7 @@ def test_handshake_rate_answers_429_then_closes(tmp_path_factory):
         assert closed_by_server(sock) == struct.pack("<Ii", 4, -429)
         sock.close()
         assert "handshake rate exceeded" in gw.log_text()
-        assert metric(scrape(admin), "mtproto_refused_handshake_flood") == 2
+        assert metric(scrape(admin), "mtproto_refused", reason="handshake_flood") == 2
         assert metric(scrape(admin), "mtproto_handshakes", outcome="flood") == 2
     finally:
         assert gw.alive()

@@ -121,6 +121,20 @@ def test_dashboards_name_only_real_metrics(fleet_scrape):
                 assert base_name(name) in known, f"{path.name}: variable {var['name']} reads {name}"
 
 
+REFUSAL_REASONS = {"listener_full", "client_full", "handshake_flood", "proxy_header", "websocket_upgrade",
+                   "tls_handshake", "http_method", "http_path", "http_too_large", "http_bad_body"}
+
+
+def test_refusals_are_one_counter_with_every_reason_from_the_start(fleet_scrape):
+    samples = parse_scrape(fleet_scrape)
+    refused = {labels["reason"]: value for name, labels, value, _ in samples if name == "mtproto_refused_total"}
+    assert set(refused) == REFUSAL_REASONS
+    assert not any(refused.values()), refused
+    old = [name for name, *_ in samples if name.startswith(("mtproto_refused_", "mtproto_http_refused_"))
+           and name != "mtproto_refused_total"]
+    assert not old, old
+
+
 def test_alert_rules_pass_promtool_check():
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -226,7 +226,7 @@ def test_required_listener_closes_untrusted_sources(tmp_path_factory):
             assert time.monotonic() < deadline, plain_log(gw)[-3000:]
             time.sleep(0.05)
         assert plain_log(gw).count("not a trusted PROXY source") == 2
-        assert metric(scrape(admin), "mtproto_refused_proxy_header") == 2
+        assert metric(scrape(admin), "mtproto_refused", reason="proxy_header") == 2
     finally:
         assert gw.alive()
         gw.stop()

@@ -62,8 +62,10 @@ max_frame_bytes = 4096
 class RawWs:
     """A minimal masked WebSocket client over a socket."""
 
-    def __init__(self, port: int, path: str = "/apiws", origin: str | None = "https://web.example"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, path: str = "/apiws", origin: str | None = "https://web.example",
+                 sock: socket.socket | None = None):
+        """`sock`: an already connected socket (e.g. TLS-wrapped) instead of a new plain one."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
         self.stream = b""
         key = base64.b64encode(os.urandom(16)).decode()
         headers = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",

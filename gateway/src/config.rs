@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use mtproto_session::logging::LogFormat;
 use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
@@ -61,6 +62,9 @@ pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Log lines as human-readable text or as one JSON object each (for log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "MTPROTO_LOG_FORMAT")]
+    pub log_format: LogFormat,
     /// Session service instance (`grpc://host:port`). Repeatable: requests are
     /// sharded over them on teamgram's consistent-hash ring. Without one, the
     /// built-in reference session answers in process.

@@ -1,10 +1,10 @@
 use clap::Parser;
 use tokio::sync::watch;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 use mtproto_gateway::app::Gateway;
 use mtproto_gateway::config::{Cli, Config};
+use mtproto_session::logging::{self, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -15,24 +15,30 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let format = cli.log_format;
+    logging::init(&config.log_level, format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("mtproto-gateway: cannot start the runtime: {e}");
+            fatal(format, format_args!("cannot start the runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mtproto-gateway: {e:#}");
+            fatal(format, format_args!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Reports why the gateway stops: on stderr as text, or as an `ERROR` log
+/// line so a JSON log collector keeps it.
+fn fatal(format: LogFormat, message: std::fmt::Arguments<'_>) {
+    match format {
+        LogFormat::Text => eprintln!("mtproto-gateway: {message}"),
+        LogFormat::Json => tracing::error!("{message}"),
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod discovery;
 pub mod embedded;
 pub mod grpc_server;
+pub mod logging;
 pub mod metrics;
 pub mod ring;
 pub mod status;

@@ -7,7 +7,9 @@
 //! IP, so the name, not the address, is what a certificate vouches for).
 //! The CA, certificate and key files are re-read when they change (checked
 //! at each new TLS connection), so rotated certificates are used without a
-//! restart while established connections carry on.
+//! restart while established connections carry on. The gateway's `wss://`
+//! and `https://` listeners reload their certificates the same way
+//! ([`Reloading`]).
 
 use std::future::Future;
 use std::io;
@@ -38,7 +40,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::Uri;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The SAN (DNS name) gateways' certificates carry unless configured.
 pub const DEFAULT_GATEWAY_NAME: &str = "mtproto-gateway";
@@ -89,17 +91,6 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The loaded configurations and the file stamps they were built from.
-#[derive(Debug)]
-struct Loaded {
-    stamp: Vec<Option<FileStamp>>,
-    server: Arc<ServerConfig>,
-    client: Arc<ClientConfig>,
-    /// Stamps of files that failed to load: not retried (nor warned about
-    /// again) until they change once more.
-    rejected: Option<Vec<Option<FileStamp>>>,
-}
-
 /// What changes when a file is rewritten or a Secret's symlink is swapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FileStamp {
@@ -118,12 +109,102 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+type Build<T, E> = Box<dyn Fn() -> Result<T, E> + Send + Sync>;
+
+/// A value built from files (TLS material), rebuilt when one of them
+/// changes. The check is a `stat` of each file when the value is asked for,
+/// which callers do once per new TLS connection, so renewed certificates are
+/// used without a restart or a timer while established connections carry on.
+pub struct Reloading<T, E> {
+    /// Names the files in the log lines.
+    what: String,
+    paths: Vec<PathBuf>,
+    build: Build<T, E>,
+    loaded: Mutex<Loaded<T>>,
+}
+
+/// The current value and the file stamps it was built from.
+#[derive(Debug)]
+struct Loaded<T> {
+    stamp: Vec<Option<FileStamp>>,
+    value: T,
+    /// Stamps of files that failed to load: not retried (nor logged again)
+    /// until they change once more.
+    rejected: Option<Vec<Option<FileStamp>>>,
+}
+
+impl<T: std::fmt::Debug, E> std::fmt::Debug for Reloading<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("what", &self.what)
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Clone, E: std::fmt::Display> Reloading<T, E> {
+    /// Builds the value once; the error is `build`'s, for the caller to report.
+    pub fn load(
+        what: impl Into<String>,
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, E> + Send + Sync + 'static,
+    ) -> Result<Self, E> {
+        let stamp = stamps(&paths);
+        let value = build()?;
+        Ok(Self {
+            what: what.into(),
+            paths,
+            build: Box::new(build),
+            loaded: Mutex::new(Loaded {
+                stamp,
+                value,
+                rejected: None,
+            }),
+        })
+    }
+
+    /// The current value, rebuilt first if a file changed. A rewrite caught
+    /// half-way (or a bad new file) is logged as an error and keeps the
+    /// previous value until the files change again.
+    pub fn current(&self) -> T {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = stamps(&self.paths);
+        if stamp != loaded.stamp && loaded.rejected.as_ref() != Some(&stamp) {
+            match (self.build)() {
+                Ok(value) => {
+                    info!("{} changed: reloaded", self.what);
+                    *loaded = Loaded {
+                        stamp,
+                        value,
+                        rejected: None,
+                    };
+                }
+                Err(e) => {
+                    error!(
+                        "{} changed but cannot be loaded, keeping the previous ones: {e}",
+                        self.what
+                    );
+                    loaded.rejected = Some(stamp);
+                }
+            }
+        }
+        loaded.value.clone()
+    }
+}
+
+fn stamps(paths: &[PathBuf]) -> Vec<Option<FileStamp>> {
+    paths.iter().map(|p| stamp(p)).collect()
+}
+
+/// The server and client configurations of one side.
+type Configs = (Arc<ServerConfig>, Arc<ClientConfig>);
+
 /// One side's TLS material, reloaded when its files change.
 #[derive(Debug)]
 pub struct TlsFiles {
     settings: TlsSettings,
     peer: ServerName<'static>,
-    loaded: Mutex<Loaded>,
+    configs: Reloading<Configs, TlsError>,
 }
 
 impl TlsFiles {
@@ -133,59 +214,26 @@ impl TlsFiles {
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
             .ok_or_else(|| TlsError::PeerName(settings.peer_name.clone()))?;
-        let stamp = Self::stamps(&settings);
-        let (server, client) = build(&settings, &peer)?;
+        let paths = vec![
+            settings.ca_file.clone(),
+            settings.cert_file.clone(),
+            settings.key_file.clone(),
+        ];
+        let (s, p) = (settings.clone(), peer.clone());
+        let configs = Reloading::load("gRPC TLS files", paths, move || build(&s, &p))?;
         Ok(Arc::new(Self {
             settings,
             peer,
-            loaded: Mutex::new(Loaded {
-                stamp,
-                server,
-                client,
-                rejected: None,
-            }),
+            configs,
         }))
     }
 
-    fn stamps(s: &TlsSettings) -> Vec<Option<FileStamp>> {
-        [&s.ca_file, &s.cert_file, &s.key_file]
-            .into_iter()
-            .map(|p| stamp(p))
-            .collect()
-    }
-
-    /// The current configurations, rebuilt first if a file changed. A
-    /// rewrite caught half-way (or a bad new file) keeps the previous ones
-    /// until the files change again.
-    fn current(&self) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        let stamp = Self::stamps(&self.settings);
-        if stamp != loaded.stamp && loaded.rejected.as_ref() != Some(&stamp) {
-            match build(&self.settings, &self.peer) {
-                Ok((server, client)) => {
-                    info!(cert = %self.settings.cert_file.display(), "gRPC TLS files changed: reloaded");
-                    *loaded = Loaded {
-                        stamp,
-                        server,
-                        client,
-                        rejected: None,
-                    };
-                }
-                Err(e) => {
-                    warn!("gRPC TLS files changed but cannot be loaded, keeping the previous ones: {e}");
-                    loaded.rejected = Some(stamp);
-                }
-            }
-        }
-        (loaded.server.clone(), loaded.client.clone())
-    }
-
     fn server_config(&self) -> Arc<ServerConfig> {
-        self.current().0
+        self.configs.current().0
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
-        self.current().1
+        self.configs.current().1
     }
 }
 
@@ -220,10 +268,7 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-fn build(
-    s: &TlsSettings,
-    peer: &ServerName<'static>,
-) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), TlsError> {
+fn build(s: &TlsSettings, peer: &ServerName<'static>) -> Result<Configs, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in certificates("ca_file", &s.ca_file)? {
         roots

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, info};
 
-use super::limiter::{Refused, Slot};
+use super::limiter::{Refusal, Slot};
 use super::registry::{ConnectionId, Outgoing};
 use super::shell::{self, GatewayHost, Held, OpenGauge};
 use super::websocket::Prefixed;
@@ -76,14 +76,6 @@ const MAX_PENDING_HANDSHAKES: usize = 65_536;
 #[derive(Debug, Default)]
 pub struct HttpStats {
     pub requests: Counter,
-    /// 405: not POST (or OPTIONS).
-    pub bad_method: Counter,
-    /// 404: not an MTProto path.
-    pub bad_path: Counter,
-    /// 413: body over `limits.max_frame_bytes`.
-    pub too_large: Counter,
-    /// 400: a body that is not one valid MTProto message, or a handshake step that failed.
-    pub bad_body: Counter,
     /// 502/503: the session or key store failed, or the gateway is full or stopping.
     pub unavailable: Counter,
     /// Server messages dropped because a session's queue was full.
@@ -100,10 +92,6 @@ impl HttpStats {
     pub fn register(&self, r: &mut Registry) {
         for (name, help, counter) in [
             ("mtproto_http_requests", "HTTP transport requests", &self.requests),
-            ("mtproto_http_refused_method", "HTTP requests refused with 405 (not POST)", &self.bad_method),
-            ("mtproto_http_refused_path", "HTTP requests refused with 404 (not an MTProto path)", &self.bad_path),
-            ("mtproto_http_refused_too_large", "HTTP requests refused with 413 (body over limits.max_frame_bytes)", &self.too_large),
-            ("mtproto_http_refused_bad_body", "HTTP requests refused with 400 (incomplete body, bad MTProto message, failed handshake step)", &self.bad_body),
             ("mtproto_http_unavailable", "HTTP requests answered 502/503 (session or key store failed, gateway full or stopping)", &self.unavailable),
             ("mtproto_http_queue_dropped", "Server messages an HTTP session's queue could not hold (reported undelivered) or lost when it expired", &self.queue_dropped),
             ("mtproto_http_sessions_expired", "HTTP virtual connections closed after limits.idle_timeout_secs without a request", &self.sessions_expired),
@@ -330,7 +318,7 @@ pub async fn run(
             Ok(Ok(stream)) => serve(stream, cx).await,
             Ok(Err(e)) => {
                 shell::count_closed(&cx.shared, "tls_handshake_failed");
-                let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
+                let total = cx.shared.admission.refused.count(Refusal::TlsHandshake);
                 info!(conn = id, %peer, refused_total = total, "closed: TLS handshake failed: {e}");
             }
             Err(_) => shell::count_close(&cx.shared, id, peer, &Close::HandshakeTimeout),
@@ -438,6 +426,7 @@ fn refuse(counter: &Counter, status: StatusCode, why: &'static str) -> Response<
 
 async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>> {
     let stats = &cx.shared.http.stats;
+    let refused = &cx.shared.admission.refused;
     stats.requests.inc();
     if !cx
         .shared
@@ -461,7 +450,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
     }
     if request.method() != Method::POST {
         let mut response = refuse(
-            &stats.bad_method,
+            refused.counter(Refusal::HttpMethod),
             StatusCode::METHOD_NOT_ALLOWED,
             "POST only",
         );
@@ -471,7 +460,11 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
         return response;
     }
     if !is_api_path(request.uri().path()) {
-        return refuse(&stats.bad_path, StatusCode::NOT_FOUND, "unknown path");
+        return refuse(
+            refused.counter(Refusal::HttpPath),
+            StatusCode::NOT_FOUND,
+            "unknown path",
+        );
     }
     let max = cx.shared.limits.max_frame_bytes;
     let declared = request
@@ -481,7 +474,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return refuse(
-            &stats.too_large,
+            refused.counter(Refusal::HttpTooLarge),
             StatusCode::PAYLOAD_TOO_LARGE,
             "body too large",
         );
@@ -491,13 +484,17 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return refuse(
-                &stats.too_large,
+                refused.counter(Refusal::HttpTooLarge),
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body too large",
             )
         }
         Ok(Err(_)) | Err(_) => {
-            return refuse(&stats.bad_body, StatusCode::BAD_REQUEST, "incomplete body")
+            return refuse(
+                refused.counter(Refusal::HttpBadBody),
+                StatusCode::BAD_REQUEST,
+                "incomplete body",
+            )
         }
     };
     // MTProto bytes both ways (HTTP framing is not counted, unlike on TCP).
@@ -518,6 +515,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
 /// HTTP status: −404 as 404, −429 as 429.
 fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
     let stats = &cx.shared.http.stats;
+    let refused = &cx.shared.admission.refused;
     let (id, peer) = (cx.id, cx.peer);
     shell::count_limit_of(&cx.shared, &close);
     if let Some(code) = close.code() {
@@ -548,7 +546,7 @@ fn refusal(close: Close, cx: &ConnCx) -> Response<Full<Bytes>> {
             "try again later",
         ),
         _ => refuse(
-            &stats.bad_body,
+            refused.counter(Refusal::HttpBadBody),
             StatusCode::BAD_REQUEST,
             "bad MTProto message",
         ),

@@ -12,10 +12,13 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::metrics::ReasonLabels;
 
 /// The key one client address is counted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,66 +115,109 @@ impl Rate {
     }
 }
 
-/// Why a connection was not admitted.
+/// Why a connection or request was refused at the edge: the `reason` label
+/// of `mtproto_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// At accept: the listener is at `limits.max_connections`.
     ListenerFull,
+    /// The client address is at `limits.max_connections_per_ip`.
     ClientFull,
+    /// −429: `limits.handshakes_per_ip_per_minute`.
+    HandshakeFlood,
+    /// A missing or malformed PROXY header.
+    ProxyHeader,
+    /// A WebSocket upgrade refused (path, Origin, bad request) or not finished.
+    WebsocketUpgrade,
+    /// A TLS handshake on a `wss://`/`https://` listener failed (one that runs
+    /// out of time closes as `handshake_timeout`, like other slow starts).
+    TlsHandshake,
+    /// HTTP 405: not POST.
+    HttpMethod,
+    /// HTTP 404: not an MTProto path.
+    HttpPath,
+    /// HTTP 413: body over `limits.max_frame_bytes`.
+    HttpTooLarge,
+    /// HTTP 400: incomplete body, bad MTProto message, failed handshake step.
+    HttpBadBody,
 }
 
-/// Counters of refused work, for metrics and logs.
-#[derive(Debug, Default)]
+impl Refusal {
+    /// Every reason, in declaration order (the index of each one's counter).
+    pub const ALL: [Refusal; 10] = [
+        Refusal::ListenerFull,
+        Refusal::ClientFull,
+        Refusal::HandshakeFlood,
+        Refusal::ProxyHeader,
+        Refusal::WebsocketUpgrade,
+        Refusal::TlsHandshake,
+        Refusal::HttpMethod,
+        Refusal::HttpPath,
+        Refusal::HttpTooLarge,
+        Refusal::HttpBadBody,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::ListenerFull => "listener_full",
+            Refusal::ClientFull => "client_full",
+            Refusal::HandshakeFlood => "handshake_flood",
+            Refusal::ProxyHeader => "proxy_header",
+            Refusal::WebsocketUpgrade => "websocket_upgrade",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::HttpMethod => "http_method",
+            Refusal::HttpPath => "http_path",
+            Refusal::HttpTooLarge => "http_too_large",
+            Refusal::HttpBadBody => "http_bad_body",
+        }
+    }
+}
+
+/// `mtproto_refused_total{reason}`, for metrics and logs. Every reason's
+/// series exists from the start (at 0), so rates and alerts see them before
+/// the first refusal; counting goes straight to the series' own handle.
+#[derive(Debug)]
 pub struct Refused {
-    pub listener_full: Counter,
-    pub client_full: Counter,
-    pub handshake_flood: Counter,
-    pub proxy_header: Counter,
-    pub websocket_upgrade: Counter,
-    /// TLS handshakes on `wss://`/`https://` listeners that failed or timed out.
-    pub tls_handshake: Counter,
+    family: Family<ReasonLabels, Counter>,
+    counters: [Counter; Refusal::ALL.len()],
+}
+
+impl Default for Refused {
+    fn default() -> Self {
+        let family = Family::<ReasonLabels, Counter>::default();
+        let counters = Refusal::ALL.map(|r| {
+            family
+                .get_or_create(&ReasonLabels { reason: r.label() })
+                .clone()
+        });
+        Self { family, counters }
+    }
 }
 
 impl Refused {
-    /// Adds one to `counter` and returns the new total.
-    pub fn count(counter: &Counter) -> u64 {
-        counter.inc() + 1
+    /// The series of `reason`.
+    pub fn counter(&self, reason: Refusal) -> &Counter {
+        &self.counters[reason as usize]
+    }
+
+    /// Adds one refusal and returns that reason's new total (for the log line).
+    pub fn count(&self, reason: Refusal) -> u64 {
+        self.counter(reason).inc() + 1
+    }
+
+    /// Refusals of `reason` so far.
+    pub fn total(&self, reason: Refusal) -> u64 {
+        self.counter(reason).get()
     }
 
     pub fn register(&self, r: &mut Registry) {
-        for (name, help, counter) in [
-            (
-                "mtproto_refused_listener_full",
-                "Connections closed at accept: listener at limits.max_connections",
-                &self.listener_full,
-            ),
-            (
-                "mtproto_refused_client_full",
-                "Connections closed: client address at limits.max_connections_per_ip",
-                &self.client_full,
-            ),
-            (
-                "mtproto_refused_handshake_flood",
-                "Handshakes refused with -429 (limits.handshakes_per_ip_per_minute)",
-                &self.handshake_flood,
-            ),
-            (
-                "mtproto_refused_proxy_header",
-                "Connections closed for a missing or malformed PROXY header",
-                &self.proxy_header,
-            ),
-            (
-                "mtproto_refused_websocket_upgrade",
-                "WebSocket upgrades refused (path, Origin, bad request) or not finished",
-                &self.websocket_upgrade,
-            ),
-            (
-                "mtproto_refused_tls_handshake",
-                "TLS handshakes on wss/https listeners that failed or timed out",
-                &self.tls_handshake,
-            ),
-        ] {
-            r.register(name, help, counter.clone());
-        }
+        r.register(
+            "mtproto_refused",
+            "Connections and requests refused at the edge, by reason (a limits.* setting, \
+             a bad PROXY header, WebSocket upgrade or TLS handshake, or an HTTP request \
+             answered 405, 404, 413 or 400)",
+            self.family.clone(),
+        );
     }
 }
 
@@ -229,7 +275,7 @@ impl Admission {
                 (n < self.max_per_listener).then_some(n + 1)
             });
         if taken.is_err() {
-            Refused::count(&self.refused.listener_full);
+            self.refused.count(Refusal::ListenerFull);
             return Err(Refusal::ListenerFull);
         }
         Ok(Slot {
@@ -247,7 +293,7 @@ impl Admission {
             return Ok(());
         }
         if !lock(&self.clients).try_add(key) {
-            Refused::count(&self.refused.client_full);
+            self.refused.count(Refusal::ClientFull);
             return Err(Refusal::ClientFull);
         }
         slot.client = Some(key);
@@ -431,8 +477,40 @@ mod tests {
         drop(s1);
         admission.enter_client(&mut s2, ip("10.0.0.1")).unwrap();
         let _s3 = admission.enter_listener(&listener).unwrap();
-        assert_eq!(admission.refused.client_full.get(), 1);
-        assert_eq!(admission.refused.listener_full.get(), 1);
+        assert_eq!(admission.refused.total(Refusal::ClientFull), 1);
+        assert_eq!(admission.refused.total(Refusal::ListenerFull), 1);
+    }
+
+    #[test]
+    fn one_refusal_family_with_every_reason_from_the_start() {
+        for (i, reason) in Refusal::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "ALL is in declaration order");
+        }
+        let refused = Refused::default();
+        assert_eq!(refused.count(Refusal::HttpTooLarge), 1);
+        assert_eq!(refused.count(Refusal::HttpTooLarge), 2);
+        assert_eq!(refused.count(Refusal::ProxyHeader), 1);
+        let mut registry = Registry::default();
+        refused.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("mtproto_refused_total{"))
+            .collect();
+        assert_eq!(samples.len(), Refusal::ALL.len(), "{text}");
+        for reason in Refusal::ALL {
+            let value = match reason {
+                Refusal::HttpTooLarge => 2,
+                Refusal::ProxyHeader => 1,
+                _ => 0,
+            };
+            let line = format!(
+                "mtproto_refused_total{{reason=\"{}\"}} {value}",
+                reason.label()
+            );
+            assert!(samples.contains(&line.as_str()), "{line} in {text}");
+        }
     }
 
     #[test]

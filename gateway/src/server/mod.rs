@@ -8,17 +8,16 @@ pub mod registry;
 pub mod reverse;
 mod shell;
 mod stream;
+pub mod tls;
 pub mod websocket;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
@@ -192,7 +191,10 @@ async fn accept_loop(
                             })
                             .inc();
                         // Dropping the stream closes it before any per-connection state exists.
-                        let total = shared.admission.refused.listener_full.get();
+                        let total = shared
+                            .admission
+                            .refused
+                            .total(limiter::Refusal::ListenerFull);
                         debug!(listener = ?local, %peer, refused_total = total, "listener at limits.max_connections; closed");
                         continue;
                     }
@@ -243,17 +245,7 @@ pub struct Endpoint {
     /// MTProto's HTTP transport.
     pub http: bool,
     /// Set when the listener serves TLS itself (`wss://`, `https://`).
-    pub tls: Option<Tls>,
-}
-
-/// A listener's TLS server.
-#[derive(Clone)]
-pub struct Tls(pub TlsAcceptor);
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tls")
-    }
+    pub tls: Option<tls::Tls>,
 }
 
 impl Endpoint {
@@ -282,31 +274,6 @@ impl BoundListener {
     }
 }
 
-/// The TLS server of a listener from its PEM files; errors name the field.
-fn tls_acceptor(i: usize, cert: &Path, key: &Path) -> anyhow::Result<Tls> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
-    let field = |name: &str, path: &Path, e: &dyn std::fmt::Display| {
-        anyhow::anyhow!("listeners[{i}].{name}: {}: {e}", path.display())
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| field("tls_cert", cert, &e))?;
-    if chain.is_empty() {
-        return Err(field("tls_cert", cert, &"no CERTIFICATE in the file"));
-    }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| field("tls_key", key, &e))?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| field("tls_cert", cert, &e))?
-        .with_no_client_auth()
-        .with_single_cert(chain, private)
-        .map_err(|e| field("tls_key", key, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Tls(TlsAcceptor::from(Arc::new(config))))
-}
-
 /// Binds every listener, naming the one that failed. WebSocket messages may
 /// be up to `max_frame_bytes` plus room for the obfuscated2 init and a frame header.
 pub async fn bind_all(
@@ -316,7 +283,7 @@ pub async fn bind_all(
     let mut out = Vec::with_capacity(listeners.len());
     for (i, l) in listeners.iter().enumerate() {
         let tls = match (&l.tls_cert, &l.tls_key) {
-            (Some(cert), Some(key)) => Some(tls_acceptor(i, cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::acceptor(i, cert, key)?),
             _ => None,
         };
         let addr = l.address;
@@ -341,46 +308,4 @@ pub async fn bind_all(
         });
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tls_errors_name_the_listener_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("cert.pem");
-        let key = dir.path().join("key.pem");
-        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
-        assert!(err.contains("listeners[2].tls_cert"), "{err}");
-        // A self-signed certificate and its key (generated with OpenSSL).
-        let pkey = openssl::pkey::PKey::from_ec_key(
-            openssl::ec::EcKey::generate(
-                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
-                    .unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "localhost").unwrap();
-        let name = name.build();
-        let mut x509 = openssl::x509::X509Builder::new().unwrap();
-        x509.set_version(2).unwrap();
-        x509.set_subject_name(&name).unwrap();
-        x509.set_issuer_name(&name).unwrap();
-        x509.set_pubkey(&pkey).unwrap();
-        x509.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        x509.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
-        x509.sign(&pkey, openssl::hash::MessageDigest::sha256())
-            .unwrap();
-        std::fs::write(&cert, x509.build().to_pem().unwrap()).unwrap();
-        let err = tls_acceptor(2, &cert, &key).unwrap_err().to_string();
-        assert!(err.contains("listeners[2].tls_key"), "{err}");
-        std::fs::write(&key, pkey.private_key_to_pem_pkcs8().unwrap()).unwrap();
-        tls_acceptor(2, &cert, &key).unwrap();
-    }
 }

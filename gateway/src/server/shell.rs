@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use super::limiter::{Budgets, HandshakeSlot, Refused, Slot};
+use super::limiter::{Budgets, HandshakeSlot, Refusal, Slot};
 use super::registry::{ConnectionId, Outbox, Outgoing};
 use super::{Endpoint, Shared};
 use crate::config::ProxyProtocol;
@@ -184,7 +184,7 @@ async fn read_proxy_header(
 
 /// Counts a refused PROXY header; the reason is logged when the connection closes.
 fn proxy_refused(shared: &Shared, id: ConnectionId, close: Close) -> Close {
-    let total = Refused::count(&shared.admission.refused.proxy_header);
+    let total = shared.admission.refused.count(Refusal::ProxyHeader);
     debug!(conn = id, refused_total = total, "PROXY header refused");
     close
 }
@@ -199,7 +199,7 @@ pub(super) fn count_close(shared: &Shared, id: ConnectionId, peer: SocketAddr, c
     match close {
         Close::ClientClosed | Close::Shutdown => debug!(conn = id, %peer, "closed: {close}"),
         Close::ClientLimit => {
-            let total = shared.admission.refused.client_full.get();
+            let total = shared.admission.refused.total(Refusal::ClientFull);
             debug!(conn = id, %peer, refused_total = total, "closed: {close}");
         }
         _ => info!(conn = id, %peer, "closed: {close}"),
@@ -359,7 +359,7 @@ impl Host for GatewayHost<'_> {
             .admission
             .allow_handshake(self.peer.ip(), std::time::Instant::now());
         if !allowed {
-            let total = Refused::count(&self.shared.admission.refused.handshake_flood);
+            let total = self.shared.admission.refused.count(Refusal::HandshakeFlood);
             debug!(conn = self.id, peer = %self.peer, refused_total = total, "handshake rate exceeded");
         }
         allowed

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::info;
 
-use super::limiter::{Refused, Slot};
+use super::limiter::{Refusal, Slot};
 use super::registry::{ConnectionId, Outgoing};
 use super::shell::{self, GatewayHost, Held, LazyOutbox, OpenGauge};
 use super::websocket::{self, Prefixed};
@@ -79,7 +79,7 @@ pub async fn run(
             Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await
         }
         Ok(Err(e)) => {
-            let total = Refused::count(&cx.shared.admission.refused.tls_handshake);
+            let total = cx.shared.admission.refused.count(Refusal::TlsHandshake);
             shell::count_closed(&cx.shared, "tls_handshake_failed");
             info!(conn = cx.id, peer = %cx.peer, refused_total = total, "closed: TLS handshake failed: {e}");
         }
@@ -108,7 +108,11 @@ impl Cx {
         match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
             Ok(Ok(ws)) => self.serve(ws, BytesMut::new(), open, shutdown).await,
             Ok(Err(e)) => {
-                let total = Refused::count(&self.shared.admission.refused.websocket_upgrade);
+                let total = self
+                    .shared
+                    .admission
+                    .refused
+                    .count(Refusal::WebsocketUpgrade);
                 shell::count_closed(&self.shared, "websocket_upgrade_refused");
                 info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
             }

@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 use mtproto_session::discovery;
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
+use mtproto_session::logging::{self, LogFormat};
 use mtproto_session::metrics::StoreMetrics;
 use mtproto_session::ring::Ring;
 use mtproto_session::store::{self, StoreUrls};
@@ -88,6 +88,9 @@ struct Cli {
     plaintext: bool,
     #[arg(long, default_value = "info", env = "MTPROTO_SESSION_LOG_LEVEL")]
     log_level: String,
+    /// Log lines as human-readable text or as one JSON object each.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "MTPROTO_LOG_FORMAT")]
+    log_format: LogFormat,
 }
 
 fn security(cli: &Cli) -> anyhow::Result<GrpcSecurity> {
@@ -125,11 +128,7 @@ fn advertise(cli: &Cli) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    logging::init(&cli.log_level, cli.log_format);
     let me = advertise(&cli)?;
     let security = security(&cli)?;
     security.log("session", "--tls-ca, --tls-cert and --tls-key");
