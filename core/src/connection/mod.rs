@@ -13,6 +13,7 @@
 
 mod envelope;
 mod handshake_flow;
+mod replies;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +28,7 @@ use thiserror::Error;
 
 pub use envelope::{open, resolve_key, KeyLookup, Opened};
 pub use handshake_flow::{client_msg_id_ok, HandshakeAction, HandshakeFlow, HandshakeJob};
+pub use replies::{Awaited, MAX_AWAITED};
 
 use crate::authkey::AuthKeyInfo;
 use crate::handshake::{HandshakeError, HandshakeSettings, NewAuthKey, StoreOutcome};
@@ -311,6 +313,14 @@ fn release<T>(queue: &mut VecDeque<T>) {
     }
 }
 
+/// One transport packet to write.
+#[derive(Debug)]
+struct Packet {
+    bytes: Bytes,
+    /// It carries a server message (not a QuickAck, handshake reply or error code).
+    server_message: bool,
+}
+
 /// One client connection (TCP or WebSocket byte stream).
 #[derive(Debug)]
 pub struct Connection {
@@ -324,8 +334,12 @@ pub struct Connection {
     waiting: Waiting,
     sessions: Vec<i64>,
     forwards_in_flight: usize,
+    /// Requests read from the client whose answer has not been framed.
+    awaited: Awaited,
+    /// The gateway is draining: nothing more is read from the client.
+    draining: bool,
     /// Transport packets to write, in order (one WebSocket message each).
-    transmit: VecDeque<Bytes>,
+    transmit: VecDeque<Packet>,
     unsent: usize,
     scratch: BytesMut,
     actions: VecDeque<Action>,
@@ -359,6 +373,8 @@ impl Connection {
             waiting: Waiting::Nothing,
             sessions: Vec::new(),
             forwards_in_flight: 0,
+            awaited: Awaited::default(),
+            draining: false,
             transmit: VecDeque::new(),
             unsent: 0,
             scratch: BytesMut::new(),
@@ -396,11 +412,46 @@ impl Connection {
         self.close.take()
     }
 
-    /// The shell should read: nothing is pending that the next frame must wait for.
+    /// The shell should read: nothing is pending that the next frame must
+    /// wait for, and the gateway is not draining.
     pub fn wants_read(&self) -> bool {
+        self.can_decode() && !self.draining
+    }
+
+    /// The next frame already read may be handled.
+    fn can_decode(&self) -> bool {
         self.close.is_none()
             && matches!(self.waiting, Waiting::Nothing)
             && self.forwards_in_flight < self.settings.forward_window
+    }
+
+    /// The gateway drains: read nothing more from the client (it resends
+    /// what it gets no answer to on its next connection), but handle the
+    /// frames already read and deliver their answers.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Draining, and nothing is left to deliver: every request read has its
+    /// answer framed, nothing is with the session or waits for a key, and
+    /// everything framed is written. (A handshake in progress is dropped:
+    /// the client starts it again elsewhere.)
+    pub fn drained(&self) -> bool {
+        self.draining
+            && self.forwards_in_flight == 0
+            && self.awaited.is_empty()
+            && self.transmit.is_empty()
+            && !matches!(self.waiting, Waiting::Key(..))
+    }
+
+    /// Requests read from the client whose answer was never framed.
+    pub fn awaited_replies(&self) -> usize {
+        self.awaited.len()
+    }
+
+    /// Server messages framed and not completely written.
+    pub fn unwritten_server_messages(&self) -> usize {
+        self.transmit.iter().filter(|p| p.server_message).count()
     }
 
     /// The shell may hand over another server message.
@@ -426,7 +477,7 @@ impl Connection {
     /// then accounts for what is left buffered.
     fn process(&mut self, now: Now, host: &mut impl Host, rng: &mut (impl RngCore + CryptoRng)) {
         let mut decoded = false;
-        while self.wants_read() {
+        while self.can_decode() {
             let detecting = self.transport.name().is_none();
             let frame = self.transport.decode(&mut self.input);
             if let Some(name) = self.transport.name().filter(|_| detecting) {
@@ -612,6 +663,7 @@ impl Connection {
                 }
             }
         };
+        self.awaited.on_client_message(&opened.payload);
         self.forwards_in_flight += 1;
         self.actions
             .push_back(Action::Forward(Forward::new(info, conn_type, opened)));
@@ -728,7 +780,9 @@ impl Connection {
         }
         let mut frame = BytesMut::with_capacity(plaintext.len() + 64);
         message::encrypt(&info.key, plaintext, &mut frame, rng);
-        self.send_frame(&frame, now, rng);
+        self.transport.encode_frame(&frame, &mut self.scratch, rng);
+        self.push_packet(now, true);
+        self.awaited.on_server_message(plaintext);
         self.idle_deadline = now.instant + self.settings.idle_timeout;
         self.events.push_back(Event::ServerMessage);
         true
@@ -741,15 +795,22 @@ impl Connection {
 
     /// Moves what was encoded into `scratch` onto the transmit queue as one packet.
     fn push_transmit(&mut self, now: Now) {
+        self.push_packet(now, false);
+    }
+
+    fn push_packet(&mut self, now: Now, server_message: bool) {
         if self.scratch.is_empty() {
             return;
         }
-        let packet = self.scratch.split().freeze();
+        let bytes = self.scratch.split().freeze();
         if self.transmit.is_empty() {
             self.write_deadline = Some(now.instant + self.settings.write_timeout);
         }
-        self.unsent += packet.len();
-        self.transmit.push_back(packet);
+        self.unsent += bytes.len();
+        self.transmit.push_back(Packet {
+            bytes,
+            server_message,
+        });
     }
 
     /// The buffer to read into (with room for at least a few hundred bytes:
@@ -769,7 +830,7 @@ impl Connection {
         }
         let mut n = 0;
         for (slot, packet) in out.iter_mut().zip(&self.transmit) {
-            *slot = IoSlice::new(packet);
+            *slot = IoSlice::new(&packet.bytes);
             n += 1;
         }
         (&mut self.input, n)
@@ -779,18 +840,21 @@ impl Connection {
         !self.transmit.is_empty()
     }
 
-    /// `n` bytes of [`Connection::transmit`] were written.
-    pub fn handle_written(&mut self, mut n: usize, now: Instant) {
+    /// `n` bytes of [`Connection::transmit`] were written; returns how
+    /// many server messages that completed.
+    pub fn handle_written(&mut self, mut n: usize, now: Instant) -> usize {
         self.unsent = self.unsent.saturating_sub(n);
+        let mut server_messages = 0;
         while n > 0 {
             let Some(front) = self.transmit.front_mut() else {
                 break;
             };
-            if n < front.len() {
-                front.advance(n);
+            if n < front.bytes.len() {
+                front.bytes.advance(n);
                 break;
             }
-            n -= front.len();
+            n -= front.bytes.len();
+            server_messages += usize::from(front.server_message);
             self.transmit.pop_front();
         }
         self.write_deadline =
@@ -800,6 +864,7 @@ impl Connection {
             // The encoder's leftover room keeps the last packet's allocation alive.
             self.scratch = BytesMut::new();
         }
+        server_messages
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {

@@ -827,3 +827,84 @@ fn an_idle_connection_holds_no_queue_storage() {
     assert_eq!(t.conn.scratch.capacity(), 0);
     assert!(t.conn.input.capacity() <= IDLE_CHUNK);
 }
+
+/// A server message answering `req_msg_id` with an `rpc_result`.
+fn rpc_result_for(req_msg_id: i64) -> Vec<u8> {
+    let mut m = Vec::new();
+    for field in [42i64, 1, 0x1000] {
+        m.extend_from_slice(&field.to_le_bytes());
+    }
+    m.extend_from_slice(&1i32.to_le_bytes());
+    m.extend_from_slice(&16u32.to_le_bytes());
+    m.extend_from_slice(&id::RPC_RESULT.to_le_bytes());
+    m.extend_from_slice(&req_msg_id.to_le_bytes());
+    m.extend_from_slice(&0x9972_75b5u32.to_le_bytes());
+    m
+}
+
+/// Writes everything queued; returns how many server messages that completed.
+fn write_all(t: &mut Test) -> usize {
+    let mut slices = [IoSlice::new(&[]); 64];
+    let (_, n) = t.conn.io_buffers(&mut slices);
+    let total = slices[..n].iter().map(|s| s.len()).sum();
+    let at = t.at(0).instant;
+    t.conn.handle_written(total, at)
+}
+
+#[test]
+fn a_draining_connection_reads_no_more_but_answers_what_it_read() {
+    let mut t = Test::new();
+    let info = perm_key();
+    let mut bytes = vec![0xef];
+    for msg_id in [4, 8, 12] {
+        bytes.extend(abridged(&encrypted(&info, 1, msg_id), false));
+    }
+    t.feed(&bytes);
+    t.key_found(&info);
+    assert_eq!(forwards(&t.actions()).len(), 2, "a window of 2");
+    t.conn.drain();
+    assert!(!t.conn.wants_read());
+    assert!(!t.conn.drained());
+    // The frame already read is handled once the window opens.
+    t.forwarded(Forwarded::Accepted);
+    assert_eq!(forwards(&t.actions()).len(), 1);
+    t.forwarded(Forwarded::Accepted);
+    t.forwarded(Forwarded::Accepted);
+    assert!(!t.conn.wants_read());
+    assert_eq!(t.conn.awaited_replies(), 3, "forwarded, not answered");
+    assert!(!t.conn.drained());
+    let now = t.at(0);
+    for msg_id in [4, 8] {
+        assert!(t
+            .conn
+            .send_server_message(&rpc_result_for(msg_id), now, &mut t.rng));
+    }
+    assert_eq!(t.conn.awaited_replies(), 1);
+    assert_eq!(t.conn.unwritten_server_messages(), 2);
+    assert_eq!(write_all(&mut t), 2);
+    assert!(!t.conn.drained(), "12 still awaits its answer");
+    assert!(t
+        .conn
+        .send_server_message(&rpc_result_for(12), now, &mut t.rng));
+    assert!(!t.conn.drained(), "framed, not yet written");
+    assert_eq!(write_all(&mut t), 1);
+    assert!(t.conn.drained());
+    assert_eq!(t.conn.unwritten_server_messages(), 0);
+}
+
+#[test]
+fn quick_acks_and_error_codes_are_not_counted_as_server_messages() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    t.feed(&abridged(&encrypted(&info, 1, 8), true));
+    assert!(t.events().contains(&Event::QuickAck));
+    assert_eq!(t.conn.unwritten_server_messages(), 0);
+    assert_eq!(write_all(&mut t), 0);
+    // Not draining: never drained, however idle.
+    t.forwarded(Forwarded::Accepted);
+    t.forwarded(Forwarded::Accepted);
+    assert!(!t.conn.drained());
+    t.conn.drain();
+    assert!(!t.conn.drained(), "two requests await their answers");
+}
