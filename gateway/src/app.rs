@@ -313,6 +313,7 @@ impl Gateway {
             connection_ids: Default::default(),
             http: Default::default(),
             close_reports: tokio::sync::Semaphore::new(server::CLOSE_REPORTS_IN_FLIGHT),
+            drain: Default::default(),
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(admin::bind(addr).await?),

@@ -40,6 +40,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// `in_flight`: a request read whose answer never reached the connection;
+/// `queued`: a server message a connection took and did not write.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub what: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// The setting under `limits.` that bit, e.g. `max_buffered_bytes`.
@@ -150,6 +157,8 @@ pub struct Metrics {
     pub limit_exceeded: Family<LimitLabels, Counter>,
     pub session_rpc: SessionRpcMetrics,
     pub store: mtproto_session::metrics::StoreMetrics,
+    /// What connections closed at the end of the drain grace had not delivered.
+    pub drain_undelivered: Family<DrainLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -179,6 +188,7 @@ impl Default for Metrics {
             limit_exceeded: Family::default(),
             session_rpc: SessionRpcMetrics::default(),
             store: Default::default(),
+            drain_undelivered: Family::default(),
         }
     }
 }
@@ -318,6 +328,11 @@ impl Metrics {
             self.session_rpc.ring_members.clone(),
         );
         self.store.register(r);
+        r.register(
+            "mtproto_drain_undelivered",
+            "Replies a shutdown drain did not deliver: requests read whose answer had not come (in_flight), server messages taken and not written (queued), when the grace ended",
+            self.drain_undelivered.clone(),
+        );
     }
 }
 

@@ -449,6 +449,13 @@ impl Connection {
         self.awaited.len()
     }
 
+    /// A server message for this connection that will not be written (the
+    /// connection closes first): it is counted as such, so its request no
+    /// longer counts as awaiting an answer.
+    pub fn undeliverable(&mut self, plaintext: &[u8]) {
+        self.awaited.on_server_message(plaintext);
+    }
+
     /// Server messages framed and not completely written.
     pub fn unwritten_server_messages(&self) -> usize {
         self.transmit.iter().filter(|p| p.server_message).count()

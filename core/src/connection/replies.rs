@@ -73,7 +73,10 @@ impl Awaited {
 
     fn note(&mut self, msg_id: i64, seq_no: i32, body: &[u8], container: i64) {
         let constructor = TlReader::new(body).u32().ok();
-        if seq_no & 1 == 0 || constructor.is_none_or(|c| UNANSWERED.contains(&c)) {
+        if seq_no & 1 == 0
+            || constructor.is_none_or(|c| UNANSWERED.contains(&c))
+            || self.requests.iter().any(|&(m, _)| m == msg_id)
+        {
             return;
         }
         if self.requests.len() >= MAX_AWAITED {
@@ -189,6 +192,9 @@ mod tests {
         awaited.on_client_message(&client(104, 3, &tl(0x1234_5678, 0)));
         awaited.on_client_message(&client(108, 4, &tl(id::MSGS_ACK, 0)));
         awaited.on_client_message(&client(112, 5, &tl(id::MSGS_ACK, 0)));
+        assert_eq!(awaited.len(), 2);
+        // A resend of a request awaited is one request.
+        awaited.on_client_message(&client(100, 1, &tl(id::PING, 1)));
         assert_eq!(awaited.len(), 2);
         // A pong names the ping's msg_id after its constructor.
         awaited.on_server_message(&server(&tl(id::PONG, 100)));

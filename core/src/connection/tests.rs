@@ -893,6 +893,17 @@ fn a_draining_connection_reads_no_more_but_answers_what_it_read() {
 }
 
 #[test]
+fn an_answer_that_will_not_be_written_is_not_also_awaited() {
+    let mut t = Test::new();
+    let info = perm_key();
+    t.bind(&info);
+    t.forwarded(Forwarded::Accepted);
+    assert_eq!(t.conn.awaited_replies(), 1);
+    t.conn.undeliverable(&rpc_result_for(4));
+    assert_eq!(t.conn.awaited_replies(), 0);
+}
+
+#[test]
 fn quick_acks_and_error_codes_are_not_counted_as_server_messages() {
     let mut t = Test::new();
     let info = perm_key();

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
-use crate::metrics::{ListenerLabels, Metrics, ReasonLabels};
+use crate::metrics::{DrainLabels, ListenerLabels, Metrics, ReasonLabels};
 use limiter::{Admission, Budgets, ListenerSlots};
 use mtproto_core::handshake::HandshakeSettings;
 use mtproto_session::store::AuthKeyStore;
@@ -85,6 +85,60 @@ pub struct Shared {
     /// (thousands of connections at once) queues its reports here instead of
     /// opening thousands of HTTP/2 streams that time out and get reset.
     pub close_reports: Semaphore,
+    /// What the shutdown drain delivered and did not.
+    pub drain: DrainStats,
+}
+
+/// Counts of a shutdown drain (stream connections), for its summary line
+/// and `mtproto_drain_undelivered_total`.
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    /// Connections closed once everything read was answered and written.
+    closed_done: AtomicU64,
+    /// Connections closed when the grace ended.
+    closed_forced: AtomicU64,
+    /// Server messages written after the drain began.
+    delivered: AtomicU64,
+    in_flight: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl DrainStats {
+    pub(crate) fn closed_done(&self) {
+        self.closed_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn delivered(&self, messages: u64) {
+        self.delivered.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    /// A connection closed at the end of the grace: `in_flight` requests it
+    /// read had no answer, `queued` server messages it took were not written.
+    pub(crate) fn forced(&self, metrics: &Metrics, in_flight: u64, queued: u64) {
+        self.closed_forced.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(in_flight, Ordering::Relaxed);
+        self.queued.fetch_add(queued, Ordering::Relaxed);
+        for (what, n) in [("in_flight", in_flight), ("queued", queued)] {
+            metrics
+                .drain_undelivered
+                .get_or_create(&DrainLabels { what })
+                .inc_by(n);
+        }
+    }
+
+    fn log_summary(&self) {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let (in_flight, queued) = (get(&self.in_flight), get(&self.queued));
+        info!(
+            closed_when_done = get(&self.closed_done),
+            closed_at_grace_end = get(&self.closed_forced),
+            delivered = get(&self.delivered),
+            undelivered = in_flight + queued,
+            undelivered_in_flight = in_flight,
+            undelivered_queued = queued,
+            "drain finished"
+        );
+    }
 }
 
 /// `session_closeSession` calls in flight at once, gateway-wide.
@@ -119,9 +173,11 @@ impl ConnectionIds {
     }
 }
 
-/// Accepts on every listener until `shutdown` flips; then stops accepting,
-/// lets open connections finish for up to `grace`, and closes what is left
-/// (each closed session is reported to its session service).
+/// Accepts on every listener until `shutdown` flips; then stops accepting
+/// and drains: connections read nothing more, deliver the answers to what
+/// they read and close once nothing is owed, for up to `grace`; then the
+/// rest are closed, what they could not deliver counted (each closed
+/// session is reported to its session service). Ends with one summary line.
 pub async fn serve(
     listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
@@ -157,6 +213,7 @@ pub async fn serve(
             warn!("connections did not close within 10 s of the grace period");
         }
     }
+    shared.drain.log_summary();
 }
 
 async fn accept_loop(
@@ -220,7 +277,11 @@ async fn accept_loop(
                         ))
                         .await;
                     } else {
-                        stream::run(stream, peer, slot, &endpoint, shared, force_close).await;
+                        let stop = stream::Stop {
+                            draining,
+                            force: force_close,
+                        };
+                        stream::run(stream, peer, slot, &endpoint, shared, stop).await;
                         drop(done);
                     }
                 });

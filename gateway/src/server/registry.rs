@@ -140,17 +140,21 @@ impl GatewayDelivery for Registry {
             drop(map);
             return self.dropped("no_connection");
         };
+        let mut full = false;
         for (_, tx) in conns.iter().rev() {
             let outgoing = Outgoing {
                 payload: payload.clone(),
                 queued: GaugeGuard::new(&self.metrics.outbox_queued),
             };
-            if tx.try_send(outgoing).is_ok() {
-                return true;
+            match tx.try_send(outgoing) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => full = true,
+                // A connection that is closing (a drained one, before it leaves the registry).
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         drop(map);
-        self.dropped("outbox_full")
+        self.dropped(if full { "outbox_full" } else { "no_connection" })
     }
 }
 
@@ -213,6 +217,29 @@ mod tests {
                 .get();
             assert_eq!(dropped, 1, "{reason}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_closing_connection_takes_nothing_and_is_not_full() {
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(metrics.clone(), 8);
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(4);
+        registry.attach(5, 6, 20, &tx);
+        // A drained connection closes its outbox before it leaves the registry.
+        rx.close();
+        assert!(
+            !registry
+                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"x"))
+                .await
+        );
+        let dropped = |reason| {
+            metrics
+                .server_messages_dropped
+                .get_or_create(&ReasonLabels { reason })
+                .get()
+        };
+        assert_eq!((dropped("no_connection"), dropped("outbox_full")), (1, 0));
+        assert_eq!(metrics.outbox_queued.get(), 0);
     }
 
     #[test]

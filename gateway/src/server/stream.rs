@@ -33,6 +33,19 @@ use mtproto_session::SessionClientEvent;
 const WRITE_BATCH: usize = 32;
 /// Server messages taken from the outbox per turn of the loop.
 const SERVER_MESSAGES_PER_TURN: usize = 32;
+/// After a shutdown close, how long the client's unread bytes are read and
+/// discarded while it takes the last replies and closes its side: closing
+/// with unread input would send a reset, which can destroy replies still in
+/// the socket's send queue.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The two stages of a shutdown, as connections see them.
+pub(super) struct Stop {
+    /// Flips when accepting stops: read no more, deliver what was read, close when done.
+    pub draining: watch::Receiver<bool>,
+    /// Flips when the grace ends: close now, counting what is undelivered.
+    pub force: watch::Receiver<bool>,
+}
 
 /// The result of the one action a connection may be waiting on.
 enum Answer {
@@ -50,7 +63,7 @@ pub async fn run(
     mut slot: Slot,
     endpoint: &Endpoint,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Stop,
 ) {
     let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
     let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
@@ -103,7 +116,7 @@ impl Cx {
         ws: &websocket::WsOptions,
         deadline: Instant,
         open: &mut OpenGauge,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Stop,
     ) {
         match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
             Ok(Ok(ws)) => self.serve(ws, BytesMut::new(), open, shutdown).await,
@@ -137,8 +150,14 @@ impl Cx {
         stream: S,
         initial: BytesMut,
         open: &mut OpenGauge,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: Stop,
     ) {
+        let Stop {
+            mut draining,
+            force: mut shutdown,
+        } = shutdown;
+        let mut drain_started = false;
+        let mut forced = false;
         let shared = self.shared.clone();
         let mut outbox = LazyOutbox::new(shared.limits.outbox_capacity);
         let mut conn = Connection::new(
@@ -169,6 +188,25 @@ impl Cx {
             while let Some(event) = conn.poll_event() {
                 shell::record(&shared.metrics, Some(open), event);
             }
+            if !drain_started && *draining.borrow() {
+                drain_started = true;
+                conn.drain();
+            }
+            if drain_started && conn.closing().is_none() && conn.drained() && !needs_flush {
+                // Nothing is owed: take no more server messages, write any
+                // that came meanwhile, then close.
+                let now = shell::now();
+                let Some(Ok(out)) = outbox.inbox().map(|inbox| {
+                    inbox.close();
+                    inbox.try_recv()
+                }) else {
+                    shared.drain.closed_done();
+                    conn.close(Close::Shutdown, now, &mut rand::thread_rng());
+                    break;
+                };
+                conn.send_server_message(&out.payload, now, &mut rand::thread_rng());
+                continue;
+            }
             if conn.closing().is_some() {
                 break;
             }
@@ -195,6 +233,7 @@ impl Cx {
                 Some(outcome) = forwards.next(), if !forwards.is_empty() => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
+                _ = draining.changed(), if !drain_started => Step::Drain,
                 _ = shutdown.changed() => Step::Shutdown,
             };
             let now = shell::now();
@@ -208,7 +247,10 @@ impl Cx {
                 Step::Read(Err(e)) => conn.close(Close::Read(e), now, &mut rand::thread_rng()),
                 Step::Wrote(Ok(Some(n))) if n > 0 => {
                     shared.metrics.bytes_sent.inc_by(n as u64);
-                    conn.handle_written(n, now.instant);
+                    let delivered = conn.handle_written(n, now.instant);
+                    if drain_started {
+                        shared.drain.delivered(delivered as u64);
+                    }
                     // Most streams flush at once (TCP always): try now rather
                     // than in another turn of the loop; a stream that cannot
                     // (a WebSocket's buffered frame) is flushed by the loop.
@@ -252,7 +294,25 @@ impl Cx {
                     }
                 }
                 Step::Timeout => conn.handle_timeout(now, &mut rand::thread_rng()),
-                Step::Shutdown => conn.close(Close::Shutdown, now, &mut rand::thread_rng()),
+                // A dropped sender means stop too.
+                Step::Drain => {
+                    drain_started = true;
+                    conn.drain();
+                }
+                Step::Shutdown => {
+                    // The grace is over: what the outbox holds goes out with
+                    // the last write, as far as the transmit budget takes it.
+                    forced = true;
+                    let mut rng = rand::thread_rng();
+                    if let Some(inbox) = outbox.inbox() {
+                        inbox.close();
+                        while conn.accepts_server_messages() {
+                            let Ok(out) = inbox.try_recv() else { break };
+                            conn.send_server_message(&out.payload, now, &mut rng);
+                        }
+                    }
+                    conn.close(Close::Shutdown, now, &mut rng)
+                }
             }
         }
         // The budgets are free before the last writes.
@@ -260,15 +320,30 @@ impl Cx {
         let close = conn.take_close().unwrap_or(Close::Shutdown);
         shell::count_close(&shared, self.id, self.peer, &close);
         if !matches!(close, Close::Write | Close::Read(_)) {
-            self.flush(&mut conn, &mut writer).await;
+            let delivered = self.flush(&mut conn, &mut writer).await;
+            if drain_started {
+                shared.drain.delivered(delivered);
+            }
         }
         let _ = timeout(shared.limits.write_timeout, writer.shutdown()).await;
+        if matches!(close, Close::Shutdown) {
+            let _ = timeout(LINGER, tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
+        }
         // Messages queued for this connection and never taken are lost with it.
         let mut dropped = 0;
         if let Some(inbox) = outbox.inbox() {
             inbox.close();
-            while inbox.try_recv().is_ok() {
+            while let Ok(out) = inbox.try_recv() {
+                conn.undeliverable(&out.payload);
                 dropped += 1;
+            }
+        }
+        if forced {
+            let in_flight = conn.awaited_replies() as u64;
+            let queued = dropped + conn.unwritten_server_messages() as u64;
+            shared.drain.forced(&shared.metrics, in_flight, queued);
+            if in_flight + queued > 0 {
+                info!(conn = self.id, peer = %self.peer, in_flight, queued, "closed at the end of the drain grace with replies undelivered");
             }
         }
         if dropped > 0 {
@@ -320,21 +395,23 @@ impl Cx {
     }
 
     /// Writes what the core left queued (the error code of a close, replies),
-    /// within the write timeout.
-    async fn flush<W: AsyncWrite + Unpin>(&self, conn: &mut Connection, writer: &mut W) {
+    /// within the write timeout; returns how many server messages that completed.
+    async fn flush<W: AsyncWrite + Unpin>(&self, conn: &mut Connection, writer: &mut W) -> u64 {
         let limit = Instant::now() + self.shared.limits.write_timeout;
+        let mut delivered = 0;
         while conn.has_transmit() {
             let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
             let (_, n) = conn.io_buffers(&mut slices);
             match tokio::time::timeout_at(limit, writer.write_vectored(&slices[..n])).await {
                 Ok(Ok(written)) if written > 0 => {
                     self.shared.metrics.bytes_sent.inc_by(written as u64);
-                    conn.handle_written(written, Instant::now().into_std());
+                    delivered += conn.handle_written(written, Instant::now().into_std()) as u64;
                 }
-                _ => return,
+                _ => return delivered,
             }
         }
         let _ = tokio::time::timeout_at(limit, writer.flush()).await;
+        delivered
     }
 
     /// Leaves the registry; tells the session about sessions whose last
@@ -367,5 +444,8 @@ enum Step {
     Forwarded(Forwarded),
     Answer(Answer),
     Timeout,
+    /// The gateway stopped accepting.
+    Drain,
+    /// The drain grace ended.
     Shutdown,
 }
