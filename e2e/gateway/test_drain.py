@@ -240,11 +240,14 @@ def test_drain_delivers_or_counts_every_reply_it_read(tmp_path, loaded):
         assert sum(unanswered) == counts["undelivered"], (unanswered, counts)
         assert counts["undelivered"] == counts["undelivered_in_flight"] + counts["undelivered_queued"]
         # The stuck connection lasted until the grace ended; the others
-        # closed when done, or at the grace end with their count above.
+        # closed once they owed nothing (on a box too starved to deliver 8
+        # pongs within the grace, some would close at its end instead, with
+        # their pings in the count above).
         assert unanswered[0] == 1
         assert counts["undelivered_in_flight"] >= 1
         assert "grace period over" in log
         assert counts["closed_at_grace_end"] >= 1
+        assert counts["closed_when_done"] >= 1
         assert counts["closed_when_done"] + counts["closed_at_grace_end"] == len(pingers)
         print(f"\nloaded={loaded}: exit {exit_secs:.1f} s after SIGTERM; "
               f"pings acknowledged {sum(len(p.acks) for p in pingers)}, "
