@@ -25,7 +25,7 @@ import time
 import pytest
 from telethon.crypto import AuthKey
 
-from conftest import start_gateway
+from conftest import start_gateway, start_remote_gateway, start_session
 from mtclient import (
     Session,
     connect,
@@ -178,8 +178,23 @@ def burn(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def keys(port: int, n: int) -> list[AuthKey]:
+    """`n` auth keys made by Telethon's handshake."""
+
+    async def make() -> list[AuthKey]:
+        out = []
+        for _ in range(n):
+            sender = await connect(port, "intermediate")
+            out.append(AuthKey(sender.auth_key.key))
+            await sender.disconnect()
+        return out
+
+    return asyncio.run(make())
+
+
 def summary(log: str) -> dict[str, int]:
-    line = next((line for line in log.splitlines() if "drain finished" in line), None)
+    # The last one: a restarted gateway appends to the same log.
+    line = next((line for line in reversed(log.splitlines()) if "drain finished" in line), None)
     assert line is not None, "no drain summary in the log:\n" + log[-3000:]
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
@@ -191,18 +206,10 @@ def test_drain_delivers_or_counts_every_reply_it_read(tmp_path, loaded):
     gateway = start_gateway(tmp_path, ["--config", str(config)])
     pin_server_key(gateway.public_key.read_text())
 
-    async def keys(n: int) -> list[AuthKey]:
-        out = []
-        for _ in range(n):
-            sender = await connect(gateway.port, "intermediate")
-            out.append(AuthKey(sender.auth_key.key))
-            await sender.disconnect()
-        return out
-
     burners: list[subprocess.Popen] = []
     pingers: list[Pinger] = []
     try:
-        all_keys = asyncio.run(keys(CONNECTIONS + 1))
+        all_keys = keys(gateway.port, CONNECTIONS + 1)
         stuck = stuck_connection(gateway.port, all_keys[0])
         pingers = [stuck] + [Pinger(gateway.port, k, IN_FLIGHT) for k in all_keys[1:]]
         for p in pingers[1:]:
@@ -248,6 +255,7 @@ def test_drain_delivers_or_counts_every_reply_it_read(tmp_path, loaded):
         assert "grace period over" in log
         assert counts["closed_at_grace_end"] >= 1
         assert counts["closed_when_done"] >= 1
+        assert counts["closed_otherwise"] == 0
         assert counts["closed_when_done"] + counts["closed_at_grace_end"] == len(pingers)
         print(f"\nloaded={loaded}: exit {exit_secs:.1f} s after SIGTERM; "
               f"pings acknowledged {sum(len(p.acks) for p in pingers)}, "
@@ -260,3 +268,61 @@ def test_drain_delivers_or_counts_every_reply_it_read(tmp_path, loaded):
         for p in pingers:
             p.close()
         gateway.stop()
+
+
+def test_a_stalled_session_leaves_every_request_read_counted(tmp_path):
+    """The session service stops answering (SIGSTOP) while clients have pings
+    in flight through a gateway in unary mode; SIGTERM then drains nothing:
+    every connection is closed at the grace end, and each ping the gateway
+    read is counted in flight, exactly."""
+    session = start_session(tmp_path)
+    config = tmp_path / "gw.toml"
+    config.write_text("[limits]\nshutdown_grace_secs = 2\n")
+    gateway = start_remote_gateway(tmp_path, [session.port], "unary")
+    gateway.stop()
+    gateway.args += ["--config", str(config)]
+    gateway.restart()
+    pin_server_key(gateway.public_key.read_text())
+    pingers: list[Pinger] = []
+    stopped = False
+    try:
+        pingers = [Pinger(gateway.port, k, IN_FLIGHT) for k in keys(gateway.port, 3)]
+        for p in pingers:
+            p.start()
+        deadline = time.monotonic() + 60
+        while min(len(p.pongs) for p in pingers) < 20:
+            assert time.monotonic() < deadline, "pings are not answered"
+            time.sleep(0.05)
+        session.proc.send_signal(signal.SIGSTOP)
+        stopped = True
+        # Each client's window fills with pings the gateway read and cannot answer.
+        deadline = time.monotonic() + 30
+        while min(p.unanswered() for p in pingers) < IN_FLIGHT:
+            assert time.monotonic() < deadline, [p.unanswered() for p in pingers]
+            time.sleep(0.05)
+        gateway.proc.send_signal(signal.SIGTERM)
+        # The grace, the closed-session reports that time out against the
+        # stopped session (2 s), the reverse-path server's 5 s to close its
+        # session connections, and a margin.
+        assert gateway.proc.wait(timeout=40) == 0
+        for p in pingers:
+            assert p.closed.wait(30)
+            p.close()
+            for t in p.threads:
+                t.join(10)
+        counts = summary(gateway.log_text())
+        unanswered = [p.unanswered() for p in pingers]
+        # (A few replies the session sent just before it stopped may still arrive.)
+        assert all(n > 0 for n in unanswered), unanswered
+        assert counts["undelivered_in_flight"] == sum(unanswered), (unanswered, counts)
+        assert counts["undelivered_queued"] == 0
+        assert counts["closed_at_grace_end"] == len(pingers)
+        assert counts["closed_when_done"] == counts["closed_otherwise"] == 0
+        print(f"\nstalled session: {counts}")
+    finally:
+        if stopped:
+            session.proc.send_signal(signal.SIGCONT)
+        for p in pingers:
+            p.close()
+        gateway.stop()
+        session.stop()

@@ -114,6 +114,10 @@ fn grpc_security(s: &crate::config::SessionConfig) -> anyhow::Result<GrpcSecurit
 /// reports them undelivered). One frame always fits.
 const UNSENT_BYTES_PER_CONNECTION: usize = 256 * 1024;
 
+/// How long the reverse-path gRPC server may take to close its session
+/// connections after the drain.
+const GRPC_STOP: Duration = Duration::from_secs(5);
+
 /// A configured gateway, bound and ready to serve.
 #[derive(Debug)]
 pub struct Gateway {
@@ -388,10 +392,18 @@ impl Gateway {
         if let Some(task) = admin {
             task.await.context("admin task")?.context("admin server")?;
         }
-        if let Some(task) = grpc {
-            task.await
-                .context("gRPC server task")?
-                .context("gRPC server")?;
+        if let Some(mut task) = grpc {
+            // A graceful HTTP/2 close waits for each peer to answer a ping:
+            // a session that hangs (or is stopped) would hold the exit forever.
+            match tokio::time::timeout(GRPC_STOP, &mut task).await {
+                Ok(stopped) => stopped
+                    .context("gRPC server task")?
+                    .context("gRPC server")?,
+                Err(_) => {
+                    warn!("the reverse-path gRPC server did not stop within {GRPC_STOP:?}: a session peer does not answer; closing it");
+                    task.abort();
+                }
+            }
         }
         Ok(())
     }

@@ -157,7 +157,7 @@ pub struct Metrics {
     pub limit_exceeded: Family<LimitLabels, Counter>,
     pub session_rpc: SessionRpcMetrics,
     pub store: mtproto_session::metrics::StoreMetrics,
-    /// What connections closed at the end of the drain grace had not delivered.
+    /// What connections closed during the drain had not delivered.
     pub drain_undelivered: Family<DrainLabels, Counter>,
 }
 
@@ -330,7 +330,7 @@ impl Metrics {
         self.store.register(r);
         r.register(
             "mtproto_drain_undelivered",
-            "Replies a shutdown drain did not deliver: requests read whose answer had not come (in_flight), server messages taken and not written (queued), when the grace ended",
+            "Replies a shutdown drain did not deliver: requests read whose answer had not come (in_flight), server messages taken and not written (queued), on connections closed during the drain before everything was delivered (at the grace end, or by the client or an error)",
             self.drain_undelivered.clone(),
         );
     }

@@ -340,6 +340,8 @@ pub struct Connection {
     draining: bool,
     /// Transport packets to write, in order (one WebSocket message each).
     transmit: VecDeque<Packet>,
+    /// Server messages dropped from `transmit` by the write timeout.
+    abandoned: usize,
     unsent: usize,
     scratch: BytesMut,
     actions: VecDeque<Action>,
@@ -376,6 +378,7 @@ impl Connection {
             awaited: Awaited::default(),
             draining: false,
             transmit: VecDeque::new(),
+            abandoned: 0,
             unsent: 0,
             scratch: BytesMut::new(),
             actions: VecDeque::new(),
@@ -456,9 +459,10 @@ impl Connection {
         self.awaited.on_server_message(plaintext);
     }
 
-    /// Server messages framed and not completely written.
+    /// Server messages framed and not completely written (queued, or
+    /// given up when a write made no progress).
     pub fn unwritten_server_messages(&self) -> usize {
-        self.transmit.iter().filter(|p| p.server_message).count()
+        self.abandoned + self.transmit.iter().filter(|p| p.server_message).count()
     }
 
     /// The shell may hand over another server message.
@@ -913,6 +917,7 @@ impl Connection {
         let at = now.instant;
         if self.write_deadline.is_some_and(|d| d <= at) {
             // Nothing more can be written: give up on what is queued.
+            self.abandoned += self.transmit.iter().filter(|p| p.server_message).count();
             self.transmit.clear();
             self.unsent = 0;
             self.write_deadline = None;

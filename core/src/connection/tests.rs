@@ -613,6 +613,8 @@ fn a_write_without_progress_times_out() {
     t.conn.handle_timeout(now, &mut t.rng);
     assert!(matches!(t.conn.closing(), Some(Close::Write)));
     assert!(!t.conn.has_transmit());
+    // The message given up is still counted as not written.
+    assert_eq!(t.conn.unwritten_server_messages(), 1);
 }
 
 #[test]

@@ -90,13 +90,16 @@ pub struct Shared {
 }
 
 /// Counts of a shutdown drain (stream connections), for its summary line
-/// and `mtproto_drain_undelivered_total`.
+/// and `mtproto_drain_undelivered_total`: every connection open when the
+/// drain begins ends as exactly one of the three closes.
 #[derive(Debug, Default)]
 pub struct DrainStats {
     /// Connections closed once everything read was answered and written.
     closed_done: AtomicU64,
     /// Connections closed when the grace ended.
     closed_forced: AtomicU64,
+    /// Connections the client or an error closed during the drain.
+    closed_otherwise: AtomicU64,
     /// Server messages written after the drain began.
     delivered: AtomicU64,
     in_flight: AtomicU64,
@@ -112,10 +115,16 @@ impl DrainStats {
         self.delivered.fetch_add(messages, Ordering::Relaxed);
     }
 
-    /// A connection closed at the end of the grace: `in_flight` requests it
-    /// read had no answer, `queued` server messages it took were not written.
-    pub(crate) fn forced(&self, metrics: &Metrics, in_flight: u64, queued: u64) {
-        self.closed_forced.fetch_add(1, Ordering::Relaxed);
+    /// A connection closed during the drain before it was done (at the grace
+    /// end when `forced`): `in_flight` requests it read had no answer,
+    /// `queued` server messages it took were not written.
+    pub(crate) fn undelivered(&self, metrics: &Metrics, forced: bool, in_flight: u64, queued: u64) {
+        let closed = if forced {
+            &self.closed_forced
+        } else {
+            &self.closed_otherwise
+        };
+        closed.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(in_flight, Ordering::Relaxed);
         self.queued.fetch_add(queued, Ordering::Relaxed);
         for (what, n) in [("in_flight", in_flight), ("queued", queued)] {
@@ -132,6 +141,7 @@ impl DrainStats {
         info!(
             closed_when_done = get(&self.closed_done),
             closed_at_grace_end = get(&self.closed_forced),
+            closed_otherwise = get(&self.closed_otherwise),
             delivered = get(&self.delivered),
             undelivered = in_flight + queued,
             undelivered_in_flight = in_flight,

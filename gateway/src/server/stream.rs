@@ -158,6 +158,7 @@ impl Cx {
         } = shutdown;
         let mut drain_started = false;
         let mut forced = false;
+        let mut closed_when_done = false;
         let shared = self.shared.clone();
         let mut outbox = LazyOutbox::new(shared.limits.outbox_capacity);
         let mut conn = Connection::new(
@@ -200,7 +201,7 @@ impl Cx {
                     inbox.close();
                     inbox.try_recv()
                 }) else {
-                    shared.drain.closed_done();
+                    closed_when_done = true;
                     conn.close(Close::Shutdown, now, &mut rand::thread_rng());
                     break;
                 };
@@ -338,12 +339,17 @@ impl Cx {
                 dropped += 1;
             }
         }
-        if forced {
+        if closed_when_done {
+            shared.drain.closed_done();
+        } else if drain_started {
+            // Closed at the grace end, or by the client or an error first.
             let in_flight = conn.awaited_replies() as u64;
             let queued = dropped + conn.unwritten_server_messages() as u64;
-            shared.drain.forced(&shared.metrics, in_flight, queued);
+            shared
+                .drain
+                .undelivered(&shared.metrics, forced, in_flight, queued);
             if in_flight + queued > 0 {
-                info!(conn = self.id, peer = %self.peer, in_flight, queued, "closed at the end of the drain grace with replies undelivered");
+                info!(conn = self.id, peer = %self.peer, reason = close.reason(), in_flight, queued, "closed during the drain with replies undelivered");
             }
         }
         if dropped > 0 {
