@@ -380,3 +380,39 @@ pub async fn bind_all(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undelivered_replies_are_counted_by_what_and_exported() {
+        let metrics = Metrics::default();
+        let drain = DrainStats::default();
+        drain.undelivered(&metrics, true, 3, 1);
+        drain.undelivered(&metrics, false, 0, 2);
+        drain.closed_done();
+        let get = |what| {
+            metrics
+                .drain_undelivered
+                .get_or_create(&DrainLabels { what })
+                .get()
+        };
+        assert_eq!((get("in_flight"), get("queued")), (3, 3));
+        let closes = [
+            &drain.closed_done,
+            &drain.closed_forced,
+            &drain.closed_otherwise,
+        ]
+        .map(|n| n.load(Ordering::Relaxed));
+        assert_eq!(closes, [1, 1, 1]);
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("mtproto_drain_undelivered_total{what=\"in_flight\"} 3"),
+            "{text}"
+        );
+    }
+}
