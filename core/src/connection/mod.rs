@@ -28,13 +28,13 @@ use thiserror::Error;
 
 pub use envelope::{open, resolve_key, KeyLookup, Opened};
 pub use handshake_flow::{client_msg_id_ok, HandshakeAction, HandshakeFlow, HandshakeJob};
-pub use replies::{Awaited, MAX_AWAITED};
 
 use crate::authkey::AuthKeyInfo;
 use crate::handshake::{HandshakeError, HandshakeSettings, NewAuthKey, StoreOutcome};
 use crate::message::{self, MessageError};
 use crate::proxy::ProxyError;
 use crate::transport::{error_code, InboundFrame, Transport, TransportError};
+use replies::Awaited;
 
 /// Bytes asked of the socket per read while a frame is incomplete.
 const READ_CHUNK: usize = 16 * 1024;

@@ -38,6 +38,10 @@ const SERVER_MESSAGES_PER_TURN: usize = 32;
 /// with unread input would send a reset, which can destroy replies still in
 /// the socket's send queue.
 const LINGER: Duration = Duration::from_secs(2);
+/// The last write of a connection closed at the end of the drain grace
+/// waits at most this long (or the write timeout, if shorter), so its count
+/// of what it did not deliver is in before the gateway exits.
+const FORCED_LAST_WRITE: Duration = Duration::from_secs(2);
 
 /// The two stages of a shutdown, as connections see them.
 pub(super) struct Stop {
@@ -320,15 +324,17 @@ impl Cx {
         drop(held);
         let close = conn.take_close().unwrap_or(Close::Shutdown);
         shell::count_close(&shared, self.id, self.peer, &close);
+        // Past the grace the gateway cannot wait a whole write timeout.
+        let last_write = if forced {
+            shared.limits.write_timeout.min(FORCED_LAST_WRITE)
+        } else {
+            shared.limits.write_timeout
+        };
         if !matches!(close, Close::Write | Close::Read(_)) {
-            let delivered = self.flush(&mut conn, &mut writer).await;
+            let delivered = self.flush(&mut conn, &mut writer, last_write).await;
             if drain_started {
                 shared.drain.delivered(delivered);
             }
-        }
-        let _ = timeout(shared.limits.write_timeout, writer.shutdown()).await;
-        if matches!(close, Close::Shutdown) {
-            let _ = timeout(LINGER, tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
         }
         // Messages queued for this connection and never taken are lost with it.
         let mut dropped = 0;
@@ -360,6 +366,10 @@ impl Cx {
                     reason: "connection_closed",
                 })
                 .inc_by(dropped);
+        }
+        let _ = timeout(last_write, writer.shutdown()).await;
+        if matches!(close, Close::Shutdown) {
+            let _ = timeout(LINGER, tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
         }
         self.detach_sessions(&conn).await;
     }
@@ -401,9 +411,14 @@ impl Cx {
     }
 
     /// Writes what the core left queued (the error code of a close, replies),
-    /// within the write timeout; returns how many server messages that completed.
-    async fn flush<W: AsyncWrite + Unpin>(&self, conn: &mut Connection, writer: &mut W) -> u64 {
-        let limit = Instant::now() + self.shared.limits.write_timeout;
+    /// within `within`; returns how many server messages that completed.
+    async fn flush<W: AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Connection,
+        writer: &mut W,
+        within: Duration,
+    ) -> u64 {
+        let limit = Instant::now() + within;
         let mut delivered = 0;
         while conn.has_transmit() {
             let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
