@@ -6,7 +6,8 @@
 //! and forward outcomes), writes, server messages, and time advancing by
 //! input-chosen steps with `handle_timeout`.
 //!
-//! Invariants: no panic; once closing, no new action; the server's output
+//! Invariants: no panic (draining included); once closing, no new action;
+//! the requests awaiting an answer stay bounded; the server's output
 //! is always well framed for the client; a QuickAck never joins a transmit
 //! queue already at `max_unsent_bytes`; server messages are only taken
 //! below that budget.
@@ -21,7 +22,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use mtproto_core::authkey::{AuthKey, AuthKeyInfo, AuthKeyType};
 use mtproto_core::connection::{
-    Action, Attached, Connection, Forwarded, Host, KeyLookup, Now, Settings,
+    Action, Attached, Connection, Forwarded, Host, KeyLookup, Now, Settings, MAX_AWAITED,
 };
 use mtproto_core::handshake::StoreOutcome;
 use mtproto_core::message;
@@ -340,6 +341,12 @@ impl Driver<'_> {
     }
 
     fn step(&mut self) {
+        self.step_once();
+        // What a connection owes the client is bounded whatever it sent.
+        assert!(self.conn.awaited_replies() <= MAX_AWAITED);
+    }
+
+    fn step_once(&mut self) {
         let now = self.now();
         match self.c.u8() % 16 {
             0 | 1 => {
@@ -382,15 +389,15 @@ impl Driver<'_> {
                     assert_eq!(sent, self.conn.key().is_some());
                 }
             }
-            _ => {
-                if self.c.u8() == 0 {
-                    self.conn.close(
-                        mtproto_core::connection::Close::ClientClosed,
-                        now,
-                        &mut self.rng,
-                    );
-                }
-            }
+            _ => match self.c.u8() {
+                0 => self.conn.close(
+                    mtproto_core::connection::Close::ClientClosed,
+                    now,
+                    &mut self.rng,
+                ),
+                1 => self.conn.drain(),
+                _ => {}
+            },
         }
     }
 }

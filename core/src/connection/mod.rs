@@ -28,6 +28,7 @@ use thiserror::Error;
 
 pub use envelope::{open, resolve_key, KeyLookup, Opened};
 pub use handshake_flow::{client_msg_id_ok, HandshakeAction, HandshakeFlow, HandshakeJob};
+pub use replies::MAX_AWAITED;
 
 use crate::authkey::AuthKeyInfo;
 use crate::handshake::{HandshakeError, HandshakeSettings, NewAuthKey, StoreOutcome};
