@@ -27,6 +27,11 @@ pub const KEY_KEY: &str = "tls.key";
 /// The CAs peers' certificates must chain to (PEM bundle).
 pub const CA_KEY: &str = "ca.crt";
 
+/// The DNS name gateways' certificates carry: what sessions check by default.
+pub const GATEWAY_NAME: &str = "mtproto-gateway";
+/// The DNS name sessions' certificates carry: what gateways check by default.
+pub const SESSION_NAME: &str = "mtproto-session";
+
 /// Lifetime of the fleet CA.
 pub const CA_LIFETIME: Duration = Duration::days(3 * 365);
 /// Lifetime of a gateway or session certificate.
@@ -233,9 +238,15 @@ mod tests {
 
     const NAMES: Identities<'static> = Identities {
         ca: "edge.edge CA",
-        gateway: "mtproto-gateway",
-        session: "mtproto-session",
+        gateway: GATEWAY_NAME,
+        session: SESSION_NAME,
     };
+
+    #[test]
+    fn names_are_the_ones_gateways_and_sessions_check() {
+        assert_eq!(GATEWAY_NAME, mtproto_session::tls::DEFAULT_GATEWAY_NAME);
+        assert_eq!(SESSION_NAME, mtproto_session::tls::DEFAULT_SESSION_NAME);
+    }
 
     fn at(unix: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(unix).expect("time")
