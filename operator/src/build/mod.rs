@@ -7,6 +7,7 @@ mod monitor;
 mod network;
 mod rbac;
 mod scaling;
+pub mod tls;
 mod workload;
 
 use std::collections::BTreeMap;
