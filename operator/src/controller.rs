@@ -30,7 +30,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::build::tls::{certificate_resource, gateway_certificate, owned_secret, session_secret};
+use crate::build::tls::{
+    certificate_resource, gateway_certificate, owned_secret, session_secret, session_tls_name,
+};
 use crate::build::{self, service_monitor_resource, Built, MANAGER, OWNER_NAMESPACE_LABEL};
 use crate::certs::{self, SecretValues};
 use crate::conditions::{self, Decision, Observed, AVAILABLE, CERTIFICATES_READY};
@@ -581,7 +583,8 @@ async fn ensure_certificates(
 
     let ca = read_secret(client, &v.namespace, &names.ca_secret).await?;
     let gateway = read_secret(client, &v.namespace, &names.gateway_tls).await?;
-    let session = read_secret(client, &v.session_namespace, &names.session_tls).await?;
+    let session_tls = session_tls_name(&names, &v.namespace, &v.session_namespace);
+    let session = read_secret(client, &v.session_namespace, &session_tls).await?;
     let now = time::OffsetDateTime::now_utc();
     let plan = certs::plan(
         certs::Found {
@@ -606,7 +609,7 @@ async fn ensure_certificates(
     }
     if let Some(values) = &plan.session {
         ssa(client, &session_secret(v, &names, &owner, values)).await?;
-        info!(gateway = %v.name, namespace = %v.session_namespace, secret = %names.session_tls, "issued the session certificate");
+        info!(gateway = %v.name, namespace = %v.session_namespace, secret = %session_tls, "issued the session certificate");
     }
     let renew_in = plan
         .next_renewal
@@ -622,7 +625,7 @@ async fn ensure_certificates(
                  for the sessions to mount; next renewal at {}",
                 names.ca_secret,
                 names.gateway_tls,
-                names.session_tls,
+                session_tls,
                 v.session_namespace,
                 Timestamp::from_second(plan.next_renewal)
                     .map(|t| t.to_string())
@@ -661,7 +664,7 @@ async fn delete_foreign_session_secret(gw: &MtprotoGateway, client: &Client) -> 
     if session_ns == ns {
         return Ok(());
     }
-    let name = build::Names::new(&gw.name_any()).session_tls;
+    let name = session_tls_name(&build::Names::new(&gw.name_any()), &ns, session_ns);
     let api = Api::<Secret>::namespaced(client.clone(), session_ns);
     let err = |source| Error::Delete {
         kind: "Secret",

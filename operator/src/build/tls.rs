@@ -32,6 +32,17 @@ pub fn owned_secret(
     tls_secret(meta(v, name, owner), values)
 }
 
+/// Name of the sessions' certificate Secret: `<name>-session-tls`, prefixed with the
+/// gateway's namespace when it lives in another namespace, so gateways of the same name in
+/// different namespaces sharing one session namespace do not overwrite each other's.
+pub fn session_tls_name(names: &Names, namespace: &str, session_namespace: &str) -> String {
+    if namespace == session_namespace {
+        names.session_tls.clone()
+    } else {
+        format!("{namespace}-{}", names.session_tls)
+    }
+}
+
 /// The sessions' certificate Secret, in the session namespace: owned by the gateway when
 /// that is its own namespace, else labelled with it so cleanup finds it (owner references
 /// cannot cross namespaces).
@@ -47,7 +58,7 @@ pub fn session_secret(
     let mut labels = common_labels(&v.name);
     labels.insert(OWNER_NAMESPACE_LABEL.to_owned(), v.namespace.clone());
     let metadata = ObjectMeta {
-        name: Some(names.session_tls.clone()),
+        name: Some(session_tls_name(names, &v.namespace, &v.session_namespace)),
         namespace: Some(v.session_namespace.clone()),
         labels: Some(labels),
         ..ObjectMeta::default()
@@ -108,6 +119,7 @@ mod tests {
         let v = validate(&gw, &dereferenced()).expect("valid");
         let s = session_secret(&v, &Names::new("edge"), &owner, &values);
         assert_eq!(s.metadata.namespace.as_deref(), Some("teamgram"));
+        assert_eq!(s.metadata.name.as_deref(), Some("edge-edge-session-tls"));
         assert!(s.metadata.owner_references.is_none());
         let labels = s.metadata.labels.expect("labels");
         assert_eq!(labels[OWNER_NAMESPACE_LABEL], "edge");
@@ -119,6 +131,7 @@ mod tests {
         let v = validate(&same, &dereferenced()).expect("valid");
         let s = session_secret(&v, &Names::new("edge"), &owner, &values);
         assert_eq!(s.metadata.namespace.as_deref(), Some("edge"));
+        assert_eq!(s.metadata.name.as_deref(), Some("edge-session-tls"));
         assert_eq!(s.metadata.owner_references.map(|o| o.len()), Some(1));
     }
 
