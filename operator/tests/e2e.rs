@@ -320,7 +320,11 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
     );
     assert_eq!(
         ctr.args.clone().unwrap_or_default(),
-        ["--config", "/etc/mtproto-gateway/gateway.toml"]
+        [
+            "--config",
+            "/etc/mtproto-gateway/gateway.toml",
+            "--grpc-listen=$(POD_IP):20110"
+        ]
     );
     let env: Vec<_> = ctr.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
@@ -328,7 +332,8 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         [
             "POD_IP",
             "MTPROTO_GATEWAY_AUTH_KEYS__REDIS_URL",
-            "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL"
+            "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL",
+            "MTPROTO_LOG_FORMAT"
         ]
     );
     let sc = ctr.security_context.as_ref().expect("security context");
