@@ -1174,6 +1174,35 @@ mod tests {
     }
 
     #[test]
+    fn cel_keeps_issuer_ref_to_mutual_tls() {
+        let mut gw = gateway();
+        gw.spec.session.tls.issuer_ref = Some(IssuerRef {
+            name: "fleet-ca".into(),
+            kind: default_issuer_kind(),
+            group: default_issuer_group(),
+        });
+        gw.validate_cel().expect("cert-manager for mutual TLS");
+        gw.spec.session.tls.mode = SessionTlsMode::Plaintext;
+        assert!(cel_error(&gw).contains("issuerRef applies only to mode mutual"));
+    }
+
+    #[test]
+    fn session_security_and_policy_defaults_are_the_safe_ones() {
+        let spec: MtprotoGatewaySpec = serde_json::from_value(json!({
+            "listeners": [{"name": "tcp", "port": 10443}],
+            "rsaKeys": [{"secretName": "rsa", "key": "k"}],
+            "session": {"service": {"name": "session"}}
+        }))
+        .expect("minimal spec");
+        assert_eq!(spec.session.tls.mode, SessionTlsMode::Mutual);
+        assert!(spec.session.tls.issuer_ref.is_none());
+        assert_eq!(spec.session.grpc_bind, GrpcBind::PodIp);
+        assert!(spec.network_policy.enabled);
+        assert_eq!(spec.network_policy.metrics_namespaces, ["monitoring"]);
+        assert_eq!(spec.log_format, LogFormat::Json);
+    }
+
+    #[test]
     fn replicas_outside_the_autoscaler_bounds_are_accepted() {
         // GitOps tools apply spec.replicas as written; the HPA clamps it.
         let mut gw = gateway();
