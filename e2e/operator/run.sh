@@ -15,7 +15,8 @@
 #      leader on the chart's Lease name in the release namespace
 #   6. Rust integration tests (operator/tests/e2e.rs, `--ignored`): objects, owner
 #      references, status, printer columns, kubectl scale, Secret roll, delete cascade,
-#      invalid CRs refused, missing Secret reported, ServiceMonitor; then leader failover
+#      invalid CRs refused, missing Secret reported, ServiceMonitor, the gRPC certificates
+#      and the default NetworkPolicy, the plaintext warning; then leader failover
 #      (SIGKILL); then the tests' namespaces are deleted while an operator still runs
 #      (the gateways carry a finalizer); the last leader must exit 0 on SIGTERM and
 #      release the Lease
