@@ -31,7 +31,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::build::tls::{
-    certificate_resource, gateway_certificate, owned_secret, session_secret, session_tls_name,
+    certificate_resource, gateway_certificate, owned_secret, session_certificate, session_secret,
+    session_tls_name,
 };
 use crate::build::{self, service_monitor_resource, Built, MANAGER, OWNER_NAMESPACE_LABEL};
 use crate::certs::{self, SecretValues};
@@ -545,36 +546,47 @@ async fn ensure_certificates(
                 renew_in: None,
             });
         }
-        let cert = gateway_certificate(v, &names, &owner, issuer);
-        Api::<DynamicObject>::namespaced_with(
-            client.clone(),
-            &v.namespace,
-            &certificate_resource(),
-        )
-        .patch(
-            &names.gateway_tls,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&cert),
-        )
-        .await
-        .map_err(|source| Error::Apply {
-            kind: "Certificate",
-            name: names.gateway_tls.clone(),
-            source: Box::new(source),
-        })?;
+        let certificates: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &v.namespace, &certificate_resource());
+        let session_cert = session_certificate(v, &names, &owner, issuer);
+        for cert in std::iter::once(gateway_certificate(v, &names, &owner, issuer))
+            .chain(session_cert.clone())
+        {
+            let name = cert.metadata.name.clone().unwrap_or_default();
+            certificates
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&cert),
+                )
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Certificate",
+                    name: name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        let sessions = if session_cert.is_some() {
+            format!(
+                "Certificate {} writes the sessions' Secret {}",
+                names.session_tls, names.session_tls
+            )
+        } else {
+            format!(
+                "the sessions (namespace {}) need a certificate for {} from the same CA, from a \
+                 Certificate of their own",
+                v.session_namespace,
+                certs::SESSION_NAME
+            )
+        };
         return Ok(Security {
             condition: Some((
                 CERTIFICATES_READY,
                 true,
                 "CertManager",
                 format!(
-                    "Certificate {} from {} {} writes Secret {}; sessions need a certificate \
-                     for {} from the same issuer",
-                    names.gateway_tls,
-                    issuer.kind,
-                    issuer.name,
-                    names.gateway_tls,
-                    certs::SESSION_NAME
+                    "Certificate {} from {} {} writes Secret {}; {sessions}",
+                    names.gateway_tls, issuer.kind, issuer.name, names.gateway_tls,
                 ),
             )),
             renew_in: None,

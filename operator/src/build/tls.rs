@@ -10,7 +10,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
 use super::{common_labels, meta, Names, OWNER_NAMESPACE_LABEL};
-use crate::certs::{SecretValues, GATEWAY_NAME};
+use crate::certs::{SecretValues, GATEWAY_NAME, SESSION_NAME};
 use crate::crd::IssuerRef;
 use crate::validate::ValidatedGateway;
 
@@ -88,14 +88,35 @@ pub fn gateway_certificate(
     owner: &OwnerReference,
     issuer: &IssuerRef,
 ) -> DynamicObject {
-    let mut obj =
-        DynamicObject::new(&names.gateway_tls, &certificate_resource()).within(&v.namespace);
-    obj.metadata = meta(v, &names.gateway_tls, owner);
+    certificate(v, &names.gateway_tls, GATEWAY_NAME, owner, issuer)
+}
+
+/// The sessions' Certificate, when they share the gateway's namespace (an owned object there;
+/// in another namespace an `Issuer` would not be reachable and nothing could clean it up).
+pub fn session_certificate(
+    v: &ValidatedGateway,
+    names: &Names,
+    owner: &OwnerReference,
+    issuer: &IssuerRef,
+) -> Option<DynamicObject> {
+    (v.session_namespace == v.namespace)
+        .then(|| certificate(v, &names.session_tls, SESSION_NAME, owner, issuer))
+}
+
+fn certificate(
+    v: &ValidatedGateway,
+    secret: &str,
+    dns_name: &str,
+    owner: &OwnerReference,
+    issuer: &IssuerRef,
+) -> DynamicObject {
+    let mut obj = DynamicObject::new(secret, &certificate_resource()).within(&v.namespace);
+    obj.metadata = meta(v, secret, owner);
     obj.data = json!({
         "spec": {
-            "secretName": names.gateway_tls,
-            "commonName": GATEWAY_NAME,
-            "dnsNames": [GATEWAY_NAME],
+            "secretName": secret,
+            "commonName": dns_name,
+            "dnsNames": [dns_name],
             "usages": ["digital signature", "server auth", "client auth"],
             "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
             "issuerRef": {"name": issuer.name, "kind": issuer.kind, "group": issuer.group},
@@ -156,5 +177,25 @@ mod tests {
         assert_eq!(c.data["spec"]["issuerRef"]["kind"], "ClusterIssuer");
         let usages = c.data["spec"]["usages"].as_array().expect("usages");
         assert!(usages.contains(&json!("client auth")) && usages.contains(&json!("server auth")));
+    }
+
+    #[test]
+    fn the_sessions_certificate_is_made_only_beside_the_gateway() {
+        let issuer = IssuerRef {
+            name: "fleet-ca".into(),
+            kind: "Issuer".into(),
+            group: "cert-manager.io".into(),
+        };
+        let gw = gateway();
+        let owner = owner_ref(&gw).expect("owner");
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        assert!(session_certificate(&v, &Names::new("edge"), &owner, &issuer).is_none());
+        let mut same = gateway();
+        same.spec.session.service.namespace = None;
+        let v = validate(&same, &dereferenced()).expect("valid");
+        let c = session_certificate(&v, &Names::new("edge"), &owner, &issuer).expect("made");
+        assert_eq!(c.data["spec"]["secretName"], "edge-session-tls");
+        assert_eq!(c.data["spec"]["dnsNames"], json!(["mtproto-session"]));
+        assert_eq!(c.metadata.namespace.as_deref(), Some("edge"));
     }
 }
