@@ -8,7 +8,8 @@
 #
 #   1. control plane up (apiserver reachable from the test hosts too), helm install of the
 #      operator chart, one operator process as the chart's ServiceAccount, the
-#      MtprotoGateway e2e/fleet/gateway.yaml; its ConfigMap is what the gateways run
+#      MtprotoGateway e2e/fleet/gateway.yaml; its ConfigMap is what the gateways run, with
+#      mutual TLS to the sessions from the certificates the operator issued
 #   2. test hosts 10.77.0.11.. behind bridge 10.77.0.1, each running mtproto-session with
 #      its ring following the Service (--kubernetes-service); Redis on 10.77.0.1 holds the
 #      sessions' auth keys and salts (as teamgram's sessions share Redis)
@@ -186,7 +187,20 @@ while read -r path; do
   kubectl -n "$NS" get secret "$secret" -o "go-template={{index .data \"$key.pem\"}}" | base64 -d >"$ETC/$rel" \
     || kubectl -n "$NS" get secret "$secret" -o "go-template={{index .data \"$key\"}}" | base64 -d >"$ETC/$rel"
 done < <(sed -n 's/^rsa_private_keys = \[\(.*\)\]$/\1/p' "$OUT/gateway.toml" | tr ',' '\n' | tr -d ' "')
-sed "s|/etc/mtproto-gateway/|$ETC/|g" "$OUT/gateway.toml" >"$ETC/gateway.toml"
+# Mutual TLS on the session gRPC with the certificates the operator issued: the gateway's
+# Secret as the pod mounts it at /var/run/mtproto-gateway/session-tls, the sessions' Secret
+# as session pods mount it (examples/session.yaml).
+RUN="$OUT/var/run/mtproto-gateway"
+SESSION_TLS="$OUT/session-tls"
+mkdir -p "$RUN/session-tls" "$SESSION_TLS"
+wait_until 30 "the operator's gRPC certificates" kubectl -n "$NS" get secret edge-gateway-tls edge-session-tls
+for f in ca.crt tls.crt tls.key; do
+  grep -q "\"/var/run/mtproto-gateway/session-tls/$f\"" "$OUT/gateway.toml" || die "session.tls $f is not rendered"
+  kubectl -n "$NS" get secret edge-gateway-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$RUN/session-tls/$f"
+  kubectl -n "$NS" get secret edge-session-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$SESSION_TLS/$f"
+done
+sed -e "s|/etc/mtproto-gateway/|$ETC/|g" -e "s|/var/run/mtproto-gateway/|$RUN/|g" \
+  "$OUT/gateway.toml" >"$ETC/gateway.toml"
 openssl rsa -in "$OUT/gateway-rsa.pem" -RSAPublicKey_out -out "$OUT/server-rsa-public.pem" 2>/dev/null
 
 # ------------------------------------------------------------------------ sessions --
@@ -208,6 +222,7 @@ start_session() { # start_session <n>: test host n and the session process on it
     POD_NAMESPACE="$NS" "$BIN/mtproto-session" --listen "0.0.0.0:$SESSION_PORT" \
     --kubernetes-service session --kubernetes-port-name grpc \
     --redis-url "redis://$HOST_IP:$REDIS_PORT" \
+    --tls-ca "$SESSION_TLS/ca.crt" --tls-cert "$SESSION_TLS/tls.crt" --tls-key "$SESSION_TLS/tls.key" \
     --log-level "info,mtproto_session::grpc_server=trace" >>"$OUT/session-$n.log" 2>&1 &
   PID[session-$n]=$!
   wait_until 20 "session $n listening" bash -c "exec 3<>/dev/tcp/$(session_ip "$n")/$SESSION_PORT"

@@ -15,7 +15,8 @@
 #      leader on the chart's Lease name in the release namespace
 #   6. Rust integration tests (operator/tests/e2e.rs, `--ignored`): objects, owner
 #      references, status, printer columns, kubectl scale, Secret roll, delete cascade,
-#      invalid CRs refused, missing Secret reported, ServiceMonitor; then leader failover
+#      invalid CRs refused, missing Secret reported, ServiceMonitor, the gRPC certificates
+#      and the default NetworkPolicy, the plaintext warning; then leader failover
 #      (SIGKILL); then the tests' namespaces are deleted while an operator still runs
 #      (the gateways carry a finalizer); the last leader must exit 0 on SIGTERM and
 #      release the Lease
@@ -123,6 +124,24 @@ done
 grep -q '^kind: MtprotoGateway$' "$OUT/rendered.yaml" && die "the chart must not install a MtprotoGateway"
 grep -q 'helm.sh/resource-policy: keep' "$OUT/rendered.yaml" || die "crds.keep (default) does not annotate the CRD"
 grep -q 'topologyKey: kubernetes.io/hostname' "$OUT/rendered.yaml" || die "no default topology spread"
+# watchNamespaces: namespaced Roles in the watched and session namespaces, no ClusterRole.
+helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --skip-tests \
+  --set 'watchNamespaces={gw-a,gw-b}' --set 'sessionNamespaces={sessions}' >"$OUT/rendered-namespaced.yaml" \
+  || die "helm template (watchNamespaces)"
+grep -q '^kind: ClusterRole' "$OUT/rendered-namespaced.yaml" && die "watchNamespaces still renders a ClusterRole"
+python3 - "$OUT/rendered-namespaced.yaml" <<'PY' || die "watchNamespaces: Roles/RoleBindings or env missing (above)"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+where = lambda kind: sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith("operator") )
+env = {e["name"]: e.get("value") for d in docs if d["kind"] == "Deployment" for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+want = ["gw-a", "gw-b", "sessions"]
+ok = where("Role") == want and where("RoleBinding") == want \
+  and env.get("OPERATOR_WATCH_NAMESPACES") == "gw-a,gw-b" and env.get("OPERATOR_SESSION_NAMESPACES") == "sessions" \
+  and env.get("OPERATOR_LOG_FORMAT") == "json"
+if not ok:
+    print(where("Role"), where("RoleBinding"), env, file=sys.stderr)
+sys.exit(0 if ok else 1)
+PY
 helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set crds.install=false \
   | grep -q '^kind: CustomResourceDefinition$' && die "crds.install=false still renders the CRD"
 helm template "$RELEASE" charts/mtproto-operator -n "$RELEASE_NS" --set crds.keep=false \

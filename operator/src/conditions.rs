@@ -16,6 +16,12 @@ pub const PROGRESSING: &str = "Progressing";
 /// Something needs attention: an invalid spec, a failed apply or a stuck rollout.
 pub const DEGRADED: &str = "Degraded";
 
+/// Whether the gRPC between gateways and sessions is plaintext: `True` is a
+/// warning (auth keys and messages cross the pod network in the clear).
+pub const PLAINTEXT_SESSION_RPC: &str = "PlaintextSessionRPC";
+/// The gateway's gRPC certificate is issued (by the operator's CA or cert-manager).
+pub const CERTIFICATES_READY: &str = "CertificatesReady";
+
 /// Inputs that decide the conditions.
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
@@ -27,6 +33,8 @@ pub struct Observed<'a> {
     pub deployment: Option<&'a Deployment>,
     /// Why this reconcile failed, if it did: (reason, message).
     pub failure: Option<(&'a str, &'a str)>,
+    /// Conditions decided elsewhere (session gRPC security), passed through.
+    pub extra: &'a [Decision],
 }
 
 /// Replica counts taken from the Deployment.
@@ -61,6 +69,7 @@ pub fn compute(o: &Observed<'_>, previous: &[Condition], now: Time) -> Vec<Condi
     let (ready, progressing, degraded) = decide(o);
     [availability(o), ready, progressing, degraded]
         .into_iter()
+        .chain(o.extra.iter().cloned())
         .map(|(type_, status, reason, message)| {
             let status = if status { "True" } else { "False" }.to_owned();
             let last_transition_time = previous
@@ -80,7 +89,35 @@ pub fn compute(o: &Observed<'_>, previous: &[Condition], now: Time) -> Vec<Condi
         .collect()
 }
 
-type Decision = (&'static str, bool, &'static str, String);
+/// A condition as decided: type, status, reason, message.
+pub type Decision = (&'static str, bool, &'static str, String);
+
+/// The session gRPC security conditions: plaintext is a standing warning;
+/// otherwise `certificates` says whether the gateway certificate is there
+/// (`None` while not known, e.g. after a failed reconcile).
+pub fn session_security(plaintext: bool, certificates: Option<Decision>) -> Vec<Decision> {
+    if plaintext {
+        return vec![(
+            PLAINTEXT_SESSION_RPC,
+            true,
+            "PlaintextByChoice",
+            "spec.session.tls.mode is plaintext: anyone on the pod network can read auth keys \
+             and messages between gateways and sessions, call sessions as a gateway and push \
+             messages to clients through the gateways; use mode mutual once the sessions \
+             support TLS"
+                .to_owned(),
+        )];
+    }
+    let mut out = vec![(
+        PLAINTEXT_SESSION_RPC,
+        false,
+        "MutualTLS",
+        "gateways and sessions authenticate each other with certificates of the fleet's CA"
+            .to_owned(),
+    )];
+    out.extend(certificates);
+    out
+}
 
 /// From the Deployment alone: a failed reconcile does not stop pods that serve.
 fn availability(o: &Observed<'_>) -> Decision {
@@ -243,6 +280,44 @@ fn reason_const(label: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plaintext_is_a_warning_condition_naming_the_risk() {
+        let c = super::compute(
+            &super::Observed {
+                extra: &super::session_security(true, None),
+                ..observed(None, 3)
+            },
+            &[],
+            t(10),
+        );
+        let p = get(&c, super::PLAINTEXT_SESSION_RPC);
+        assert_eq!(p.status, "True");
+        assert_eq!(p.reason, "PlaintextByChoice");
+        assert!(p.message.contains("auth keys"));
+        assert!(c.iter().all(|c| c.type_ != super::CERTIFICATES_READY));
+
+        let cert = (
+            super::CERTIFICATES_READY,
+            false,
+            "CertManagerMissing",
+            "install cert-manager".to_owned(),
+        );
+        let mutual = super::session_security(false, Some(cert));
+        let c = super::compute(
+            &super::Observed {
+                extra: &mutual,
+                ..observed(None, 3)
+            },
+            &[],
+            t(10),
+        );
+        assert_eq!(get(&c, super::PLAINTEXT_SESSION_RPC).status, "False");
+        assert_eq!(
+            get(&c, super::CERTIFICATES_READY).reason,
+            "CertManagerMissing"
+        );
+    }
+
     use super::*;
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -288,6 +363,7 @@ mod tests {
             replicas,
             deployment: d,
             failure: None,
+            extra: &[],
         }
     }
 

@@ -30,12 +30,17 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::build::tls::{
+    certificate_resource, gateway_certificate, owned_secret, session_certificate, session_secret,
+    session_tls_name,
+};
 use crate::build::{self, service_monitor_resource, Built, MANAGER, OWNER_NAMESPACE_LABEL};
-use crate::conditions::{self, Observed, AVAILABLE};
-use crate::crd::{MtprotoGateway, MtprotoGatewayStatus, RsaKeyStatus};
+use crate::certs::{self, SecretValues};
+use crate::conditions::{self, Decision, Observed, AVAILABLE, CERTIFICATES_READY};
+use crate::crd::{MtprotoGateway, MtprotoGatewayStatus, RsaKeyStatus, SessionTlsMode};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::validate::{referenced_keys, validate, Dereferenced};
+use crate::validate::{referenced_keys, validate, Dereferenced, ValidatedGateway};
 
 /// Finalizer that removes objects garbage collection cannot reach (the EndpointSlice reader
 /// Role in another namespace).
@@ -250,8 +255,11 @@ async fn run_one(
                     .state()
                     .into_iter()
                     .filter(|gw| {
+                        let names = build::Names::new(&gw.name_any());
                         gw.namespace() == ns
-                            && referenced_keys(gw).iter().any(|k| k.secret_name == name)
+                            && (referenced_keys(gw).iter().any(|k| k.secret_name == name)
+                                || [names.ca_secret, names.gateway_tls, names.session_tls]
+                                    .contains(&name))
                     })
                     .map(|gw| ObjectRef::from_obj(&*gw))
                     .collect::<Vec<_>>()
@@ -348,13 +356,17 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
     let mut deref = dereference(gw, &ctx.client).await?;
     deref.allowed_session_namespaces = ctx.allowed_session_namespaces.clone();
     let outcome = match validate(gw, &deref).and_then(|v| build::build(gw, &v).map(|b| (v, b))) {
-        Ok((v, built)) => apply_all(gw, &built, &v.session_namespace, ctx)
-            .await
-            .map(|applied| (v, applied)),
+        Ok((v, built)) => match ensure_certificates(gw, &v, ctx).await {
+            Ok(security) => apply_all(gw, &built, &v.session_namespace, ctx)
+                .await
+                .map(|applied| (v, applied, security)),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
+    let plaintext = gw.spec.session.tls.mode == SessionTlsMode::Plaintext;
     match outcome {
-        Ok((v, applied)) => {
+        Ok((v, applied, security)) => {
             let first_for_generation =
                 gw.status.as_ref().and_then(|s| s.observed_generation) != gw.metadata.generation;
             let service_monitor = v.service_monitor;
@@ -367,6 +379,7 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
                     rsa_keys: v.rsa_status,
                 },
                 None,
+                &conditions::session_security(plaintext, security.condition.clone()),
             );
             patch_status(gw, &status, ctx).await?;
             if first_for_generation {
@@ -389,8 +402,20 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
                 .await;
             }
             announce_transitions(gw, &status, ctx).await;
+            if let Some((_, false, reason, message)) = &security.condition {
+                ctx.publish(
+                    gw,
+                    EventType::Warning,
+                    reason,
+                    "Certificates",
+                    message.clone(),
+                )
+                .await;
+            }
             ctx.succeeded(gw);
-            Ok(Action::requeue(RESYNC))
+            Ok(Action::requeue(
+                security.renew_in.map_or(RESYNC, |d| d.min(RESYNC)),
+            ))
         }
         Err(err) => {
             let deployment = current_deployment(gw, &ctx.client).await;
@@ -404,6 +429,7 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
                     rsa_keys: previous.rsa_keys,
                 },
                 Some((err.metric_label(), &err.to_string())),
+                &conditions::session_security(plaintext, None),
             );
             if let Err(e) = patch_status(gw, &status, ctx).await {
                 warn!(error = %e, "could not record the failure in status");
@@ -429,6 +455,7 @@ async fn apply(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
 
 async fn cleanup(gw: &MtprotoGateway, ctx: &Context) -> Result<Action, Error> {
     prune_foreign_readers(gw, None, ctx).await?;
+    delete_foreign_session_secret(gw, &ctx.client).await?;
     ctx.succeeded(gw);
     info!(gateway = %gw.name_any(), "cleaned up; owned objects follow by garbage collection");
     Ok(Action::await_change())
@@ -461,7 +488,237 @@ async fn dereference(gw: &MtprotoGateway, client: &Client) -> Result<Dereference
     if gw.spec.metrics.service_monitor.enabled {
         out.service_monitor_api = service_monitor_served(client).await?;
     }
+    let session = &gw.spec.session.service;
+    let session_ns = session.namespace.as_deref().unwrap_or(&ns);
+    // Unreadable or absent: the NetworkPolicy falls back to the session namespace as a whole.
+    match Api::<Service>::namespaced(client.clone(), session_ns)
+        .get_opt(&session.name)
+        .await
+    {
+        Ok(svc) => out.session_selector = svc.and_then(|s| s.spec).and_then(|s| s.selector),
+        Err(e) => warn!(
+            service = %format!("{session_ns}/{}", session.name),
+            error = %e,
+            "cannot read the session Service; the NetworkPolicy admits its whole namespace"
+        ),
+    }
     Ok(out)
+}
+
+/// What the certificate step decided for status and requeueing.
+#[derive(Debug, Default)]
+struct Security {
+    /// The `CertificatesReady` condition; `None` in plaintext mode.
+    condition: Option<Decision>,
+    /// Time until the next renewal is due (operator-issued certificates only).
+    renew_in: Option<Duration>,
+}
+
+/// Makes sure the gateway's gRPC certificate Secret exists and is fresh: from cert-manager
+/// when the spec names an issuer, else from the operator's own CA for this gateway.
+async fn ensure_certificates(
+    gw: &MtprotoGateway,
+    v: &ValidatedGateway,
+    ctx: &Context,
+) -> Result<Security, Error> {
+    let tls = &gw.spec.session.tls;
+    if tls.mode == SessionTlsMode::Plaintext {
+        return Ok(Security::default());
+    }
+    let client = &ctx.client;
+    let names = build::Names::new(&v.name);
+    let owner = build::owner_ref(gw)?;
+    if let Some(issuer) = &tls.issuer_ref {
+        if !cert_manager_served(client).await? {
+            return Ok(Security {
+                condition: Some((
+                    CERTIFICATES_READY,
+                    false,
+                    "CertManagerMissing",
+                    format!(
+                        "spec.session.tls.issuerRef names {} {} but cert-manager's Certificate \
+                         API (cert-manager.io/v1) is not served, so Secret {} is not issued and \
+                         the pods wait for it: install cert-manager, or remove issuerRef to let \
+                         the operator issue the certificates",
+                        issuer.kind, issuer.name, names.gateway_tls
+                    ),
+                )),
+                renew_in: None,
+            });
+        }
+        let certificates: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &v.namespace, &certificate_resource());
+        let session_cert = session_certificate(v, &names, &owner, issuer);
+        for cert in std::iter::once(gateway_certificate(v, &names, &owner, issuer))
+            .chain(session_cert.clone())
+        {
+            let name = cert.metadata.name.clone().unwrap_or_default();
+            certificates
+                .patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&cert),
+                )
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Certificate",
+                    name: name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        let sessions = if session_cert.is_some() {
+            format!(
+                "Certificate {} writes the sessions' Secret {}",
+                names.session_tls, names.session_tls
+            )
+        } else {
+            format!(
+                "the sessions (namespace {}) need a certificate for {} from the same CA, from a \
+                 Certificate of their own",
+                v.session_namespace,
+                certs::SESSION_NAME
+            )
+        };
+        return Ok(Security {
+            condition: Some((
+                CERTIFICATES_READY,
+                true,
+                "CertManager",
+                format!(
+                    "Certificate {} from {} {} writes Secret {}; {sessions}",
+                    names.gateway_tls, issuer.kind, issuer.name, names.gateway_tls,
+                ),
+            )),
+            renew_in: None,
+        });
+    }
+
+    let ca = read_secret(client, &v.namespace, &names.ca_secret).await?;
+    let gateway = read_secret(client, &v.namespace, &names.gateway_tls).await?;
+    let session_tls = session_tls_name(&names, &v.namespace, &v.session_namespace);
+    let session = read_secret(client, &v.session_namespace, &session_tls).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let plan = certs::plan(
+        certs::Found {
+            ca: ca.as_ref(),
+            gateway: gateway.as_ref(),
+            session: session.as_ref(),
+        },
+        certs::Identities {
+            ca: &format!("{}.{} mtproto gRPC CA", v.name, v.namespace),
+            gateway: certs::GATEWAY_NAME,
+            session: certs::SESSION_NAME,
+        },
+        now,
+    )?;
+    if let Some(values) = &plan.ca {
+        ssa(client, &owned_secret(v, &names.ca_secret, &owner, values)).await?;
+        info!(gateway = %v.name, secret = %names.ca_secret, "issued the fleet CA");
+    }
+    if let Some(values) = &plan.gateway {
+        ssa(client, &owned_secret(v, &names.gateway_tls, &owner, values)).await?;
+        info!(gateway = %v.name, secret = %names.gateway_tls, "issued the gateway certificate");
+    }
+    if let Some(values) = &plan.session {
+        ssa(client, &session_secret(v, &names, &owner, values)).await?;
+        info!(gateway = %v.name, namespace = %v.session_namespace, secret = %session_tls, "issued the session certificate");
+    }
+    let renew_in = plan
+        .next_renewal
+        .saturating_sub(now.unix_timestamp())
+        .max(1);
+    Ok(Security {
+        condition: Some((
+            CERTIFICATES_READY,
+            true,
+            "Issued",
+            format!(
+                "the operator's CA ({}) issued Secret {} (mounted) and Secret {} in namespace {} \
+                 for the sessions to mount; next renewal at {}",
+                names.ca_secret,
+                names.gateway_tls,
+                session_tls,
+                v.session_namespace,
+                Timestamp::from_second(plan.next_renewal)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            ),
+        )),
+        renew_in: Some(Duration::from_secs(renew_in.unsigned_abs())),
+    })
+}
+
+/// The values of Secret `ns/name`, or `None` if it does not exist.
+async fn read_secret(client: &Client, ns: &str, name: &str) -> Result<Option<SecretValues>, Error> {
+    let found = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Read {
+            what: format!("Secret {ns}/{name}"),
+            source: Box::new(source),
+        })?;
+    Ok(found.map(|s| {
+        s.data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    }))
+}
+
+/// Deletes the sessions' certificate Secret a gateway left in another namespace (garbage
+/// collection cannot follow it there), if the labels say it is this gateway's.
+async fn delete_foreign_session_secret(gw: &MtprotoGateway, client: &Client) -> Result<(), Error> {
+    let ns = gw.namespace().unwrap_or_default();
+    let Some(session_ns) = gw.spec.session.service.namespace.as_deref() else {
+        return Ok(());
+    };
+    if session_ns == ns {
+        return Ok(());
+    }
+    let name = session_tls_name(&build::Names::new(&gw.name_any()), &ns, session_ns);
+    let api = Api::<Secret>::namespaced(client.clone(), session_ns);
+    let err = |source| Error::Delete {
+        kind: "Secret",
+        name: name.clone(),
+        source: Box::new(source),
+    };
+    let existing = api.get_metadata_opt(&name).await.map_err(err)?;
+    let mine = existing.is_some_and(|m| {
+        m.metadata.labels.as_ref().is_some_and(|l| {
+            l.get(OWNER_NAMESPACE_LABEL) == Some(&ns)
+                && l.get("app.kubernetes.io/instance") == Some(&gw.name_any())
+        })
+    });
+    if !mine {
+        return Ok(());
+    }
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(err(source)),
+    }
+}
+
+/// Whether cert-manager's `cert-manager.io/v1` Certificates are served.
+async fn cert_manager_served(client: &Client) -> Result<bool, Error> {
+    let read_err = |source| Error::Read {
+        what: "API discovery of cert-manager.io".to_owned(),
+        source: Box::new(source),
+    };
+    let groups = client.list_api_groups().await.map_err(read_err)?;
+    if !groups
+        .groups
+        .iter()
+        .any(|g| g.name == "cert-manager.io" && g.versions.iter().any(|v| v.version == "v1"))
+    {
+        return Ok(false);
+    }
+    let resources = client
+        .list_api_group_resources("cert-manager.io/v1")
+        .await
+        .map_err(read_err)?;
+    Ok(resources.resources.iter().any(|r| r.name == "certificates"))
 }
 
 /// Whether `monitoring.coreos.com/v1` serves ServiceMonitors. Asks the group list first, so
@@ -772,6 +1029,7 @@ fn status_for(
     deployment: Option<&Deployment>,
     published: Published,
     failure: Option<(&str, &str)>,
+    extra: &[Decision],
 ) -> MtprotoGatewayStatus {
     let previous = gw
         .status
@@ -783,6 +1041,7 @@ fn status_for(
         replicas: gw.spec.replicas,
         deployment,
         failure,
+        extra,
     };
     let counts = conditions::replicas(deployment);
     MtprotoGatewayStatus {

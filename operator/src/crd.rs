@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -109,6 +109,10 @@ pub struct MtprotoGatewaySpec {
     /// Gateway log level.
     #[serde(default)]
     pub log_level: LogLevel,
+
+    /// Gateway log format: `json` (one object per line, for log collectors) or `text`.
+    #[serde(default)]
+    pub log_format: LogFormat,
 
     /// Seconds a pod gets after SIGTERM: the lame-duck delay, then the drain of
     /// open connections (for what is left less 5 s), then the close of the rest.
@@ -308,6 +312,25 @@ impl LogLevel {
     }
 }
 
+/// Gateway log format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    /// The value the gateway's `MTPROTO_LOG_FORMAT` expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Text => "text",
+        }
+    }
+}
+
 /// One client-facing listener.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -441,6 +464,79 @@ pub struct SessionSpec {
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub grpc_port: i32,
+    /// Address the reverse-path listener binds: `podIP` (the pod's own IP from
+    /// the downward API, so nothing else on the node's network namespace
+    /// reaches it) or `any` (0.0.0.0, e.g. for IPv6-only clusters).
+    #[serde(default)]
+    pub grpc_bind: GrpcBind,
+    /// Security of the gRPC between gateways and sessions.
+    #[serde(default)]
+    pub tls: SessionTlsSpec,
+}
+
+/// Where the reverse-path gRPC listener binds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GrpcBind {
+    #[default]
+    #[serde(rename = "podIP")]
+    PodIp,
+    #[serde(rename = "any")]
+    Any,
+}
+
+/// Mutual TLS between gateways and sessions.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.issuerRef) || self.mode == 'mutual'")
+        .message("issuerRef applies only to mode mutual (plaintext uses no certificates)")
+        .field_path(".issuerRef")
+)]
+pub struct SessionTlsSpec {
+    /// `mutual`: both gRPC directions use TLS with certificates from the
+    /// fleet's CA. `plaintext`: no TLS, for teamgram Go sessions; anyone on the
+    /// pod network can then read auth keys and push messages to clients, so
+    /// status carries a `PlaintextSessionRPC` warning condition.
+    #[serde(default)]
+    pub mode: SessionTlsMode,
+    /// A cert-manager issuer for the gateway certificate; unset: the operator
+    /// runs its own CA per gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// How the session gRPC is secured.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionTlsMode {
+    #[default]
+    Mutual,
+    Plaintext,
+}
+
+/// A cert-manager `Issuer` or `ClusterIssuer`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Issuer name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` (in the gateway's namespace) or `ClusterIssuer`.
+    #[serde(default = "default_issuer_kind")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+    /// API group of the issuer.
+    #[serde(default = "default_issuer_group")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: String,
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".to_owned()
+}
+
+fn default_issuer_group() -> String {
+    "cert-manager.io".to_owned()
 }
 
 fn default_grpc_port() -> i32 {
@@ -881,19 +977,38 @@ impl Default for ServiceMonitorSpec {
 }
 
 /// NetworkPolicy settings.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
-    /// Whether to create the NetworkPolicy.
-    #[serde(default)]
+    /// Whether to create the NetworkPolicy (clients on the listeners, the
+    /// session Service's pods on the reverse-path port, monitoring on the admin port).
+    #[serde(default = "default_true")]
     pub enabled: bool,
     /// Client CIDRs allowed on the listeners; empty means anywhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_cidrs: Vec<String>,
     /// Namespaces (by `kubernetes.io/metadata.name`) allowed to scrape the admin port;
-    /// empty means any namespace.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// an explicit empty list means any namespace.
+    #[serde(default = "default_metrics_namespaces")]
     pub metrics_namespaces: Vec<String>,
+    /// Pods in those namespaces allowed to scrape the admin port; unset: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_pod_selector: Option<LabelSelector>,
+}
+
+fn default_metrics_namespaces() -> Vec<String> {
+    vec!["monitoring".to_owned()]
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            client_cidrs: Vec::new(),
+            metrics_namespaces: default_metrics_namespaces(),
+            metrics_pod_selector: None,
+        }
+    }
 }
 
 /// Observed state, written only by the operator.
@@ -1056,6 +1171,35 @@ mod tests {
         let mut gw = gateway();
         gw.spec.service.type_ = ServiceType::ClusterIP;
         assert!(cel_error(&gw).contains("externalTrafficPolicy"));
+    }
+
+    #[test]
+    fn cel_keeps_issuer_ref_to_mutual_tls() {
+        let mut gw = gateway();
+        gw.spec.session.tls.issuer_ref = Some(IssuerRef {
+            name: "fleet-ca".into(),
+            kind: default_issuer_kind(),
+            group: default_issuer_group(),
+        });
+        gw.validate_cel().expect("cert-manager for mutual TLS");
+        gw.spec.session.tls.mode = SessionTlsMode::Plaintext;
+        assert!(cel_error(&gw).contains("issuerRef applies only to mode mutual"));
+    }
+
+    #[test]
+    fn session_security_and_policy_defaults_are_the_safe_ones() {
+        let spec: MtprotoGatewaySpec = serde_json::from_value(json!({
+            "listeners": [{"name": "tcp", "port": 10443}],
+            "rsaKeys": [{"secretName": "rsa", "key": "k"}],
+            "session": {"service": {"name": "session"}}
+        }))
+        .expect("minimal spec");
+        assert_eq!(spec.session.tls.mode, SessionTlsMode::Mutual);
+        assert!(spec.session.tls.issuer_ref.is_none());
+        assert_eq!(spec.session.grpc_bind, GrpcBind::PodIp);
+        assert!(spec.network_policy.enabled);
+        assert_eq!(spec.network_policy.metrics_namespaces, ["monitoring"]);
+        assert_eq!(spec.log_format, LogFormat::Json);
     }
 
     #[test]

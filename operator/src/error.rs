@@ -53,6 +53,10 @@ pub enum Error {
     #[error("rendering gateway config: {0}")]
     Render(#[from] toml::ser::Error),
 
+    /// Issuing the gRPC certificates failed.
+    #[error("issuing the session gRPC certificates: {0}")]
+    Certificate(#[from] crate::certs::CertError),
+
     /// Adding or removing the finalizer failed, or the wrapped step failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -71,6 +75,7 @@ impl Error {
             Self::CacheNotReady(_) => "cache_not_ready",
             Self::Status(_) => "status",
             Self::Render(_) => "render",
+            Self::Certificate(_) => "certificate",
             Self::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -64,6 +64,7 @@ pub fn dereferenced() -> Dereferenced {
         .into_iter()
         .collect(),
     );
+    d.session_selector = Some([("app".to_owned(), "session".to_owned())].into());
     d
 }
 

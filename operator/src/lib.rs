@@ -4,6 +4,7 @@
 //! [`build`] (pure) → apply (server-side apply) → [`conditions`] → status; see [`controller`].
 
 pub mod build;
+pub mod certs;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -30,6 +30,8 @@ pub struct Dereferenced {
     /// `--session-namespaces`); `None` allows any. The operator creates a Role
     /// there, so this bounds where a gateway's author can make it write.
     pub allowed_session_namespaces: Option<BTreeSet<String>>,
+    /// The pod selector of the session Service, when it exists and has one.
+    pub session_selector: Option<BTreeMap<String, String>>,
 }
 
 /// A Secret value mounted as a file (an RSA key, a TLS certificate or key).
@@ -68,6 +70,9 @@ pub struct ValidatedGateway {
     pub secrets_hash: String,
     /// Whether to create a ServiceMonitor.
     pub service_monitor: bool,
+    /// Labels of the session pods (the session Service's selector); `None`: unknown, so the
+    /// NetworkPolicy admits the whole session namespace on the reverse-path port.
+    pub session_pod_selector: Option<BTreeMap<String, String>>,
 }
 
 /// Checks `gw` against the objects it references.
@@ -192,6 +197,7 @@ pub fn validate(gw: &MtprotoGateway, deref: &Dereferenced) -> Result<ValidatedGa
         rsa_status,
         listener_tls,
         service_monitor: spec.metrics.service_monitor.enabled && deref.service_monitor_api,
+        session_pod_selector: deref.session_selector.clone().filter(|s| !s.is_empty()),
     })
 }
 

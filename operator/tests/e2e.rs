@@ -320,7 +320,11 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
     );
     assert_eq!(
         ctr.args.clone().unwrap_or_default(),
-        ["--config", "/etc/mtproto-gateway/gateway.toml"]
+        [
+            "--config",
+            "/etc/mtproto-gateway/gateway.toml",
+            "--grpc-listen=$(POD_IP):20110"
+        ]
     );
     let env: Vec<_> = ctr.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
@@ -328,7 +332,8 @@ async fn example_cr_becomes_a_ready_fleet() -> TestResult {
         [
             "POD_IP",
             "MTPROTO_GATEWAY_AUTH_KEYS__REDIS_URL",
-            "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL"
+            "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL",
+            "MTPROTO_LOG_FORMAT"
         ]
     );
     let sc = ctr.security_context.as_ref().expect("security context");
@@ -602,6 +607,256 @@ async fn deleting_the_gateway_deletes_what_it_owned() -> TestResult {
     gone!(ServiceAccount, &ns, "edge");
     gone!(Role, SESSION_NS, &reader);
     gone!(RoleBinding, SESSION_NS, &reader);
+    gone!(Secret, &ns, "edge-ca");
+    gone!(Secret, &ns, "edge-gateway-tls");
+    gone!(Secret, SESSION_NS, &format!("{ns}-edge-session-tls"));
+    Ok(())
+}
+
+/// Value of `key` in Secret `ns/name`, once it exists.
+async fn secret_value(c: &Client, ns: &str, name: &str, key: &str) -> Vec<u8> {
+    let api: Api<Secret> = Api::namespaced(c.clone(), ns);
+    wait_until(&format!("Secret {ns}/{name} key {key}"), WAIT, || async {
+        let s = api.get_opt(name).await.ok()??;
+        s.data?.get(key).map(|v| v.0.clone())
+    })
+    .await
+}
+
+/// Waits until condition `type_` of `ns/name` has `status` and `reason`.
+async fn wait_condition(
+    c: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Condition {
+    let api: Api<MtprotoGateway> = Api::namespaced(c.clone(), ns);
+    wait_until(
+        &format!("{ns}/{name} {type_}={status} ({reason})"),
+        WAIT,
+        || async {
+            let gw = api.get(name).await.ok()?;
+            condition(&gw, type_)
+                .filter(|c| c.status == status && c.reason == reason)
+                .cloned()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane and running operators (e2e/operator/run.sh)"]
+async fn session_grpc_certificates_network_policy_and_plaintext() -> TestResult {
+    use mtproto_operator::certs::{validity, CA_KEY, CERT_KEY, KEY_KEY};
+    let c = client().await;
+    let ns = namespace_with_secrets(&c, "e2e-tls").await;
+    // The session Service the gateway points at; its selector becomes the policy's peer.
+    let session_svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "session"},
+        "spec": {"selector": {"app": "e2e-session"}, "ports": [{"name": "grpc", "port": 20120}]}
+    }))?;
+    match Api::<Service>::namespaced(c.clone(), SESSION_NS)
+        .create(&PostParams::default(), &session_svc)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    // The example without networkPolicy and session.tls: both by default.
+    let mut spec = serde_json::to_value(example(&ns))?;
+    if let Some(s) = spec["spec"].as_object_mut() {
+        s.remove("networkPolicy");
+    }
+    let gw: MtprotoGateway = serde_json::from_value(spec.clone())?;
+    let applied = Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .patch(
+            "edge",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&spec),
+        )
+        .await?;
+    assert!(gw.spec.network_policy.enabled);
+    let gw = wait_ready(&c, &ns, "edge", WAIT).await;
+    assert_eq!(applied.metadata.uid, gw.metadata.uid);
+    wait_condition(&c, &ns, "edge", "CertificatesReady", "True", "Issued").await;
+    wait_condition(&c, &ns, "edge", "PlaintextSessionRPC", "False", "MutualTLS").await;
+
+    // The CA and both certificates, one trust bundle.
+    let session_secret = format!("{ns}-edge-session-tls");
+    let ca = secret_value(&c, &ns, "edge-ca", CA_KEY).await;
+    let gw_cert = secret_value(&c, &ns, "edge-gateway-tls", CERT_KEY).await;
+    let session_cert = secret_value(&c, SESSION_NS, &session_secret, CERT_KEY).await;
+    assert!(validity(&gw_cert).is_some() && validity(&session_cert).is_some());
+    assert_eq!(secret_value(&c, &ns, "edge-gateway-tls", CA_KEY).await, ca);
+    assert_eq!(
+        secret_value(&c, SESSION_NS, &session_secret, CA_KEY).await,
+        ca
+    );
+    for name in ["edge-ca", "edge-gateway-tls"] {
+        let s = Api::<Secret>::namespaced(c.clone(), &ns).get(name).await?;
+        assert_owned(&s.metadata, &gw);
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"));
+    }
+    report(&format!(
+        "certificates: CA, gateway and session Secrets issued for {ns}/edge"
+    ));
+
+    // Mounted into the pods, outside the config hash; rendered in the config.
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    let d = deployments.get("edge").await?;
+    let pod = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("edge-gateway-tls")
+        })
+        .expect("the gateway certificate is a volume");
+    assert!(pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.name == volume.name && m.mount_path == "/var/run/mtproto-gateway/session-tls"));
+    assert!(pod.containers[0]
+        .args
+        .iter()
+        .flatten()
+        .any(|a| a == "--grpc-listen=$(POD_IP):20110"));
+    let config = Api::<ConfigMap>::namespaced(c.clone(), &ns)
+        .get("edge-config")
+        .await?;
+    let toml = config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("gateway.toml"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(toml.contains("[session.tls]"), "{toml}");
+
+    // The NetworkPolicy, on by default: gRPC only from the session Service's pods.
+    let np = Api::<NetworkPolicy>::namespaced(c.clone(), &ns)
+        .get("edge")
+        .await?;
+    assert_owned(&np.metadata, &gw);
+    let grpc_rule = np
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.as_ref())
+        .and_then(|r| r.get(1))
+        .and_then(|r| r.from.as_ref())
+        .and_then(|f| f.first())
+        .cloned()
+        .expect("the reverse-path rule");
+    assert_eq!(
+        grpc_rule
+            .pod_selector
+            .and_then(|s| s.match_labels)
+            .map(|l| l["app"].clone())
+            .as_deref(),
+        Some("e2e-session")
+    );
+
+    // A broken certificate is rewritten in place; the pods do not roll.
+    let template_before = template_hash(&d);
+    let generation_before = d.metadata.generation;
+    let broken = serde_json::json!({"data": {KEY_KEY: "bm90IGEga2V5"}});
+    Api::<Secret>::namespaced(c.clone(), &ns)
+        .patch(
+            "edge-gateway-tls",
+            &PatchParams::default(),
+            &Patch::Merge(&broken),
+        )
+        .await?;
+    let reissued = wait_until("the gateway certificate reissued", WAIT, || async {
+        let cert = Api::<Secret>::namespaced(c.clone(), &ns)
+            .get("edge-gateway-tls")
+            .await
+            .ok()?
+            .data?
+            .get(CERT_KEY)?
+            .0
+            .clone();
+        (cert != gw_cert).then_some(cert)
+    })
+    .await;
+    assert!(validity(&reissued).is_some());
+    let d = deployments.get("edge").await?;
+    assert_eq!(template_hash(&d), template_before);
+    assert_eq!(d.metadata.generation, generation_before, "no rollout");
+
+    // cert-manager named but not installed: a condition with the fix.
+    let mut with_issuer = spec.clone();
+    with_issuer["spec"]["session"]["tls"] =
+        serde_json::json!({"mode": "mutual", "issuerRef": {"name": "fleet-ca"}});
+    Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .patch(
+            "edge",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&with_issuer),
+        )
+        .await?;
+    let missing = wait_condition(
+        &c,
+        &ns,
+        "edge",
+        "CertificatesReady",
+        "False",
+        "CertManagerMissing",
+    )
+    .await;
+    assert!(
+        missing.message.contains("install cert-manager"),
+        "{}",
+        missing.message
+    );
+
+    // Plaintext: a warning condition, plaintext rendered, nothing mounted.
+    let mut plaintext = spec.clone();
+    plaintext["spec"]["session"]["tls"] = serde_json::json!({"mode": "plaintext"});
+    Api::<MtprotoGateway>::namespaced(c.clone(), &ns)
+        .patch(
+            "edge",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&plaintext),
+        )
+        .await?;
+    let warning = wait_condition(
+        &c,
+        &ns,
+        "edge",
+        "PlaintextSessionRPC",
+        "True",
+        "PlaintextByChoice",
+    )
+    .await;
+    assert!(warning.message.contains("auth keys"));
+    let toml = Api::<ConfigMap>::namespaced(c.clone(), &ns)
+        .get("edge-config")
+        .await?
+        .data
+        .and_then(|d| d.get("gateway.toml").cloned())
+        .unwrap_or_default();
+    assert!(toml.contains("plaintext = true") && !toml.contains("[session.tls]"));
+    let d = deployments.get("edge").await?;
+    assert!(d
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.volumes)
+        .unwrap_or_default()
+        .iter()
+        .all(|v| v.secret.is_none()));
+    report(&format!(
+        "plaintext: {ns}/edge PlaintextSessionRPC=True ({})",
+        warning.reason
+    ));
     Ok(())
 }
 

@@ -5,12 +5,16 @@
 
 use serde::Serialize;
 
-use crate::crd::{KeyLookup, MtprotoGatewaySpec, ADMIN_PORT};
+use crate::certs::{CA_KEY, CERT_KEY, KEY_KEY};
+use crate::crd::{KeyLookup, MtprotoGatewaySpec, SessionTlsMode, ADMIN_PORT};
 use crate::error::Error;
 use crate::validate::ValidatedGateway;
 
 /// Where the gateway keeps state; an emptyDir.
 pub const DATA_DIR: &str = "/var/lib/mtproto-gateway";
+/// Where the gateway's gRPC certificate Secret is mounted: a Secret volume of its own (not
+/// part of the projected config), so renewals reach the files without a rollout.
+pub const SESSION_TLS_DIR: &str = "/var/run/mtproto-gateway/session-tls";
 
 #[derive(Serialize)]
 struct GatewayConfig<'a> {
@@ -47,6 +51,17 @@ struct SessionConfig<'a> {
     ring: &'a str,
     grpc_listen: String,
     kubernetes: SessionKubernetes<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<SessionTlsConfig>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    plaintext: bool,
+}
+
+#[derive(Serialize)]
+struct SessionTlsConfig {
+    ca_file: String,
+    cert_file: String,
+    key_file: String,
 }
 
 #[derive(Serialize)]
@@ -123,6 +138,12 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
                 service: &spec.session.service.name,
                 port_name: &spec.session.service.port_name,
             },
+            tls: (spec.session.tls.mode == SessionTlsMode::Mutual).then(|| SessionTlsConfig {
+                ca_file: format!("{SESSION_TLS_DIR}/{CA_KEY}"),
+                cert_file: format!("{SESSION_TLS_DIR}/{CERT_KEY}"),
+                key_file: format!("{SESSION_TLS_DIR}/{KEY_KEY}"),
+            }),
+            plaintext: spec.session.tls.mode == SessionTlsMode::Plaintext,
         },
         auth_keys: AuthKeysConfig {
             lookup: key_mode(spec.auth_keys.effective_lookup()),
@@ -182,6 +203,7 @@ mod tests {
         let mut loaded = None;
         figment::Jail::try_with(|jail| {
             jail.create_file(CONFIG_KEY, &text)?;
+            let mut env = Vec::new();
             for e in container.env.iter().flatten() {
                 let from = e.value_from.as_ref();
                 let value = match (&e.value, from.and_then(|f| f.secret_key_ref.as_ref())) {
@@ -195,14 +217,20 @@ mod tests {
                     // The downward API: the pod's IP.
                     (None, None) => "10.0.0.7".to_owned(),
                 };
-                jail.set_env(&e.name, value);
+                jail.set_env(&e.name, &value);
+                env.push((e.name.clone(), value));
             }
             let config_path = format!("{CONFIG_DIR}/{CONFIG_KEY}");
+            // The kubelet's `$(VAR)` expansion of the container's env in args.
+            let expand = |a: &String| {
+                env.iter()
+                    .fold(a.clone(), |a, (k, v)| a.replace(&format!("$({k})"), v))
+            };
             let args = container.args.iter().flatten().map(|a| {
                 if *a == config_path {
                     CONFIG_KEY.to_owned()
                 } else {
-                    a.clone()
+                    expand(a)
                 }
             });
             let cli = Cli::parse_from(container.command.iter().flatten().cloned().chain(args));
@@ -244,6 +272,11 @@ mod tests {
         gw.spec.limits.max_frame_bytes = 16 << 20;
         variants.push(("no grace, redis only, largest frames", gw, dereferenced()));
 
+        let mut gw = gateway();
+        gw.spec.session.tls.mode = SessionTlsMode::Plaintext;
+        gw.spec.session.grpc_bind = crate::crd::GrpcBind::Any;
+        variants.push(("plaintext session gRPC on 0.0.0.0", gw, dereferenced()));
+
         for (what, gw, d) in variants {
             let (c, _) = load_in_pod(&gw, &d).unwrap_or_else(|e| panic!("{what}: {e}"));
             let spec = &gw.spec;
@@ -274,6 +307,36 @@ mod tests {
             );
             let k = c.session.kubernetes.as_ref().expect("discovery");
             assert_eq!(k.service, spec.session.service.name, "{what}");
+            match spec.session.tls.mode {
+                SessionTlsMode::Mutual => {
+                    let tls = c.session.tls.as_ref().expect("mutual TLS configured");
+                    assert_eq!(
+                        tls.cert_file,
+                        std::path::Path::new(SESSION_TLS_DIR).join(CERT_KEY),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        tls.ca_file,
+                        std::path::Path::new(SESSION_TLS_DIR).join(CA_KEY),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        tls.peer_name,
+                        mtproto_session::tls::DEFAULT_SESSION_NAME,
+                        "{what}: the session certificates' name"
+                    );
+                    assert!(!c.session.plaintext, "{what}");
+                }
+                SessionTlsMode::Plaintext => {
+                    assert!(c.session.tls.is_none(), "{what}");
+                    assert!(c.session.plaintext, "{what}");
+                }
+            }
+            let bind = match spec.session.grpc_bind {
+                crate::crd::GrpcBind::PodIp => "10.0.0.7:20110",
+                crate::crd::GrpcBind::Any => "0.0.0.0:20110",
+            };
+            assert_eq!(c.session.grpc_listen.to_string(), bind, "{what}");
         }
     }
 

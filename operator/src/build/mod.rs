@@ -7,6 +7,7 @@ mod monitor;
 mod network;
 mod rbac;
 mod scaling;
+pub mod tls;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,12 @@ pub struct Names {
     pub config: String,
     pub grpc_service: String,
     pub endpoint_reader: String,
+    /// The operator-run CA of this gateway (certificate, key and trust bundle).
+    pub ca_secret: String,
+    /// The gateway's gRPC certificate, mounted into its pods.
+    pub gateway_tls: String,
+    /// The sessions' gRPC certificate, in the session namespace, for the sessions to mount.
+    pub session_tls: String,
 }
 
 impl Names {
@@ -70,6 +77,9 @@ impl Names {
             config: format!("{name}-config"),
             grpc_service: format!("{name}-grpc"),
             endpoint_reader: format!("{name}-endpointslice-reader"),
+            ca_secret: format!("{name}-ca"),
+            gateway_tls: format!("{name}-gateway-tls"),
+            session_tls: format!("{name}-session-tls"),
         }
     }
 

@@ -129,8 +129,9 @@ fn namespace_peer(ns: &str) -> NetworkPolicyPeer {
     }
 }
 
-/// Ingress only: clients on the listeners, sessions on gRPC, scrapers on admin. Egress stays
-/// open because the gateway needs the API server, Redis, MySQL and sessions.
+/// Ingress only: clients on the listeners, the session Service's pods on gRPC (the whole
+/// session namespace while that Service or its selector is unknown), scrapers on admin.
+/// Egress stays open because the gateway needs the API server, Redis, MySQL and sessions.
 pub(super) fn network_policy(
     spec: &MtprotoGatewaySpec,
     v: &ValidatedGateway,
@@ -153,17 +154,29 @@ pub(super) fn network_policy(
             })
             .collect()
     });
-    let scrapers = if spec.network_policy.metrics_namespaces.is_empty() {
+    let np = &spec.network_policy;
+    let scrapers = if np.metrics_namespaces.is_empty() {
         vec![NetworkPolicyPeer {
             namespace_selector: Some(LabelSelector::default()),
+            pod_selector: np.metrics_pod_selector.clone(),
             ..NetworkPolicyPeer::default()
         }]
     } else {
-        spec.network_policy
-            .metrics_namespaces
+        np.metrics_namespaces
             .iter()
-            .map(|n| namespace_peer(n))
+            .map(|n| NetworkPolicyPeer {
+                pod_selector: np.metrics_pod_selector.clone(),
+                ..namespace_peer(n)
+            })
             .collect()
+    };
+    // Namespace and pod selector in one peer: both must match.
+    let sessions = NetworkPolicyPeer {
+        pod_selector: v.session_pod_selector.as_ref().map(|labels| LabelSelector {
+            match_labels: Some(labels.clone()),
+            ..LabelSelector::default()
+        }),
+        ..namespace_peer(&v.session_namespace)
     };
     Some(NetworkPolicy {
         metadata: meta(v, &names.base, owner),
@@ -179,7 +192,7 @@ pub(super) fn network_policy(
                     ports: Some(spec.listeners.iter().map(|l| np_port(l.port)).collect()),
                 },
                 NetworkPolicyIngressRule {
-                    from: Some(vec![namespace_peer(&v.session_namespace)]),
+                    from: Some(vec![sessions]),
                     ports: Some(vec![np_port(spec.session.grpc_port)]),
                 },
                 NetworkPolicyIngressRule {
@@ -297,6 +310,84 @@ mod tests {
             .and_then(|s| s.match_labels.as_ref())
             .map(|l| l["kubernetes.io/metadata.name"].as_str());
         assert_eq!(session_ns, Some("teamgram"));
+        // The fixture's session Service selects `app: session`.
+        let session_pods = rules[1]
+            .from
+            .as_ref()
+            .and_then(|f| f[0].pod_selector.as_ref())
+            .and_then(|s| s.match_labels.as_ref())
+            .map(|l| l["app"].as_str());
+        assert_eq!(session_pods, Some("session"));
+        assert_eq!(rules[1].from.as_ref().map(Vec::len), Some(1));
+        // Default monitoring: the `monitoring` namespace, any pod in it.
+        let scrapers = rules[2].from.as_ref().expect("scrapers");
+        assert_eq!(scrapers.len(), 1);
+        assert_eq!(
+            scrapers[0]
+                .namespace_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .map(|l| l["kubernetes.io/metadata.name"].as_str()),
+            Some("monitoring")
+        );
+        assert!(scrapers[0].pod_selector.is_none());
+        let ports = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+            r.ports
+                .iter()
+                .flatten()
+                .filter_map(|p| match p.port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        Some(n)
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ports(&rules[0]), [10443, 8080]);
+        assert_eq!(ports(&rules[1]), [20110]);
+        assert_eq!(ports(&rules[2]), [9090]);
+    }
+
+    #[test]
+    fn network_policy_is_on_by_default_and_follows_the_monitoring_settings() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        use std::collections::BTreeMap;
+        let mut gw = crate::fixtures::gateway();
+        gw.spec.network_policy = serde_json::from_str("{}").expect("defaults");
+        assert!(gw.spec.network_policy.enabled);
+        gw.spec.network_policy.metrics_namespaces = vec![];
+        gw.spec.network_policy.metrics_pod_selector = Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".into(), "prometheus".into())])),
+            ..LabelSelector::default()
+        });
+        // No session Service found: the session namespace as a whole.
+        let mut d = crate::fixtures::dereferenced();
+        d.session_selector = None;
+        let v = crate::validate::validate(&gw, &d).expect("valid");
+        let np = super::super::build(&gw, &v)
+            .expect("build")
+            .network_policy
+            .and_then(|n| n.spec)
+            .expect("rendered by default");
+        let rules = np.ingress.expect("ingress");
+        assert!(rules[0].from.is_none(), "clients from anywhere");
+        let sessions = &rules[1].from.as_ref().expect("from")[0];
+        assert!(sessions.pod_selector.is_none());
+        assert!(sessions.namespace_selector.is_some());
+        let scraper = &rules[2].from.as_ref().expect("from")[0];
+        assert_eq!(
+            scraper.namespace_selector,
+            Some(LabelSelector::default()),
+            "any namespace"
+        );
+        assert_eq!(
+            scraper
+                .pod_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .map(|l| l["app"].as_str()),
+            Some("prometheus")
+        );
     }
 
     #[test]

@@ -10,17 +10,20 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecretKeySelector, SecretProjection, SecurityContext, Sysctl, Volume, VolumeMount,
-    VolumeProjection,
+    SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Sysctl, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use super::config::DATA_DIR;
+use super::config::{DATA_DIR, SESSION_TLS_DIR};
 use super::{common_labels, meta, selector_labels, Names, CONFIG_HASH_ANNOTATION, CONFIG_KEY};
-use crate::crd::{default_image, MtprotoGatewaySpec, SecretKeyRef, ADMIN_PORT};
+use crate::certs::{CA_KEY, CERT_KEY, KEY_KEY};
+use crate::crd::{
+    default_image, GrpcBind, MtprotoGatewaySpec, SecretKeyRef, SessionTlsMode, ADMIN_PORT,
+};
 use crate::validate::{ValidatedGateway, CONFIG_DIR};
 
 /// Non-root uid/gid the gateway runs as (the distroless "nonroot" user).
@@ -29,6 +32,8 @@ const RUN_AS: i64 = 65532;
 pub const REDIS_ENV: &str = "MTPROTO_GATEWAY_AUTH_KEYS__REDIS_URL";
 /// Env var the gateway reads its MySQL URL from.
 pub const MYSQL_ENV: &str = "MTPROTO_GATEWAY_AUTH_KEYS__MYSQL_URL";
+/// Env var the gateway reads its log format from.
+pub const LOG_FORMAT_ENV: &str = "MTPROTO_LOG_FORMAT";
 
 pub(super) fn config_map(
     v: &ValidatedGateway,
@@ -121,7 +126,7 @@ pub(super) fn deployment(
                             .collect()
                     }),
                     containers: vec![container(spec)],
-                    volumes: Some(volumes(v, names)),
+                    volumes: Some(volumes(spec, v, names)),
                     node_selector: (!spec.placement.node_selector.is_empty())
                         .then(|| spec.placement.node_selector.clone()),
                     tolerations: (!spec.placement.tolerations.is_empty())
@@ -182,39 +187,58 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
     if let Some(m) = &spec.auth_keys.mysql_url {
         env.push(secret_env(MYSQL_ENV, m));
     }
+    env.push(EnvVar {
+        name: LOG_FORMAT_ENV.to_owned(),
+        value: Some(spec.log_format.as_str().to_owned()),
+        ..EnvVar::default()
+    });
+    let mut args = vec!["--config".to_owned(), format!("{CONFIG_DIR}/{CONFIG_KEY}")];
+    // The kubelet expands `$(POD_IP)` from the env above: each pod binds its own IP.
+    if spec.session.grpc_bind == GrpcBind::PodIp {
+        args.push(format!(
+            "--grpc-listen=$(POD_IP):{}",
+            spec.session.grpc_port
+        ));
+    }
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "data".to_owned(),
+            mount_path: DATA_DIR.to_owned(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    if spec.session.tls.mode == SessionTlsMode::Mutual {
+        mounts.push(VolumeMount {
+            name: SESSION_TLS_VOLUME.to_owned(),
+            mount_path: SESSION_TLS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
 
     Container {
         name: "gateway".to_owned(),
         image: Some(spec.image.clone().unwrap_or_else(default_image)),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["mtproto-gateway".to_owned()]),
-        args: Some(vec![
-            "--config".to_owned(),
-            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-        ]),
+        args: Some(args),
         ports: Some(ports),
         env: Some(env),
         resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: CONFIG_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "data".to_owned(),
-                mount_path: DATA_DIR.to_owned(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -270,9 +294,14 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Volume of the gateway's gRPC certificate Secret.
+const SESSION_TLS_VOLUME: &str = "session-tls";
+
 /// One projected volume holds the config, every RSA key and every listener's
-/// TLS files at the paths the config names.
-fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
+/// TLS files at the paths the config names (their hash rolls the pods). The
+/// gRPC certificate is a volume of its own, outside the hash: its renewals
+/// reach the files in place and the gateway reloads them.
+fn volumes(spec: &MtprotoGatewaySpec, v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
     let mut sources = vec![VolumeProjection {
         config_map: Some(ConfigMapProjection {
             name: names.config.clone(),
@@ -310,7 +339,26 @@ fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
             }),
     );
 
-    vec![
+    let session_tls = (spec.session.tls.mode == SessionTlsMode::Mutual).then(|| Volume {
+        name: SESSION_TLS_VOLUME.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(names.gateway_tls.clone()),
+            items: Some(
+                [CA_KEY, CERT_KEY, KEY_KEY]
+                    .into_iter()
+                    .map(|k| KeyToPath {
+                        key: k.to_owned(),
+                        path: k.to_owned(),
+                        mode: Some(0o440),
+                    })
+                    .collect(),
+            ),
+            optional: Some(false),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    [
         Volume {
             name: "config".to_owned(),
             projected: Some(ProjectedVolumeSource {
@@ -330,6 +378,9 @@ fn volumes(v: &ValidatedGateway, names: &Names) -> Vec<Volume> {
             ..Volume::default()
         },
     ]
+    .into_iter()
+    .chain(session_tls)
+    .collect()
 }
 
 #[cfg(test)]
@@ -366,7 +417,8 @@ mod tests {
             Some(
                 &[
                     "--config".to_owned(),
-                    "/etc/mtproto-gateway/gateway.toml".to_owned()
+                    "/etc/mtproto-gateway/gateway.toml".to_owned(),
+                    "--grpc-listen=$(POD_IP):20110".to_owned()
                 ][..]
             )
         );
@@ -388,6 +440,12 @@ mod tests {
             .expect("secretKeyRef");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("store", "redis"));
         assert!(env.iter().any(|e| e.name == MYSQL_ENV));
+        let log_format = env.iter().find(|e| e.name == LOG_FORMAT_ENV);
+        assert_eq!(
+            log_format.and_then(|e| e.value.as_deref()),
+            Some("json"),
+            "JSON logs on Kubernetes by default"
+        );
 
         let ports: Vec<_> = c
             .ports
@@ -544,6 +602,71 @@ mod tests {
         p.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_grpc_certificate_is_mounted_outside_the_rolling_hash() {
+        let (_, b) = built();
+        let p = pod(&b.deployment);
+        let volume = p
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == SESSION_TLS_VOLUME)
+            .and_then(|v| v.secret.as_ref())
+            .expect("session-tls volume");
+        assert_eq!(volume.secret_name.as_deref(), Some("edge-gateway-tls"));
+        let keys: Vec<_> = volume
+            .items
+            .iter()
+            .flatten()
+            .map(|i| i.path.as_str())
+            .collect();
+        assert_eq!(keys, [CA_KEY, CERT_KEY, KEY_KEY]);
+        assert!(p.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == SESSION_TLS_VOLUME && m.mount_path == SESSION_TLS_DIR));
+        // Not projected with the config: the template's hash never sees it.
+        assert!(projected(&b)
+            .iter()
+            .filter_map(|s| s.secret.as_ref())
+            .all(|s| s.name != "edge-gateway-tls"));
+        // A renewal is a new Secret value: the template must stay the same.
+        let mut d = dereferenced();
+        d.secrets.insert(
+            "edge-gateway-tls".into(),
+            [("tls.crt".to_owned(), b"renewed".to_vec())].into(),
+        );
+        let gw = gateway();
+        let renewed = super::super::build(&gw, &validate(&gw, &d).expect("valid")).expect("build");
+        assert_eq!(
+            renewed.deployment.spec.map(|s| s.template),
+            b.deployment.spec.map(|s| s.template)
+        );
+    }
+
+    #[test]
+    fn plaintext_and_any_bind_mount_nothing_and_pass_no_pod_ip() {
+        let mut gw = gateway();
+        gw.spec.session.tls.mode = crate::crd::SessionTlsMode::Plaintext;
+        gw.spec.session.grpc_bind = GrpcBind::Any;
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        let b = super::super::build(&gw, &v).expect("build");
+        let p = pod(&b.deployment);
+        assert!(p
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.name != SESSION_TLS_VOLUME));
+        let c = &p.containers[0];
+        assert!(c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != SESSION_TLS_VOLUME));
+        assert_eq!(c.args.as_ref().map(Vec::len), Some(2));
     }
 
     #[test]
