@@ -148,14 +148,31 @@ start_gateway() {
     wait_listening "$GATEWAY_PID" "$PORT" "$name" "$DATA/server-rsa-public.pem"
 }
 
-# start_session BIN NAME: a reference session (in-memory keys); sets SESSION_PID, SESSION_PORT.
+# start_session BIN NAME [FLAG...]: a reference session (in-memory keys); sets SESSION_PID, SESSION_PORT.
 start_session() {
     local bin="$1" name="$2"
+    shift 2
     SESSION_PORT="$(free_port)"
-    "$bin" --listen "127.0.0.1:$SESSION_PORT" --log-level warn >"$WORK/$name.log" 2>&1 &
+    "$bin" --listen "127.0.0.1:$SESSION_PORT" --log-level warn "$@" >"$WORK/$name.log" 2>&1 &
     SESSION_PID=$!
     BENCH_PIDS+=("$SESSION_PID")
     wait_listening "$SESSION_PID" "$SESSION_PORT" "$name"
+}
+
+# make_mtls_certs DIR: a CA and the two roles' certificates (ECDSA P-256, as the
+# operator issues them) under DIR: ca.crt, gateway.{crt,key}, session.{crt,key}.
+make_mtls_certs() {
+    local dir="$1" role
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+        -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+    for role in gateway session; do
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=mtproto-$role" \
+            -keyout "$dir/$role.key" -out "$dir/$role.csr" 2>/dev/null
+        openssl x509 -req -in "$dir/$role.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
+            -extfile <(printf 'subjectAltName=DNS:mtproto-%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$role") \
+            -out "$dir/$role.crt" 2>/dev/null
+    done
 }
 
 stop_pid() {

@@ -15,7 +15,7 @@
 # - Forwarding: request/response pairs (ping/pong) per second, p50/p99
 #   latency, and gateway CPU per pair with 1 and 8 in flight per connection,
 #   in the embedded default and with a separate mtproto-session over unary
-#   and stream gRPC; judged against the load generator's own CPU per pair
+#   and stream gRPC (unary also with mutual TLS); judged against the load generator's own CPU per pair
 #   (the mirror work: encrypt, decrypt, syscalls).
 # - Idle memory: gateway RSS per idle connection at 10,000 connections, TCP
 #   and WebSocket (e2e/gateway/measure_idle.py), against 4 KiB and 8 KiB.
@@ -159,6 +159,17 @@ measure_pairs() {
     echo "== ${LABEL[$side]}: pairs, $mode" >&2
     if [[ "$mode" == embedded ]]; then
         start_gateway "$bin_dir/mtproto-gateway" "gateway-$side-$mode"
+    elif [[ "$mode" == unary-mtls ]]; then
+        make_mtls_certs "$WORK/mtls"
+        start_session "$bin_dir/mtproto-session" "session-$side-$mode" \
+            --tls-ca "$WORK/mtls/ca.crt" --tls-cert "$WORK/mtls/session.crt" --tls-key "$WORK/mtls/session.key"
+        session="$SESSION_PID"
+        MTPROTO_GATEWAY_SESSION__TLS__CA_FILE="$WORK/mtls/ca.crt" \
+            MTPROTO_GATEWAY_SESSION__TLS__CERT_FILE="$WORK/mtls/gateway.crt" \
+            MTPROTO_GATEWAY_SESSION__TLS__KEY_FILE="$WORK/mtls/gateway.key" \
+            start_gateway "$bin_dir/mtproto-gateway" "gateway-$side-$mode" \
+            --session "grpc://127.0.0.1:$SESSION_PORT" --session-mode unary \
+            --grpc-listen "127.0.0.1:$(free_port)"
     else
         start_session "$bin_dir/mtproto-session" "session-$side-$mode"
         session="$SESSION_PID"
@@ -191,7 +202,10 @@ measure_idle() {
 
 for side in "${SIDES[@]}"; do
     measure_handshakes "$side"
-    for mode in embedded unary stream; do
+    modes=(embedded unary stream)
+    # Revisions measured with --against may predate mutual TLS.
+    [[ "$side" == current ]] && modes+=(unary-mtls)
+    for mode in "${modes[@]}"; do
         measure_pairs "$side" "$mode"
     done
     if ((SKIP_IDLE == 0)); then
@@ -268,7 +282,7 @@ for key in hs_2048_c2048 hs_2048_c256 hs_256_c256; do
 done
 row "handshakes/s per core: 256-bit / 2048-bit DH" \
     "$(ratio "$(per_core "$(get current,hs_256_c256,gw)")" "$(per_core "$(get current,hs_2048_c256,gw)")")" "" "2.5 (goal)" ""
-for mode in embedded unary stream; do
+for mode in embedded unary stream unary-mtls; do
     for n in 1 8; do
         k="$mode,$n"
         cur="$(get "current,$k,gw")" lg="$(get "current,$k,lg")"
@@ -301,7 +315,8 @@ row "mtproto-gateway release binary MB" "$cur" "$(get before,size)" "40" "$(rati
 others=""
 for side in "${SIDES[@]}"; do
     list=""
-    for k in hs_2048_c2048 hs_2048_c256 hs_256_c256 embedded,1 embedded,8 unary,1 unary,8 stream,1 stream,8; do
+    for k in hs_2048_c2048 hs_2048_c256 hs_256_c256 embedded,1 embedded,8 unary,1 unary,8 stream,1 stream,8 \
+        unary-mtls,1 unary-mtls,8; do
         v="$(get "$side,$k,other")"
         [[ "$v" == - ]] || list+="$v "
     done
