@@ -18,7 +18,9 @@
 #      e API-server restart · f /metrics · g SIGTERM a gateway
 #
 # Env: MTPROTO_K8S_STATE / MTPROTO_K8S_PORT_BASE pass through to controlplane.sh;
-#      FLEET_SUBNET (default 10.77.0), FLEET_CLIENTS (default 24), E2E_KEEP=1 keeps the
+#      FLEET_SUBNET (default 10.77.0), FLEET_CLIENTS (default 24), FLEET_SESSION_TLS
+#      (mutual, the default, or plaintext: the CR's session.tls.mode, as with teamgram's Go
+#      sessions), E2E_KEEP=1 keeps the
 #      control plane up when this script started it.
 set -euo pipefail
 
@@ -33,6 +35,9 @@ HOST_IP="$FLEET_SUBNET.1"
 # Enough clients (each with its own key) that every session owns some keys:
 # with 24 keys and 3 sessions, the chance one gets none is below 1e-4.
 CLIENTS="${FLEET_CLIENTS:-24}"
+SESSION_TLS_MODE="${FLEET_SESSION_TLS:-mutual}"
+[[ $SESSION_TLS_MODE == mutual || $SESSION_TLS_MODE == plaintext ]] \
+  || { echo "FLEET_SESSION_TLS must be mutual or plaintext, not $SESSION_TLS_MODE" >&2; exit 2; }
 NS=mtproto-fleet
 RELEASE=mtproto-operator
 RELEASE_NS=mtproto-system
@@ -164,8 +169,12 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout "$OUT/tls.key" -out "$OUT/tls.
   -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null
 kubectl -n "$NS" create secret tls gateway-tls --cert="$OUT/tls.crt" --key="$OUT/tls.key" >/dev/null
 kubectl -n "$NS" apply -f "$HERE/session.yaml" >/dev/null
-kubectl -n "$NS" apply -f "$HERE/gateway.yaml" >/dev/null
-config_rendered() { kubectl -n "$NS" get configmap edge-config -o jsonpath='{.data.gateway\.toml}' | grep -q grpc_listen; }
+sed "s/^    tls: {mode: mutual}$/    tls: {mode: $SESSION_TLS_MODE}/" "$HERE/gateway.yaml" | kubectl -n "$NS" apply -f - >/dev/null
+rendered_tls='\[session\.tls\]'
+[[ $SESSION_TLS_MODE == plaintext ]] && rendered_tls='^plaintext = true'
+config_rendered() {
+  kubectl -n "$NS" get configmap edge-config -o jsonpath='{.data.gateway\.toml}' | grep -q "$rendered_tls"
+}
 wait_until 60 "the operator to render edge-config" config_rendered
 kubectl -n "$NS" get configmap edge-config -o jsonpath='{.data.gateway\.toml}' >"$OUT/gateway.toml"
 wait_until 60 "edge's Role for EndpointSlices" kubectl -n "$NS" get rolebinding edge-endpointslice-reader
@@ -192,13 +201,18 @@ done < <(sed -n 's/^rsa_private_keys = \[\(.*\)\]$/\1/p' "$OUT/gateway.toml" | t
 # as session pods mount it (examples/session.yaml).
 RUN="$OUT/var/run/mtproto-gateway"
 SESSION_TLS="$OUT/session-tls"
-mkdir -p "$RUN/session-tls" "$SESSION_TLS"
-wait_until 30 "the operator's gRPC certificates" kubectl -n "$NS" get secret edge-gateway-tls edge-session-tls
-for f in ca.crt tls.crt tls.key; do
-  grep -q "\"/var/run/mtproto-gateway/session-tls/$f\"" "$OUT/gateway.toml" || die "session.tls $f is not rendered"
-  kubectl -n "$NS" get secret edge-gateway-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$RUN/session-tls/$f"
-  kubectl -n "$NS" get secret edge-session-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$SESSION_TLS/$f"
-done
+SESSION_TLS_FLAGS=(--plaintext)
+if [[ $SESSION_TLS_MODE == mutual ]]; then
+  mkdir -p "$RUN/session-tls" "$SESSION_TLS"
+  wait_until 30 "the operator's gRPC certificates" kubectl -n "$NS" get secret edge-gateway-tls edge-session-tls
+  for f in ca.crt tls.crt tls.key; do
+    grep -q "\"/var/run/mtproto-gateway/session-tls/$f\"" "$OUT/gateway.toml" || die "session.tls $f is not rendered"
+    kubectl -n "$NS" get secret edge-gateway-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$RUN/session-tls/$f"
+    kubectl -n "$NS" get secret edge-session-tls -o "go-template={{index .data \"$f\"}}" | base64 -d >"$SESSION_TLS/$f"
+  done
+  SESSION_TLS_FLAGS=(--tls-ca "$SESSION_TLS/ca.crt" --tls-cert "$SESSION_TLS/tls.crt" --tls-key "$SESSION_TLS/tls.key")
+fi
+log "session gRPC: $SESSION_TLS_MODE"
 sed -e "s|/etc/mtproto-gateway/|$ETC/|g" -e "s|/var/run/mtproto-gateway/|$RUN/|g" \
   "$OUT/gateway.toml" >"$ETC/gateway.toml"
 openssl rsa -in "$OUT/gateway-rsa.pem" -RSAPublicKey_out -out "$OUT/server-rsa-public.pem" 2>/dev/null
@@ -222,7 +236,7 @@ start_session() { # start_session <n>: test host n and the session process on it
     POD_NAMESPACE="$NS" "$BIN/mtproto-session" --listen "0.0.0.0:$SESSION_PORT" \
     --kubernetes-service session --kubernetes-port-name grpc \
     --redis-url "redis://$HOST_IP:$REDIS_PORT" \
-    --tls-ca "$SESSION_TLS/ca.crt" --tls-cert "$SESSION_TLS/tls.crt" --tls-key "$SESSION_TLS/tls.key" \
+    "${SESSION_TLS_FLAGS[@]}" \
     --log-level "info,mtproto_session::grpc_server=trace" >>"$OUT/session-$n.log" 2>&1 &
   PID[session-$n]=$!
   wait_until 20 "session $n listening" bash -c "exec 3<>/dev/tcp/$(session_ip "$n")/$SESSION_PORT"
