@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
-use crate::config::{session_address, Config, KeyLookup, SessionMode};
+use crate::config::{session_address, Config, ConfigExt, KeyLookup, SessionMode};
 use crate::metrics::{BuildLabels, Metrics};
 use crate::server::admin::{self, Readiness};
 use crate::server::limiter::{Admission, Budgets};

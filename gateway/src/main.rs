@@ -3,7 +3,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use mtproto_gateway::app::Gateway;
-use mtproto_gateway::config::{Cli, Config};
+use mtproto_gateway::config::{Cli, Config, ConfigExt};
 use mtproto_session::logging::{self, LogFormat};
 
 fn main() -> std::process::ExitCode {

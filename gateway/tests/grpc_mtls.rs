@@ -42,7 +42,7 @@ use mtproto_edge_proto::mtproto as pb;
 use mtproto_edge_proto::session::rpc_session_client::RpcSessionClient;
 use mtproto_edge_proto::session::{self as spb};
 use mtproto_gateway::app::Gateway;
-use mtproto_gateway::config::{Cli, Config};
+use mtproto_gateway::config::{Cli, Config, ConfigExt};
 use mtproto_gateway::metrics::{RpcErrorLabels, SessionRpcMetrics};
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
 use mtproto_session::embedded::EmbeddedSession;

@@ -11,7 +11,7 @@ use mtproto_edge_proto::gateway::{
     GatewayStreamRequest, TlGatewaySendDataToGateway, SEND_DATA_TO_GATEWAY,
 };
 use mtproto_gateway::app::Gateway;
-use mtproto_gateway::config::{Cli, Config};
+use mtproto_gateway::config::{Cli, Config, ConfigExt};
 
 fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")

@@ -15,7 +15,7 @@ use mtproto_core::authkey::AuthKey;
 use mtproto_core::bind::{build_request, Outer};
 use mtproto_core::tl::{id, TlReader, TlWrite};
 use mtproto_gateway::app::Gateway;
-use mtproto_gateway::config::{Cli, Config};
+use mtproto_gateway::config::{Cli, Config, ConfigExt};
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_session::ring::Ring;

@@ -401,17 +401,6 @@ pub enum Transport {
     Http,
 }
 
-impl Transport {
-    /// The value the gateway config expects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Websocket => "websocket",
-            Self::Http => "http",
-        }
-    }
-}
-
 /// PROXY protocol handling on a listener.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -420,17 +409,6 @@ pub enum ProxyProtocol {
     Off,
     Optional,
     Required,
-}
-
-impl ProxyProtocol {
-    /// The value the gateway config expects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::Optional => "optional",
-            Self::Required => "required",
-        }
-    }
 }
 
 /// A key inside a Secret in the gateway's namespace.
@@ -552,16 +530,6 @@ pub enum SessionMode {
     Stream,
 }
 
-impl SessionMode {
-    /// The value the gateway config expects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unary => "unary",
-            Self::Stream => "stream",
-        }
-    }
-}
-
 /// Consistent-hash ring flavour. Only go-zero's exists: it is the one that
 /// agrees with Go teamgram sessions, and a second would only split fleets.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -570,15 +538,6 @@ pub enum RingMode {
     /// go-zero compatible ring, so Go teamgram sessions agree on key ownership.
     #[default]
     Gozero,
-}
-
-impl RingMode {
-    /// The value the gateway config expects.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Gozero => "gozero",
-        }
-    }
 }
 
 /// The session Service to discover.

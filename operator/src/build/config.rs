@@ -1,12 +1,19 @@
 //! Renders `gateway.toml`, the gateway's config file, from a validated gateway.
 //!
-//! Serialised from typed structs (not string templates) so values are always escaped and the
-//! shape matches the gateway's config contract.
+//! Built as the gateway's own config types (`mtproto-config`), starting from their defaults,
+//! and serialised with `toml`: values are always escaped and the shape is the one the gateway
+//! parses.
 
-use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use mtproto_config as gateway;
 
 use crate::certs::{CA_KEY, CERT_KEY, KEY_KEY};
-use crate::crd::{KeyLookup, MtprotoGatewaySpec, SessionTlsMode, ADMIN_PORT};
+use crate::crd::{
+    KeyLookup, MtprotoGatewaySpec, ProxyProtocol, RingMode, SessionMode, SessionTlsMode, Transport,
+    ADMIN_PORT,
+};
 use crate::error::Error;
 use crate::validate::ValidatedGateway;
 
@@ -16,156 +23,158 @@ pub const DATA_DIR: &str = "/var/lib/mtproto-gateway";
 /// part of the projected config), so renewals reach the files without a rollout.
 pub const SESSION_TLS_DIR: &str = "/var/run/mtproto-gateway/session-tls";
 
-#[derive(Serialize)]
-struct GatewayConfig<'a> {
-    log_level: &'a str,
-    data_dir: &'a str,
-    rsa_private_keys: Vec<String>,
-    admin_listen: String,
-    listeners: Vec<ListenerConfig<'a>>,
-    session: SessionConfig<'a>,
-    auth_keys: AuthKeysConfig,
-    limits: LimitsConfig,
-}
-
-#[derive(Serialize)]
-struct ListenerConfig<'a> {
-    address: String,
-    transport: &'a str,
-    proxy_protocol: &'a str,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    proxy_trusted_sources: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    path: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    allowed_origins: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_cert: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_key: Option<String>,
-}
-
-#[derive(Serialize)]
-struct SessionConfig<'a> {
-    mode: &'a str,
-    ring: &'a str,
-    grpc_listen: String,
-    kubernetes: SessionKubernetes<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls: Option<SessionTlsConfig>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    plaintext: bool,
-}
-
-#[derive(Serialize)]
-struct SessionTlsConfig {
-    ca_file: String,
-    cert_file: String,
-    key_file: String,
-}
-
-#[derive(Serialize)]
-struct SessionKubernetes<'a> {
-    namespace: &'a str,
-    service: &'a str,
-    port_name: &'a str,
-}
-
-#[derive(Serialize)]
-struct AuthKeysConfig {
-    lookup: &'static str,
-    writer: &'static str,
-    cache_capacity_bytes: i64,
-    cache_ttl_secs: i64,
-}
-
-#[derive(Serialize)]
-struct LimitsConfig {
-    max_connections: i64,
-    max_connections_per_ip: i64,
-    handshake_timeout_secs: i64,
-    idle_timeout_secs: i64,
-    write_timeout_secs: i64,
-    max_frame_bytes: i64,
-    handshakes_per_ip_per_minute: i64,
-    drain_delay_secs: i64,
-    shutdown_grace_secs: i64,
-}
-
 /// What the gateway keeps of the pod's termination grace period after its
 /// lame-duck delay and drain: closing the connections left and reporting
 /// their sessions.
 const CLOSE_AFTER_DRAIN_SECS: i64 = 5;
 
-fn key_mode(k: KeyLookup) -> &'static str {
-    match k {
-        KeyLookup::Session => "session",
-        KeyLookup::Store => "store",
+impl From<KeyLookup> for gateway::KeyLookup {
+    fn from(k: KeyLookup) -> Self {
+        match k {
+            KeyLookup::Session => Self::Session,
+            KeyLookup::Store => Self::Store,
+        }
     }
+}
+
+impl From<Transport> for gateway::ListenerTransport {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Tcp => Self::Tcp,
+            Transport::Websocket => Self::Websocket,
+            Transport::Http => Self::Http,
+        }
+    }
+}
+
+impl From<ProxyProtocol> for gateway::ProxyProtocol {
+    fn from(p: ProxyProtocol) -> Self {
+        match p {
+            ProxyProtocol::Off => Self::Off,
+            ProxyProtocol::Optional => Self::Optional,
+            ProxyProtocol::Required => Self::Required,
+        }
+    }
+}
+
+impl From<SessionMode> for gateway::SessionMode {
+    fn from(m: SessionMode) -> Self {
+        match m {
+            SessionMode::Unary => Self::Unary,
+            SessionMode::Stream => Self::Stream,
+        }
+    }
+}
+
+impl From<RingMode> for gateway::RingKind {
+    fn from(r: RingMode) -> Self {
+        match r {
+            RingMode::Gozero => Self::Gozero,
+        }
+    }
+}
+
+/// `value` as the gateway's integer type; the CRD's schema bounds make a failure unlikely,
+/// but an out-of-range value is named rather than wrapped.
+fn int<T: TryFrom<i64>>(field: &str, value: i64) -> Result<T, Error> {
+    T::try_from(value)
+        .map_err(|_| Error::Invalid(format!("{field}: {value} is out of range for the gateway")))
+}
+
+/// `0.0.0.0:port`, all interfaces of the pod.
+fn any_address(field: &str, port: i32) -> Result<SocketAddr, Error> {
+    Ok(SocketAddr::from(([0, 0, 0, 0], int(field, port.into())?)))
 }
 
 /// The contents of the ConfigMap key `gateway.toml`. Redis and MySQL URLs are not here: they
 /// reach the pod as env vars from Secrets so the ConfigMap holds no credentials.
 pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String, Error> {
-    let cfg = GatewayConfig {
-        log_level: spec.log_level.as_str(),
-        data_dir: DATA_DIR,
-        rsa_private_keys: v.rsa_keys.iter().map(|k| k.path()).collect(),
-        admin_listen: format!("0.0.0.0:{ADMIN_PORT}"),
-        listeners: spec
-            .listeners
-            .iter()
-            .map(|l| {
-                let tls = v.listener_tls.get(&l.name);
-                ListenerConfig {
-                    address: format!("0.0.0.0:{}", l.port),
-                    transport: l.transport.as_str(),
-                    proxy_protocol: l.proxy_protocol.as_str(),
-                    path: l.path.as_deref(),
-                    allowed_origins: &l.allowed_origins,
-                    proxy_trusted_sources: &l.proxy_trusted_sources,
-                    tls_cert: tls.map(|(cert, _)| cert.path()),
-                    tls_key: tls.map(|(_, key)| key.path()),
-                }
-            })
-            .collect(),
-        session: SessionConfig {
-            mode: spec.session.mode.as_str(),
-            ring: spec.session.ring.as_str(),
-            grpc_listen: format!("0.0.0.0:{}", spec.session.grpc_port),
-            kubernetes: SessionKubernetes {
-                namespace: &v.session_namespace,
-                service: &spec.session.service.name,
-                port_name: &spec.session.service.port_name,
-            },
-            tls: (spec.session.tls.mode == SessionTlsMode::Mutual).then(|| SessionTlsConfig {
-                ca_file: format!("{SESSION_TLS_DIR}/{CA_KEY}"),
-                cert_file: format!("{SESSION_TLS_DIR}/{CERT_KEY}"),
-                key_file: format!("{SESSION_TLS_DIR}/{KEY_KEY}"),
-            }),
-            plaintext: spec.session.tls.mode == SessionTlsMode::Plaintext,
-        },
-        auth_keys: AuthKeysConfig {
-            lookup: key_mode(spec.auth_keys.effective_lookup()),
-            writer: key_mode(spec.auth_keys.effective_writer()),
-            cache_capacity_bytes: spec.auth_keys.cache_capacity_bytes,
-            cache_ttl_secs: spec.auth_keys.cache_ttl_seconds,
-        },
-        limits: LimitsConfig {
-            max_connections: spec.limits.max_connections,
-            max_connections_per_ip: spec.limits.max_connections_per_ip,
-            handshake_timeout_secs: spec.limits.handshake_timeout_seconds,
-            idle_timeout_secs: spec.limits.idle_timeout_seconds,
-            write_timeout_secs: spec.limits.write_timeout_seconds,
-            max_frame_bytes: spec.limits.max_frame_bytes,
-            handshakes_per_ip_per_minute: spec.limits.handshakes_per_ip_per_minute,
-            drain_delay_secs: spec.drain_delay_seconds,
-            shutdown_grace_secs: (spec.termination_grace_period_seconds
-                - spec.drain_delay_seconds
-                - CLOSE_AFTER_DRAIN_SECS)
-                .max(0),
-        },
+    let mut cfg = gateway::Config {
+        log_level: spec.log_level.as_str().to_owned(),
+        data_dir: DATA_DIR.into(),
+        rsa_private_keys: v.rsa_keys.iter().map(|k| k.path().into()).collect(),
+        admin_listen: Some(any_address("the admin port", ADMIN_PORT)?),
+        ..gateway::Config::default()
     };
+    cfg.listeners = spec
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let tls = v.listener_tls.get(&l.name);
+            let proxy_trusted_sources = l
+                .proxy_trusted_sources
+                .iter()
+                .map(|s| {
+                    s.parse().map_err(|_| {
+                        Error::Invalid(format!(
+                            "spec.listeners[{i}].proxyTrustedSources: {s:?} is not a CIDR"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(gateway::Listener {
+                proxy_trusted_sources,
+                path: l.path.clone(),
+                allowed_origins: l.allowed_origins.clone(),
+                tls_cert: tls.map(|(cert, _)| PathBuf::from(cert.path())),
+                tls_key: tls.map(|(_, key)| PathBuf::from(key.path())),
+                ..gateway::Listener::new(
+                    any_address(&format!("spec.listeners[{i}].port"), l.port)?,
+                    l.transport.into(),
+                    l.proxy_protocol.into(),
+                )
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+
+    let session = &mut cfg.session;
+    session.mode = spec.session.mode.into();
+    session.ring = spec.session.ring.into();
+    session.grpc_listen = any_address("spec.session.grpcPort", spec.session.grpc_port)?;
+    session.kubernetes = Some(gateway::KubernetesDiscovery {
+        namespace: v.session_namespace.clone(),
+        service: spec.session.service.name.clone(),
+        port_name: Some(spec.session.service.port_name.clone()),
+        not_ready_grace_ms: gateway::DEFAULT_NOT_READY_GRACE_MS,
+    });
+    session.tls = (spec.session.tls.mode == SessionTlsMode::Mutual).then(|| gateway::SessionTls {
+        ca_file: format!("{SESSION_TLS_DIR}/{CA_KEY}").into(),
+        cert_file: format!("{SESSION_TLS_DIR}/{CERT_KEY}").into(),
+        key_file: format!("{SESSION_TLS_DIR}/{KEY_KEY}").into(),
+        peer_name: gateway::DEFAULT_SESSION_PEER_NAME.to_owned(),
+    });
+    session.plaintext = spec.session.tls.mode == SessionTlsMode::Plaintext;
+
+    let keys = &mut cfg.auth_keys;
+    let a = &spec.auth_keys;
+    keys.lookup = a.effective_lookup().into();
+    keys.writer = a.effective_writer().into();
+    keys.cache_capacity_bytes = int("spec.authKeys.cacheCapacityBytes", a.cache_capacity_bytes)?;
+    keys.cache_ttl_secs = int("spec.authKeys.cacheTtlSeconds", a.cache_ttl_seconds)?;
+
+    let limits = &mut cfg.limits;
+    let l = &spec.limits;
+    limits.max_connections = int("spec.limits.maxConnections", l.max_connections)?;
+    limits.max_connections_per_ip =
+        int("spec.limits.maxConnectionsPerIp", l.max_connections_per_ip)?;
+    limits.handshake_timeout_secs = int(
+        "spec.limits.handshakeTimeoutSeconds",
+        l.handshake_timeout_seconds,
+    )?;
+    limits.idle_timeout_secs = int("spec.limits.idleTimeoutSeconds", l.idle_timeout_seconds)?;
+    limits.write_timeout_secs = int("spec.limits.writeTimeoutSeconds", l.write_timeout_seconds)?;
+    limits.max_frame_bytes = int("spec.limits.maxFrameBytes", l.max_frame_bytes)?;
+    limits.handshakes_per_ip_per_minute = int(
+        "spec.limits.handshakesPerIpPerMinute",
+        l.handshakes_per_ip_per_minute,
+    )?;
+    limits.drain_delay_secs = int("spec.drainDelaySeconds", spec.drain_delay_seconds)?;
+    limits.shutdown_grace_secs = int(
+        "spec.terminationGracePeriodSeconds",
+        (spec.termination_grace_period_seconds - spec.drain_delay_seconds - CLOSE_AFTER_DRAIN_SECS)
+            .max(0),
+    )?;
     Ok(toml::to_string(&cfg)?)
 }
 
@@ -177,7 +186,7 @@ mod tests {
     use crate::fixtures::{dereferenced, gateway, with_listener_tls};
     use crate::validate::{validate, Dereferenced, CONFIG_DIR};
     use clap::Parser;
-    use mtproto_gateway::config::{self as gateway_config, Cli, Config};
+    use mtproto_gateway::config::{self as gateway_config, Cli, Config, ConfigExt};
 
     /// Loads the rendered config the way the pod does: the gateway's own
     /// `Config::load` with the container's arguments and environment (Secret
@@ -456,5 +465,9 @@ mod tests {
             !text.contains("redis://"),
             "credentials stay out of the ConfigMap"
         );
+        // Unset and empty settings are left out, so the ConfigMap stays readable.
+        assert!(doc["auth_keys"].get("redis_key_prefix").is_none());
+        assert!(session.get("endpoints").is_none());
+        assert!(session.get("plaintext").is_none(), "mutual TLS by default");
     }
 }
