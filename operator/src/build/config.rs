@@ -74,11 +74,15 @@ impl From<RingMode> for gateway::RingKind {
     }
 }
 
-/// `value` as the gateway's integer type; the CRD's schema bounds make a failure unlikely,
-/// but an out-of-range value is named rather than wrapped.
+/// `value` as the gateway's integer type. The CRD schema's ranges keep values in bounds; one
+/// that got past them (an object stored before a schema change) is named, never wrapped.
 fn int<T: TryFrom<i64>>(field: &str, value: i64) -> Result<T, Error> {
-    T::try_from(value)
-        .map_err(|_| Error::Invalid(format!("{field}: {value} is out of range for the gateway")))
+    T::try_from(value).map_err(|_| {
+        Error::Invalid(format!(
+            "{field}: {value} does not fit the gateway's setting (negative or too large); \
+             use a value within the CRD's range"
+        ))
+    })
 }
 
 /// `0.0.0.0:port`, all interfaces of the pod.
@@ -361,6 +365,21 @@ mod tests {
         assert_eq!(c.auth_keys.writer, gateway_config::KeyLookup::Store);
         assert_eq!(c.session.mode, gateway_config::SessionMode::Stream);
         assert_eq!(server_id, "10.0.0.7:20110");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let mut gw = gateway();
+        gw.spec.auth_keys.cache_ttl_seconds = -1;
+        gw.spec.listeners[1].port = 70_000;
+        let v = validate(&gw, &dereferenced()).expect("valid");
+        let err = render(&gw.spec, &v)
+            .expect_err("port past 65535")
+            .to_string();
+        assert!(err.contains("spec.listeners[1].port: 70000"), "{err}");
+        gw.spec.listeners[1].port = 8080;
+        let err = render(&gw.spec, &v).expect_err("negative TTL").to_string();
+        assert!(err.contains("spec.authKeys.cacheTtlSeconds: -1"), "{err}");
     }
 
     #[test]
