@@ -271,6 +271,7 @@ pub fn ack(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tl::msg_container;
 
     fn http_wait(max_delay: i32, wait_after: i32, max_wait: i32) -> Vec<u8> {
         let mut b = Vec::new();
@@ -278,19 +279,6 @@ mod tests {
         b.put_i32(max_delay);
         b.put_i32(wait_after);
         b.put_i32(max_wait);
-        b
-    }
-
-    fn container(items: &[(i64, i32, &[u8])]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.put_u32(id::MSG_CONTAINER);
-        b.put_u32(items.len() as u32);
-        for (msg_id, seq_no, body) in items {
-            b.put_i64(*msg_id);
-            b.put_i32(*seq_no);
-            b.put_u32(body.len() as u32);
-            b.put_raw(body);
-        }
         b
     }
 
@@ -309,7 +297,11 @@ mod tests {
         );
         assert_eq!(alone.content_msg_ids, vec![100]);
         let hw = http_wait(500, 150, 3000);
-        let both = inspect(200, 4, &container(&[(104, 5, &PING), (108, 6, &hw)]));
+        let both = inspect(
+            200,
+            4,
+            &msg_container(&[(104, 5, &PING[..]), (108, 6, &hw[..])]),
+        );
         assert_eq!(
             both.http_wait.map(|w| w.max_wait),
             Some(Duration::from_secs(3))
@@ -323,7 +315,7 @@ mod tests {
 
     #[test]
     fn malformed_input_is_skipped_not_fatal() {
-        let mut truncated = container(&[(104, 5, &PING)]);
+        let mut truncated = msg_container(&[(104, 5, &PING)]);
         truncated.truncate(truncated.len() - 3);
         assert!(inspect(1, 0, &truncated).content_msg_ids.is_empty());
         let mut huge = Vec::new();
@@ -374,7 +366,7 @@ mod tests {
         assert_eq!(merge(&[&padded], &mut seq, 0, 0).unwrap(), a);
         assert_eq!(seq.last_msg_id, 0x10_0000_0001);
 
-        let inner = container(&[(0x10_0000_0011, 3, &PING), (0x10_0000_0015, 4, &PING)]);
+        let inner = msg_container(&[(0x10_0000_0011, 3, &PING), (0x10_0000_0015, 4, &PING)]);
         let b = server_message(0x10_0000_0019, 4, 6, &inner);
         let c = server_message(0x10_0000_001d, 5, 7, &PING);
         let mut seq = Sequence::default();
@@ -383,7 +375,7 @@ mod tests {
         assert_eq!((m.salt, m.session_id), (7, 77));
         assert!(m.msg_id > 0x10_0000_001d && m.msg_id % 4 == 3);
         assert_eq!(m.seq_no, 6);
-        let expected = container(&[
+        let expected = msg_container(&[
             (0x10_0000_0001, 1, &PING),
             (0x10_0000_0011, 3, &PING),
             (0x10_0000_0015, 4, &PING),

@@ -444,6 +444,7 @@ pub fn parse_pong(body: &[u8]) -> Option<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tl::msg_container;
     use std::io::Write;
 
     const NOW: i64 = 1_800_000_000;
@@ -495,19 +496,6 @@ mod tests {
         packed
     }
 
-    fn container(messages: &[(i64, i32, Vec<u8>)]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.put_u32(id::MSG_CONTAINER);
-        b.put_u32(messages.len() as u32);
-        for (msg_id, seq_no, body) in messages {
-            b.put_i64(*msg_id);
-            b.put_i32(*seq_no);
-            b.put_u32(body.len() as u32);
-            b.put_raw(body);
-        }
-        b
-    }
-
     /// The (bad_msg_id, code) of each bad_msg_notification among the replies.
     fn notifications(out: &Outcome) -> Vec<(i64, i32)> {
         out.replies
@@ -543,7 +531,7 @@ mod tests {
         let out = fresh(40, 1, &ping(7), &ctx(1, 9));
         assert_eq!(parse_pong(&out.replies[0].body), Some((40, 7)));
 
-        let body = container(&[(44, 1, ping(5)), (48, 3, gzip(&ping(8))), (52, 4, ack(1))]);
+        let body = msg_container(&[(44, 1, ping(5)), (48, 3, gzip(&ping(8))), (52, 4, ack(1))]);
         let out = fresh(56, 4, &body, &ctx(1, 9));
         assert_eq!(pongs(&out), vec![(44, 5), (48, 8)]);
         assert_eq!(out.replies.len(), 2, "msgs_ack gets no reply");
@@ -551,7 +539,7 @@ mod tests {
 
     #[test]
     fn a_gzip_packed_container_is_unpacked() {
-        let body = gzip(&container(&[(44, 1, ping(5))]));
+        let body = gzip(&msg_container(&[(44, 1, ping(5))]));
         let out = fresh(48, 2, &body, &ctx(1, 9));
         assert_eq!(pongs(&out), vec![(44, 5)]);
     }
@@ -669,7 +657,7 @@ mod tests {
         let again = respond(40, 1, &ping(7), &c, &mut window, &mut rng);
         assert_eq!(again, Outcome::default());
         // Nor inside a container with a new msg_id.
-        let body = container(&[(40, 1, ping(7)), (44, 3, ping(8))]);
+        let body = msg_container(&[(40, 1, ping(7)), (44, 3, ping(8))]);
         let out = respond(48, 4, &body, &c, &mut window, &mut rng);
         assert_eq!(pongs(&out), vec![(44, 8)]);
     }
@@ -683,7 +671,7 @@ mod tests {
         let out = respond(
             40,
             2,
-            &container(&[(36, 1, ping(8))]),
+            &msg_container(&[(36, 1, ping(8))]),
             &c,
             &mut window,
             &mut rng,
@@ -747,7 +735,7 @@ mod tests {
         let out = fresh(
             48,
             2,
-            &container(&[(42, 1, ping(1)), (44, 1, ping(2))]),
+            &msg_container(&[(42, 1, ping(1)), (44, 1, ping(2))]),
             &ctx(1, 9),
         );
         assert_eq!(notifications(&out), vec![(42, 18)]);
@@ -761,10 +749,10 @@ mod tests {
         assert_eq!(notifications(&fresh(40, 2, &ping(1), &c)), vec![(40, 35)]);
         // An ack or a container with an odd one.
         assert_eq!(notifications(&fresh(40, 1, &ack(4), &c)), vec![(40, 34)]);
-        let body = container(&[(36, 1, ping(1))]);
+        let body = msg_container(&[(36, 1, ping(1))]);
         assert_eq!(notifications(&fresh(40, 3, &body, &c)), vec![(40, 34)]);
         // Inside a container, and after gzip_packed is unwrapped.
-        let body = container(&[(32, 0, gzip(&ping(1))), (36, 1, ping(2))]);
+        let body = msg_container(&[(32, 0, gzip(&ping(1))), (36, 1, ping(2))]);
         let out = fresh(40, 2, &body, &c);
         assert_eq!(notifications(&out), vec![(32, 35)]);
         assert_eq!(pongs(&out), vec![(36, 2)]);
@@ -805,11 +793,11 @@ mod tests {
         let c = ctx(1, 9);
         let mut window = MsgWindow::default();
         let mut rng = rand::thread_rng();
-        let first = container(&[(100, 1, ping(1)), (104, 3, ping(2)), (108, 4, ack(5))]);
+        let first = msg_container(&[(100, 1, ping(1)), (104, 3, ping(2)), (108, 4, ack(5))]);
         let out = respond(112, 4, &first, &c, &mut window, &mut rng);
         assert_eq!(pongs(&out).len(), 2);
         assert!(notifications(&out).is_empty());
-        let second = container(&[(120, 5, ping(3)), (124, 6, ack(9))]);
+        let second = msg_container(&[(120, 5, ping(3)), (124, 6, ack(9))]);
         let out = respond(116, 4, &second, &c, &mut window, &mut rng);
         assert_eq!(pongs(&out), vec![(120, 3)]);
         assert!(notifications(&out).is_empty());
@@ -819,8 +807,8 @@ mod tests {
 
     #[test]
     fn a_container_inside_a_container_gets_64() {
-        let inner = container(&[(36, 1, ping(1))]);
-        let out = fresh(44, 2, &container(&[(40, 2, inner)]), &ctx(1, 9));
+        let inner = msg_container(&[(36, 1, ping(1))]);
+        let out = fresh(44, 2, &msg_container(&[(40, 2, inner)]), &ctx(1, 9));
         assert_eq!(notifications(&out), vec![(40, 64)]);
         assert!(pongs(&out).is_empty());
     }
@@ -834,7 +822,7 @@ mod tests {
         let mut bind = crate::bind::BIND_TEMP_AUTH_KEY.to_le_bytes().to_vec();
         bind.resize(budget as usize, 0);
         let packed = gzip(&bind);
-        let body = container(&[
+        let body = msg_container(&[
             (4, 1, packed.clone()),
             (8, 3, packed.clone()),
             (12, 5, packed.clone()),

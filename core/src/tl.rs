@@ -225,6 +225,26 @@ impl TlWrite for Vec<u8> {
     }
 }
 
+/// A `msg_container` of `(msg_id, seq_no, body)` messages, in order.
+pub fn msg_container<B: AsRef<[u8]>>(messages: &[(i64, i32, B)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        8 + messages
+            .iter()
+            .map(|(_, _, body)| 16 + body.as_ref().len())
+            .sum::<usize>(),
+    );
+    out.put_u32(id::MSG_CONTAINER);
+    out.put_u32(messages.len() as u32);
+    for (msg_id, seq_no, body) in messages {
+        let body = body.as_ref();
+        out.put_i64(*msg_id);
+        out.put_i32(*seq_no);
+        out.put_u32(body.len() as u32);
+        out.put_raw(body);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

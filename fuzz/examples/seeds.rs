@@ -11,7 +11,7 @@ use mtproto_core::authkey::AuthKey;
 use mtproto_core::bind::{self, Outer};
 use mtproto_core::message;
 use mtproto_core::rsa::{encrypt_legacy, encrypt_rsa_pad};
-use mtproto_core::tl::{id, TlWrite};
+use mtproto_core::tl::{id, msg_container, TlWrite};
 use mtproto_core::transport::{Framing, FramingKind};
 use mtproto_core_fuzz::{
     inner_data, pq, req_pq_body, rng, server_key, ClientWire, NOW, TRANSPORTS,
@@ -64,19 +64,6 @@ fn gzip(body: &[u8]) -> Vec<u8> {
     packed.put_u32(id::GZIP_PACKED);
     packed.put_bytes(&gz.finish().expect("gzip"));
     packed
-}
-
-fn container(items: &[(i64, i32, Vec<u8>)]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.put_u32(id::MSG_CONTAINER);
-    b.put_u32(items.len() as u32);
-    for (msg_id, seq_no, body) in items {
-        b.put_i64(*msg_id);
-        b.put_i32(*seq_no);
-        b.put_u32(body.len() as u32);
-        b.put_raw(body);
-    }
-    b
 }
 
 fn http_wait(max_delay: i32, wait_after: i32, max_wait: i32) -> Vec<u8> {
@@ -319,13 +306,13 @@ fn longpoll(dir: &Path) {
         2,
         msg_id(2) + 1,
         3,
-        &container(&[(msg_id(3) + 1, 5, ping(2))]),
+        &msg_container(&[(msg_id(3) + 1, 5, ping(2))]),
     );
     for (name, body, split) in [
         ("http_wait", http_wait(0, 100, 25_000), 0u16),
         (
             "container",
-            container(&[
+            msg_container(&[
                 (msg_id(1), 1, ping(1)),
                 (msg_id(2), 2, http_wait(500, 150, 3000)),
             ]),
@@ -405,7 +392,7 @@ fn reference_session(dir: &Path) {
         ),
         (
             "container",
-            container(&[
+            msg_container(&[
                 (msg_id(1), 1, ping(5)),
                 (msg_id(2), 3, gzip(&ping(8))),
                 (msg_id(3), 4, ack),

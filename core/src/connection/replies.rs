@@ -142,7 +142,7 @@ impl Awaited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tl::TlWrite;
+    use crate::tl::{msg_container, TlWrite};
 
     fn client(msg_id: i64, seq_no: i32, body: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
@@ -163,19 +163,6 @@ mod tests {
         m.put_u32(body.len() as u32);
         m.extend_from_slice(body);
         m
-    }
-
-    fn container(messages: &[(i64, i32, Vec<u8>)]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.put_u32(id::MSG_CONTAINER);
-        b.put_u32(messages.len() as u32);
-        for (msg_id, seq_no, body) in messages {
-            b.put_i64(*msg_id);
-            b.put_i32(*seq_no);
-            b.put_u32(body.len() as u32);
-            b.extend_from_slice(body);
-        }
-        b
     }
 
     fn tl(constructor: u32, first: i64) -> Vec<u8> {
@@ -212,7 +199,7 @@ mod tests {
         awaited.on_client_message(&client(
             200,
             2,
-            &container(&[
+            &msg_container(&[
                 (204, 1, tl(id::PING, 1)),
                 (208, 2, ack),
                 (212, 3, tl(id::PING, 2)),
@@ -224,7 +211,7 @@ mod tests {
         awaited.on_server_message(&server(&tl(id::BAD_SERVER_SALT, 200)));
         assert_eq!(awaited.len(), 1);
         awaited.on_client_message(&client(220, 7, &tl(id::PING, 4)));
-        awaited.on_server_message(&server(&container(&[
+        awaited.on_server_message(&server(&msg_container(&[
             (1, 2, tl(id::PONG, 216)),
             (5, 2, tl(id::PONG, 220)),
         ])));
@@ -241,7 +228,7 @@ mod tests {
         let before = awaited.len();
         awaited.on_client_message(&[1, 2, 3]);
         awaited.on_client_message(&client(1, 1, &[]));
-        let mut truncated = client(5, 1, &container(&[(9, 1, tl(id::PING, 0))]));
+        let mut truncated = client(5, 1, &msg_container(&[(9, 1, tl(id::PING, 0))]));
         truncated.truncate(30);
         awaited.on_client_message(&truncated);
         awaited.on_server_message(&[0; 10]);
