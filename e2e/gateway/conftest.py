@@ -58,6 +58,9 @@ class Process:
         self.program = program or gateway_binary()
         self.log_path = workdir / log_name
         self.log = open(self.log_path, "ab")
+        # The file may hold an earlier process's lines (a port, and so the
+        # name, can come round again): this process's text starts here.
+        self.log_start = self.log.tell()
         self.proc = subprocess.Popen(
             [str(self.program), *args],
             cwd=workdir,
@@ -74,8 +77,12 @@ class Process:
         return self.proc.poll() is None
 
     def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        """What this process wrote, restarts included."""
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     def kill(self) -> None:
         self.proc.kill()

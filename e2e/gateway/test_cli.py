@@ -88,7 +88,7 @@ def test_bad_settings_name_the_field(tmp_path, args, expected):
 
 def log_lines(process) -> list[str]:
     """The non-empty lines of a stopped process's stdout and stderr."""
-    return [line for line in process.log_path.read_text().splitlines() if line.strip()]
+    return [line for line in process.log_text().splitlines() if line.strip()]
 
 
 def parses_as_json_event(line: str) -> bool:
