@@ -1,6 +1,7 @@
 """Fixtures: a real `mtproto-gateway` process per test module, on loopback."""
 
 import os
+import random
 import socket
 import subprocess
 import time
@@ -27,10 +28,25 @@ def session_binary() -> Path:
     return gateway_binary().parent / "mtproto-session"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the ephemeral range (one probed free
+    inside it can be taken by an outgoing connection before the process under
+    test binds it), and not handed out before in this run (so a restarted
+    process never inherits another's port, or its log file)."""
+    while True:
+        port = random.randrange(26000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
