@@ -91,7 +91,7 @@ VENV="$("$ROOT/scripts/install-deps.sh" --print-venv)"
 PY="$VENV/bin/python"
 
 free_ports() { # free_ports <n>: n free TCP ports on every address, below the ephemeral range
-  python3 "$ROOT/e2e/tools/free-ports.py" "$1"
+  python3 "$ROOT/e2e/tools/free_ports.py" "$1"
 }
 
 wait_until() { # wait_until <seconds> <what> <command...>

@@ -1,15 +1,18 @@
 """Fixtures: a real `mtproto-gateway` process per test module, on loopback."""
 
 import os
-import random
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "e2e" / "tools"))
+from free_ports import pick as pick_free_ports  # noqa: E402
+
 # Our debug logs, without the HTTP/2 frame traces of the gRPC stack.
 LOG_FILTER = "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info"
 
@@ -32,21 +35,10 @@ _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A loopback port free now, below the ephemeral range (one probed free
-    inside it can be taken by an outgoing connection before the process under
-    test binds it), and not handed out before in this run (so a restarted
-    process never inherits another's port, or its log file)."""
-    while True:
-        port = random.randrange(26000, 32000)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
+    """A port free now, below the ephemeral range, and not handed out before
+    in this run (so a restarted process never inherits another's port, or its
+    log file). Above the range the operator and fleet scripts pick from."""
+    return pick_free_ports(1, low=26000, high=32000, taken=_HANDED_OUT)[0]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -147,11 +139,12 @@ def start_session(workdir: Path, port: int | None = None, members: list[str] | N
     return Process(workdir, args, port, program=session_binary(), log_name=f"session-{port}.log")
 
 
-def start_remote_gateway(workdir: Path, sessions: list[int], mode: str, data: Path | None = None) -> Process:
-    extra = ["--session-mode", mode, "--grpc-listen", f"127.0.0.1:{free_port()}"]
+def start_remote_gateway(workdir: Path, sessions: list[int], mode: str, data: Path | None = None,
+                         extra: list[str] | None = None) -> Process:
+    args = ["--session-mode", mode, "--grpc-listen", f"127.0.0.1:{free_port()}"]
     for port in sessions:
-        extra += ["--session", f"grpc://127.0.0.1:{port}"]
-    return start_gateway(workdir, extra, data)
+        args += ["--session", f"grpc://127.0.0.1:{port}"]
+    return start_gateway(workdir, args + (extra or []), data)
 
 
 @pytest.fixture(scope="module")

@@ -38,10 +38,8 @@ def test_metrics_health_and_drain_with_remote_sessions(tmp_path):
     # A lame duck long enough to see readiness fall; a grace the test does
     # not wait out: the drain ends once nothing is owed.
     config.write_text("[limits]\ndrain_delay_secs = 5\nshutdown_grace_secs = 60\n")
-    gateway = start_remote_gateway(tmp_path, [session.port], "unary")
-    gateway.stop()
-    gateway.args += ["--admin-listen", f"127.0.0.1:{admin}", "--config", str(config)]
-    gateway.restart()
+    gateway = start_remote_gateway(tmp_path, [session.port], "unary",
+                                   extra=["--admin-listen", f"127.0.0.1:{admin}", "--config", str(config)])
     pin_server_key(gateway.public_key.read_text())
     assert get(admin, "/healthz")[0] == 200
     assert get(admin, "/readyz")[0] == 200
@@ -108,10 +106,7 @@ def test_a_drained_connection_is_closed_and_reported(tmp_path):
     session = start_session(tmp_path)
     config = tmp_path / "gw.toml"
     config.write_text("[limits]\nshutdown_grace_secs = 1\n")
-    gateway = start_remote_gateway(tmp_path, [session.port], "stream")
-    gateway.stop()
-    gateway.args += ["--config", str(config)]
-    gateway.restart()
+    gateway = start_remote_gateway(tmp_path, [session.port], "stream", extra=["--config", str(config)])
     pin_server_key(gateway.public_key.read_text())
 
     async def scenario():

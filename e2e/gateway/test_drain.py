@@ -278,10 +278,7 @@ def test_a_stalled_session_leaves_every_request_read_counted(tmp_path):
     session = start_session(tmp_path)
     config = tmp_path / "gw.toml"
     config.write_text("[limits]\nshutdown_grace_secs = 2\n")
-    gateway = start_remote_gateway(tmp_path, [session.port], "unary")
-    gateway.stop()
-    gateway.args += ["--config", str(config)]
-    gateway.restart()
+    gateway = start_remote_gateway(tmp_path, [session.port], "unary", extra=["--config", str(config)])
     pin_server_key(gateway.public_key.read_text())
     pingers: list[Pinger] = []
     stopped = False

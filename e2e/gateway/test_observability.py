@@ -82,10 +82,7 @@ def fleet_scrape(tmp_path_factory):
     work = tmp_path_factory.mktemp("observability")
     session = start_session(work)
     admin = free_port()
-    gateway = start_remote_gateway(work, [session.port], "unary")
-    gateway.stop()
-    gateway.args += ["--admin-listen", f"127.0.0.1:{admin}"]
-    gateway.restart()
+    gateway = start_remote_gateway(work, [session.port], "unary", extra=["--admin-listen", f"127.0.0.1:{admin}"])
     pin_server_key(gateway.public_key.read_text())
 
     async def traffic():

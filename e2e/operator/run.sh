@@ -225,7 +225,7 @@ contexts:
 current-context: operator
 EOF
 # Free ports for the two operators' HTTP servers (below the ephemeral range).
-read -r PORT_A PORT_B < <(python3 e2e/tools/free-ports.py 2)
+read -r PORT_A PORT_B < <(python3 e2e/tools/free_ports.py 2)
 ops=""
 for id in a b; do
   port=$([[ $id == a ]] && echo "$PORT_A" || echo "$PORT_B")

@@ -81,7 +81,7 @@ printf '%-60s %10s %10s\n' "operator" "VmHWM MiB" "VmRSS MiB"
 n=0
 for bin in "$@"; do
   n=$((n + 1))
-  port=$(python3 "$ROOT/e2e/tools/free-ports.py" 1)
+  port=$(python3 "$ROOT/e2e/tools/free_ports.py" 1)
   RUST_LOG="info,kube=warn" POD_NAMESPACE=default OPERATOR_LEASE_NAME="secret-memory-$n" \
     "$bin" --http-addr "127.0.0.1:$port" --identity "secret-memory-$n" >"$OUT/op-$n.log" 2>&1 &
   PID=$!
