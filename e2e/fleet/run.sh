@@ -48,7 +48,8 @@ T_START=$SECONDS
 declare -A PID=()
 
 log() { printf '[fleet-e2e %3ds] %s\n' "$((SECONDS - T_START))" "$*" >&2; }
-die() { printf '[fleet-e2e] FAIL: %s\n' "$*" >&2; exit 1; }
+FAILED=""
+die() { FAILED="$*"; printf '[fleet-e2e] FAIL: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
 
 stop_pid() { # stop_pid <pid> [signal]: signal, wait up to 10 s, then SIGKILL
@@ -75,13 +76,15 @@ cleanup() {
   if [[ $rc -ne 0 ]]; then
     for f in "$OUT"/*.log; do
       [[ -f $f ]] || continue
-      log "---- last lines of $f"; tail -n 15 "$f" >&2 || true
+      log "---- last lines of $f (DEBUG left out)"; grep -v ' DEBUG ' "$f" | tail -n 15 >&2 || true
     done
   fi
   if [[ $STARTED_CP == 1 && "${E2E_KEEP:-0}" != 1 ]]; then
     e2e/k8s/controlplane.sh down >/dev/null 2>&1 || true
   fi
   log "artifacts in $OUT (exit $rc)"
+  # Last, so that a log tail shows why.
+  [[ -z $FAILED ]] || printf '[fleet-e2e] FAIL: %s\n' "$FAILED" >&2
   exit "$rc"
 }
 trap cleanup EXIT
@@ -348,7 +351,14 @@ traffic_stop() { # traffic_stop <phase>: ends the run; its exit status is the ve
   wait "${PID[traffic-$phase]}" || rc=$?
   unset "PID[traffic-$phase]"
   log "traffic $phase: $(report_line "$phase")"
-  [[ $rc == 0 ]] || die "traffic $phase: pings lost or unanswered (exit $rc; $OUT/traffic-$phase.json)"
+  [[ $rc == 0 ]] || die "traffic $phase: pings lost or unanswered (exit $rc; $(failures_of "$phase"); $OUT/traffic-$phase.json)"
+}
+failures_of() { # the first failed pings of a run, and client errors
+  "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))
+ev=[e for e in r["events"] if e["kind"] in ("lost","wrong_pong","auth_key_not_found")]
+errors=r["client_errors"][:2]
+print(f"{len(ev)} failed pings, first {ev[:3]}, client errors {errors}")' \
+    "$OUT/traffic-$1.json" 2>/dev/null || echo "no report"
 }
 report_line() {
   "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))

@@ -215,7 +215,7 @@ impl Core {
             )
             .await
         {
-            debug!(auth_key_id, session_id, gateway = %data.server_id, "no live connection took the reply");
+            debug!(auth_key_id, session_id, gateway = %data.server_id, "reply not taken for delivery");
         }
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use mtproto_edge_proto::gateway::rpc_gateway_client::RpcGatewayClient;
 use mtproto_edge_proto::gateway::{self as gpb};
 use mtproto_edge_proto::mtproto as pb;
@@ -24,6 +25,7 @@ use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
     session_stream_response::Payload as StreamResponse,
 };
+use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
@@ -387,20 +389,35 @@ pub fn routes(service: Arc<SessionGrpc>) -> Routes {
         .add_service(RpcSessionStreamServer::new(SessionStreamGrpc(service)))
 }
 
+/// Replies waiting for one gateway; past this they are dropped at once (the
+/// client resends what is not acknowledged) rather than wait on that gateway.
+const LINK_QUEUE: usize = 1024;
+/// Deliveries to one gateway on the wire at once (HTTP/2 streams).
+const LINK_IN_FLIGHT: usize = 64;
+/// A link with nothing to deliver for this long ends; its gateway may be gone.
+const LINK_IDLE: Duration = Duration::from_secs(60);
+/// Gateways with a live link at once: made-up `server_id`s stop here.
+const MAX_LINKS: usize = 1024;
+
+type Delivery = gpb::TlGatewaySendDataToGateway;
+
 /// Delivers replies to gateways over `gateway.RPCGateway`, addressed by the
-/// `server_id` each gateway put in its messages.
+/// `server_id` each gateway put in its messages. Each gateway has its own
+/// bounded queue and task, so a gateway that stalls (draining, hung, gone)
+/// delays and drops only its own replies, never the session's workers.
 #[derive(Debug)]
 pub struct RemoteGateways {
-    channels: Mutex<HashMap<String, Channel>>,
+    links: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
     timeout: Duration,
     /// Gateways are dialled with mutual TLS when set.
     tls: Option<Arc<TlsFiles>>,
 }
 
 impl RemoteGateways {
+    /// `timeout` bounds each delivery call (and dialling a gateway).
     pub fn new(timeout: Duration) -> Self {
         Self {
-            channels: Mutex::default(),
+            links: Mutex::default(),
             timeout,
             tls: None,
         }
@@ -410,10 +427,17 @@ impl RemoteGateways {
         Self { tls, ..self }
     }
 
-    fn channel(&self, server_id: &str) -> Option<Channel> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(channel) = channels.get(server_id) {
-            return Some(channel.clone());
+    /// The queue to `server_id`'s link, started on first use (and again
+    /// after it ended idle); needs a tokio runtime.
+    fn link(&self, server_id: &str) -> Option<mpsc::Sender<Delivery>> {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = links.get(server_id).filter(|link| !link.is_closed()) {
+            return Some(link.clone());
+        }
+        links.retain(|_, link| !link.is_closed());
+        if links.len() >= MAX_LINKS {
+            warn!(server_id, "{MAX_LINKS} gateway links open; reply dropped");
+            return None;
         }
         let endpoint = Endpoint::from_shared(format!("http://{server_id}")).ok()?;
         let endpoint = endpoint
@@ -424,13 +448,75 @@ impl RemoteGateways {
             Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
             None => endpoint.connect_lazy(),
         };
-        channels.insert(server_id.to_string(), channel.clone());
-        Some(channel)
+        let (link, queue) = mpsc::channel(LINK_QUEUE);
+        tokio::spawn(run_link(
+            server_id.to_string(),
+            RpcGatewayClient::new(channel),
+            queue,
+        ));
+        links.insert(server_id.to_string(), link.clone());
+        Some(link)
+    }
+}
+
+/// Sends one gateway's queued replies, up to [`LINK_IN_FLIGHT`] at once,
+/// started in queue order.
+async fn run_link(
+    server_id: String,
+    client: RpcGatewayClient<Channel>,
+    mut queue: mpsc::Receiver<Delivery>,
+) {
+    let deliver = |request: Delivery| {
+        let mut client = client.clone();
+        async move { client.gateway_send_data_to_gateway(request).await }
+    };
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        let request = if in_flight.is_empty() {
+            match tokio::time::timeout(LINK_IDLE, queue.recv()).await {
+                Ok(request) => request,
+                Err(_) => {
+                    // Senders see the link closed and start a new one; what
+                    // was queued before that still goes out.
+                    queue.close();
+                    continue;
+                }
+            }
+        } else if in_flight.len() >= LINK_IN_FLIGHT {
+            report(&server_id, in_flight.next().await);
+            continue;
+        } else {
+            tokio::select! {
+                done = in_flight.next() => {
+                    report(&server_id, done);
+                    continue;
+                }
+                request = queue.recv() => request,
+            }
+        };
+        match request {
+            Some(request) => in_flight.push(deliver(request)),
+            None => break,
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        report(&server_id, Some(done));
+    }
+}
+
+fn report(server_id: &str, done: Option<Result<Response<pb::Bool>, Status>>) {
+    match done {
+        Some(Ok(reply)) if reply.get_ref().value() => {}
+        Some(Ok(_)) => debug!(server_id, "no live connection took the reply"),
+        Some(Err(status)) => debug!(server_id, "sendDataToGateway failed: {status}"),
+        None => {}
     }
 }
 
 #[async_trait]
 impl GatewayDelivery for RemoteGateways {
+    /// True once the reply is queued for its gateway; whether a connection
+    /// there took it is known later, and logged.
     async fn send_data_to_gateway(
         &self,
         server_id: &str,
@@ -438,26 +524,27 @@ impl GatewayDelivery for RemoteGateways {
         session_id: i64,
         payload: Bytes,
     ) -> bool {
-        let Some(channel) = self.channel(server_id) else {
-            warn!(server_id, "not a gateway address");
-            return false;
-        };
-        let request = gpb::TlGatewaySendDataToGateway {
+        let mut request = Delivery {
             constructor: gpb::SEND_DATA_TO_GATEWAY,
             auth_key_id,
             session_id,
             payload: payload.to_vec(),
         };
-        match RpcGatewayClient::new(channel)
-            .gateway_send_data_to_gateway(request)
-            .await
-        {
-            Ok(reply) => reply.into_inner().value(),
-            Err(status) => {
-                debug!(server_id, "sendDataToGateway failed: {status}");
-                false
+        // A link that just ended idle is replaced once.
+        for _ in 0..2 {
+            let Some(link) = self.link(server_id) else {
+                return false;
+            };
+            match link.try_send(request) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    debug!(server_id, "gateway queue full; reply dropped");
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => request = back,
             }
         }
+        false
     }
 }
 
@@ -469,6 +556,8 @@ fn unix_now() -> i64 {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use mtproto_edge_proto::gateway::rpc_gateway_server::{RpcGateway, RpcGatewayServer};
+    use tokio::net::TcpListener;
 
     #[tokio::test]
     async fn ownership_follows_a_membership_change() {
@@ -493,5 +582,92 @@ mod tests {
 
         service.set_members(vec![me]);
         assert!(service.check_owner(moved).is_ok());
+    }
+
+    /// A gateway that takes the replies it is sent and reports their session ids.
+    #[derive(Debug)]
+    struct Recording(mpsc::UnboundedSender<i64>);
+
+    #[async_trait]
+    impl RpcGateway for Recording {
+        async fn gateway_send_data_to_gateway(
+            &self,
+            request: Request<gpb::TlGatewaySendDataToGateway>,
+        ) -> Result<Response<pb::Bool>, Status> {
+            let _ = self.0.send(request.into_inner().session_id);
+            Ok(Response::new(pb::Bool::from_bool(true)))
+        }
+    }
+
+    async fn recording_gateway() -> (String, mpsc::UnboundedReceiver<i64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RpcGatewayServer::new(Recording(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, rx)
+    }
+
+    /// A gateway that accepts connections and never answers on them.
+    async fn stalled_gateway() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stalled_gateway_delays_only_its_own_replies() {
+        let gateways = RemoteGateways::new(Duration::from_secs(300));
+        let stalled = stalled_gateway().await;
+        let (live, mut taken) = recording_gateway().await;
+        // The stalled gateway's calls stay pending for 300 s; neither queuing
+        // them nor the live gateway's reply may wait on them.
+        let run = async {
+            for session_id in 0..2 * LINK_IN_FLIGHT as i64 {
+                let queued = gateways
+                    .send_data_to_gateway(&stalled, 1, session_id, Bytes::from_static(b"r"))
+                    .await;
+                assert!(
+                    queued,
+                    "reply {session_id} to the stalled gateway was not queued"
+                );
+            }
+            assert!(
+                gateways
+                    .send_data_to_gateway(&live, 1, 7, Bytes::from_static(b"r"))
+                    .await
+            );
+            taken.recv().await
+        };
+        let got = tokio::time::timeout(Duration::from_secs(120), run).await;
+        assert_eq!(got.ok().flatten(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_full_gateway_queue_refuses_at_once() {
+        let gateways = RemoteGateways::new(Duration::from_secs(300));
+        let stalled = stalled_gateway().await;
+        let mut queued = 0;
+        for session_id in 0..2 * (LINK_QUEUE + LINK_IN_FLIGHT) as i64 {
+            if gateways
+                .send_data_to_gateway(&stalled, 1, session_id, Bytes::from_static(b"r"))
+                .await
+            {
+                queued += 1;
+            }
+        }
+        assert!(
+            (LINK_QUEUE..=LINK_QUEUE + LINK_IN_FLIGHT).contains(&queued),
+            "{queued} replies queued for a gateway that answers none"
+        );
     }
 }

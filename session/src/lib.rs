@@ -80,8 +80,10 @@ pub trait SessionService: Send + Sync + std::fmt::Debug {
 
 /// Session → gateway: deliver a server message (plaintext from the salt on)
 /// to a live connection of that session on the gateway named `server_id`.
-/// True when a live connection took it (queued for its client); false at
-/// once when none can (none there, or its outbox is full).
+/// True when it was taken: in process, by a live connection (queued for its
+/// client); over the network, by the bounded queue to that gateway. False at
+/// once when it cannot be (no such connection, a full outbox or queue): a
+/// slow gateway never makes the caller wait.
 #[async_trait]
 pub trait GatewayDelivery: Send + Sync + std::fmt::Debug {
     async fn send_data_to_gateway(
