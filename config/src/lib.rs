@@ -15,6 +15,11 @@ pub const DEFAULT_SESSION_PEER_NAME: &str = "mtproto-session";
 /// The server's DH secret length by default: the 2048 bits the spec asks for.
 pub const DEFAULT_DH_SECRET_BITS: u32 = 2048;
 
+/// Seconds a gateway takes at most, after `shutdown_grace_secs`, to close
+/// what is still open and exit: the pod's termination grace period must
+/// cover `drain_delay_secs + shutdown_grace_secs` plus this.
+pub const CLOSE_AFTER_GRACE_SECS: u64 = 5;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -279,6 +284,8 @@ pub struct LimitsConfig {
     /// After SIGTERM, seconds of lame duck: readiness is false but listeners
     /// keep accepting, so load balancers notice before connections are refused.
     pub drain_delay_secs: u64,
+    /// Then seconds of drain; what is open after it is closed within
+    /// [`CLOSE_AFTER_GRACE_SECS`].
     pub shutdown_grace_secs: u64,
     /// Open connections per listener; more are closed at accept.
     pub max_connections: usize,

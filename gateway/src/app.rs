@@ -115,7 +115,8 @@ fn grpc_security(s: &crate::config::SessionConfig) -> anyhow::Result<GrpcSecurit
 const UNSENT_BYTES_PER_CONNECTION: usize = 256 * 1024;
 
 /// How long the reverse-path gRPC server may take to close its session
-/// connections after the drain.
+/// connections after the drain (less when the close after the grace has
+/// used up [`server::CLOSE_AFTER_GRACE`]).
 const GRPC_STOP: Duration = Duration::from_secs(5);
 
 /// A configured gateway, bound and ready to serve.
@@ -387,7 +388,8 @@ impl Gateway {
             // Also reached when the sender is dropped: stop then too.
             let _ = stop_accepting_tx.send(true);
         });
-        server::serve(self.listeners, self.shared, stop_accepting, self.grace).await;
+        let closed_by =
+            server::serve(self.listeners, self.shared, stop_accepting, self.grace).await;
         let _ = after_drain.send(true);
         if let Some(task) = admin {
             task.await.context("admin task")?.context("admin server")?;
@@ -395,12 +397,13 @@ impl Gateway {
         if let Some(mut task) = grpc {
             // A graceful HTTP/2 close waits for each peer to answer a ping:
             // a session that hangs (or is stopped) would hold the exit forever.
-            match tokio::time::timeout(GRPC_STOP, &mut task).await {
+            let stop_by = closed_by.min(tokio::time::Instant::now() + GRPC_STOP);
+            match tokio::time::timeout_at(stop_by, &mut task).await {
                 Ok(stopped) => stopped
                     .context("gRPC server task")?
                     .context("gRPC server")?,
                 Err(_) => {
-                    warn!("the reverse-path gRPC server did not stop within {GRPC_STOP:?}: a session peer does not answer; closing it");
+                    warn!("the reverse-path gRPC server did not stop in time: a session peer does not answer; closing it");
                     task.abort();
                 }
             }

@@ -188,12 +188,21 @@ impl ConnectionIds {
 /// they read and close once nothing is owed, for up to `grace`; then the
 /// rest are closed, what they could not deliver counted (each closed
 /// session is reported to its session service). Ends with one summary line.
+/// After the drain grace, what the gateway takes to close the connections
+/// left and stop its reverse path, at most; the operator keeps this much of
+/// the pod's termination grace period for it.
+pub const CLOSE_AFTER_GRACE: Duration = Duration::from_secs(mtproto_config::CLOSE_AFTER_GRACE_SECS);
+
+/// Serves until `shutdown`, then drains for up to `grace` and closes what is
+/// left. Returns when every connection is closed, or at the end of
+/// [`CLOSE_AFTER_GRACE`]: then, the time by which the rest of the shutdown
+/// must be done.
 pub async fn serve(
     listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
-) {
+) -> tokio::time::Instant {
     // Each connection holds a clone of `done_tx`; when all are dropped, they are all closed.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let (force_tx, force_rx) = watch::channel(false);
@@ -213,17 +222,21 @@ pub async fn serve(
         task.abort();
     }
     info!("draining connections for up to {grace:?}");
+    let closed_by = tokio::time::Instant::now() + grace + CLOSE_AFTER_GRACE;
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         warn!("grace period over: closing the connections still open");
         let _ = force_tx.send(true);
-        if tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+        if tokio::time::timeout_at(closed_by, done_rx.recv())
             .await
             .is_err()
         {
-            warn!("connections did not close within 10 s of the grace period");
+            warn!(
+                "connections still closing {CLOSE_AFTER_GRACE:?} after the grace period; exiting"
+            );
         }
     }
     shared.drain.log_summary();
+    closed_by
 }
 
 async fn accept_loop(

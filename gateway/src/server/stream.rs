@@ -17,7 +17,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tracing::info;
 
 use super::limiter::{Refusal, Slot};
@@ -38,10 +38,11 @@ const SERVER_MESSAGES_PER_TURN: usize = 32;
 /// with unread input would send a reset, which can destroy replies still in
 /// the socket's send queue.
 const LINGER: Duration = Duration::from_secs(2);
-/// The last write of a connection closed at the end of the drain grace
-/// waits at most this long (or the write timeout, if shorter), so its count
-/// of what it did not deliver is in before the gateway exits.
-const FORCED_LAST_WRITE: Duration = Duration::from_secs(2);
+/// A connection closed at the end of the drain grace gets this long (or the
+/// write timeout, if shorter) for its last write, FIN and linger together,
+/// so it is gone, its undelivered replies counted, well within the
+/// gateway's [`CLOSE_AFTER_GRACE`](super::CLOSE_AFTER_GRACE).
+const FORCED_CLOSE: Duration = Duration::from_secs(2);
 
 /// The two stages of a shutdown, as connections see them.
 pub(super) struct Stop {
@@ -325,13 +326,14 @@ impl Cx {
         let close = conn.take_close().unwrap_or(Close::Shutdown);
         shell::count_close(&shared, self.id, self.peer, &close);
         // Past the grace the gateway cannot wait a whole write timeout.
-        let last_write = if forced {
-            shared.limits.write_timeout.min(FORCED_LAST_WRITE)
-        } else {
-            shared.limits.write_timeout
-        };
+        let last_write_by = Instant::now()
+            + if forced {
+                shared.limits.write_timeout.min(FORCED_CLOSE)
+            } else {
+                shared.limits.write_timeout
+            };
         if !matches!(close, Close::Write | Close::Read(_)) {
-            let delivered = self.flush(&mut conn, &mut writer, last_write).await;
+            let delivered = self.flush(&mut conn, &mut writer, last_write_by).await;
             if drain_started {
                 shared.drain.delivered(delivered);
             }
@@ -367,9 +369,16 @@ impl Cx {
                 })
                 .inc_by(dropped);
         }
-        let _ = timeout(last_write, writer.shutdown()).await;
+        let _ = tokio::time::timeout_at(last_write_by, writer.shutdown()).await;
         if matches!(close, Close::Shutdown) {
-            let _ = timeout(LINGER, tokio::io::copy(&mut reader, &mut tokio::io::sink())).await;
+            let linger_until = if forced {
+                last_write_by
+            } else {
+                Instant::now() + LINGER
+            };
+            let mut sink = tokio::io::sink();
+            let discard = tokio::io::copy(&mut reader, &mut sink);
+            let _ = tokio::time::timeout_at(linger_until, discard).await;
         }
         self.detach_sessions(&conn).await;
     }
@@ -416,9 +425,8 @@ impl Cx {
         &self,
         conn: &mut Connection,
         writer: &mut W,
-        within: Duration,
+        limit: Instant,
     ) -> u64 {
-        let limit = Instant::now() + within;
         let mut delivered = 0;
         while conn.has_transmit() {
             let mut slices = [IoSlice::new(&[]); WRITE_BATCH];

@@ -23,11 +23,6 @@ pub const DATA_DIR: &str = "/var/lib/mtproto-gateway";
 /// part of the projected config), so renewals reach the files without a rollout.
 pub const SESSION_TLS_DIR: &str = "/var/run/mtproto-gateway/session-tls";
 
-/// What the gateway keeps of the pod's termination grace period after its
-/// lame-duck delay and drain: closing the connections left and reporting
-/// their sessions.
-const CLOSE_AFTER_DRAIN_SECS: i64 = 5;
-
 impl From<KeyLookup> for gateway::KeyLookup {
     fn from(k: KeyLookup) -> Self {
         match k {
@@ -176,7 +171,10 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
     limits.drain_delay_secs = int("spec.drainDelaySeconds", spec.drain_delay_seconds)?;
     limits.shutdown_grace_secs = int(
         "spec.terminationGracePeriodSeconds",
-        (spec.termination_grace_period_seconds - spec.drain_delay_seconds - CLOSE_AFTER_DRAIN_SECS)
+        // What the gateway takes after the drain is kept out of it.
+        (spec.termination_grace_period_seconds
+            - spec.drain_delay_seconds
+            - gateway::CLOSE_AFTER_GRACE_SECS as i64)
             .max(0),
     )?;
     Ok(toml::to_string(&cfg)?)
