@@ -86,23 +86,14 @@ pub async fn run(
         return cx.serve(stream, buf, &mut open, shutdown).await;
     };
     // TLS and the upgrade count against the handshake deadline too. Their
-    // state is boxed so that the tasks of plain TCP connections, which are
-    // most of the idle ones, stay small (rustls' handshake state is large).
+    // state is boxed, all of it (a TLS stream held in this function's frame
+    // across an await would add its ~1.7 KB to every connection's task), so
+    // the tasks of plain TCP connections, most of the idle ones, stay small.
     let stream = Prefixed::new(buf, stream);
     let Some(tls) = &endpoint.tls else {
         return Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
     };
-    match tokio::time::timeout_at(handshake_deadline, Box::pin(tls.0.accept(stream))).await {
-        Ok(Ok(stream)) => {
-            Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await
-        }
-        Ok(Err(e)) => {
-            let total = cx.shared.admission.refused.count(Refusal::TlsHandshake);
-            shell::count_closed(&cx.shared, "tls_handshake_failed");
-            info!(conn = cx.id, peer = %cx.peer, refused_total = total, "closed: TLS handshake failed: {e}");
-        }
-        Err(_) => shell::count_close(&cx.shared, cx.id, cx.peer, &Close::HandshakeTimeout),
-    }
+    Box::pin(cx.tls_upgrade(stream, tls, ws, handshake_deadline, &mut open, shutdown)).await
 }
 
 /// One connection's identity, shared by its loop and its close.
@@ -114,6 +105,33 @@ struct Cx {
 }
 
 impl Cx {
+    /// The TLS handshake on `stream`, then [`Cx::upgrade`].
+    async fn tls_upgrade(
+        self,
+        stream: Prefixed<TcpStream>,
+        tls: &super::tls::Tls,
+        ws: &websocket::WsOptions,
+        deadline: Instant,
+        open: &mut OpenGauge,
+        shutdown: Stop,
+    ) {
+        // Bound before the upgrade, as in [`Cx::upgrade`].
+        let stream = match tokio::time::timeout_at(deadline, tls.0.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let total = self.shared.admission.refused.count(Refusal::TlsHandshake);
+                shell::count_closed(&self.shared, "tls_handshake_failed");
+                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout);
+                return;
+            }
+        };
+        self.upgrade(stream, ws, deadline, open, shutdown).await
+    }
+
     /// Runs the WebSocket upgrade on `stream`, then serves the connection inside it.
     async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         self,
@@ -123,8 +141,10 @@ impl Cx {
         open: &mut OpenGauge,
         shutdown: Stop,
     ) {
-        match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
-            Ok(Ok(ws)) => self.serve(ws, BytesMut::new(), open, shutdown).await,
+        // The upgraded stream is bound before serving: a match arm that
+        // awaited would keep the whole handshake result alive in this frame.
+        let ws = match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
+            Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 let total = self
                     .shared
@@ -133,11 +153,14 @@ impl Cx {
                     .count(Refusal::WebsocketUpgrade);
                 shell::count_closed(&self.shared, "websocket_upgrade_refused");
                 info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
+                return;
             }
             Err(_) => {
-                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout)
+                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout);
+                return;
             }
-        }
+        };
+        self.serve(ws, BytesMut::new(), open, shutdown).await
     }
 
     fn host<'a>(&'a self, outbox: &'a mut LazyOutbox, held: &'a mut Held) -> GatewayHost<'a> {

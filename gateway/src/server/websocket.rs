@@ -77,7 +77,7 @@ where
     };
     // Small buffers: most connections are idle; big messages still fit, up to the cap.
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(options.max_message_bytes.saturating_mul(2))
         .max_message_size(Some(options.max_message_bytes))
