@@ -183,20 +183,18 @@ impl ConnectionIds {
     }
 }
 
-/// Accepts on every listener until `shutdown` flips; then stops accepting
-/// and drains: connections read nothing more, deliver the answers to what
-/// they read and close once nothing is owed, for up to `grace`; then the
-/// rest are closed, what they could not deliver counted (each closed
-/// session is reported to its session service). Ends with one summary line.
 /// After the drain grace, what the gateway takes to close the connections
 /// left and stop its reverse path, at most; the operator keeps this much of
 /// the pod's termination grace period for it.
 pub const CLOSE_AFTER_GRACE: Duration = Duration::from_secs(mtproto_config::CLOSE_AFTER_GRACE_SECS);
 
-/// Serves until `shutdown`, then drains for up to `grace` and closes what is
-/// left. Returns when every connection is closed, or at the end of
-/// [`CLOSE_AFTER_GRACE`]: then, the time by which the rest of the shutdown
-/// must be done.
+/// Accepts on every listener until `shutdown` flips; then stops accepting
+/// and drains: connections read nothing more, deliver the answers to what
+/// they read and close once nothing is owed, for up to `grace`; then the
+/// rest are closed within [`CLOSE_AFTER_GRACE`], what they could not
+/// deliver counted (each closed session is reported to its session
+/// service). Ends with one summary line, and returns the time by which the
+/// rest of the shutdown must be done.
 pub async fn serve(
     listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
