@@ -439,7 +439,10 @@ impl RemoteGateways {
             debug!(server_id, "{MAX_LINKS} gateway links open; reply dropped");
             return None;
         }
-        let endpoint = Endpoint::from_shared(format!("http://{server_id}")).ok()?;
+        let Ok(endpoint) = Endpoint::from_shared(format!("http://{server_id}")) else {
+            warn!(server_id, "not a gateway address");
+            return None;
+        };
         let endpoint = endpoint
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
