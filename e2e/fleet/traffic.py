@@ -11,7 +11,10 @@ waits for each pong before the next. Client i starts on server i mod count.
 
 When a connection closes, the client does what MTProto clients do: it connects
 again (the same server first, then the next one) with the same key and sends
-the unanswered ping again ("resent_after_close"). With --resend-after S, a ping
+the unanswered ping again ("resent_after_close"). A close is noticed when the
+ping's request fails, or when the sender reports itself disconnected: Telethon
+never resolves a request it had queued but not sent when its connection
+dropped. With --resend-after S, a ping
 unanswered for S seconds on a live connection is sent again on it
 ("resent_on_timeout"), as clients resend unacknowledged messages. A ping with
 no pong within --ping-timeout, counting every resend, is lost.
@@ -47,6 +50,8 @@ class _Loggers(dict):
 
 LOGGERS = _Loggers()
 CONNECT_TIMEOUT = 10.0
+# How often a client waiting for a pong checks that its connection is still up.
+CONNECTION_POLL = 0.25
 
 
 @dataclass
@@ -162,9 +167,8 @@ class Client:
                     futures.append(self.sender.send(PingRequest(ping_id)))
                 except ConnectionError:
                     continue
-            wait = deadline - time.monotonic()
-            if args.resend_after > 0:
-                wait = min(wait, args.resend_after)
+                last_sent = time.monotonic()
+            wait = min(deadline - time.monotonic(), CONNECTION_POLL)
             done, _ = await asyncio.wait(futures, timeout=max(wait, 0.01),
                                          return_when=asyncio.FIRST_COMPLETED)
             pong = next((f.result() for f in done
@@ -183,13 +187,17 @@ class Client:
                 stats.answered_by_server[self.server] = stats.answered_by_server.get(self.server, 0) + 1
                 stats.last_answer_by_server[self.server] = round(time.time(), 3)
                 return True
-            if done:
-                # Every finished future failed: the connection is gone.
+            if done or not self.sender.is_connected():
+                # Every finished future failed, or the sender dropped its
+                # connection with the ping still in its send queue (Telethon
+                # then never resolves it): the connection is gone.
                 stats.event(self.index, "closed", self.server, ping_id=ping_id)
                 await self._close()
                 futures = [None]  # a ping is outstanding: the next connection resends it
                 continue
-            if futures and args.resend_after > 0 and time.monotonic() < deadline:
+            now = time.monotonic()
+            if args.resend_after > 0 and now - last_sent >= args.resend_after and now < deadline:
+                last_sent = now
                 stats.resent_on_timeout += 1
                 stats.event(self.index, "resent_on_timeout", self.server, ping_id=ping_id)
                 try:
