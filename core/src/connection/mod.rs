@@ -301,8 +301,9 @@ pub enum Event {
 #[derive(Debug)]
 enum Waiting {
     Nothing,
-    /// A frame waits for its key.
-    Key(i64, InboundFrame),
+    /// A frame waits for its key (boxed: every connection holds a `Waiting`,
+    /// and a frame waits once, for the first key lookup).
+    Key(Box<(i64, InboundFrame)>),
     Computation,
     Store,
 }
@@ -355,7 +356,8 @@ pub struct Connection {
     frame_deadline: Option<Instant>,
     /// Input bytes counted against the gateway's buffer budget.
     buffered: usize,
-    close: Option<Close>,
+    /// Boxed: set once, at the end, and the reasons are large.
+    close: Option<Box<Close>>,
 }
 
 impl Connection {
@@ -408,12 +410,12 @@ impl Connection {
     /// Why the connection is closing, once it is: the shell writes what is
     /// left in [`Connection::transmit`] (bounded by the write timeout) and ends.
     pub fn closing(&self) -> Option<&Close> {
-        self.close.as_ref()
+        self.close.as_deref()
     }
 
     /// Takes the close reason, when closing.
     pub fn take_close(&mut self) -> Option<Close> {
-        self.close.take()
+        self.close.take().map(|close| *close)
     }
 
     /// The shell should read: nothing is pending that the next frame must
@@ -623,7 +625,7 @@ impl Connection {
                 self.decrypt_and_forward(&key, frame, now, host, rng);
             }
             _ => {
-                self.waiting = Waiting::Key(auth_key_id, frame);
+                self.waiting = Waiting::Key(Box::new((auth_key_id, frame)));
                 self.actions.push_back(Action::LookupKey(auth_key_id));
             }
         }
@@ -689,11 +691,10 @@ impl Connection {
         host: &mut impl Host,
         rng: &mut (impl RngCore + CryptoRng),
     ) {
-        let Waiting::Key(auth_key_id, frame) =
-            std::mem::replace(&mut self.waiting, Waiting::Nothing)
-        else {
+        let Waiting::Key(waiting) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else {
             return;
         };
+        let (auth_key_id, frame) = *waiting;
         if self.close.is_some() {
             return;
         }
@@ -923,7 +924,7 @@ impl Connection {
             self.unsent = 0;
             self.write_deadline = None;
             if self.close.is_none() {
-                self.close = Some(Close::Write);
+                self.close = Some(Box::new(Close::Write));
             }
             return;
         }
@@ -958,6 +959,6 @@ impl Connection {
             self.push_transmit(now);
         }
         self.waiting = Waiting::Nothing;
-        self.close = Some(reason);
+        self.close = Some(Box::new(reason));
     }
 }

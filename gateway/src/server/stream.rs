@@ -29,8 +29,10 @@ use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJo
 use mtproto_core::handshake::StoreOutcome;
 use mtproto_session::SessionClientEvent;
 
-/// Packets handed to one vectored write.
-const WRITE_BATCH: usize = 32;
+/// Packets handed to one vectored write. Their `IoSlice`s live in every
+/// connection's task, idle ones too: 12 (192 bytes) covers the replies of
+/// 8 requests in flight and keeps an idle TCP connection under 4 KiB.
+const WRITE_BATCH: usize = 12;
 /// Server messages taken from the outbox per turn of the loop.
 const SERVER_MESSAGES_PER_TURN: usize = 32;
 /// After a shutdown close, how long the client's unread bytes are read and
@@ -43,6 +45,9 @@ const LINGER: Duration = Duration::from_secs(2);
 /// so it is gone, its undelivered replies counted, well within the
 /// gateway's [`CLOSE_AFTER_GRACE`](super::CLOSE_AFTER_GRACE).
 const FORCED_CLOSE: Duration = Duration::from_secs(2);
+
+/// A connection's forwards to the session, answered in order.
+type Forwards = FuturesOrdered<BoxFuture<'static, Forwarded>>;
 
 /// The two stages of a shutdown, as connections see them.
 pub(super) struct Stop {
@@ -83,7 +88,10 @@ pub async fn run(
         accepted: admitted.accepted,
     };
     let Some(ws) = &endpoint.websocket else {
-        return cx.serve(stream, buf, &mut open, shutdown).await;
+        // A TCP stream splits into borrowed halves, without the shared
+        // allocation a generic split costs every connection.
+        let mut stream = stream;
+        return cx.serve(stream.split(), buf, &mut open, shutdown).await;
     };
     // TLS and the upgrade count against the handshake deadline too. Their
     // state is boxed, all of it (a TLS stream held in this function's frame
@@ -160,7 +168,8 @@ impl Cx {
                 return;
             }
         };
-        self.serve(ws, BytesMut::new(), open, shutdown).await
+        self.serve(tokio::io::split(ws), BytesMut::new(), open, shutdown)
+            .await
     }
 
     fn host<'a>(&'a self, outbox: &'a mut LazyOutbox, held: &'a mut Held) -> GatewayHost<'a> {
@@ -173,9 +182,10 @@ impl Cx {
         }
     }
 
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Serves the connection whose two directions are `reader` and `writer`.
+    async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         self,
-        stream: S,
+        (mut reader, mut writer): (R, W),
         initial: BytesMut,
         open: &mut OpenGauge,
         shutdown: Stop,
@@ -196,8 +206,9 @@ impl Cx {
             self.accepted.into_std(),
         );
         let mut held = Held::new(shared.budgets.clone());
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        let mut forwards: FuturesOrdered<BoxFuture<'static, Forwarded>> = FuturesOrdered::new();
+        // Made at the first forward: an empty one still allocates, and
+        // connections that forward nothing (handshakes, idle) need none.
+        let mut forwards: Option<Forwards> = None;
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
         // One timer for the connection, moved only when the core's deadline
@@ -259,7 +270,8 @@ impl Cx {
                     }
                 }, if n > 0 || needs_flush => Step::Wrote(wrote),
                 Some(out) = async { outbox.inbox()?.recv().await }, if accepts => Step::Server(out),
-                Some(outcome) = forwards.next(), if !forwards.is_empty() => Step::Forwarded(outcome),
+                Some(outcome) = async { forwards.as_mut()?.next().await },
+                    if forwards.as_ref().is_some_and(|f| !f.is_empty()) => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
                 _ = draining.changed(), if !drain_started => Step::Drain,
@@ -410,7 +422,7 @@ impl Cx {
     async fn run_actions(
         &self,
         conn: &mut Connection,
-        forwards: &mut FuturesOrdered<BoxFuture<'static, Forwarded>>,
+        forwards: &mut Option<Forwards>,
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) {
         while let Some(action) = conn.poll_action() {
@@ -418,7 +430,9 @@ impl Cx {
             match action {
                 Action::Forward(forward) => {
                     let data = shell::client_data(&shared, self.peer.ip(), forward);
-                    forwards.push_back(shell::forward(shared, data).boxed());
+                    forwards
+                        .get_or_insert_with(FuturesOrdered::new)
+                        .push_back(shell::forward(shared, data).boxed());
                 }
                 Action::LookupKey(auth_key_id) => {
                     *waiting = Some(
@@ -437,7 +451,11 @@ impl Cx {
                             .boxed(),
                     );
                 }
-                Action::ForgetKey(auth_key_id) => shared.keys.cache.remove(auth_key_id).await,
+                // Boxed: moka's invalidation future is large, and inline it
+                // would be part of every connection's task; forgetting is rare.
+                Action::ForgetKey(auth_key_id) => {
+                    Box::pin(shared.keys.cache.remove(auth_key_id)).await
+                }
             }
         }
     }
