@@ -95,7 +95,7 @@ pub async fn run(
     };
     // TLS and the upgrade count against the handshake deadline too. Their
     // state is boxed, all of it (a TLS stream held in this function's frame
-    // across an await would add its ~1.7 KB to every connection's task), so
+    // across an await added 1.3 KB to every connection's task), so
     // the tasks of plain TCP connections, most of the idle ones, stay small.
     let stream = Prefixed::new(buf, stream);
     let Some(tls) = &endpoint.tls else {
