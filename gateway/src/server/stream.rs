@@ -113,6 +113,31 @@ struct Cx {
 }
 
 impl Cx {
+    /// The stream a handshake stage (TLS, WebSocket upgrade) produced within
+    /// the handshake deadline; a failure is counted, logged and `None`. The
+    /// callers bind it before the next stage: a match arm that awaited would
+    /// keep the whole stage result alive in the task.
+    fn passed<S, E: std::fmt::Display>(
+        &self,
+        outcome: Result<Result<S, E>, tokio::time::error::Elapsed>,
+        refusal: Refusal,
+        (reason, what): (&'static str, &str),
+    ) -> Option<S> {
+        match outcome {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                let total = self.shared.admission.refused.count(refusal);
+                shell::count_closed(&self.shared, reason);
+                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: {what}: {e}");
+                None
+            }
+            Err(_) => {
+                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout);
+                None
+            }
+        }
+    }
+
     /// The TLS handshake on `stream`, then [`Cx::upgrade`].
     async fn tls_upgrade(
         self,
@@ -123,19 +148,13 @@ impl Cx {
         open: &mut OpenGauge,
         shutdown: Stop,
     ) {
-        // Bound before the upgrade, as in [`Cx::upgrade`].
-        let stream = match tokio::time::timeout_at(deadline, tls.0.accept(stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                let total = self.shared.admission.refused.count(Refusal::TlsHandshake);
-                shell::count_closed(&self.shared, "tls_handshake_failed");
-                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: TLS handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout);
-                return;
-            }
+        let accepted = tokio::time::timeout_at(deadline, tls.0.accept(stream)).await;
+        let Some(stream) = self.passed(
+            accepted,
+            Refusal::TlsHandshake,
+            ("tls_handshake_failed", "TLS handshake failed"),
+        ) else {
+            return;
         };
         self.upgrade(stream, ws, deadline, open, shutdown).await
     }
@@ -149,24 +168,13 @@ impl Cx {
         open: &mut OpenGauge,
         shutdown: Stop,
     ) {
-        // The upgraded stream is bound before serving: a match arm that
-        // awaited would keep the whole handshake result alive in this frame.
-        let ws = match tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                let total = self
-                    .shared
-                    .admission
-                    .refused
-                    .count(Refusal::WebsocketUpgrade);
-                shell::count_closed(&self.shared, "websocket_upgrade_refused");
-                info!(conn = self.id, peer = %self.peer, refused_total = total, "closed: WebSocket upgrade refused: {e}");
-                return;
-            }
-            Err(_) => {
-                shell::count_close(&self.shared, self.id, self.peer, &Close::HandshakeTimeout);
-                return;
-            }
+        let upgraded = tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await;
+        let Some(ws) = self.passed(
+            upgraded,
+            Refusal::WebsocketUpgrade,
+            ("websocket_upgrade_refused", "WebSocket upgrade refused"),
+        ) else {
+            return;
         };
         self.serve(tokio::io::split(ws), BytesMut::new(), open, shutdown)
             .await
