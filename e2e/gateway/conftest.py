@@ -130,6 +130,14 @@ def start_gateway(workdir: Path, extra: list[str] | None = None, data: Path | No
                    log_name=f"gateway-{port}.log")
 
 
+def limited_gateway(tmp_path_factory, name: str, limits: str, extra: list[str] | None = None) -> Process:
+    """A gateway of its own whose config file's `[limits]` table is `limits` (TOML lines)."""
+    workdir = tmp_path_factory.mktemp(name)
+    config = workdir / "gateway.toml"
+    config.write_text("[limits]\n" + limits)
+    return start_gateway(workdir, ["--config", str(config), *(extra or [])])
+
+
 def start_session(workdir: Path, port: int | None = None, members: list[str] | None = None,
                   extra: list[str] | None = None) -> Process:
     port = port or free_port()

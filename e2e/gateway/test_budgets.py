@@ -14,7 +14,7 @@ import time
 import pytest
 from telethon.tl.functions import PingRequest
 
-from conftest import free_port, start_gateway
+from conftest import free_port, limited_gateway
 from mtclient import (
     Session, closed_by_server, connect, create_auth_key, intermediate_frame, pin_server_key, ping,
     recv_exactly, recv_intermediate,
@@ -27,12 +27,8 @@ FLOOD = struct.pack("<Ii", 4, -429)
 
 
 def budget_gateway(tmp_path_factory, name: str, limits: str):
-    workdir = tmp_path_factory.mktemp(name)
-    config = workdir / "gateway.toml"
-    config.write_text("[limits]\n" + limits)
     admin = free_port()
-    gw = start_gateway(workdir, ["--config", str(config), "--admin-listen", f"127.0.0.1:{admin}"])
-    return gw, admin
+    return limited_gateway(tmp_path_factory, name, limits, ["--admin-listen", f"127.0.0.1:{admin}"]), admin
 
 
 def address(i: int, net: int) -> str:

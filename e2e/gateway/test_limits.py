@@ -10,18 +10,11 @@ import time
 import pytest
 from telethon.tl.functions import PingRequest
 
-from conftest import free_port, start_gateway
+from conftest import free_port, limited_gateway
 from mtclient import closed_by_server, connect, intermediate_frame, pin_server_key, recv_exactly
 from promtext import metric, scrape
 
 REQ_PQ_MULTI = 0xBE7E8EF1
-
-
-def limited_gateway(tmp_path_factory, name: str, limits: str, extra: list[str] | None = None):
-    workdir = tmp_path_factory.mktemp(name)
-    config = workdir / "gateway.toml"
-    config.write_text("[limits]\n" + limits)
-    return start_gateway(workdir, ["--config", str(config), *(extra or [])])
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,14 @@ import subprocess
 
 import pytest
 
-from conftest import gateway_binary, start_gateway
+from conftest import gateway_binary, limited_gateway
 
 
 @pytest.fixture
-def loadgen_gateway(tmp_path):
+def loadgen_gateway(tmp_path_factory):
     # The load generator makes all its handshakes from one address, faster than
     # the default per-address budget (120 a minute) allows: raised, as scripts/bench-lib.sh does.
-    config = tmp_path / "gateway.toml"
-    config.write_text("[limits]\nhandshakes_per_ip_per_minute = 100000\n")
-    gw = start_gateway(tmp_path, ["--config", str(config)])
+    gw = limited_gateway(tmp_path_factory, "loadgen", "handshakes_per_ip_per_minute = 100000\n")
     yield gw
     gw.stop()
 

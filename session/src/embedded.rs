@@ -19,7 +19,7 @@ use mtproto_core::bind::{self, BindRequest, Outer};
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_core::message::{next_server_msg_id, plaintext_message};
 use mtproto_core::reference::{self, MsgWindow, Reply, SALT_PERIOD_SECS};
-use mtproto_core::tl::{id, TlWrite};
+use mtproto_core::tl::{msg_container, TlWrite};
 
 /// TL `boolTrue`.
 const BOOL_TRUE: u32 = 0x9972_75b5;
@@ -191,15 +191,14 @@ impl Core {
                 let seq_no = state.seq_no(reply.content_related);
                 plaintext_message(salt, session_id, msg_id, seq_no, &reply.body)
             } else {
-                let mut container = Vec::new();
-                container.put_u32(id::MSG_CONTAINER);
-                container.put_u32(replies.len() as u32);
-                for reply in &replies {
-                    container.put_i64(state.msg_id(reply.is_response));
-                    container.put_i32(state.seq_no(reply.content_related));
-                    container.put_u32(reply.body.len() as u32);
-                    container.put_raw(&reply.body);
-                }
+                let messages: Vec<(i64, i32, &[u8])> = replies
+                    .iter()
+                    .map(|reply| {
+                        let msg_id = state.msg_id(reply.is_response);
+                        (msg_id, state.seq_no(reply.content_related), &reply.body[..])
+                    })
+                    .collect();
+                let container = msg_container(&messages);
                 let msg_id = state.msg_id(false);
                 let seq_no = state.seq_no(false);
                 plaintext_message(salt, session_id, msg_id, seq_no, &container)

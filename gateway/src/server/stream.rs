@@ -79,7 +79,7 @@ pub async fn run(
     let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
         return;
     };
-    let (stream, buf) = (admitted.stream, admitted.buf);
+    let (mut stream, buf) = (admitted.stream, admitted.buf);
     let handshake_deadline = admitted.accepted + shared.limits.handshake_timeout;
     let cx = Cx {
         id: admitted.id,
@@ -90,7 +90,6 @@ pub async fn run(
     let Some(ws) = &endpoint.websocket else {
         // A TCP stream splits into borrowed halves, without the shared
         // allocation a generic split costs every connection.
-        let mut stream = stream;
         return cx.serve(stream.split(), buf, &mut open, shutdown).await;
     };
     // TLS and the upgrade count against the handshake deadline too. Their
