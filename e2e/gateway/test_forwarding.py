@@ -87,6 +87,31 @@ def test_unknown_key_is_404_through_the_session(fleet):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_session_stops_on_sigterm_while_its_gateway_is_connected(tmp_path, mode):
+    """Stream mode keeps a stream open each way (the gateway's requests, the
+    session's replies); SIGTERM must still end the session by itself (exit 0,
+    before `stop()` gives up and kills it), and the gateway carries on."""
+    session = start_session(tmp_path)
+    gateway = start_remote_gateway(tmp_path, [session.port], mode)
+    pin_server_key(gateway.public_key.read_text())
+
+    async def ping(ping_id):
+        sender = await connect(gateway.port, "intermediate")
+        try:
+            assert (await asyncio.wait_for(sender.send(PingRequest(ping_id)), 20)).ping_id == ping_id
+        finally:
+            await sender.disconnect()
+
+    try:
+        asyncio.run(ping(1))
+        assert session.stop() == 0, session.log_text()[-3000:]
+        assert "stopped" in session.log_text()
+        assert gateway.alive(), gateway.log_text()[-3000:]
+    finally:
+        assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_redirects_between_two_sessions(tmp_path, mode):
     """Two sessions share a ring; this gateway knows only the first, so keys the
     second owns come back as REDIRECT_TO_<second> and are followed."""

@@ -2,7 +2,8 @@
 //! teamgram's `session.RPCSession` and `session.RPCSessionStream` over the
 //! embedded session, checks ring ownership (`REDIRECT_TO_<owner>`), and sends
 //! replies back through the gateway named in each message
-//! (`gateway.RPCGateway/gateway_sendDataToGateway`). With mutual TLS, a
+//! (`gateway.RPCGatewayStream`, or unary `gateway.RPCGateway` calls to a
+//! gateway that does not serve the stream). With mutual TLS, a
 //! message's `server_id` must be the calling gateway's own (see
 //! [`Peer::may_claim_host`]), so no caller can have replies sent elsewhere.
 
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use mtproto_edge_proto::gateway::rpc_gateway_client::RpcGatewayClient;
+use mtproto_edge_proto::gateway::rpc_gateway_stream_client::RpcGatewayStreamClient;
 use mtproto_edge_proto::gateway::{self as gpb};
 use mtproto_edge_proto::mtproto as pb;
 use mtproto_edge_proto::session::rpc_session_server::{RpcSession, RpcSessionServer};
@@ -26,10 +28,12 @@ use mtproto_edge_proto::session::{
     session_stream_response::Payload as StreamResponse,
 };
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::embedded::EmbeddedSession;
@@ -392,7 +396,7 @@ pub fn routes(service: Arc<SessionGrpc>) -> Routes {
 /// Replies waiting for one gateway; past this they are dropped at once (the
 /// client resends what is not acknowledged) rather than wait on that gateway.
 const LINK_QUEUE: usize = 1024;
-/// Deliveries to one gateway on the wire at once (HTTP/2 streams).
+/// Replies to one gateway on the wire and not yet answered.
 const LINK_IN_FLIGHT: usize = 64;
 /// A link with nothing to deliver for this long ends; its gateway may be gone.
 const LINK_IDLE: Duration = Duration::from_secs(60);
@@ -401,8 +405,8 @@ const MAX_LINKS: usize = 1024;
 
 type Delivery = gpb::TlGatewaySendDataToGateway;
 
-/// Delivers replies to gateways over `gateway.RPCGateway`, addressed by the
-/// `server_id` each gateway put in its messages. Each gateway has its own
+/// Delivers replies to gateways, addressed by the `server_id` each gateway
+/// put in its messages. Each gateway has its own
 /// bounded queue and task, so a gateway that stalls (draining, hung, gone)
 /// delays and drops only its own replies, never the session's workers.
 #[derive(Debug)]
@@ -454,7 +458,8 @@ impl RemoteGateways {
         let (link, queue) = mpsc::channel(LINK_QUEUE);
         tokio::spawn(run_link(
             server_id.to_string(),
-            RpcGatewayClient::new(channel),
+            channel,
+            self.timeout,
             queue,
         ));
         links.insert(server_id.to_string(), link.clone());
@@ -462,11 +467,133 @@ impl RemoteGateways {
     }
 }
 
-/// Sends one gateway's queued replies, up to [`LINK_IN_FLIGHT`] at once,
-/// started in queue order.
+/// Sends one gateway's queued replies over `gateway.RPCGatewayStream`, or,
+/// when the gateway does not serve it (teamgram's gnetway), as unary
+/// `sendDataToGateway` calls.
 async fn run_link(
     server_id: String,
+    channel: Channel,
+    timeout: Duration,
+    mut queue: mpsc::Receiver<Delivery>,
+) {
+    if let Some(first) = stream_link(&server_id, channel.clone(), timeout, &mut queue).await {
+        debug!(
+            server_id,
+            "the gateway serves no delivery stream; using unary calls"
+        );
+        unary_link(&server_id, RpcGatewayClient::new(channel), first, queue).await;
+    }
+}
+
+/// How a stream link's wait for the next reply ended.
+enum Next {
+    Reply(Delivery),
+    /// The queue is closed and empty: the link is done.
+    Done,
+}
+
+/// The next queued reply; after [`LINK_IDLE`] without one the queue is
+/// closed (senders then start a new link), and what was queued still comes.
+async fn next_reply(queue: &mut mpsc::Receiver<Delivery>) -> Next {
+    loop {
+        match tokio::time::timeout(LINK_IDLE, queue.recv()).await {
+            Ok(Some(reply)) => return Next::Reply(reply),
+            Ok(None) => return Next::Done,
+            Err(_) => queue.close(),
+        }
+    }
+}
+
+/// Delivers over one stream at a time, at most [`LINK_IN_FLIGHT`] replies
+/// unanswered on it. A stream that breaks, or leaves replies unanswered for
+/// `timeout`, is dropped and opened again for the next reply (what was on it
+/// is lost, and the client resends it). Returns the reply in hand when the
+/// gateway answers `Unimplemented`.
+async fn stream_link(
+    server_id: &str,
+    channel: Channel,
+    timeout: Duration,
+    queue: &mut mpsc::Receiver<Delivery>,
+) -> Option<Delivery> {
+    let mut client = RpcGatewayStreamClient::new(channel);
+    let mut request_id = 0u64;
+    loop {
+        let first = match next_reply(queue).await {
+            Next::Reply(reply) => reply,
+            Next::Done => return None,
+        };
+        // The stream is opened with nothing in it, so a refusal loses no reply.
+        let (tx, rx) = mpsc::channel(LINK_IN_FLIGHT);
+        let mut responses = match client.gateway_data_stream(ReceiverStream::new(rx)).await {
+            Ok(responses) => responses.into_inner(),
+            Err(status) if status.code() == Code::Unimplemented => return Some(first),
+            Err(status) => {
+                debug!(
+                    server_id,
+                    "delivery stream not opened: {status}; reply dropped"
+                );
+                continue;
+            }
+        };
+        let mut unanswered = 0;
+        let mut pending = Some(first);
+        let stalled = tokio::time::sleep(timeout);
+        tokio::pin!(stalled);
+        loop {
+            if let Some(reply) = pending.take() {
+                request_id += 1;
+                let request = gpb::GatewayStreamRequest {
+                    request_id: request_id.to_string(),
+                    send_data: Some(reply),
+                };
+                // At most LINK_IN_FLIGHT are unanswered, so there is room.
+                if tx.try_send(request).is_err() {
+                    break;
+                }
+                if unanswered == 0 {
+                    stalled.as_mut().reset(Instant::now() + timeout);
+                }
+                unanswered += 1;
+            }
+            tokio::select! {
+                () = &mut stalled, if unanswered > 0 => {
+                    debug!(server_id, unanswered, "delivery stream unanswered for {timeout:?}; dropped");
+                    break;
+                }
+                answer = responses.message() => match answer {
+                    Ok(Some(answer)) => {
+                        unanswered -= 1;
+                        stalled.as_mut().reset(Instant::now() + timeout);
+                        if !answer.success {
+                            debug!(server_id, "no live connection took the reply");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(server_id, unanswered, "delivery stream broke: {status}");
+                        break;
+                    }
+                },
+                next = next_reply(queue), if unanswered < LINK_IN_FLIGHT => match next {
+                    Next::Reply(reply) => pending = Some(reply),
+                    Next::Done => {
+                        drop(tx);
+                        let answers = async { while let Ok(Some(_)) = responses.message().await {} };
+                        let _ = tokio::time::timeout(timeout, answers).await;
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Sends replies as unary calls, up to [`LINK_IN_FLIGHT`] at once, started
+/// in queue order.
+async fn unary_link(
+    server_id: &str,
     client: RpcGatewayClient<Channel>,
+    first: Delivery,
     mut queue: mpsc::Receiver<Delivery>,
 ) {
     let deliver = |request: Delivery| {
@@ -474,24 +601,20 @@ async fn run_link(
         async move { client.gateway_send_data_to_gateway(request).await }
     };
     let mut in_flight = FuturesUnordered::new();
+    in_flight.push(deliver(first));
     loop {
         let request = if in_flight.is_empty() {
-            match tokio::time::timeout(LINK_IDLE, queue.recv()).await {
-                Ok(request) => request,
-                Err(_) => {
-                    // Senders see the link closed and start a new one; what
-                    // was queued before that still goes out.
-                    queue.close();
-                    continue;
-                }
+            match next_reply(&mut queue).await {
+                Next::Reply(reply) => Some(reply),
+                Next::Done => None,
             }
         } else if in_flight.len() >= LINK_IN_FLIGHT {
-            report(&server_id, in_flight.next().await);
+            report(server_id, in_flight.next().await);
             continue;
         } else {
             tokio::select! {
                 done = in_flight.next() => {
-                    report(&server_id, done);
+                    report(server_id, done);
                     continue;
                 }
                 request = queue.recv() => request,
@@ -503,7 +626,7 @@ async fn run_link(
         }
     }
     while let Some(done) = in_flight.next().await {
-        report(&server_id, Some(done));
+        report(server_id, Some(done));
     }
 }
 
@@ -560,6 +683,9 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
     use mtproto_edge_proto::gateway::rpc_gateway_server::{RpcGateway, RpcGatewayServer};
+    use mtproto_edge_proto::gateway::rpc_gateway_stream_server::{
+        RpcGatewayStream, RpcGatewayStreamServer,
+    };
     use tokio::net::TcpListener;
 
     #[tokio::test]
@@ -587,9 +713,21 @@ mod tests {
         assert!(service.check_owner(moved).is_ok());
     }
 
-    /// A gateway that takes the replies it is sent and reports their session ids.
-    #[derive(Debug)]
-    struct Recording(mpsc::UnboundedSender<i64>);
+    /// How a test gateway took a reply.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Path {
+        Unary,
+        Stream,
+    }
+
+    /// A gateway that takes the replies it is sent and reports their session
+    /// ids and path; with `streams`, it also serves the delivery stream,
+    /// leaving its first stream unanswered when `hold_first`.
+    #[derive(Debug, Clone)]
+    struct Recording {
+        taken: mpsc::UnboundedSender<(Path, i64)>,
+        hold_first: Arc<std::sync::atomic::AtomicBool>,
+    }
 
     #[async_trait]
     impl RpcGateway for Recording {
@@ -597,21 +735,121 @@ mod tests {
             &self,
             request: Request<gpb::TlGatewaySendDataToGateway>,
         ) -> Result<Response<pb::Bool>, Status> {
-            let _ = self.0.send(request.into_inner().session_id);
+            let _ = self
+                .taken
+                .send((Path::Unary, request.into_inner().session_id));
             Ok(Response::new(pb::Bool::from_bool(true)))
         }
     }
 
-    async fn recording_gateway() -> (String, mpsc::UnboundedReceiver<i64>) {
+    type Answers = Pin<Box<dyn Stream<Item = Result<gpb::GatewayStreamResponse, Status>> + Send>>;
+
+    #[async_trait]
+    impl RpcGatewayStream for Recording {
+        type GatewayDataStreamStream = Answers;
+
+        async fn gateway_data_stream(
+            &self,
+            request: Request<Streaming<gpb::GatewayStreamRequest>>,
+        ) -> Result<Response<Answers>, Status> {
+            let mut requests = request.into_inner();
+            if self
+                .hold_first
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                tokio::spawn(async move { while let Some(Ok(_)) = requests.next().await {} });
+                return Ok(Response::new(Box::pin(futures::stream::pending())));
+            }
+            let taken = self.taken.clone();
+            let answers = requests.map(move |request| {
+                let request = request?;
+                let session_id = request.send_data.map_or(0, |d| d.session_id);
+                let _ = taken.send((Path::Stream, session_id));
+                Ok(gpb::GatewayStreamResponse {
+                    request_id: request.request_id,
+                    success: true,
+                })
+            });
+            Ok(Response::new(Box::pin(answers)))
+        }
+    }
+
+    async fn recording_gateway(
+        streams: bool,
+        hold_first: bool,
+    ) -> (String, mpsc::UnboundedReceiver<(Path, i64)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RpcGatewayServer::new(Recording(tx)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let (taken, rx) = mpsc::unbounded_channel();
+        let gateway = Recording {
+            taken,
+            hold_first: Arc::new(hold_first.into()),
+        };
+        let mut server =
+            tonic::transport::Server::builder().add_service(RpcGatewayServer::new(gateway.clone()));
+        if streams {
+            server = server.add_service(RpcGatewayStreamServer::new(gateway));
+        }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(server.serve_with_incoming(incoming));
         (addr, rx)
+    }
+
+    /// Sends replies for `session_ids` and returns how the gateway took each.
+    async fn deliver_all(
+        gateways: &RemoteGateways,
+        gateway: &str,
+        taken: &mut mpsc::UnboundedReceiver<(Path, i64)>,
+        session_ids: std::ops::Range<i64>,
+    ) -> Vec<(Path, i64)> {
+        let count = session_ids.clone().count();
+        for session_id in session_ids {
+            assert!(
+                gateways
+                    .send_data_to_gateway(gateway, 1, session_id, Bytes::from_static(b"r"))
+                    .await
+            );
+        }
+        let mut got = Vec::new();
+        while got.len() < count {
+            let next = tokio::time::timeout(Duration::from_secs(30), taken.recv()).await;
+            got.push(next.ok().flatten().expect("the gateway took every reply"));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn replies_go_over_the_stream_in_order() {
+        let gateways = RemoteGateways::new(Duration::from_secs(5));
+        let (gateway, mut taken) = recording_gateway(true, false).await;
+        let got = deliver_all(&gateways, &gateway, &mut taken, 0..200).await;
+        let expected: Vec<_> = (0..200).map(|id| (Path::Stream, id)).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_without_the_stream_gets_every_reply_as_unary_calls() {
+        let gateways = RemoteGateways::new(Duration::from_secs(5));
+        let (gateway, mut taken) = recording_gateway(false, false).await;
+        let mut got = deliver_all(&gateways, &gateway, &mut taken, 0..100).await;
+        got.sort_by_key(|&(_, id)| id);
+        let expected: Vec<_> = (0..100).map(|id| (Path::Unary, id)).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_stream_is_replaced_after_the_timeout() {
+        let timeout = Duration::from_millis(500);
+        let gateways = RemoteGateways::new(timeout);
+        let (gateway, mut taken) = recording_gateway(true, true).await;
+        assert!(
+            gateways
+                .send_data_to_gateway(&gateway, 1, 1, Bytes::from_static(b"lost"))
+                .await
+        );
+        tokio::time::sleep(3 * timeout).await;
+        let got = deliver_all(&gateways, &gateway, &mut taken, 2..4).await;
+        assert_eq!(got, vec![(Path::Stream, 2), (Path::Stream, 3)]);
     }
 
     /// A gateway that accepts connections and never answers on them.
@@ -631,7 +869,7 @@ mod tests {
     async fn a_stalled_gateway_delays_only_its_own_replies() {
         let gateways = RemoteGateways::new(Duration::from_secs(300));
         let stalled = stalled_gateway().await;
-        let (live, mut taken) = recording_gateway().await;
+        let (live, mut taken) = recording_gateway(true, false).await;
         // The stalled gateway's calls stay pending for 300 s; neither queuing
         // them nor the live gateway's reply may wait on them.
         let run = async {
@@ -652,7 +890,7 @@ mod tests {
             taken.recv().await
         };
         let got = tokio::time::timeout(Duration::from_secs(120), run).await;
-        assert_eq!(got.ok().flatten(), Some(7));
+        assert_eq!(got.ok().flatten(), Some((Path::Stream, 7)));
     }
 
     #[tokio::test]

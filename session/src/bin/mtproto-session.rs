@@ -175,14 +175,31 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--listen: cannot listen on {}", cli.listen))?;
     info!(listen = %cli.listen, %me, ?members, "mtproto-session serving session.RPCSession");
-    tonic::transport::Server::builder()
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let server = tonic::transport::Server::builder()
         .add_routes(grpc_server::routes(service))
-        .serve_with_incoming_shutdown(tls::incoming(listener, security.tls()), shutdown_signal())
-        .await
-        .context("gRPC server")?;
+        .serve_with_incoming_shutdown(tls::incoming(listener, security.tls()), {
+            let stopping = stopping.clone();
+            async move { stopping.notified().await }
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served.context("gRPC server")?,
+        () = shutdown_signal() => {
+            // Calls in progress finish; a gateway's open stream never would.
+            stopping.notify_one();
+            match tokio::time::timeout(STOP_GRACE, server).await {
+                Ok(served) => served.context("gRPC server")?,
+                Err(_) => info!("streams still open after {STOP_GRACE:?}; closing them"),
+            }
+        }
+    }
     info!("stopped");
     Ok(())
 }
+
+/// How long calls in progress may take after SIGTERM before the session exits.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
