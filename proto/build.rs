@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // The payloads on the message path are `Bytes`: decoding slices the
+    // received buffer and encoding or cloning a request copies no payload.
+    tonic_prost_build::configure()
+        .bytes(".session.SessionClientData.payload")
+        .bytes(".gateway.TL_gateway_sendDataToGateway.payload")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -304,7 +304,7 @@ fn send_to_gateway() -> TlGatewaySendDataToGateway {
         constructor: SEND_DATA_TO_GATEWAY,
         auth_key_id: 1,
         session_id: 2,
-        payload: vec![0; 40],
+        payload: vec![0; 40].into(),
     }
 }
 

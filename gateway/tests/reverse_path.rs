@@ -46,7 +46,7 @@ async fn unknown_sessions_are_not_delivered() {
         constructor: SEND_DATA_TO_GATEWAY,
         auth_key_id: 1,
         session_id: 2,
-        payload: vec![0; 40],
+        payload: vec![0; 40].into(),
     };
     let mut unary = RpcGatewayClient::connect(endpoint.clone())
         .await

@@ -41,7 +41,7 @@ fn client_data() -> session::SessionClientData {
         client_ip: "192.0.2.7".into(),
         quick_ack: 0,
         salt: 0x0102_0304_0506_0708,
-        payload: vec![1, 2, 3, 4],
+        payload: vec![1, 2, 3, 4].into(),
     }
 }
 
@@ -261,7 +261,7 @@ fn gateway_send_data_and_stream() {
         constructor: gateway::SEND_DATA_TO_GATEWAY,
         auth_key_id: 11,
         session_id: -12,
-        payload: vec![9; 40],
+        payload: vec![9; 40].into(),
     };
     let mut b = Vec::new();
     int(1, i64::from(gateway::SEND_DATA_TO_GATEWAY), &mut b);

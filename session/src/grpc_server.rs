@@ -142,7 +142,7 @@ impl SessionGrpc {
                 client_ip: data.client_ip,
                 quick_ack: data.quick_ack,
                 salt: data.salt,
-                payload: Bytes::from(data.payload),
+                payload: data.payload,
             })
             .await?;
         Ok(true)
@@ -654,7 +654,7 @@ impl GatewayDelivery for RemoteGateways {
             constructor: gpb::SEND_DATA_TO_GATEWAY,
             auth_key_id,
             session_id,
-            payload: payload.to_vec(),
+            payload,
         };
         // A link that just ended idle is replaced once.
         for _ in 0..2 {

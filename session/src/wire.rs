@@ -69,7 +69,7 @@ pub fn data_to_proto(data: &SessionClientData) -> spb::SessionClientData {
         client_ip: data.client_ip.clone(),
         quick_ack: data.quick_ack,
         salt: data.salt,
-        payload: data.payload.to_vec(),
+        payload: data.payload.clone(),
     }
 }
 

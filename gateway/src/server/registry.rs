@@ -122,19 +122,12 @@ impl Registry {
     }
 }
 
-#[async_trait]
-impl GatewayDelivery for Registry {
+impl Registry {
     /// Queues the message for the newest live connection of the session that
     /// has room (never two), without waiting for any client: true means a
     /// connection took it; a full outbox (a client that does not read) is
     /// "not delivered" at once.
-    async fn send_data_to_gateway(
-        &self,
-        _server_id: &str,
-        auth_key_id: i64,
-        session_id: i64,
-        payload: Bytes,
-    ) -> bool {
+    pub fn deliver(&self, auth_key_id: i64, session_id: i64, payload: Bytes) -> bool {
         let map = self.lock();
         let Some(conns) = map.sessions.get(&(auth_key_id, session_id)) else {
             drop(map);
@@ -155,6 +148,20 @@ impl GatewayDelivery for Registry {
         }
         drop(map);
         self.dropped(if full { "outbox_full" } else { "no_connection" })
+    }
+}
+
+/// The embedded session's reply path.
+#[async_trait]
+impl GatewayDelivery for Registry {
+    async fn send_data_to_gateway(
+        &self,
+        _server_id: &str,
+        auth_key_id: i64,
+        session_id: i64,
+        payload: Bytes,
+    ) -> bool {
+        self.deliver(auth_key_id, session_id, payload)
     }
 }
 

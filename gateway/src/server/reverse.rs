@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGateway;
 use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStream;
 use mtproto_edge_proto::gateway::{self as gpb};
@@ -15,7 +14,6 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::registry::Registry;
-use mtproto_session::GatewayDelivery;
 
 #[derive(Debug, Clone)]
 pub struct ReversePath {
@@ -27,26 +25,20 @@ impl ReversePath {
         Self { registry }
     }
 
-    async fn deliver(&self, req: gpb::TlGatewaySendDataToGateway) -> bool {
+    fn deliver(&self, req: gpb::TlGatewaySendDataToGateway) -> bool {
         self.registry
-            .send_data_to_gateway(
-                "",
-                req.auth_key_id,
-                req.session_id,
-                Bytes::from(req.payload),
-            )
-            .await
+            .deliver(req.auth_key_id, req.session_id, req.payload)
     }
 }
 
 #[async_trait]
 impl RpcGateway for ReversePath {
-    /// boolTrue only when a live connection of the session wrote the message.
+    /// boolTrue when a live connection of the session took the message into its outbox.
     async fn gateway_send_data_to_gateway(
         &self,
         request: Request<gpb::TlGatewaySendDataToGateway>,
     ) -> Result<Response<pb::Bool>, Status> {
-        let ok = self.deliver(request.into_inner()).await;
+        let ok = self.deliver(request.into_inner());
         Ok(Response::new(pb::Bool::from_bool(ok)))
     }
 }
@@ -63,19 +55,13 @@ impl RpcGatewayStream for ReversePath {
         request: Request<Streaming<gpb::GatewayStreamRequest>>,
     ) -> Result<Response<Self::GatewayDataStreamStream>, Status> {
         let this = self.clone();
-        let responses = request.into_inner().then(move |item| {
-            let this = this.clone();
-            async move {
-                let request = item?;
-                let success = match request.send_data {
-                    Some(send) => this.deliver(send).await,
-                    None => false,
-                };
-                Ok(gpb::GatewayStreamResponse {
-                    request_id: request.request_id,
-                    success,
-                })
-            }
+        let responses = request.into_inner().map(move |item| {
+            let request = item?;
+            let success = request.send_data.is_some_and(|send| this.deliver(send));
+            Ok(gpb::GatewayStreamResponse {
+                request_id: request.request_id,
+                success,
+            })
         });
         Ok(Response::new(Box::pin(responses)))
     }

@@ -127,7 +127,7 @@ fn classify_stream_error(code: i32, message: &str) -> Failure {
 #[derive(Debug)]
 struct StreamLink {
     tx: mpsc::Sender<spb::SessionStreamRequest>,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<StreamResponse>>>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<StreamResponse>>>>,
     next_id: AtomicU64,
 }
 
@@ -138,7 +138,7 @@ impl StreamLink {
             .session_data_stream(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let pending: Arc<Mutex<HashMap<String, oneshot::Sender<StreamResponse>>>> = Arc::default();
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<StreamResponse>>>> = Arc::default();
         let link = Arc::new(Self {
             tx,
             pending: pending.clone(),
@@ -148,10 +148,14 @@ impl StreamLink {
             loop {
                 match responses.message().await {
                     Ok(Some(resp)) => {
+                        let Ok(id) = resp.request_id.parse::<u64>() else {
+                            debug!("session stream answered an unknown request id");
+                            continue;
+                        };
                         let waiter = pending
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .remove(&resp.request_id);
+                            .remove(&id);
                         if let (Some(waiter), Some(payload)) = (waiter, resp.payload) {
                             let _ = waiter.send(payload);
                         }
@@ -178,14 +182,14 @@ impl StreamLink {
         payload: StreamRequest,
         deadline: Duration,
     ) -> Result<StreamResponse, Failure> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), done_tx);
+            .insert(id, done_tx);
         let request = spb::SessionStreamRequest {
-            request_id: id.clone(),
+            request_id: id.to_string(),
             payload: Some(payload),
         };
         let result = tokio::time::timeout(deadline, async {
