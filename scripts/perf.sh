@@ -18,7 +18,9 @@
 #   and stream gRPC (unary also with mutual TLS); judged against the load generator's own CPU per pair
 #   (the mirror work: encrypt, decrypt, syscalls).
 # - Idle memory: gateway RSS per idle connection at 10,000 connections, TCP
-#   and WebSocket (e2e/gateway/measure_idle.py), against 4 KiB and 8 KiB.
+#   and WebSocket, before a first message and after one (keyed: the key
+#   found, the session made; e2e/gateway/measure_idle.py), against 4 KiB and
+#   8 KiB.
 # - IGE decrypt + msg_key check MB/s at 16 KiB and 1 KiB against OpenSSL
 #   AES-256-CBC encrypt (criterion bench, same run).
 # - The release gateway's size against 40 MB.
@@ -186,18 +188,24 @@ measure_pairs() {
     [[ "$session" == - ]] || stop_pid "$session"
 }
 
+# measure_idle SIDE TRANSPORT [keyed]: keyed connections each sent one
+# encrypted message first (a revision too old for that is left out).
 measure_idle() {
-    local side="$1" transport="$2" venv out re
+    local side="$1" transport="$2" keyed="${3:-}" venv out re key="idle_$2${3:+_$3}"
     venv="$(find "$MTPROTO_CACHE" -maxdepth 1 -name 'venv-*' -type d | head -n 1)"
     [[ -n "$venv" ]] || die "no Python venv in $MTPROTO_CACHE (scripts/install-deps.sh makes it)"
-    echo "== ${LABEL[$side]}: idle connections, $transport" >&2
+    echo "== ${LABEL[$side]}: idle connections, $transport $keyed" >&2
     out="$(cd "$ROOT/e2e/gateway" && MTPROTO_GATEWAY_BIN="${BIN_DIR[$side]}/mtproto-gateway" \
-        "$venv/bin/python" measure_idle.py "$IDLE_CONNECTIONS" "$IDLE_CONNECTIONS" "$transport")"
-    echo "   ${LABEL[$side]} idle $transport: $out" >&2
+        "$venv/bin/python" measure_idle.py "$IDLE_CONNECTIONS" "$IDLE_CONNECTIONS" "$transport" ${keyed:+"$keyed"})" ||
+        [[ -n "$keyed" ]] || die "measure_idle.py failed ($transport)"
+    echo "   ${LABEL[$side]} idle $transport $keyed: $out" >&2
     re='kept_open=([0-9]+).*per_kept_connection_bytes=([0-9]+)'
-    [[ "$out" =~ $re ]] || die "unexpected measure_idle output: $out"
-    R[$side,idle_$transport,kept]="${BASH_REMATCH[1]}"
-    R[$side,idle_$transport,bytes]="${BASH_REMATCH[2]}"
+    if [[ "$out" =~ $re ]]; then
+        R[$side,$key,kept]="${BASH_REMATCH[1]}"
+        R[$side,$key,bytes]="${BASH_REMATCH[2]}"
+    elif [[ -z "$keyed" ]]; then
+        die "unexpected measure_idle output: $out"
+    fi
 }
 
 for side in "${SIDES[@]}"; do
@@ -209,8 +217,10 @@ for side in "${SIDES[@]}"; do
         measure_pairs "$side" "$mode"
     done
     if ((SKIP_IDLE == 0)); then
-        measure_idle "$side" tcp
-        measure_idle "$side" ws
+        for t in tcp ws; do
+            measure_idle "$side" "$t"
+            measure_idle "$side" "$t" keyed
+        done
     fi
     R[$side,size]="$(stat -c %s "${BIN_DIR[$side]}/mtproto-gateway" | awk '{ printf "%.1f", $1 / 1e6 }')"
 done
@@ -296,11 +306,11 @@ for mode in embedded unary stream unary-mtls; do
     done
 done
 if ((SKIP_IDLE == 0)); then
-    for t in tcp ws; do
+    for t in tcp tcp_keyed ws ws_keyed; do
         budget=4096
-        [[ "$t" == ws ]] && budget=8192
+        [[ "$t" == ws* ]] && budget=8192
         cur="$(get "current,idle_$t,bytes")"
-        row "idle $t: bytes/connection (${IDLE_CONNECTIONS} opened)" "$cur" "$(get "before,idle_$t,bytes")" "$budget" "$(ratio "$cur" "$budget")"
+        row "idle ${t/_/, }: bytes/connection (${IDLE_CONNECTIONS} opened)" "$cur" "$(get "before,idle_$t,bytes")" "$budget" "$(ratio "$cur" "$budget")"
         row "  connections kept open" "$(get "current,idle_$t,kept")" "$(get "before,idle_$t,kept")" "" ""
     done
 fi

@@ -66,7 +66,8 @@ struct Cli {
     /// SQLite file for auth keys. With no store at all, keys live in memory.
     #[arg(long)]
     sqlite_path: Option<std::path::PathBuf>,
-    /// Deadline of a reply delivery to a gateway.
+    /// How long a gateway may leave a reply unanswered (and take to connect)
+    /// before its delivery stream or call is given up.
     #[arg(long, default_value_t = 5000)]
     gateway_timeout_ms: u64,
     /// CA bundle (PEM) gateways' certificates must chain to; with --tls-cert
