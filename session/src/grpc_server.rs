@@ -406,9 +406,9 @@ const MAX_LINKS: usize = 1024;
 type Delivery = gpb::TlGatewaySendDataToGateway;
 
 /// Delivers replies to gateways, addressed by the `server_id` each gateway
-/// put in its messages. Each gateway has its own
-/// bounded queue and task, so a gateway that stalls (draining, hung, gone)
-/// delays and drops only its own replies, never the session's workers.
+/// put in its messages. Each gateway has its own bounded queue and task, so
+/// a gateway that stalls (draining, hung, gone) delays and drops only its
+/// own replies, never the session's workers.
 #[derive(Debug)]
 pub struct RemoteGateways {
     links: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
