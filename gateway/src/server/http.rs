@@ -38,7 +38,8 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, info};
 
 use super::limiter::{Refusal, Slot};
-use super::registry::{ConnectionId, Outgoing};
+use super::outbox::{self, Inbox};
+use super::registry::ConnectionId;
 use super::shell::{self, GatewayHost, Held, OpenGauge};
 use super::websocket::Prefixed;
 use super::{Endpoint, Shared};
@@ -752,7 +753,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
     }
     let id = shared.connection_ids.next();
     let vc = Arc::new(VirtualConn::new(id, client_ip));
-    let (outbox, inbox) = mpsc::channel(shared.limits.outbox_capacity);
+    let (outbox, inbox) = outbox::channel(shared.limits.outbox_capacity);
     if let Attached::KeyFull(n) = shared.registry.attach(key.0, session_id, id, &outbox) {
         return Err(Close::KeySessionsFull(n));
     }
@@ -854,7 +855,7 @@ async fn run_session(
     vc: Arc<VirtualConn>,
     info: Arc<AuthKeyInfo>,
     session_id: i64,
-    mut inbox: mpsc::Receiver<Outgoing>,
+    mut inbox: Inbox,
     (mut draining, mut force_close): (watch::Receiver<bool>, watch::Receiver<bool>),
     done: mpsc::Sender<()>,
 ) {

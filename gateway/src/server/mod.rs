@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod http;
 pub mod limiter;
+pub mod outbox;
 pub mod registry;
 pub mod reverse;
 mod shell;

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::outbox::{Outbox, Refused};
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
 use mtproto_core::connection::Attached;
@@ -22,9 +22,6 @@ pub struct Outgoing {
     /// Counts the message as queued until the connection takes it (or drops it).
     pub queued: GaugeGuard,
 }
-
-/// A connection's inbox for server messages.
-pub type Outbox = mpsc::Sender<Outgoing>;
 
 /// (auth_key_id, session_id) → the connections carrying it, oldest first;
 /// and how many sessions each key has.
@@ -141,9 +138,9 @@ impl Registry {
             };
             match tx.try_send(outgoing) {
                 Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(_)) => full = true,
+                Err(Refused::Full(_)) => full = true,
                 // A connection that is closing (a drained one, before it leaves the registry).
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(Refused::Closed(_)) => {}
             }
         }
         drop(map);
@@ -168,12 +165,13 @@ impl GatewayDelivery for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::outbox;
 
     #[tokio::test]
     async fn queues_once_for_the_newest_connection_without_waiting() {
         let registry = Registry::new(Arc::default(), 8);
-        let (old_tx, mut old_rx) = mpsc::channel(1);
-        let (new_tx, mut new_rx) = mpsc::channel(1);
+        let (old_tx, mut old_rx) = outbox::channel(1);
+        let (new_tx, mut new_rx) = outbox::channel(1);
         assert_eq!(registry.attach(1, 2, 10, &old_tx), Attached::New);
         assert_eq!(registry.attach(1, 2, 11, &new_tx), Attached::Known);
         // Nobody reads the outboxes: delivery still returns at once.
@@ -183,7 +181,7 @@ mod tests {
                 .await
         );
         assert_eq!(new_rx.try_recv().unwrap().payload, Bytes::from_static(b"a"));
-        assert!(old_rx.try_recv().is_err());
+        assert!(old_rx.try_recv().is_none());
         assert!(
             !registry
                 .send_data_to_gateway("", 1, 3, Bytes::from_static(b"d"))
@@ -199,7 +197,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone(), 8);
         // A client that stopped reading: its outbox holds one message and is full.
-        let (tx, _rx) = mpsc::channel::<Outgoing>(1);
+        let (tx, _rx) = outbox::channel(1);
         registry.attach(5, 6, 20, &tx);
         assert!(
             registry
@@ -230,7 +228,7 @@ mod tests {
     async fn a_closing_connection_takes_nothing_and_is_not_full() {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone(), 8);
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(4);
+        let (tx, mut rx) = outbox::channel(4);
         registry.attach(5, 6, 20, &tx);
         // A drained connection closes its outbox before it leaves the registry.
         rx.close();
@@ -252,7 +250,7 @@ mod tests {
     #[test]
     fn sessions_per_key_are_capped_across_connections() {
         let registry = Registry::new(Arc::default(), 2);
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = outbox::channel(1);
         assert_eq!(registry.attach(1, 10, 100, &tx), Attached::New);
         assert_eq!(registry.attach(1, 11, 101, &tx), Attached::New);
         // A third session of key 1, on any connection, is refused; known

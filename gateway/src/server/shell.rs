@@ -12,7 +12,8 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use super::limiter::{Budgets, HandshakeSlot, Refusal, Slot};
-use super::registry::{ConnectionId, Outbox, Outgoing};
+use super::outbox::{self, Inbox, Outbox};
+use super::registry::ConnectionId;
 use super::{Endpoint, Shared};
 use crate::config::ProxyProtocol;
 use crate::metrics::{
@@ -317,7 +318,7 @@ impl Drop for Held {
 #[derive(Debug)]
 pub(super) struct LazyOutbox {
     capacity: usize,
-    channel: Option<(Outbox, tokio::sync::mpsc::Receiver<Outgoing>)>,
+    channel: Option<(Outbox, Inbox)>,
 }
 
 impl LazyOutbox {
@@ -332,12 +333,12 @@ impl LazyOutbox {
         let capacity = self.capacity;
         &self
             .channel
-            .get_or_insert_with(|| tokio::sync::mpsc::channel(capacity))
+            .get_or_insert_with(|| outbox::channel(capacity))
             .0
     }
 
     /// The receiving end, once made.
-    pub(super) fn inbox(&mut self) -> Option<&mut tokio::sync::mpsc::Receiver<Outgoing>> {
+    pub(super) fn inbox(&mut self) -> Option<&mut Inbox> {
         self.channel.as_mut().map(|(_, inbox)| inbox)
     }
 }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::limiter::{Refusal, Slot};
+use super::outbox::Inbox;
 use super::registry::{ConnectionId, Outgoing};
 use super::shell::{self, GatewayHost, Held, LazyOutbox, OpenGauge};
 use super::websocket::{self, Prefixed};
@@ -243,7 +244,7 @@ impl Cx {
                 // Nothing is owed: take no more server messages, write any
                 // that came meanwhile, then close.
                 let now = shell::now();
-                let Some(Ok(out)) = outbox.inbox().map(|inbox| {
+                let Some(out) = outbox.inbox().and_then(|inbox| {
                     inbox.close();
                     inbox.try_recv()
                 }) else {
@@ -315,7 +316,7 @@ impl Cx {
                         if !conn.accepts_server_messages() {
                             break;
                         }
-                        let Some(Ok(out)) = outbox.inbox().map(|inbox| inbox.try_recv()) else {
+                        let Some(out) = outbox.inbox().and_then(Inbox::try_recv) else {
                             break;
                         };
                         conn.send_server_message(&out.payload, now, &mut rng);
@@ -355,7 +356,7 @@ impl Cx {
                     if let Some(inbox) = outbox.inbox() {
                         inbox.close();
                         while conn.accepts_server_messages() {
-                            let Ok(out) = inbox.try_recv() else { break };
+                            let Some(out) = inbox.try_recv() else { break };
                             conn.send_server_message(&out.payload, now, &mut rng);
                         }
                     }
@@ -384,7 +385,7 @@ impl Cx {
         let mut dropped = 0;
         if let Some(inbox) = outbox.inbox() {
             inbox.close();
-            while let Ok(out) = inbox.try_recv() {
+            while let Some(out) = inbox.try_recv() {
                 conn.undeliverable(&out.payload);
                 dropped += 1;
             }
