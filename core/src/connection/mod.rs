@@ -39,8 +39,6 @@ use replies::Awaited;
 
 /// Bytes asked of the socket per read while a frame is incomplete.
 const READ_CHUNK: usize = 16 * 1024;
-/// Read buffer of a connection with no partial frame pending.
-const IDLE_CHUNK: usize = 1024;
 
 /// A connection's limits.
 #[derive(Debug, Clone)]
@@ -508,10 +506,8 @@ impl Connection {
         }
         if self.input.is_empty() {
             self.frame_deadline = None;
-            if self.input.capacity() > IDLE_CHUNK {
-                // Give back what a large frame needed.
-                self.input = BytesMut::new();
-            }
+            // A connection between frames holds no read buffer.
+            self.input = BytesMut::new();
         } else if decoded || self.frame_deadline.is_none() {
             // What is left is the start of the next frame.
             self.frame_deadline = Some(now.instant + self.settings.frame_timeout);
@@ -826,20 +822,16 @@ impl Connection {
         });
     }
 
-    /// The buffer to read into (with room for at least a few hundred bytes:
-    /// an idle connection holds only a small one, a partial frame gets room
-    /// to grow), and the bytes to write as slices in order, up to
+    /// The buffer to read into, and the bytes to write as slices in order,
+    /// up to
     /// `out.len()` packets: a vectored write sends them in one system call;
     /// a WebSocket sends the first as one message. Returns how many slices
     /// were filled.
     pub fn io_buffers<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> (&'a mut BytesMut, usize) {
-        let want = if self.input.is_empty() {
-            IDLE_CHUNK
-        } else {
-            READ_CHUNK
-        };
-        if self.input.capacity() - self.input.len() < want / 4 {
-            self.input.reserve(want);
+        // Between frames the buffer has no room (the shell reads the next
+        // bytes into one of its own); a partial frame gets room to grow.
+        if !self.input.is_empty() && self.input.capacity() - self.input.len() < READ_CHUNK / 4 {
+            self.input.reserve(READ_CHUNK);
         }
         let mut n = 0;
         for (slot, packet) in out.iter_mut().zip(&self.transmit) {

@@ -2,11 +2,16 @@
 //! admission, running the core's actions (key lookups, handshake steps on
 //! the blocking pool, key stores, forwards), and counting its events.
 
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
@@ -34,6 +39,30 @@ pub(super) fn now() -> Now {
         instant: Instant::now().into_std(),
         unix: crate::unix_time(),
     }
+}
+
+/// Bytes taken by one read into a connection that holds no read buffer.
+const FIRST_READ: usize = 1024;
+
+/// Reads into `input`. With no room there (the core keeps no read buffer
+/// between frames), the read goes to a buffer on the stack that lives only
+/// for one poll and what came is copied in, so an idle connection waits for
+/// its next bytes holding no memory for them. Cancel-safe.
+pub(super) async fn read_input<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+) -> io::Result<usize> {
+    if input.capacity() > input.len() {
+        return reader.read_buf(input).await;
+    }
+    poll_fn(|cx| {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf))?;
+        input.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    })
+    .await
 }
 
 /// Holds the connection's place in `mtproto_connections_open`, under its

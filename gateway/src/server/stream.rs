@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -268,7 +268,7 @@ impl Cx {
             let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
             let (input, n) = conn.io_buffers(&mut slices);
             let step = tokio::select! {
-                read = reader.read_buf(input), if want_read => Step::Read(read),
+                read = shell::read_input(&mut reader, input), if want_read => Step::Read(read),
                 // One write (or, with nothing left, one flush) at a time: each is cancel-safe.
                 wrote = async {
                     if n > 0 {
