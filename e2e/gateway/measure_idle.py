@@ -92,7 +92,9 @@ def still_open(sockets: list[socket.socket]) -> tuple[int, int]:
             # The answers read, what follows them must not be an EOF.
             if sock.recv(1, socket.MSG_PEEK) == b"":
                 closed += 1
-        except (ConnectionResetError, BlockingIOError):
+        except ConnectionResetError:
+            closed += 1
+        except BlockingIOError:
             pass
     return len(sockets) - closed, answered
 
@@ -149,8 +151,8 @@ def main() -> None:
             time.sleep(2)
             kept, answered = still_open(sockets)
             rss = rss_kib(gw.proc.pid)
-            print(f"{'keyed ' if keyed else ''}opened={len(sockets)} kept_open={kept} answered={answered} rss_idle_gateway_kib={base} "
-                  f"rss_with_connections_kib={rss} per_kept_connection_bytes="
+            print(f"{'keyed ' if keyed else ''}opened={len(sockets)} kept_open={kept} answered={answered} "
+                  f"rss_idle_gateway_kib={base} rss_with_connections_kib={rss} per_kept_connection_bytes="
                   f"{(rss - base) * 1024 // max(kept, 1)}")
             for s in sockets:
                 s.close()

@@ -822,11 +822,10 @@ impl Connection {
         });
     }
 
-    /// The buffer to read into, and the bytes to write as slices in order,
-    /// up to
-    /// `out.len()` packets: a vectored write sends them in one system call;
-    /// a WebSocket sends the first as one message. Returns how many slices
-    /// were filled.
+    /// The buffer to read into, and the bytes to write as slices in order, up
+    /// to `out.len()` packets: a vectored write sends them in one system
+    /// call; a WebSocket sends the first as one message. Returns how many
+    /// slices were filled.
     pub fn io_buffers<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> (&'a mut BytesMut, usize) {
         // Between frames the buffer has no room (the shell reads the next
         // bytes into one of its own); a partial frame gets room to grow.
