@@ -485,22 +485,15 @@ async fn run_link(
     }
 }
 
-/// How a stream link's wait for the next reply ended.
-enum Next {
-    Reply(Delivery),
-    /// The queue is closed and empty: the link is done.
-    Done,
-}
-
 /// The next queued reply; after [`LINK_IDLE`] without one the queue is
 /// closed (senders then start a new link), and what was queued still comes.
-async fn next_reply(queue: &mut mpsc::Receiver<Delivery>) -> Next {
+/// `None`: the queue is closed and empty, the link is done.
+async fn next_reply(queue: &mut mpsc::Receiver<Delivery>) -> Option<Delivery> {
     loop {
-        match tokio::time::timeout(LINK_IDLE, queue.recv()).await {
-            Ok(Some(reply)) => return Next::Reply(reply),
-            Ok(None) => return Next::Done,
-            Err(_) => queue.close(),
+        if let Ok(reply) = tokio::time::timeout(LINK_IDLE, queue.recv()).await {
+            return reply;
         }
+        queue.close();
     }
 }
 
@@ -518,10 +511,7 @@ async fn stream_link(
     let mut client = RpcGatewayStreamClient::new(channel);
     let mut request_id = 0u64;
     loop {
-        let first = match next_reply(queue).await {
-            Next::Reply(reply) => reply,
-            Next::Done => return None,
-        };
+        let first = next_reply(queue).await?;
         // The stream is opened with nothing in it, so a refusal loses no reply.
         let (tx, rx) = mpsc::channel(LINK_IN_FLIGHT);
         let mut responses = match client.gateway_data_stream(ReceiverStream::new(rx)).await {
@@ -575,8 +565,8 @@ async fn stream_link(
                     }
                 },
                 next = next_reply(queue), if unanswered < LINK_IN_FLIGHT => match next {
-                    Next::Reply(reply) => pending = Some(reply),
-                    Next::Done => {
+                    Some(reply) => pending = Some(reply),
+                    None => {
                         drop(tx);
                         let answers = async { while let Ok(Some(_)) = responses.message().await {} };
                         let _ = tokio::time::timeout(timeout, answers).await;
@@ -604,10 +594,7 @@ async fn unary_link(
     in_flight.push(deliver(first));
     loop {
         let request = if in_flight.is_empty() {
-            match next_reply(&mut queue).await {
-                Next::Reply(reply) => Some(reply),
-                Next::Done => None,
-            }
+            next_reply(&mut queue).await
         } else if in_flight.len() >= LINK_IN_FLIGHT {
             report(server_id, in_flight.next().await);
             continue;

@@ -50,6 +50,16 @@ impl Queue {
     }
 }
 
+impl State {
+    fn pop(&mut self) -> Option<Outgoing> {
+        let message = self.items.pop_front();
+        if self.items.is_empty() && self.items.capacity() > KEPT_WHEN_EMPTY {
+            self.items = VecDeque::new();
+        }
+        message
+    }
+}
+
 /// Why a message was not queued; it comes back with the reason.
 #[derive(Debug)]
 pub enum Refused {
@@ -100,27 +110,21 @@ pub struct Inbox(Arc<Queue>);
 impl Inbox {
     /// The next message, if one is queued.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let mut state = self.0.state();
-        let message = state.items.pop_front();
-        if state.items.is_empty() && state.items.capacity() > KEPT_WHEN_EMPTY {
-            state.items = VecDeque::new();
-        }
-        message
+        self.0.state().pop()
     }
 
     /// The next message; `None` once the inbox is closed or every sender is
     /// gone, and nothing is left in it. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Outgoing> {
         poll_fn(|cx| {
-            if let Some(message) = self.try_recv() {
-                return Poll::Ready(Some(message));
-            }
+            // Registered before the look, so a message or the last sender's
+            // drop that comes after it still wakes this task.
             self.0.receiver.register(cx.waker());
-            // A message or the last sender's drop may have come before the registration.
-            if let Some(message) = self.try_recv() {
+            let mut state = self.0.state();
+            if let Some(message) = state.pop() {
                 return Poll::Ready(Some(message));
             }
-            if self.0.state().closed || self.0.senders.load(Ordering::Acquire) == 0 {
+            if state.closed || self.0.senders.load(Ordering::Acquire) == 0 {
                 return Poll::Ready(None);
             }
             Poll::Pending
