@@ -548,11 +548,20 @@ impl tower_service::Service<Uri> for Connector {
                 .to_string();
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
-            let connector = TlsConnector::from(files.client_config());
-            let stream = connector.connect(files.peer.clone(), tcp).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(connect_tls(&files, tcp).await?))
         })
     }
+}
+
+/// The client side of mutual TLS over `tcp`, with the current certificate,
+/// verifying the peer against the configured peer name.
+pub async fn connect_tls(
+    files: &TlsFiles,
+    tcp: TcpStream,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    TlsConnector::from(files.client_config())
+        .connect(files.peer.clone(), tcp)
+        .await
 }
 
 /// How one side's gRPC is secured, as configured.

@@ -2,6 +2,7 @@
 //! client of remote session services, and key lookups through a session.
 
 pub mod remote;
+mod stream_link;
 
 use async_trait::async_trait;
 

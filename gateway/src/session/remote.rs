@@ -7,24 +7,22 @@
 //! because of a blip.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use mtproto_edge_proto::mtproto as pb;
 use mtproto_edge_proto::session::rpc_session_client::RpcSessionClient;
-use mtproto_edge_proto::session::rpc_session_stream_client::RpcSessionStreamClient;
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
     session_stream_response::Payload as StreamResponse,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
 
+use super::stream_link::{encode_request, StreamLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
 use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
@@ -40,8 +38,6 @@ use mtproto_session::{SessionClientData, SessionClientEvent, SessionError, Sessi
 const MAX_REDIRECTS: usize = 2;
 /// The message of tonic's `Unknown` status when the HTTP/2 connection fails.
 const TONIC_TRANSPORT_ERROR: &str = "transport error";
-/// Requests queued on one stream before callers wait (back-pressure).
-const STREAM_QUEUE: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -60,8 +56,8 @@ pub struct RemoteSettings {
 }
 
 /// How a failed call is treated.
-#[derive(Debug, PartialEq, Eq)]
-enum Failure {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Failure {
     Unregistered,
     Redirect(String),
     /// A redirect to an address not on the ring: refused.
@@ -88,7 +84,7 @@ impl Failure {
 /// an unknown key or a redirect in: teamgram's (`grpc-status` 401 / 700) and
 /// the older one of this repository's session (`Unknown` with the same
 /// messages); teamgram's stream mode also wraps them in a 500's text.
-fn classify(raw: Option<u32>, code: Code, message: &str) -> Failure {
+pub(super) fn classify(raw: Option<u32>, code: Code, message: &str) -> Failure {
     if message.contains(AUTH_KEY_UNREGISTERED) {
         return Failure::Unregistered;
     }
@@ -121,96 +117,6 @@ fn classify_status(status: &Status) -> Failure {
 /// teamgram's numbers (401, 700, 400, 500).
 fn classify_stream_error(code: i32, message: &str) -> Failure {
     classify(Some(code.unsigned_abs()), Code::Unknown, message)
-}
-
-/// One open `SessionDataStream` to a session instance.
-#[derive(Debug)]
-struct StreamLink {
-    tx: mpsc::Sender<spb::SessionStreamRequest>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<StreamResponse>>>>,
-    next_id: AtomicU64,
-}
-
-impl StreamLink {
-    async fn open(channel: Channel) -> Result<Arc<Self>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let mut responses = RpcSessionStreamClient::new(ExposeRawStatus(channel))
-            .session_data_stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<StreamResponse>>>> = Arc::default();
-        let link = Arc::new(Self {
-            tx,
-            pending: pending.clone(),
-            next_id: AtomicU64::new(1),
-        });
-        tokio::spawn(async move {
-            loop {
-                match responses.message().await {
-                    Ok(Some(resp)) => {
-                        let Ok(id) = resp.request_id.parse::<u64>() else {
-                            debug!("session stream answered an unknown request id");
-                            continue;
-                        };
-                        let waiter = pending
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
-                        if let (Some(waiter), Some(payload)) = (waiter, resp.payload) {
-                            let _ = waiter.send(payload);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!("session stream ended: {status}");
-                        break;
-                    }
-                }
-            }
-            // Dropping the senders fails every waiting call as transient.
-            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        });
-        Ok(link)
-    }
-
-    fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    async fn call(
-        &self,
-        payload: StreamRequest,
-        deadline: Duration,
-    ) -> Result<StreamResponse, Failure> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (done_tx, done_rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, done_tx);
-        let request = spb::SessionStreamRequest {
-            request_id: id.to_string(),
-            payload: Some(payload),
-        };
-        let result = tokio::time::timeout(deadline, async {
-            self.tx
-                .send(request)
-                .await
-                .map_err(|_| Failure::Transient("session stream closed".into()))?;
-            done_rx
-                .await
-                .map_err(|_| Failure::Transient("session stream closed".into()))
-        })
-        .await;
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        match result {
-            Ok(r) => r,
-            Err(_) => Err(Failure::Transient("session stream call timed out".into())),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -312,18 +218,23 @@ impl RemoteSession {
         if let Some(link) = live(&self.lock_streams()) {
             return Ok(link);
         }
-        let channel = self
-            .channel(addr)
-            .map_err(|e| Failure::Fatal(e.to_string()))?;
-        let link = StreamLink::open(channel)
-            .await
-            .map_err(|s| classify_status(&s))?;
+        let link =
+            Arc::new(StreamLink::open(addr, self.tls.as_ref(), self.settings.call_timeout).await?);
         let mut streams = self.lock_streams();
         if let Some(existing) = live(&streams) {
             return Ok(existing);
         }
         streams.insert(addr.to_string(), link.clone());
         Ok(link)
+    }
+
+    /// One request (encoded by [`encode_request`]) over the stream to
+    /// `addr`: the answer, or the failure an error answer carries.
+    async fn stream_call(&self, addr: &str, request: Bytes) -> Result<StreamResponse, Failure> {
+        match self.stream(addr).await?.call(request).await? {
+            StreamResponse::Error(e) => Err(classify_stream_error(e.code, &e.message)),
+            answer => Ok(answer),
+        }
     }
 
     fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StreamLink>>> {
@@ -455,33 +366,24 @@ impl SessionService for RemoteSession {
             constructor: spb::QUERY_AUTH_KEY,
             auth_key_id,
         };
+        let streamed = (self.settings.mode == Mode::Stream)
+            .then(|| encode_request(StreamRequest::QueryAuthKey(request)));
         let info = self
-            .route(auth_key_id, "session_queryAuthKey", |addr| async move {
-                match self.settings.mode {
-                    Mode::Unary => self
-                        .unary_client(&addr)
-                        .await?
-                        .session_query_auth_key(request)
-                        .await
-                        .map(|r| r.into_inner())
-                        .map_err(|s| classify_status(&s)),
-                    Mode::Stream => {
-                        let link = self.stream(&addr).await?;
-                        match link
-                            .call(
-                                StreamRequest::QueryAuthKey(request),
-                                self.settings.call_timeout,
-                            )
+            .route(auth_key_id, "session_queryAuthKey", |addr| {
+                let streamed = streamed.clone();
+                async move {
+                    match streamed {
+                        None => self
+                            .unary_client(&addr)
                             .await?
-                        {
+                            .session_query_auth_key(request)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(|s| classify_status(&s)),
+                        Some(body) => match self.stream_call(&addr, body).await? {
                             StreamResponse::AuthKey(info) => Ok(info),
-                            StreamResponse::Error(e) => {
-                                Err(classify_stream_error(e.code, &e.message))
-                            }
-                            StreamResponse::Ack(_) => {
-                                Err(Failure::Fatal("ack for queryAuthKey".into()))
-                            }
-                        }
+                            _ => Err(Failure::Fatal("ack for queryAuthKey".into())),
+                        },
                     }
                 }
             })
@@ -532,11 +434,12 @@ impl SessionService for RemoteSession {
             constructor: spb::SEND_DATA_TO_SESSION,
             data: Some(data_to_proto(&data)),
         };
-        self.route(data.perm_auth_key_id, "session_sendDataToSession", |addr| {
-            let request = request.clone();
-            async move {
-                match self.settings.mode {
-                    Mode::Unary => {
+        const METHOD: &str = "session_sendDataToSession";
+        match self.settings.mode {
+            Mode::Unary => {
+                self.route(data.perm_auth_key_id, METHOD, |addr| {
+                    let request = request.clone();
+                    async move {
                         let ok = self
                             .unary_client(&addr)
                             .await?
@@ -547,25 +450,23 @@ impl SessionService for RemoteSession {
                             .value();
                         bool_or_stream_ack(ok)
                     }
-                    Mode::Stream => {
-                        let link = self.stream(&addr).await?;
-                        match link
-                            .call(StreamRequest::SendData(request), self.settings.call_timeout)
-                            .await?
-                        {
+                })
+                .await
+            }
+            Mode::Stream => {
+                let body = encode_request(StreamRequest::SendData(request));
+                self.route(data.perm_auth_key_id, METHOD, |addr| {
+                    let body = body.clone();
+                    async move {
+                        match self.stream_call(&addr, body).await? {
                             StreamResponse::Ack(ack) => bool_or_stream_ack(ack.success),
-                            StreamResponse::Error(e) => {
-                                Err(classify_stream_error(e.code, &e.message))
-                            }
-                            StreamResponse::AuthKey(_) => {
-                                Err(Failure::Fatal("auth key for sendData".into()))
-                            }
+                            _ => Err(Failure::Fatal("auth key for sendData".into())),
                         }
                     }
-                }
+                })
+                .await
             }
-        })
-        .await
+        }
     }
 
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
@@ -573,32 +474,21 @@ impl SessionService for RemoteSession {
             constructor: spb::CLOSE_SESSION,
             client: Some(event_to_proto(&event)),
         };
+        let streamed = (self.settings.mode == Mode::Stream)
+            .then(|| encode_request(StreamRequest::CloseSession(request.clone())));
         self.route(event.perm_auth_key_id, "session_closeSession", |addr| {
             let request = request.clone();
+            let streamed = streamed.clone();
             async move {
-                match self.settings.mode {
-                    Mode::Unary => self
+                match streamed {
+                    None => self
                         .unary_client(&addr)
                         .await?
                         .session_close_session(request)
                         .await
                         .map(|_| ())
                         .map_err(|s| classify_status(&s)),
-                    Mode::Stream => {
-                        let link = self.stream(&addr).await?;
-                        match link
-                            .call(
-                                StreamRequest::CloseSession(request),
-                                self.settings.call_timeout,
-                            )
-                            .await?
-                        {
-                            StreamResponse::Error(e) => {
-                                Err(classify_stream_error(e.code, &e.message))
-                            }
-                            _ => Ok(()),
-                        }
-                    }
+                    Some(body) => self.stream_call(&addr, body).await.map(|_| ()),
                 }
             }
         })
@@ -622,6 +512,8 @@ mod tests {
             SessionRpcMetrics::default(),
         )
     }
+
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test]
     async fn a_redirect_bounce_backs_off_and_starts_again_from_the_ring() {

@@ -1,0 +1,759 @@
+//! One `session.RPCSessionStream/SessionDataStream` call to a session
+//! instance, driven on HTTP/2 directly. A single task owns the connection,
+//! the request body and the response body: a call costs one wake-up each
+//! way, and requests queued together leave in one DATA frame. Through
+//! tonic's client the same call cost two more wake-ups per message (hyper's
+//! request-body task and a response reader), which made stream mode the
+//! gateway's most expensive per-message path.
+//!
+//! Callers encode their request; the link numbers it (`request_id`), sends
+//! it, and completes the caller when the answer with that number arrives.
+//! An answer missing for the call deadline ends the link (the session is
+//! stuck or gone), failing every call on it; the caller's retry opens a new
+//! link.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::FutureExt;
+use h2::client::{Connection, ResponseFuture};
+use h2::{RecvStream, SendStream};
+use hyper::{HeaderMap, Request, StatusCode};
+use mtproto_edge_proto::session::{
+    self as spb, session_stream_request, session_stream_response::Payload,
+};
+use mtproto_session::tls::{connect_tls, TlsFiles};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tonic::Code;
+use tracing::debug;
+
+use super::remote::{classify, Failure};
+
+const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
+/// Calls queued for the link task before callers wait (back-pressure).
+const QUEUE: usize = 1024;
+/// Calls taken off the queue per turn of the link task (one DATA frame).
+const BATCH: usize = 64;
+/// Calls sent and unanswered before the link takes no more (callers then
+/// wait on the queue).
+const MAX_WAITING: usize = 4096;
+/// Framed bytes held while the peer's window is shut before the link takes
+/// no more calls.
+const MAX_OUT: usize = 256 << 10;
+/// The largest answer accepted (tonic's default decoding limit).
+const MAX_ANSWER: usize = 4 << 20;
+/// gRPC's message prefix: a compression flag and a big-endian length.
+const PREFIX: usize = 5;
+
+/// The answer to one call, or why there is none.
+pub(super) type Answer = Result<Payload, Failure>;
+
+/// A caller's request, encoded without its `request_id`, which the link adds.
+struct Call {
+    body: Bytes,
+    done: oneshot::Sender<Answer>,
+}
+
+/// The callers' end of one open stream.
+#[derive(Debug)]
+pub(super) struct StreamLink {
+    calls: mpsc::Sender<Call>,
+}
+
+impl StreamLink {
+    /// Connects to `addr` (with mutual TLS when `tls` is set), opens the
+    /// stream and starts its task. `deadline` bounds the opening and every
+    /// call's answer.
+    pub(super) async fn open(
+        addr: &str,
+        tls: Option<&Arc<TlsFiles>>,
+        deadline: Duration,
+    ) -> Result<Self, Failure> {
+        tokio::time::timeout(deadline, Self::open_within(addr, tls, deadline))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::Transient(format!(
+                    "Unavailable: session {addr}: connecting timed out"
+                )))
+            })
+    }
+
+    async fn open_within(
+        addr: &str,
+        tls: Option<&Arc<TlsFiles>>,
+        deadline: Duration,
+    ) -> Result<Self, Failure> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Failure::Transient(format!("Unavailable: session {addr}: {e}"))
+        };
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        tcp.set_nodelay(true).map_err(|e| unavailable(&e))?;
+        let io = match tls {
+            Some(tls) => Io::Tls(Box::new(
+                connect_tls(tls, tcp).await.map_err(|e| unavailable(&e))?,
+            )),
+            None => Io::Plain(tcp),
+        };
+        let (client, connection) = h2::client::Builder::new()
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let request = Request::post(format!("{scheme}://{addr}{PATH}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))?;
+        let (calls, queue) = mpsc::channel(QUEUE);
+        let mut link = Link::new(connection, queue, deadline);
+        let mut client = client;
+        // The connection is polled meanwhile, so the peer's settings are read.
+        poll_fn(|cx| {
+            if let Poll::Ready(ended) = link.connection.poll_unpin(cx) {
+                return Poll::Ready(Err(ended.err().map_or_else(closed, |e| unavailable(&e))));
+            }
+            client.poll_ready(cx).map_err(|e| unavailable(&e))
+        })
+        .await?;
+        let (response, body) = client
+            .send_request(request, false)
+            .map_err(|e| unavailable(&e))?;
+        link.response = Some(response);
+        link.send = Some(body);
+        tokio::spawn(link.run());
+        Ok(Self { calls })
+    }
+
+    /// True once the link's task has ended.
+    pub(super) fn is_closed(&self) -> bool {
+        self.calls.is_closed()
+    }
+
+    /// Sends one request made by [`encode_request`] and waits for its
+    /// answer.
+    pub(super) async fn call(&self, body: Bytes) -> Answer {
+        let (done, answer) = oneshot::channel();
+        let call = Call { body, done };
+        match self.calls.try_send(call) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(call)) => {
+                // The link's deadline sweep ends a stuck link, which closes
+                // the queue and ends this wait.
+                self.calls.send(call).await.map_err(|_| closed())?;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        }
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+/// A request's encoding without its `request_id`, which the link adds.
+pub(super) fn encode_request(payload: session_stream_request::Payload) -> Bytes {
+    spb::SessionStreamRequest {
+        request_id: String::new(),
+        payload: Some(payload),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn closed() -> Failure {
+    Failure::Transient("session stream closed".into())
+}
+
+/// The connection to a session, plain or TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A call sent and not yet answered.
+struct Waiting {
+    id: u64,
+    sent: Instant,
+    done: Option<oneshot::Sender<Answer>>,
+}
+
+/// The link task's state.
+struct Link {
+    connection: Connection<Io, Bytes>,
+    response: Option<ResponseFuture>,
+    send: Option<SendStream<Bytes>>,
+    recv: Option<RecvStream>,
+    queue: mpsc::Receiver<Call>,
+    /// Encoded calls not yet handed to HTTP/2 (flow control).
+    out: BytesMut,
+    /// Answer bytes received and not yet decoded.
+    input: BytesMut,
+    /// Sent calls in id order (ids are given in send order).
+    waiting: VecDeque<Waiting>,
+    next_id: u64,
+    deadline: Duration,
+    sweep: Interval,
+}
+
+impl Link {
+    fn new(
+        connection: Connection<Io, Bytes>,
+        queue: mpsc::Receiver<Call>,
+        deadline: Duration,
+    ) -> Self {
+        let mut sweep = tokio::time::interval(deadline / 4);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            connection,
+            response: None,
+            send: None,
+            recv: None,
+            queue,
+            out: BytesMut::new(),
+            input: BytesMut::new(),
+            waiting: VecDeque::new(),
+            next_id: 1,
+            deadline,
+            sweep,
+        }
+    }
+
+    async fn run(mut self) {
+        let failure = poll_fn(|cx| self.poll_turn(cx)).await;
+        debug!("session stream ended: {failure:?}");
+        self.queue.close();
+        for waiting in self.waiting.drain(..) {
+            if let Some(done) = waiting.done {
+                let _ = done.send(Err(failure.clone()));
+            }
+        }
+        while let Ok(call) = self.queue.try_recv() {
+            let _ = call.done.send(Err(failure.clone()));
+        }
+    }
+
+    /// Moves everything that can move; ready with the reason once the
+    /// stream is over.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Failure> {
+        loop {
+            let mut progress = false;
+            match self.take_calls(cx) {
+                Poll::Ready(Ok(true)) => progress = true,
+                Poll::Ready(Ok(false)) | Poll::Pending => {}
+                Poll::Ready(Err(failure)) => return Poll::Ready(failure),
+            }
+            match self.send_out(cx) {
+                Ok(sent) => progress |= sent,
+                Err(failure) => return Poll::Ready(failure),
+            }
+            match self.receive(cx) {
+                Poll::Ready(Ok(())) => progress = true,
+                Poll::Ready(Err(failure)) => return Poll::Ready(failure),
+                Poll::Pending => {}
+            }
+            if let Poll::Ready(result) = self.connection.poll_unpin(cx) {
+                return Poll::Ready(match result {
+                    Ok(()) => closed(),
+                    Err(e) => Failure::Transient(format!("Unavailable: {e}")),
+                });
+            }
+            if self.sweep.poll_tick(cx).is_ready() {
+                if let Some(oldest) = self.waiting.front() {
+                    if oldest.sent.elapsed() >= self.deadline {
+                        return Poll::Ready(Failure::Transient(
+                            "session stream call timed out".into(),
+                        ));
+                    }
+                }
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Takes queued calls, numbers and frames them into `out`. Ready(true)
+    /// when some were taken; an error when every caller is gone and nothing
+    /// is left to answer.
+    fn take_calls(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Failure>> {
+        let mut taken = false;
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            if self.waiting.len() >= MAX_WAITING || self.out.len() >= MAX_OUT {
+                break;
+            }
+            match self.queue.poll_recv(cx) {
+                Poll::Ready(Some(call)) => {
+                    if call.done.is_closed() {
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    frame_request(&mut self.out, id, &call.body);
+                    self.waiting.push_back(Waiting {
+                        id,
+                        sent: now,
+                        done: Some(call.done),
+                    });
+                    taken = true;
+                }
+                Poll::Ready(None) if self.waiting.is_empty() => {
+                    return Poll::Ready(Err(closed()));
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending => break,
+            }
+        }
+        if taken {
+            Poll::Ready(Ok(true))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Hands framed calls to HTTP/2 as far as the peer's window allows.
+    fn send_out(&mut self, cx: &mut Context<'_>) -> Result<bool, Failure> {
+        let Some(send) = self.send.as_mut() else {
+            return Ok(false);
+        };
+        if self.out.is_empty() {
+            return Ok(false);
+        }
+        send.reserve_capacity(self.out.len());
+        let mut room = send.capacity();
+        if room == 0 {
+            match send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => room = n,
+                Poll::Ready(Some(Err(e))) => {
+                    return Err(Failure::Transient(format!("Unavailable: {e}")))
+                }
+                Poll::Ready(None) => return Err(closed()),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        let chunk = self.out.split_to(room.min(self.out.len())).freeze();
+        send.send_data(chunk, false)
+            .map_err(|e| Failure::Transient(format!("Unavailable: {e}")))?;
+        Ok(true)
+    }
+
+    /// Reads the response: its headers, then answers; ready when something
+    /// was read, with an error once the stream has ended.
+    fn receive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        if let Some(response) = self.response.as_mut() {
+            let response = match response.poll_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r.map_err(|e| Failure::Transient(format!("Unavailable: {e}"))),
+            };
+            self.response = None;
+            let response = match response {
+                Ok(r) => r,
+                Err(failure) => return Poll::Ready(Err(failure)),
+            };
+            if let Some(failure) = status_failure(response.headers()) {
+                return Poll::Ready(Err(failure));
+            }
+            if response.status() != StatusCode::OK {
+                return Poll::Ready(Err(Failure::Transient(format!(
+                    "Unavailable: session answered HTTP {}",
+                    response.status()
+                ))));
+            }
+            self.recv = Some(response.into_body());
+            return Poll::Ready(Ok(()));
+        }
+        let Some(recv) = self.recv.as_mut() else {
+            return Poll::Pending;
+        };
+        match recv.poll_data(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                self.input.extend_from_slice(&chunk);
+                Poll::Ready(self.answer())
+            }
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Err(Failure::Transient(format!("Unavailable: {e}"))))
+            }
+            Poll::Ready(None) => Poll::Ready(Err(match recv.poll_trailers(cx) {
+                Poll::Ready(Ok(Some(trailers))) => status_failure(&trailers).unwrap_or_else(closed),
+                _ => closed(),
+            })),
+        }
+    }
+
+    /// Decodes the complete answers in `input` and completes their calls.
+    fn answer(&mut self) -> Result<(), Failure> {
+        while let Some(message) = next_message(&mut self.input)? {
+            let answer = spb::SessionStreamResponse::decode(message)
+                .map_err(|e| Failure::Fatal(format!("session sent an undecodable answer: {e}")))?;
+            let Ok(id) = answer.request_id.parse::<u64>() else {
+                debug!("session stream answered an unknown request id");
+                continue;
+            };
+            if let Ok(at) = self.waiting.binary_search_by_key(&id, |w| w.id) {
+                if let Some(done) = self.waiting[at].done.take() {
+                    let _ = done.send(answer.payload.ok_or_else(|| {
+                        Failure::Fatal("session answered without a payload".into())
+                    }));
+                }
+            }
+            while self.waiting.front().is_some_and(|w| w.done.is_none()) {
+                self.waiting.pop_front();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends one gRPC message: `request_id` (field 1) followed by the
+/// caller's encoding of the rest. Protobuf fields may come in any order,
+/// and an empty `request_id` is not encoded, so this is the message with
+/// its id set.
+fn frame_request(out: &mut BytesMut, id: u64, body: &[u8]) {
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(id).as_bytes();
+    let len = 2 + id.len() + body.len();
+    out.reserve(PREFIX + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    out.put_u8(0x0a); // field 1, length-delimited
+    out.put_u8(id.len() as u8);
+    out.put_slice(id);
+    out.put_slice(body);
+}
+
+/// Splits the next complete gRPC message off `input`.
+fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
+    if input.len() < PREFIX {
+        return Ok(None);
+    }
+    if input[0] != 0 {
+        return Err(Failure::Fatal(
+            "session sent a compressed answer, which was not offered".into(),
+        ));
+    }
+    let len = u32::from_be_bytes([input[1], input[2], input[3], input[4]]) as usize;
+    if len > MAX_ANSWER {
+        return Err(Failure::Fatal(format!(
+            "session sent a {len}-byte answer (at most {MAX_ANSWER})"
+        )));
+    }
+    if input.len() < PREFIX + len {
+        input.reserve(PREFIX + len - input.len());
+        return Ok(None);
+    }
+    input.advance(PREFIX);
+    Ok(Some(input.split_to(len).freeze()))
+}
+
+/// The failure a `grpc-status` header or trailer reports, if not OK.
+fn status_failure(headers: &HeaderMap) -> Option<Failure> {
+    let code: u32 = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if code == 0 {
+        return None;
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        // Percent-encoded, as gRPC over HTTP/2 sends it.
+        .map(|m| {
+            percent_encoding::percent_decode_str(m)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    Some(match i32::try_from(code) {
+        Ok(c @ 0..=16) => classify(None, Code::from(c), &message),
+        _ => classify(Some(code), Code::Unknown, &message),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtproto_edge_proto::mtproto as pb;
+    use session_stream_request::Payload as Request;
+    use tokio::net::TcpListener;
+
+    fn query(auth_key_id: i64) -> Bytes {
+        encode_request(Request::QueryAuthKey(spb::TlSessionQueryAuthKey {
+            constructor: spb::QUERY_AUTH_KEY,
+            auth_key_id,
+        }))
+    }
+
+    fn queried_id(request: &spb::SessionStreamRequest) -> i64 {
+        match &request.payload {
+            Some(Request::QueryAuthKey(q)) => q.auth_key_id,
+            other => panic!("not a query: {other:?}"),
+        }
+    }
+
+    fn framed(message: &impl Message) -> Bytes {
+        let body = message.encode_to_vec();
+        let mut out = BytesMut::new();
+        out.put_u8(0);
+        out.put_u32(body.len() as u32);
+        out.put_slice(&body);
+        out.freeze()
+    }
+
+    #[test]
+    fn a_framed_request_decodes_with_its_id() {
+        let mut out = BytesMut::new();
+        frame_request(&mut out, 1_234_567, &query(42));
+        let message = next_message(&mut out).expect("valid").expect("complete");
+        let request = spb::SessionStreamRequest::decode(message).expect("decodes");
+        assert_eq!(request.request_id, "1234567");
+        assert_eq!(queried_id(&request), 42);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn answers_are_split_off_only_when_complete() {
+        let mut wire = BytesMut::new();
+        frame_request(&mut wire, 1, &query(7));
+        frame_request(&mut wire, 2, &query(8));
+        let mut input = BytesMut::new();
+        let mut ids = Vec::new();
+        for byte in wire {
+            input.put_u8(byte);
+            while let Some(message) = next_message(&mut input).expect("valid") {
+                let request = spb::SessionStreamRequest::decode(message).expect("decodes");
+                ids.push((queried_id(&request), request.request_id));
+            }
+        }
+        assert_eq!(ids, [(7, "1".into()), (8, "2".into())]);
+    }
+
+    #[test]
+    fn compressed_and_oversized_answers_are_refused() {
+        let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 1, 0][..]);
+        assert!(matches!(
+            next_message(&mut compressed),
+            Err(Failure::Fatal(_))
+        ));
+        let mut oversized = BytesMut::new();
+        oversized.put_u8(0);
+        oversized.put_u32(MAX_ANSWER as u32 + 1);
+        assert!(matches!(
+            next_message(&mut oversized),
+            Err(Failure::Fatal(_))
+        ));
+    }
+
+    #[test]
+    fn grpc_status_maps_to_teamgram_meanings() {
+        let status = |code: &str, message: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-status", code.parse().expect("header"));
+            headers.insert("grpc-message", message.parse().expect("header"));
+            status_failure(&headers)
+        };
+        assert_eq!(status("0", ""), None);
+        assert_eq!(
+            status("401", "AUTH_KEY_UNREGISTERED"),
+            Some(Failure::Unregistered)
+        );
+        assert_eq!(
+            status("700", "REDIRECT_TO_10.0.0.2%3A20450"),
+            Some(Failure::Redirect("10.0.0.2:20450".into()))
+        );
+        assert!(matches!(status("14", "gone"), Some(Failure::Transient(_))));
+        assert!(matches!(
+            status("12", "unimplemented"),
+            Some(Failure::Fatal(_))
+        ));
+    }
+
+    /// A raw HTTP/2 server on loopback taking one call: `serve` gets the
+    /// request body and the way to answer.
+    async fn server<F, Fut>(serve: F) -> String
+    where
+        F: FnOnce(RecvStream, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+            let (request, respond) = connection.accept().await.expect("a call").expect("ok");
+            assert_eq!(request.uri().path(), PATH);
+            tokio::spawn(async move { poll_fn(|cx| connection.poll_closed(cx)).await });
+            serve(request.into_body(), respond).await;
+        });
+        addr
+    }
+
+    /// The next `n` requests of a call's body.
+    async fn read_requests(body: &mut RecvStream, n: usize) -> Vec<spb::SessionStreamRequest> {
+        let (mut input, mut requests) = (BytesMut::new(), Vec::new());
+        while requests.len() < n {
+            let chunk = body.data().await.expect("more").expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            input.extend_from_slice(&chunk);
+            while let Some(message) = next_message(&mut input).expect("valid") {
+                requests.push(spb::SessionStreamRequest::decode(message).expect("decodes"));
+            }
+        }
+        requests
+    }
+
+    fn ok_headers() -> hyper::Response<()> {
+        hyper::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("response")
+    }
+
+    #[tokio::test]
+    async fn answers_in_any_order_reach_their_callers() {
+        const CALLS: i64 = 50;
+        let addr = server(|mut body, mut respond| async move {
+            let requests = read_requests(&mut body, CALLS as usize).await;
+            let mut answers = respond.send_response(ok_headers(), false).expect("headers");
+            for request in requests.iter().rev() {
+                let answer = spb::SessionStreamResponse {
+                    request_id: request.request_id.clone(),
+                    payload: Some(Payload::AuthKey(pb::AuthKeyInfo {
+                        auth_key_id: queried_id(request),
+                        ..Default::default()
+                    })),
+                };
+                answers.send_data(framed(&answer), false).expect("send");
+            }
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let link = StreamLink::open(&addr, None, Duration::from_secs(10))
+            .await
+            .expect("open");
+        let answers = futures::future::join_all((0..CALLS).map(|i| link.call(query(i)))).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(Payload::AuthKey(info)) => assert_eq!(info.auth_key_id, i as i64),
+                other => panic!("call {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_call_ends_the_link_after_the_deadline() {
+        let addr = server(|mut body, mut respond| async move {
+            read_requests(&mut body, 1).await;
+            let _answers = respond.send_response(ok_headers(), false).expect("headers");
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let link = StreamLink::open(&addr, None, Duration::from_millis(200))
+            .await
+            .expect("open");
+        let answer = tokio::time::timeout(Duration::from_secs(10), link.call(query(1)))
+            .await
+            .expect("the link gave up within its deadline");
+        assert_eq!(
+            answer,
+            Err(Failure::Transient("session stream call timed out".into()))
+        );
+        assert!(link.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_fails_its_callers_with_the_status() {
+        let addr = server(|_body, mut respond| async move {
+            let refusal = hyper::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "12")
+                .header("grpc-message", "unknown service")
+                .body(())
+                .expect("response");
+            respond.send_response(refusal, true).expect("headers");
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let link = StreamLink::open(&addr, None, Duration::from_secs(10))
+            .await
+            .expect("open");
+        match link.call(query(1)).await {
+            Err(Failure::Fatal(message)) => {
+                assert!(message.contains("unknown service"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
