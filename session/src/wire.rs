@@ -56,20 +56,22 @@ pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
     })
 }
 
-pub fn data_to_proto(data: &SessionClientData) -> spb::SessionClientData {
+/// Taken by value: its strings move into the message, uncopied (one call
+/// per forwarded message).
+pub fn data_to_proto(data: SessionClientData) -> spb::SessionClientData {
     spb::SessionClientData {
         predicate_name: "sessionClientData".into(),
         constructor: spb::SESSION_CLIENT_DATA,
-        server_id: data.server_id.clone(),
+        server_id: data.server_id,
         conn_type: data.conn_type,
         auth_key_id: data.auth_key_id,
         key_type: data.key_type,
         perm_auth_key_id: data.perm_auth_key_id,
         session_id: data.session_id,
-        client_ip: data.client_ip.clone(),
+        client_ip: data.client_ip,
         quick_ack: data.quick_ack,
         salt: data.salt,
-        payload: data.payload.clone(),
+        payload: data.payload,
     }
 }
 

@@ -430,14 +430,15 @@ impl SessionService for RemoteSession {
     }
 
     async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
+        const METHOD: &str = "session_sendDataToSession";
+        let ring_key = data.perm_auth_key_id;
         let request = spb::TlSessionSendDataToSession {
             constructor: spb::SEND_DATA_TO_SESSION,
-            data: Some(data_to_proto(&data)),
+            data: Some(data_to_proto(data)),
         };
-        const METHOD: &str = "session_sendDataToSession";
         match self.settings.mode {
             Mode::Unary => {
-                self.route(data.perm_auth_key_id, METHOD, |addr| {
+                self.route(ring_key, METHOD, |addr| {
                     let request = request.clone();
                     async move {
                         let ok = self
@@ -455,7 +456,7 @@ impl SessionService for RemoteSession {
             }
             Mode::Stream => {
                 let body = encode_request(StreamRequest::SendData(request));
-                self.route(data.perm_auth_key_id, METHOD, |addr| {
+                self.route(ring_key, METHOD, |addr| {
                     let body = body.clone();
                     async move {
                         match self.stream_call(&addr, body).await? {
