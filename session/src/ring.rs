@@ -78,7 +78,7 @@ impl Ring {
 
     /// Owner of a `perm_auth_key_id`, keyed as go-zero's `strconv.FormatInt`.
     pub fn owner_of_id(&self, id: i64) -> Option<&str> {
-        self.owner(&id.to_string())
+        self.owner(itoa::Buffer::new().format(id))
     }
 }
 

@@ -218,8 +218,14 @@ impl RemoteSession {
         if let Some(link) = live(&self.lock_streams()) {
             return Ok(link);
         }
-        let link =
-            Arc::new(StreamLink::open(addr, self.tls.as_ref(), self.settings.call_timeout).await?);
+        // Boxed: opening is rare, and inline its state would make every
+        // call's future kilobytes larger (an allocation glibc serves slowly).
+        let opening = Box::pin(StreamLink::open(
+            addr,
+            self.tls.as_ref(),
+            self.settings.call_timeout,
+        ));
+        let link = Arc::new(opening.await?);
         let mut streams = self.lock_streams();
         if let Some(existing) = live(&streams) {
             return Ok(existing);
@@ -437,8 +443,10 @@ impl SessionService for RemoteSession {
             data: Some(data_to_proto(data)),
         };
         match self.settings.mode {
+            // Boxed: tonic's call state is kilobytes, and inline it would
+            // size every stream-mode message's future too.
             Mode::Unary => {
-                self.route(ring_key, METHOD, |addr| {
+                Box::pin(self.route(ring_key, METHOD, |addr| {
                     let request = request.clone();
                     async move {
                         let ok = self
@@ -451,7 +459,7 @@ impl SessionService for RemoteSession {
                             .value();
                         bool_or_stream_ack(ok)
                     }
-                })
+                }))
                 .await
             }
             Mode::Stream => {
