@@ -124,7 +124,9 @@ mod tests {
         for l in &v.lookups_after_remove {
             assert_eq!(ring.owner(&l.key), Some(l.owner.as_str()), "key {}", l.key);
         }
-        assert_eq!(ring.owner_of_id(0), ring.owner("0"));
+        for id in [0, -1, 7_423_918_273, i64::MIN, i64::MAX] {
+            assert_eq!(ring.owner_of_id(id), ring.owner(&id.to_string()), "id {id}");
+        }
     }
 
     #[test]
