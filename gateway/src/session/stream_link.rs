@@ -304,9 +304,8 @@ impl Link {
         loop {
             let mut progress = false;
             match self.take_calls(cx) {
-                Poll::Ready(Ok(true)) => progress = true,
-                Poll::Ready(Ok(false)) | Poll::Pending => {}
-                Poll::Ready(Err(failure)) => return Poll::Ready(failure),
+                Ok(taken) => progress |= taken,
+                Err(failure) => return Poll::Ready(failure),
             }
             match self.send_out(cx) {
                 Ok(sent) => progress |= sent,
@@ -339,10 +338,10 @@ impl Link {
         }
     }
 
-    /// Takes queued calls, numbers and frames them into `out`. Ready(true)
-    /// when some were taken; an error when every caller is gone and nothing
-    /// is left to answer.
-    fn take_calls(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Failure>> {
+    /// Takes queued calls, numbers and frames them into `out`; true when
+    /// some were taken, an error when every caller is gone and nothing is
+    /// left to answer.
+    fn take_calls(&mut self, cx: &mut Context<'_>) -> Result<bool, Failure> {
         let mut taken = false;
         let now = Instant::now();
         for _ in 0..BATCH {
@@ -364,18 +363,11 @@ impl Link {
                     });
                     taken = true;
                 }
-                Poll::Ready(None) if self.waiting.is_empty() => {
-                    return Poll::Ready(Err(closed()));
-                }
-                Poll::Ready(None) => break,
-                Poll::Pending => break,
+                Poll::Ready(None) if self.waiting.is_empty() => return Err(closed()),
+                Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        if taken {
-            Poll::Ready(Ok(true))
-        } else {
-            Poll::Pending
-        }
+        Ok(taken)
     }
 
     /// Hands framed calls to HTTP/2 as far as the peer's window allows.
