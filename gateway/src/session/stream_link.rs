@@ -104,7 +104,7 @@ impl StreamLink {
             )),
             None => Either::Left(tcp),
         };
-        let (client, connection) = h2::client::Builder::new()
+        let (mut client, connection) = h2::client::Builder::new()
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -116,7 +116,6 @@ impl StreamLink {
             .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))?;
         let (calls, queue) = mpsc::channel(QUEUE);
         let mut link = Link::new(connection, queue, deadline);
-        let mut client = client;
         // The connection is polled meanwhile, so the peer's settings are read.
         poll_fn(|cx| {
             if let Poll::Ready(ended) = link.connection.poll_unpin(cx) {
