@@ -104,7 +104,7 @@ impl StreamLink {
             )),
             None => Either::Left(tcp),
         };
-        let (mut client, connection) = h2::client::Builder::new()
+        let (mut client, mut connection) = h2::client::Builder::new()
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -114,22 +114,19 @@ impl StreamLink {
             .header("te", "trailers")
             .body(())
             .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))?;
-        let (calls, queue) = mpsc::channel(QUEUE);
-        let mut link = Link::new(connection, queue, deadline);
         // The connection is polled meanwhile, so the peer's settings are read.
         poll_fn(|cx| {
-            if let Poll::Ready(ended) = link.connection.poll_unpin(cx) {
+            if let Poll::Ready(ended) = connection.poll_unpin(cx) {
                 return Poll::Ready(Err(ended.err().map_or_else(closed, |e| unavailable(&e))));
             }
             client.poll_ready(cx).map_err(|e| unavailable(&e))
         })
         .await?;
-        let (response, body) = client
+        let (response, send) = client
             .send_request(request, false)
             .map_err(|e| unavailable(&e))?;
-        link.response = Some(response);
-        link.send = Some(body);
-        tokio::spawn(link.run());
+        let (calls, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(Link::new(connection, send, response, queue, deadline).run());
         Ok(Self { calls })
     }
 
@@ -170,6 +167,11 @@ fn closed() -> Failure {
     Failure::Transient("session stream closed".into())
 }
 
+/// The failure of a broken HTTP/2 connection or stream.
+fn broken(e: h2::Error) -> Failure {
+    Failure::Transient(format!("Unavailable: {e}"))
+}
+
 /// The connection to a session, plain or TLS.
 type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
@@ -180,12 +182,17 @@ struct Waiting {
     done: Option<oneshot::Sender<Answer>>,
 }
 
+/// The response side of the call: its headers awaited, then its body.
+enum Answers {
+    Awaited(ResponseFuture),
+    Body(RecvStream),
+}
+
 /// The link task's state.
 struct Link {
     connection: Connection<Io, Bytes>,
-    response: Option<ResponseFuture>,
-    send: Option<SendStream<Bytes>>,
-    recv: Option<RecvStream>,
+    send: SendStream<Bytes>,
+    answers: Answers,
     queue: mpsc::Receiver<Call>,
     /// Encoded calls not yet handed to HTTP/2 (flow control).
     out: BytesMut,
@@ -201,6 +208,8 @@ struct Link {
 impl Link {
     fn new(
         connection: Connection<Io, Bytes>,
+        send: SendStream<Bytes>,
+        response: ResponseFuture,
         queue: mpsc::Receiver<Call>,
         deadline: Duration,
     ) -> Self {
@@ -208,9 +217,8 @@ impl Link {
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             connection,
-            response: None,
-            send: None,
-            recv: None,
+            send,
+            answers: Answers::Awaited(response),
             queue,
             out: BytesMut::new(),
             input: BytesMut::new(),
@@ -254,10 +262,7 @@ impl Link {
                 Poll::Pending => {}
             }
             if let Poll::Ready(result) = self.connection.poll_unpin(cx) {
-                return Poll::Ready(match result {
-                    Ok(()) => closed(),
-                    Err(e) => Failure::Transient(format!("Unavailable: {e}")),
-                });
+                return Poll::Ready(result.err().map_or_else(closed, broken));
             }
             if self.sweep.poll_tick(cx).is_ready() {
                 if let Some(oldest) = self.waiting.front() {
@@ -309,57 +314,48 @@ impl Link {
 
     /// Hands framed calls to HTTP/2 as far as the peer's window allows.
     fn send_out(&mut self, cx: &mut Context<'_>) -> Result<bool, Failure> {
-        let Some(send) = self.send.as_mut() else {
-            return Ok(false);
-        };
         if self.out.is_empty() {
             return Ok(false);
         }
+        let send = &mut self.send;
         send.reserve_capacity(self.out.len());
         let mut room = send.capacity();
         if room == 0 {
             match send.poll_capacity(cx) {
                 Poll::Ready(Some(Ok(n))) => room = n,
-                Poll::Ready(Some(Err(e))) => {
-                    return Err(Failure::Transient(format!("Unavailable: {e}")))
-                }
+                Poll::Ready(Some(Err(e))) => return Err(broken(e)),
                 Poll::Ready(None) => return Err(closed()),
                 Poll::Pending => return Ok(false),
             }
         }
         let chunk = self.out.split_to(room.min(self.out.len())).freeze();
-        send.send_data(chunk, false)
-            .map_err(|e| Failure::Transient(format!("Unavailable: {e}")))?;
+        send.send_data(chunk, false).map_err(broken)?;
         Ok(true)
     }
 
     /// Reads the response: its headers, then answers; ready when something
     /// was read, with an error once the stream has ended.
     fn receive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
-        if let Some(response) = self.response.as_mut() {
-            let response = match response.poll_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(r) => r.map_err(|e| Failure::Transient(format!("Unavailable: {e}"))),
-            };
-            self.response = None;
-            let response = match response {
-                Ok(r) => r,
-                Err(failure) => return Poll::Ready(Err(failure)),
-            };
-            if let Some(failure) = status_failure(response.headers()) {
-                return Poll::Ready(Err(failure));
+        let recv = match &mut self.answers {
+            Answers::Awaited(response) => {
+                let response = match response.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e))),
+                    Poll::Ready(Ok(response)) => response,
+                };
+                if let Some(failure) = status_failure(response.headers()) {
+                    return Poll::Ready(Err(failure));
+                }
+                if response.status() != StatusCode::OK {
+                    return Poll::Ready(Err(Failure::Transient(format!(
+                        "Unavailable: session answered HTTP {}",
+                        response.status()
+                    ))));
+                }
+                self.answers = Answers::Body(response.into_body());
+                return Poll::Ready(Ok(()));
             }
-            if response.status() != StatusCode::OK {
-                return Poll::Ready(Err(Failure::Transient(format!(
-                    "Unavailable: session answered HTTP {}",
-                    response.status()
-                ))));
-            }
-            self.recv = Some(response.into_body());
-            return Poll::Ready(Ok(()));
-        }
-        let Some(recv) = self.recv.as_mut() else {
-            return Poll::Pending;
+            Answers::Body(recv) => recv,
         };
         match recv.poll_data(cx) {
             Poll::Pending => Poll::Pending,
@@ -368,9 +364,7 @@ impl Link {
                 self.input.extend_from_slice(&chunk);
                 Poll::Ready(self.answer())
             }
-            Poll::Ready(Some(Err(e))) => {
-                Poll::Ready(Err(Failure::Transient(format!("Unavailable: {e}"))))
-            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(broken(e))),
             Poll::Ready(None) => Poll::Ready(Err(match recv.poll_trailers(cx) {
                 Poll::Ready(Ok(Some(trailers))) => status_failure(&trailers).unwrap_or_else(closed),
                 _ => closed(),
@@ -443,7 +437,10 @@ fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
     Ok(Some(input.split_to(len).freeze()))
 }
 
-/// The failure a `grpc-status` header or trailer reports, if not OK.
+/// The failure a `grpc-status` header or trailer reports, if not OK. Read
+/// here rather than with tonic's `Status::from_header_map`, which keeps no
+/// number outside 0–16 (teamgram's 401 and 700) and panics on a malformed
+/// `grpc-status-details-bin`.
 fn status_failure(headers: &HeaderMap) -> Option<Failure> {
     let code: u32 = headers
         .get("grpc-status")?
