@@ -38,7 +38,9 @@ use tracing::{debug, warn};
 
 use crate::embedded::EmbeddedSession;
 use crate::ring::Ring;
-use crate::status::{teamgram_status, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE};
+use crate::status::{
+    teamgram_status, ExposeRawStatus, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE,
+};
 use crate::tls::{Connector, Peer, TlsFiles};
 use crate::wire::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
 use crate::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
@@ -481,7 +483,8 @@ async fn run_link(
             server_id,
             "the gateway serves no delivery stream; using unary calls"
         );
-        unary_link(&server_id, RpcGatewayClient::new(channel), first, queue).await;
+        let client = RpcGatewayClient::new(ExposeRawStatus(channel));
+        unary_link(&server_id, client, first, queue).await;
     }
 }
 
@@ -508,7 +511,8 @@ async fn stream_link(
     timeout: Duration,
     queue: &mut mpsc::Receiver<Delivery>,
 ) -> Option<Delivery> {
-    let mut client = RpcGatewayStreamClient::new(channel);
+    // Wrapped so that a status tonic cannot parse never reaches it (see `status`).
+    let mut client = RpcGatewayStreamClient::new(ExposeRawStatus(channel));
     let mut request_id = 0u64;
     loop {
         let first = next_reply(queue).await?;
@@ -582,7 +586,7 @@ async fn stream_link(
 /// in queue order.
 async fn unary_link(
     server_id: &str,
-    client: RpcGatewayClient<Channel>,
+    client: RpcGatewayClient<ExposeRawStatus<Channel>>,
     first: Delivery,
     mut queue: mpsc::Receiver<Delivery>,
 ) {

@@ -10,7 +10,12 @@
 //! - the gateway side wraps its channel in [`ExposeRawStatus`], which copies a
 //!   `grpc-status` outside 0–16 into [`RAW_STATUS`] before tonic parses it
 //!   (tonic would map it to `Unknown` and drop the number), so
-//!   [`raw_status`] reads the number from the `Status`'s metadata.
+//!   [`raw_status`] reads the number from the `Status`'s metadata. It also
+//!   drops `grpc-status-details-bin`: the gateway never reads status details,
+//!   and tonic panics on one that is not base64 (`Status::from_header_map`),
+//!   which would let a session end the calling connection's task. The
+//!   session's client of the gateway's reverse path is wrapped too, for that
+//!   second reason.
 
 use std::task::{Context, Poll};
 
@@ -34,6 +39,7 @@ const STATUS_MARKER: &str = "x-teamgram-grpc-status";
 /// The header [`ExposeRawStatus`] copies a non-standard `grpc-status` into.
 pub const RAW_STATUS: &str = "x-raw-grpc-status";
 const GRPC_STATUS: &str = "grpc-status";
+const GRPC_STATUS_DETAILS: &str = "grpc-status-details-bin";
 
 /// A status sent as `grpc-status: <code>` by a service wrapped in [`TeamgramStatus`]
 /// (as `Unknown` with the same message otherwise).
@@ -126,16 +132,22 @@ fn expose_raw_status(response: http::Response<Body>) -> http::Response<Body> {
     let (mut parts, body) = response.into_parts();
     if parts.headers.contains_key(GRPC_STATUS) {
         // Trailers-only: the status is here and the body is empty.
-        copy_raw_status(&mut parts.headers);
+        expose_status(&mut parts.headers);
         return http::Response::from_parts(parts, body);
     }
     let body = body.map_frame(|mut frame| {
         if let Some(trailers) = frame.trailers_mut() {
-            copy_raw_status(trailers);
+            expose_status(trailers);
         }
         frame
     });
     http::Response::from_parts(parts, Body::new(body))
+}
+
+/// Prepares a status block (headers or trailers) for tonic's parser.
+fn expose_status(headers: &mut HeaderMap) {
+    headers.remove(GRPC_STATUS_DETAILS);
+    copy_raw_status(headers);
 }
 
 fn copy_raw_status(headers: &mut HeaderMap) {
@@ -187,5 +199,52 @@ mod tests {
             (status.code(), raw_status(&status)),
             (Code::Unknown, Some(401))
         );
+    }
+
+    /// A status block whose details are not base64, as a hostile or broken
+    /// session could send.
+    fn bad_details() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("13"));
+        headers.insert(
+            GRPC_STATUS_DETAILS,
+            HeaderValue::from_static("*not base64*"),
+        );
+        headers
+    }
+
+    #[test]
+    fn undecodable_details_never_reach_tonic() {
+        let tonic_panics = std::panic::catch_unwind(|| Status::from_header_map(&bad_details()));
+        assert!(tonic_panics.is_err(), "tonic's parser panics on these");
+
+        let mut trailers_only = http::Response::new(Body::empty());
+        *trailers_only.headers_mut() = bad_details();
+        let exposed = expose_raw_status(trailers_only);
+        let status = Status::from_header_map(exposed.headers()).expect("a status");
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.details().is_empty());
+    }
+
+    #[tokio::test]
+    async fn undecodable_details_in_trailers_never_reach_tonic() {
+        let frames = futures::stream::iter([
+            Ok::<_, Status>(http_body::Frame::data(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            ))),
+            Ok(http_body::Frame::trailers(bad_details())),
+        ]);
+        let response = http::Response::new(Body::new(http_body_util::StreamBody::new(frames)));
+        let body = expose_raw_status(response).into_body();
+        let trailers = body
+            .collect()
+            .await
+            .expect("the body")
+            .trailers()
+            .cloned()
+            .expect("trailers");
+        assert!(!trailers.contains_key(GRPC_STATUS_DETAILS));
+        let status = Status::from_header_map(&trailers).expect("a status");
+        assert_eq!(status.code(), Code::Internal);
     }
 }
