@@ -24,6 +24,21 @@ pub struct SqlStore {
     name: String,
 }
 
+/// A new key's rows as one SQLite query (sqlx binds the arguments across its
+/// statements in order): one trip to sqlx's SQLite worker thread instead of
+/// six. Each trip wakes that thread and then the caller, which cost about 5%
+/// of an embedded handshake's CPU. MySQL prepares statements one at a time,
+/// so it keeps the step-by-step transaction.
+const SQLITE_INSERT_KEY: &str = "BEGIN IMMEDIATE; \
+     INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?); \
+     INSERT INTO auth_key_infos \
+     (auth_key_id, auth_key_type, perm_auth_key_id, temp_auth_key_id, media_temp_auth_key_id) \
+     VALUES (?, ?, ?, ?, ?); \
+     INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?);";
+const SQLITE_INSERT_EXPIRY: &str =
+    "INSERT INTO mtproto_edge_auth_key_expiry (auth_key_id, expires_at) VALUES (?, ?);";
+const SQLITE_COMMIT: &str = "COMMIT;";
+
 fn unavailable(name: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{name}: {e}"))
 }
@@ -71,6 +86,50 @@ impl SqlStore {
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
         unavailable(&self.name, e)
+    }
+
+    /// A key id that is already stored is a collision: the handshake retries.
+    fn insert_err(&self, id: i64, e: sqlx::Error) -> StoreError {
+        match e.as_database_error() {
+            Some(db) if db.is_unique_violation() => StoreError::Collision(id),
+            _ => self.err(e),
+        }
+    }
+
+    /// [`AuthKeyStore::insert`] in one query ([`SQLITE_INSERT_KEY`]). A
+    /// failure may leave its transaction open, so that connection is closed
+    /// (which rolls it back) instead of going back to the pool.
+    async fn insert_sqlite(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
+        let id = info.id();
+        let expiry = if info.expires_at.is_some() {
+            SQLITE_INSERT_EXPIRY
+        } else {
+            ""
+        };
+        let sql = [SQLITE_INSERT_KEY, expiry, SQLITE_COMMIT].concat();
+        let mut query = sqlx::query(&sql)
+            .bind(id)
+            .bind(STANDARD_NO_PAD.encode(info.key.bytes()))
+            .bind(id)
+            .bind(info.key_type as i32)
+            .bind(info.perm_auth_key_id)
+            .bind(info.temp_auth_key_id)
+            .bind(info.media_temp_auth_key_id)
+            .bind(id)
+            .bind(salt.salt)
+            .bind(salt.since())
+            .bind(salt.until());
+        if let Some(expires_at) = info.expires_at {
+            query = query.bind(id).bind(expires_at);
+        }
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        match conn.execute(query).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                conn.close_on_drop();
+                Err(self.insert_err(id, e))
+            }
+        }
     }
 }
 
@@ -174,6 +233,9 @@ impl AuthKeyStore for SqlStore {
     }
 
     async fn insert(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
+        if self.name == "sqlite" {
+            return self.insert_sqlite(info, salt).await;
+        }
         let id = info.id();
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         let inserted = sqlx::query("INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?)")
@@ -182,10 +244,7 @@ impl AuthKeyStore for SqlStore {
             .execute(&mut *tx)
             .await;
         if let Err(e) = inserted {
-            return Err(match e.as_database_error() {
-                Some(db) if db.is_unique_violation() => StoreError::Collision(id),
-                _ => self.err(e),
-            });
+            return Err(self.insert_err(id, e));
         }
         sqlx::query(
             "INSERT INTO auth_key_infos \
@@ -334,5 +393,47 @@ mod tests {
         let got = reopened.get(info.id()).await.unwrap().expect("key kept");
         assert_eq!(got.key.bytes(), info.key.bytes());
         assert_eq!(reopened.salts(info.id()).await.unwrap(), vec![salt]);
+    }
+
+    /// The one-query insert is all or nothing, and its failure leaves no
+    /// transaction open for the next caller of the pool.
+    #[tokio::test]
+    async fn a_failed_sqlite_insert_keeps_nothing_and_the_store_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let store = SqlStore::connect(&url).await.unwrap();
+        let temp = AuthKeyInfo::new(
+            AuthKey::new([3; 256]),
+            AuthKeyType::Temp,
+            Some(1_900_000_000),
+        );
+        let salt = FutureSalt::new(1_800_000_000, 1_800_001_800, 5);
+        // The key's salt row exists already, so the query's last statement
+        // fails after the key rows went in.
+        store
+            .add_salts(temp.id(), &[salt], 1_800_000_000)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.insert(temp.clone(), salt).await,
+            Err(StoreError::Collision(id)) if id == temp.id()
+        ));
+        assert_eq!(store.get(temp.id()).await.unwrap(), None);
+        let rows: i64 = sqlx::query("SELECT COUNT(*) FROM auth_key_infos")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(rows, 0);
+
+        let other = AuthKeyInfo::new(
+            AuthKey::new([4; 256]),
+            AuthKeyType::Temp,
+            Some(1_900_000_000),
+        );
+        store.insert(other.clone(), salt).await.unwrap();
+        assert_eq!(store.get(other.id()).await.unwrap(), Some(other.clone()));
+        assert_eq!(store.salts(other.id()).await.unwrap(), vec![salt]);
     }
 }
