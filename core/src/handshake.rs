@@ -320,9 +320,7 @@ impl Handshake {
         let expires_in = expires_in.min(self.settings.max_temp_key_expires_secs);
 
         let params = dh::params();
-        let (a, g_a) = params
-            .new_secret(self.settings.dh_secret_bits, rng)
-            .map_err(|e| HandshakeError::Crypto(e.to_string()))?;
+        let (a, g_a) = params.new_secret(self.settings.dh_secret_bits, rng);
         let mut dh_inner = Vec::with_capacity(600);
         dh_inner.put_u32(id::SERVER_DH_INNER_DATA);
         dh_inner.put_raw(&nonce);

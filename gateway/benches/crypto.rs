@@ -166,9 +166,8 @@ fn server_side(
                 let (hs, req_dh, ex) = prepare(settings, key);
                 // set_client_DH_params carries only g_b, so it can be built before
                 // the server has answered req_DH_params.
-                let (_, g_b) = dh::params()
-                    .new_secret(dh::SPEC_SECRET_BITS, &mut rand::thread_rng())
-                    .expect("DH secret");
+                let (_, g_b) =
+                    dh::params().new_secret(dh::SPEC_SECRET_BITS, &mut rand::thread_rng());
                 let set = set_client_dh_params(&ex, &g_b);
                 (
                     ClientSide {

@@ -142,6 +142,8 @@ impl Gateway {
                 "serving RSA key"
             );
         }
+        // The DH group's table of powers of g, built now rather than by the first handshake.
+        mtproto_core::dh::params();
         let handshake = Arc::new(HandshakeSettings {
             keys,
             pq_pool: PqPool::generate(256, &mut rand::thread_rng()),

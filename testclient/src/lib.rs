@@ -255,9 +255,7 @@ impl Client {
             return Err(protocol("g_a out of range"));
         }
         let crypto = |e: openssl::error::ErrorStack| protocol(e.to_string());
-        let (b, g_b) = params
-            .new_secret(self.dh_secret_bits, &mut rand::thread_rng())
-            .map_err(crypto)?;
+        let (b, g_b) = params.new_secret(self.dh_secret_bits, &mut rand::thread_rng());
         let shared = params.shared_key(&g_a, &b).map_err(crypto)?;
         let key = AuthKey::new(*shared);
         let req = set_client_dh_params(&ex, &g_b);
