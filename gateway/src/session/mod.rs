@@ -1,8 +1,10 @@
 //! The gateway's side of the session seam (`mtproto_session`): the gRPC
 //! client of remote session services, and key lookups through a session.
 
+mod grpc_h2;
 pub mod remote;
 mod stream_link;
+mod unary_link;
 
 use async_trait::async_trait;
 

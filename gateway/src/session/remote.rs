@@ -13,22 +13,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use mtproto_edge_proto::mtproto as pb;
-use mtproto_edge_proto::session::rpc_session_client::RpcSessionClient;
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
     session_stream_response::Payload as StreamResponse,
 };
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{debug, warn};
 
 use super::stream_link::{encode_request, StreamLink};
+use super::unary_link::{self, UnaryLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
 use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_session::ring::Ring;
-use mtproto_session::status::{raw_status, ExposeRawStatus};
-use mtproto_session::tls::{Connector, TlsFiles};
+use mtproto_session::tls::TlsFiles;
 use mtproto_session::wire::{
     data_to_proto, event_to_proto, info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED,
     REDIRECT_PREFIX,
@@ -36,8 +34,6 @@ use mtproto_session::wire::{
 use mtproto_session::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 
 const MAX_REDIRECTS: usize = 2;
-/// The message of tonic's `Unknown` status when the HTTP/2 connection fails.
-const TONIC_TRANSPORT_ERROR: &str = "transport error";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -100,17 +96,8 @@ pub(super) fn classify(raw: Option<u32>, code: Code, message: &str) -> Failure {
         | Code::ResourceExhausted
         | Code::Aborted
         | Code::Cancelled => Failure::Transient(format!("{code:?}: {message}")),
-        // tonic's status for a connection that broke under a call (a session
-        // killed mid-request): the next attempt reconnects or finds the new owner.
-        Code::Unknown if message == TONIC_TRANSPORT_ERROR => {
-            Failure::Transient(format!("{code:?}: {message}"))
-        }
         _ => Failure::Fatal(format!("{code:?}: {message}")),
     }
-}
-
-fn classify_status(status: &Status) -> Failure {
-    classify(raw_status(status), status.code(), status.message())
 }
 
 /// A stream-mode error reply: `SessionStreamError {code, message}` with
@@ -123,7 +110,7 @@ fn classify_stream_error(code: i32, message: &str) -> Failure {
 pub struct RemoteSession {
     ring: RwLock<Ring>,
     settings: RemoteSettings,
-    channels: Mutex<HashMap<String, Channel>>,
+    unary_links: Mutex<HashMap<String, Arc<UnaryLink>>>,
     streams: Mutex<HashMap<String, Arc<StreamLink>>>,
     metrics: SessionRpcMetrics,
     /// Sessions are dialled with mutual TLS when set.
@@ -141,7 +128,7 @@ impl RemoteSession {
         Self {
             ring: RwLock::new(Ring::new(members)),
             settings,
-            channels: Mutex::new(HashMap::new()),
+            unary_links: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             metrics,
             tls: None,
@@ -190,48 +177,16 @@ impl RemoteSession {
             .ok_or_else(|| SessionError::Unavailable("no session instances configured".into()))
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, SessionError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(channel) = channels.get(addr) {
-            return Ok(channel.clone());
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| SessionError::Unavailable(format!("bad session address {addr}: {e}")))?
-            .connect_timeout(self.settings.call_timeout)
-            .timeout(self.settings.call_timeout)
-            .tcp_nodelay(true);
-        let channel = match &self.tls {
-            Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
-            None => endpoint.connect_lazy(),
-        };
-        channels.insert(addr.to_string(), channel.clone());
-        Ok(channel)
+    /// The open unary link to `addr`, opened if needed.
+    async fn unary(&self, addr: &str) -> Result<Arc<UnaryLink>, Failure> {
+        let opening = UnaryLink::open(addr, self.tls.as_ref(), self.settings.call_timeout);
+        live_link(&self.unary_links, addr, UnaryLink::is_closed, opening).await
     }
 
-    /// The open stream to `addr`, opened if needed. The map is not locked
-    /// while a stream opens, so one unreachable member does not hold up calls
-    /// to the others; when two callers open at once, the first stored wins.
+    /// The open stream to `addr`, opened if needed.
     async fn stream(&self, addr: &str) -> Result<Arc<StreamLink>, Failure> {
-        let live = |streams: &HashMap<String, Arc<StreamLink>>| {
-            streams.get(addr).filter(|l| !l.is_closed()).cloned()
-        };
-        if let Some(link) = live(&self.lock_streams()) {
-            return Ok(link);
-        }
-        // Boxed: opening is rare, and inline its state would make every
-        // call's future kilobytes larger (an allocation glibc serves slowly).
-        let opening = Box::pin(StreamLink::open(
-            addr,
-            self.tls.as_ref(),
-            self.settings.call_timeout,
-        ));
-        let link = Arc::new(opening.await?);
-        let mut streams = self.lock_streams();
-        if let Some(existing) = live(&streams) {
-            return Ok(existing);
-        }
-        streams.insert(addr.to_string(), link.clone());
-        Ok(link)
+        let opening = StreamLink::open(addr, self.tls.as_ref(), self.settings.call_timeout);
+        live_link(&self.streams, addr, StreamLink::is_closed, opening).await
     }
 
     /// One request (encoded by [`encode_request`]) over the stream to
@@ -241,10 +196,6 @@ impl RemoteSession {
             StreamResponse::Error(e) => Err(classify_stream_error(e.code, &e.message)),
             answer => Ok(answer),
         }
-    }
-
-    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StreamLink>>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs one request against the owner of `ring_key`, following redirects
@@ -345,16 +296,32 @@ impl RemoteSession {
             }
         }
     }
+}
 
-    /// A unary client that reads teamgram's raw status numbers.
-    async fn unary_client(
-        &self,
-        addr: &str,
-    ) -> Result<RpcSessionClient<ExposeRawStatus<Channel>>, Failure> {
-        self.channel(addr)
-            .map(|channel| RpcSessionClient::new(ExposeRawStatus(channel)))
-            .map_err(|e| Failure::Fatal(e.to_string()))
+/// The live link to `addr` in `links`, else a new one from `opening`. The
+/// map is not locked while a link opens, so one unreachable member does not
+/// hold up calls to the others; when two callers open at once, the first
+/// stored wins.
+async fn live_link<L>(
+    links: &Mutex<HashMap<String, Arc<L>>>,
+    addr: &str,
+    is_closed: fn(&L) -> bool,
+    opening: impl std::future::Future<Output = Result<L, Failure>>,
+) -> Result<Arc<L>, Failure> {
+    let live = |links: &HashMap<String, Arc<L>>| links.get(addr).filter(|l| !is_closed(l)).cloned();
+    let lock = || links.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(link) = live(&lock()) {
+        return Ok(link);
     }
+    // Boxed: opening is rare, and inline its state would make every call's
+    // future kilobytes larger (an allocation glibc serves slowly).
+    let link = Arc::new(Box::pin(opening).await?);
+    let mut links = lock();
+    if let Some(existing) = live(&links) {
+        return Ok(existing);
+    }
+    links.insert(addr.to_string(), link.clone());
+    Ok(link)
 }
 
 fn bool_or_stream_ack(value: bool) -> Result<(), Failure> {
@@ -379,13 +346,12 @@ impl SessionService for RemoteSession {
                 let streamed = streamed.clone();
                 async move {
                     match streamed {
-                        None => self
-                            .unary_client(&addr)
-                            .await?
-                            .session_query_auth_key(request)
-                            .await
-                            .map(|r| r.into_inner())
-                            .map_err(|s| classify_status(&s)),
+                        None => {
+                            self.unary(&addr)
+                                .await?
+                                .call::<pb::AuthKeyInfo>(unary_link::QUERY_AUTH_KEY, &request)
+                                .await
+                        }
                         Some(body) => match self.stream_call(&addr, body).await? {
                             StreamResponse::AuthKey(info) => Ok(info),
                             _ => Err(Failure::Fatal("ack for queryAuthKey".into())),
@@ -418,12 +384,11 @@ impl SessionService for RemoteSession {
             .route(key.info.id(), "session_setAuthKey", |addr| {
                 let request = request.clone();
                 async move {
-                    self.unary_client(&addr)
+                    self.unary(&addr)
                         .await?
-                        .session_set_auth_key(request)
+                        .call::<pb::Bool>(unary_link::SET_AUTH_KEY, &request)
                         .await
-                        .map(|r| r.into_inner().value())
-                        .map_err(|s| classify_status(&s))
+                        .map(|answer| answer.value())
                 }
             })
             .await?;
@@ -443,23 +408,16 @@ impl SessionService for RemoteSession {
             data: Some(data_to_proto(data)),
         };
         match self.settings.mode {
-            // Boxed: tonic's call state is kilobytes, and inline it would
-            // size every stream-mode message's future too.
             Mode::Unary => {
-                Box::pin(self.route(ring_key, METHOD, |addr| {
-                    let request = request.clone();
-                    async move {
-                        let ok = self
-                            .unary_client(&addr)
-                            .await?
-                            .session_send_data_to_session(request)
-                            .await
-                            .map_err(|s| classify_status(&s))?
-                            .into_inner()
-                            .value();
-                        bool_or_stream_ack(ok)
-                    }
-                }))
+                let request = &request;
+                self.route(ring_key, METHOD, |addr| async move {
+                    let answer = self
+                        .unary(&addr)
+                        .await?
+                        .call::<pb::Bool>(unary_link::SEND_DATA, request)
+                        .await?;
+                    bool_or_stream_ack(answer.value())
+                })
                 .await
             }
             Mode::Stream => {
@@ -491,12 +449,11 @@ impl SessionService for RemoteSession {
             async move {
                 match streamed {
                     None => self
-                        .unary_client(&addr)
+                        .unary(&addr)
                         .await?
-                        .session_close_session(request)
+                        .call::<pb::Bool>(unary_link::CLOSE_SESSION, &request)
                         .await
-                        .map(|_| ())
-                        .map_err(|s| classify_status(&s)),
+                        .map(|_| ()),
                     Some(body) => self.stream_call(&addr, body).await.map(|_| ()),
                 }
             }
@@ -616,10 +573,6 @@ mod tests {
         assert!(matches!(
             classify(None, Code::Internal, "x"),
             Failure::Fatal(_)
-        ));
-        assert!(matches!(
-            classify(None, Code::Unknown, "transport error"),
-            Failure::Transient(_)
         ));
         assert!(matches!(
             classify(None, Code::Unknown, "boom"),

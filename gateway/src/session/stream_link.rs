@@ -18,24 +18,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use h2::client::{Connection, ResponseFuture};
 use h2::{RecvStream, SendStream};
-use hyper::{HeaderMap, Request, StatusCode};
+use hyper::StatusCode;
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request, session_stream_response::Payload,
 };
-use mtproto_session::tls::{connect_tls, TlsFiles};
+use mtproto_session::tls::TlsFiles;
 use prost::Message;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::either::Either;
-use tonic::Code;
 use tracing::debug;
 
-use super::remote::{classify, Failure};
+use super::grpc_h2::{self, broken, grpc_status, next_message, unavailable, Io, PREFIX};
+use super::remote::Failure;
 
 const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
 /// Calls queued for the link task before callers wait (back-pressure).
@@ -48,10 +46,6 @@ const MAX_WAITING: usize = 4096;
 /// Framed bytes held while the peer's window is shut before the link takes
 /// no more calls.
 const MAX_OUT: usize = 256 << 10;
-/// The largest answer accepted (tonic's default decoding limit).
-const MAX_ANSWER: usize = 4 << 20;
-/// gRPC's message prefix: a compression flag and a big-endian length.
-const PREFIX: usize = 5;
 
 /// The answer to one call, or why there is none.
 pub(super) type Answer = Result<Payload, Failure>;
@@ -91,40 +85,21 @@ impl StreamLink {
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,
     ) -> Result<Self, Failure> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            Failure::Transient(format!("Unavailable: session {addr}: {e}"))
-        };
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        tcp.set_nodelay(true).map_err(|e| unavailable(&e))?;
-        let io: Io = match tls {
-            Some(tls) => Either::Right(Box::new(
-                connect_tls(tls, tcp).await.map_err(|e| unavailable(&e))?,
-            )),
-            None => Either::Left(tcp),
-        };
-        let (mut client, mut connection) = h2::client::Builder::new()
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let request = Request::post(format!("{scheme}://{addr}{PATH}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))?;
+        let (mut client, mut connection) = grpc_h2::connect(addr, tls).await?;
+        let request = grpc_h2::request(tls.is_some(), addr, PATH)?;
         // The connection is polled meanwhile, so the peer's settings are read.
         poll_fn(|cx| {
             if let Poll::Ready(ended) = connection.poll_unpin(cx) {
-                return Poll::Ready(Err(ended.err().map_or_else(closed, |e| unavailable(&e))));
+                return Poll::Ready(Err(ended
+                    .err()
+                    .map_or_else(closed, |e| unavailable(addr, &e))));
             }
-            client.poll_ready(cx).map_err(|e| unavailable(&e))
+            client.poll_ready(cx).map_err(|e| unavailable(addr, &e))
         })
         .await?;
         let (response, send) = client
             .send_request(request, false)
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| unavailable(addr, &e))?;
         let (calls, queue) = mpsc::channel(QUEUE);
         tokio::spawn(Link::new(connection, send, response, queue, deadline).run());
         Ok(Self { calls })
@@ -166,14 +141,6 @@ pub(super) fn encode_request(payload: session_stream_request::Payload) -> Bytes 
 fn closed() -> Failure {
     Failure::Transient("session stream closed".into())
 }
-
-/// The failure of a broken HTTP/2 connection or stream.
-fn broken(e: h2::Error) -> Failure {
-    Failure::Transient(format!("Unavailable: {e}"))
-}
-
-/// The connection to a session, plain or TLS.
-type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// A call sent and not yet answered.
 struct Waiting {
@@ -343,8 +310,9 @@ impl Link {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e))),
                     Poll::Ready(Ok(response)) => response,
                 };
-                if let Some(failure) = status_failure(response.headers()) {
-                    return Poll::Ready(Err(failure));
+                if let Some(status) = grpc_status(response.headers()) {
+                    // Trailers-only: the call is over before it started.
+                    return Poll::Ready(Err(status.err().unwrap_or_else(closed)));
                 }
                 if response.status() != StatusCode::OK {
                     return Poll::Ready(Err(Failure::Transient(format!(
@@ -366,7 +334,10 @@ impl Link {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Err(broken(e))),
             Poll::Ready(None) => Poll::Ready(Err(match recv.poll_trailers(cx) {
-                Poll::Ready(Ok(Some(trailers))) => status_failure(&trailers).unwrap_or_else(closed),
+                Poll::Ready(Ok(Some(trailers))) => match grpc_status(&trailers) {
+                    Some(Err(failure)) => failure,
+                    _ => closed(),
+                },
                 _ => closed(),
             })),
         }
@@ -413,67 +384,12 @@ fn frame_request(out: &mut BytesMut, id: u64, body: &[u8]) {
     out.put_slice(body);
 }
 
-/// Splits the next complete gRPC message off `input`.
-fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
-    if input.len() < PREFIX {
-        return Ok(None);
-    }
-    if input[0] != 0 {
-        return Err(Failure::Fatal(
-            "session sent a compressed answer, which was not offered".into(),
-        ));
-    }
-    let len = u32::from_be_bytes([input[1], input[2], input[3], input[4]]) as usize;
-    if len > MAX_ANSWER {
-        return Err(Failure::Fatal(format!(
-            "session sent a {len}-byte answer (at most {MAX_ANSWER})"
-        )));
-    }
-    if input.len() < PREFIX + len {
-        input.reserve(PREFIX + len - input.len());
-        return Ok(None);
-    }
-    input.advance(PREFIX);
-    Ok(Some(input.split_to(len).freeze()))
-}
-
-/// The failure a `grpc-status` header or trailer reports, if not OK. Read
-/// here rather than with tonic's `Status::from_header_map`, which keeps no
-/// number outside 0–16 (teamgram's 401 and 700) and panics on a malformed
-/// `grpc-status-details-bin`.
-fn status_failure(headers: &HeaderMap) -> Option<Failure> {
-    let code: u32 = headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    if code == 0 {
-        return None;
-    }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        // Percent-encoded, as gRPC over HTTP/2 sends it.
-        .map(|m| {
-            percent_encoding::percent_decode_str(m)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .unwrap_or_default();
-    Some(match i32::try_from(code) {
-        Ok(c @ 0..=16) => classify(None, Code::from(c), &message),
-        _ => classify(Some(code), Code::Unknown, &message),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::grpc_h2::tests::server;
     use mtproto_edge_proto::mtproto as pb;
     use session_stream_request::Payload as Request;
-    use tokio::net::TcpListener;
 
     fn query(auth_key_id: i64) -> Bytes {
         encode_request(Request::QueryAuthKey(spb::TlSessionQueryAuthKey {
@@ -487,15 +403,6 @@ mod tests {
             Some(Request::QueryAuthKey(q)) => q.auth_key_id,
             other => panic!("not a query: {other:?}"),
         }
-    }
-
-    fn framed(message: &impl Message) -> Bytes {
-        let body = message.encode_to_vec();
-        let mut out = BytesMut::new();
-        out.put_u8(0);
-        out.put_u32(body.len() as u32);
-        out.put_slice(&body);
-        out.freeze()
     }
 
     #[test]
@@ -526,66 +433,6 @@ mod tests {
         assert_eq!(ids, [(7, "1".into()), (8, "2".into())]);
     }
 
-    #[test]
-    fn compressed_and_oversized_answers_are_refused() {
-        let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 1, 0][..]);
-        assert!(matches!(
-            next_message(&mut compressed),
-            Err(Failure::Fatal(_))
-        ));
-        let mut oversized = BytesMut::new();
-        oversized.put_u8(0);
-        oversized.put_u32(MAX_ANSWER as u32 + 1);
-        assert!(matches!(
-            next_message(&mut oversized),
-            Err(Failure::Fatal(_))
-        ));
-    }
-
-    #[test]
-    fn grpc_status_maps_to_teamgram_meanings() {
-        let status = |code: &str, message: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("grpc-status", code.parse().expect("header"));
-            headers.insert("grpc-message", message.parse().expect("header"));
-            status_failure(&headers)
-        };
-        assert_eq!(status("0", ""), None);
-        assert_eq!(
-            status("401", "AUTH_KEY_UNREGISTERED"),
-            Some(Failure::Unregistered)
-        );
-        assert_eq!(
-            status("700", "REDIRECT_TO_10.0.0.2%3A20450"),
-            Some(Failure::Redirect("10.0.0.2:20450".into()))
-        );
-        assert!(matches!(status("14", "gone"), Some(Failure::Transient(_))));
-        assert!(matches!(
-            status("12", "unimplemented"),
-            Some(Failure::Fatal(_))
-        ));
-    }
-
-    /// A raw HTTP/2 server on loopback taking one call: `serve` gets the
-    /// request body and the way to answer.
-    async fn server<F, Fut>(serve: F) -> String
-    where
-        F: FnOnce(RecvStream, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
-            let (request, respond) = connection.accept().await.expect("a call").expect("ok");
-            assert_eq!(request.uri().path(), PATH);
-            tokio::spawn(async move { poll_fn(|cx| connection.poll_closed(cx)).await });
-            serve(request.into_body(), respond).await;
-        });
-        addr
-    }
-
     /// The next `n` requests of a call's body.
     async fn read_requests(body: &mut RecvStream, n: usize) -> Vec<spb::SessionStreamRequest> {
         let (mut input, mut requests) = (BytesMut::new(), Vec::new());
@@ -610,7 +457,7 @@ mod tests {
     #[tokio::test]
     async fn answers_in_any_order_reach_their_callers() {
         const CALLS: i64 = 50;
-        let addr = server(|mut body, mut respond| async move {
+        let addr = server(PATH, |mut body, mut respond| async move {
             let requests = read_requests(&mut body, CALLS as usize).await;
             let mut answers = respond.send_response(ok_headers(), false).expect("headers");
             for request in requests.iter().rev() {
@@ -621,7 +468,9 @@ mod tests {
                         ..Default::default()
                     })),
                 };
-                answers.send_data(framed(&answer), false).expect("send");
+                answers
+                    .send_data(grpc_h2::frame(&answer), false)
+                    .expect("send");
             }
             std::future::pending::<()>().await;
         })
@@ -640,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unanswered_call_ends_the_link_after_the_deadline() {
-        let addr = server(|mut body, mut respond| async move {
+        let addr = server(PATH, |mut body, mut respond| async move {
             read_requests(&mut body, 1).await;
             let _answers = respond.send_response(ok_headers(), false).expect("headers");
             std::future::pending::<()>().await;
@@ -661,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_call_fails_its_callers_with_the_status() {
-        let addr = server(|_body, mut respond| async move {
+        let addr = server(PATH, |_body, mut respond| async move {
             let refusal = hyper::Response::builder()
                 .header("content-type", "application/grpc")
                 .header("grpc-status", "12")

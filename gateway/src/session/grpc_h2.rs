@@ -1,0 +1,233 @@
+//! What the gateway's two session clients share, both gRPC on HTTP/2
+//! driven directly (`unary_link`, `stream_link`): the connection, gRPC's
+//! message framing, and how a `grpc-status` is read.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use h2::client::{Connection, SendRequest};
+use hyper::{HeaderMap, Request};
+use mtproto_session::tls::{connect_tls, TlsFiles};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
+use tonic::Code;
+
+use super::remote::{classify, Failure};
+
+/// gRPC's message prefix: a compression flag and a 4-byte length.
+pub(super) const PREFIX: usize = 5;
+/// The largest answer accepted.
+pub(super) const MAX_ANSWER: usize = 4 << 20;
+
+/// The connection to a session, plain or TLS.
+pub(super) type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// The failure of a session that cannot be reached.
+pub(super) fn unavailable(addr: &str, e: &dyn std::fmt::Display) -> Failure {
+    Failure::Transient(format!("Unavailable: session {addr}: {e}"))
+}
+
+/// The failure of a broken HTTP/2 connection or stream.
+pub(super) fn broken(e: h2::Error) -> Failure {
+    Failure::Transient(format!("Unavailable: {e}"))
+}
+
+/// Connects to `addr` (with mutual TLS when `tls` is set) and makes the
+/// HTTP/2 handshake. The caller drives the returned connection.
+pub(super) async fn connect(
+    addr: &str,
+    tls: Option<&Arc<TlsFiles>>,
+) -> Result<(SendRequest<Bytes>, Connection<Io, Bytes>), Failure> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| unavailable(addr, &e))?;
+    tcp.set_nodelay(true).map_err(|e| unavailable(addr, &e))?;
+    let io: Io = match tls {
+        Some(tls) => Either::Right(Box::new(
+            connect_tls(tls, tcp)
+                .await
+                .map_err(|e| unavailable(addr, &e))?,
+        )),
+        None => Either::Left(tcp),
+    };
+    h2::client::Builder::new()
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| unavailable(addr, &e))
+}
+
+/// The headers of a gRPC call to `path` on `addr`.
+pub(super) fn request(tls: bool, addr: &str, path: &str) -> Result<Request<()>, Failure> {
+    let scheme = if tls { "https" } else { "http" };
+    Request::post(format!("{scheme}://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))
+}
+
+/// One message, framed for gRPC (uncompressed).
+pub(super) fn frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(PREFIX + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    message
+        .encode(&mut out)
+        .expect("the buffer was reserved for the message");
+    out.freeze()
+}
+
+/// Splits the next complete gRPC message off `input`.
+pub(super) fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
+    if input.len() < PREFIX {
+        return Ok(None);
+    }
+    if input[0] != 0 {
+        return Err(Failure::Fatal(
+            "session sent a compressed answer, which was not offered".into(),
+        ));
+    }
+    let len = u32::from_be_bytes([input[1], input[2], input[3], input[4]]) as usize;
+    if len > MAX_ANSWER {
+        return Err(Failure::Fatal(format!(
+            "session sent a {len}-byte answer (at most {MAX_ANSWER})"
+        )));
+    }
+    if input.len() < PREFIX + len {
+        input.reserve(PREFIX + len - input.len());
+        return Ok(None);
+    }
+    input.advance(PREFIX);
+    Ok(Some(input.split_to(len).freeze()))
+}
+
+/// The `grpc-status` of a header or trailer block: `None` without one,
+/// `Some(Ok(()))` for OK, else the failure it reports. Read here rather
+/// than with tonic's `Status::from_header_map`, which keeps no number
+/// outside 0–16 (teamgram's 401 and 700) and panics on a malformed
+/// `grpc-status-details-bin`.
+pub(super) fn grpc_status(headers: &HeaderMap) -> Option<Result<(), Failure>> {
+    let value = headers.get("grpc-status")?;
+    let Some(code) = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    else {
+        return Some(Err(Failure::Fatal(format!(
+            "session sent an unreadable grpc-status {value:?}"
+        ))));
+    };
+    if code == 0 {
+        return Some(Ok(()));
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        // Percent-encoded, as gRPC over HTTP/2 sends it.
+        .map(|m| {
+            percent_encoding::percent_decode_str(m)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    Some(Err(match i32::try_from(code) {
+        Ok(c @ 0..=16) => classify(None, Code::from(c), &message),
+        _ => classify(Some(code), Code::Unknown, &message),
+    }))
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    use h2::RecvStream;
+    use hyper::header::HeaderValue;
+    use mtproto_edge_proto::mtproto as pb;
+    use tokio::net::TcpListener;
+
+    /// A raw HTTP/2 server on loopback taking one call: `serve` gets the
+    /// request body and the way to answer.
+    pub(in crate::session) async fn server<F, Fut>(path: &'static str, serve: F) -> String
+    where
+        F: FnOnce(RecvStream, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+            let (request, respond) = connection.accept().await.expect("a call").expect("ok");
+            assert_eq!(request.uri().path(), path);
+            tokio::spawn(async move { poll_fn(|cx| connection.poll_closed(cx)).await });
+            serve(request.into_body(), respond).await;
+        });
+        addr
+    }
+
+    #[test]
+    fn answers_are_split_off_only_when_complete() {
+        let framed = frame(&pb::Bool::from_bool(true));
+        let mut input = BytesMut::new();
+        for (i, byte) in framed.iter().enumerate() {
+            input.put_u8(*byte);
+            let got = next_message(&mut input).unwrap();
+            assert_eq!(
+                got.is_some(),
+                i == framed.len() - 1,
+                "after {} bytes",
+                i + 1
+            );
+            if let Some(message) = got {
+                assert!(pb::Bool::decode(message).unwrap().value());
+            }
+        }
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn compressed_and_oversized_answers_are_refused() {
+        let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            next_message(&mut compressed),
+            Err(Failure::Fatal(_))
+        ));
+        let mut oversized = BytesMut::new();
+        oversized.put_u8(0);
+        oversized.put_u32(MAX_ANSWER as u32 + 1);
+        assert!(matches!(
+            next_message(&mut oversized),
+            Err(Failure::Fatal(_))
+        ));
+    }
+
+    #[test]
+    fn grpc_status_maps_to_teamgram_meanings() {
+        let status = |code: &'static str, message: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-status", HeaderValue::from_static(code));
+            headers.insert("grpc-message", HeaderValue::from_static(message));
+            grpc_status(&headers)
+        };
+        assert_eq!(grpc_status(&HeaderMap::new()), None);
+        assert_eq!(status("0", ""), Some(Ok(())));
+        assert_eq!(
+            status("401", "AUTH_KEY_UNREGISTERED"),
+            Some(Err(Failure::Unregistered))
+        );
+        assert_eq!(
+            status("700", "REDIRECT_TO_10.0.0.7%3A20450"),
+            Some(Err(Failure::Redirect("10.0.0.7:20450".into())))
+        );
+        assert!(matches!(
+            status("14", "gone"),
+            Some(Err(Failure::Transient(_)))
+        ));
+        assert!(matches!(status("3", "bad"), Some(Err(Failure::Fatal(_)))));
+        assert!(matches!(status("500", "oops"), Some(Err(Failure::Fatal(m))) if m.contains("500")));
+        assert!(matches!(status("x", ""), Some(Err(Failure::Fatal(_)))));
+    }
+}
