@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::client::{Connection, SendRequest};
-use hyper::{HeaderMap, Request};
+use hyper::header::{HeaderValue, CONTENT_TYPE, TE};
+use hyper::http::uri::{self, Authority, PathAndQuery, Scheme};
+use hyper::{HeaderMap, Method, Request, Uri};
 use mtproto_session::tls::{connect_tls, TlsFiles};
 use prost::Message;
 use tokio::net::TcpStream;
@@ -19,6 +21,14 @@ use super::remote::{classify, Failure};
 pub(super) const PREFIX: usize = 5;
 /// The largest answer accepted.
 pub(super) const MAX_ANSWER: usize = 4 << 20;
+
+/// HTTP/2 receive windows, hyper's client defaults (which tonic used). The
+/// connection window also sets h2's budget for small DATA frames received
+/// and not yet read (half of it): each unary answer is one such frame until
+/// its caller's task reads it, so with h2's 64 KiB default a burst of a few
+/// hundred answers made h2 close the connection (`ENHANCE_YOUR_CALM`).
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 5 << 20;
 
 /// The connection to a session, plain or TLS.
 pub(super) type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
@@ -52,19 +62,43 @@ pub(super) async fn connect(
         None => Either::Left(tcp),
     };
     h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| unavailable(addr, &e))
 }
 
-/// The headers of a gRPC call to `path` on `addr`.
-pub(super) fn request(tls: bool, addr: &str, path: &str) -> Result<Request<()>, Failure> {
-    let scheme = if tls { "https" } else { "http" };
-    Request::post(format!("{scheme}://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))
+/// Where a link's calls go, parsed once, so that a call's URI is put
+/// together without formatting or parsing.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Target {
+    pub(super) fn new(tls: bool, addr: &str) -> Result<Self, Failure> {
+        let authority = Authority::try_from(addr)
+            .map_err(|e| Failure::Fatal(format!("session address {addr}: {e}")))?;
+        let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+        Ok(Self { scheme, authority })
+    }
+
+    /// The headers of a gRPC call to `path`.
+    pub(super) fn request(&self, path: &'static str) -> Request<()> {
+        let mut uri = uri::Parts::default();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(PathAndQuery::from_static(path));
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path are all set");
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        request
+    }
 }
 
 /// One message, framed for gRPC (uncompressed).
@@ -144,7 +178,6 @@ pub(super) mod tests {
     use std::future::poll_fn;
 
     use h2::RecvStream;
-    use hyper::header::HeaderValue;
     use mtproto_edge_proto::mtproto as pb;
     use tokio::net::TcpListener;
 

@@ -86,7 +86,7 @@ impl StreamLink {
         deadline: Duration,
     ) -> Result<Self, Failure> {
         let (mut client, mut connection) = grpc_h2::connect(addr, tls).await?;
-        let request = grpc_h2::request(tls.is_some(), addr, PATH)?;
+        let request = grpc_h2::Target::new(tls.is_some(), addr)?.request(PATH);
         // The connection is polled meanwhile, so the peer's settings are read.
         poll_fn(|cx| {
             if let Poll::Ready(ended) = connection.poll_unpin(cx) {

@@ -13,13 +13,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::RecvStream;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::StatusCode;
 use mtproto_session::tls::TlsFiles;
 use prost::Message;
+use tokio::sync::Semaphore;
 use tracing::debug;
 
-use super::grpc_h2::{self, broken, grpc_status, next_message};
+use super::grpc_h2::{self, broken, grpc_status, next_message, Target};
 use super::remote::Failure;
 
 pub(super) const QUERY_AUTH_KEY: &str = "/session.RPCSession/session_queryAuthKey";
@@ -27,16 +28,25 @@ pub(super) const SET_AUTH_KEY: &str = "/session.RPCSession/session_setAuthKey";
 pub(super) const SEND_DATA: &str = "/session.RPCSession/session_sendDataToSession";
 pub(super) const CLOSE_SESSION: &str = "/session.RPCSession/session_closeSession";
 
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// Calls in flight on one link; more wait for a turn (within their
+/// deadline). Each holds at most one small DATA frame that h2 buffers until
+/// the call reads it, and h2 closes a connection whose unread small frames
+/// pass its budget (half the connection window): 4,096 stay well under it.
+const MAX_IN_FLIGHT: usize = 4096;
+
 #[derive(Debug)]
 pub(super) struct UnaryLink {
     client: SendRequest<Bytes>,
     addr: String,
-    tls: bool,
+    target: Target,
     deadline: Duration,
     /// The deadline as gRPC's `grpc-timeout`, so the session can give up too.
     timeout_header: HeaderValue,
     /// Set when the connection has ended; the next call opens a new link.
     ended: Arc<AtomicBool>,
+    turns: Semaphore,
 }
 
 impl UnaryLink {
@@ -47,6 +57,7 @@ impl UnaryLink {
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,
     ) -> Result<Self, Failure> {
+        let target = Target::new(tls.is_some(), addr)?;
         let (client, connection) = tokio::time::timeout(deadline, grpc_h2::connect(addr, tls))
             .await
             .unwrap_or_else(|_| {
@@ -70,10 +81,11 @@ impl UnaryLink {
         Ok(Self {
             client,
             addr: addr.to_string(),
-            tls: tls.is_some(),
+            target,
             deadline,
             timeout_header,
             ended,
+            turns: Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -105,10 +117,11 @@ impl UnaryLink {
         path: &'static str,
         body: Bytes,
     ) -> Result<A, Failure> {
-        let mut request = grpc_h2::request(self.tls, &self.addr, path)?;
+        let _turn = self.turns.acquire().await.map_err(|_| closed())?;
+        let mut request = self.target.request(path);
         request
             .headers_mut()
-            .insert("grpc-timeout", self.timeout_header.clone());
+            .insert(GRPC_TIMEOUT, self.timeout_header.clone());
         let mut client = self.client.clone().ready().await.map_err(broken)?;
         let (response, mut send) = client.send_request(request, false).map_err(broken)?;
         send.send_data(body, true).map_err(broken)?;
@@ -141,6 +154,10 @@ impl UnaryLink {
             answer.ok_or_else(|| Failure::Fatal(format!("{path}: OK without an answer")))?;
         A::decode(answer).map_err(|e| Failure::Fatal(format!("{path}: undecodable answer: {e}")))
     }
+}
+
+fn closed() -> Failure {
+    Failure::Transient("session link closed".into())
 }
 
 /// The body of a unary call: at most one message.
