@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 use crate::embedded::EmbeddedSession;
 use crate::ring::Ring;
 use crate::status::{
-    teamgram_status, ExposeRawStatus, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE,
+    teamgram_status, DropStatusDetails, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE,
 };
 use crate::tls::{Connector, Peer, TlsFiles};
 use crate::wire::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
@@ -483,7 +483,7 @@ async fn run_link(
             server_id,
             "the gateway serves no delivery stream; using unary calls"
         );
-        let client = RpcGatewayClient::new(ExposeRawStatus(channel));
+        let client = RpcGatewayClient::new(DropStatusDetails(channel));
         unary_link(&server_id, client, first, queue).await;
     }
 }
@@ -511,8 +511,7 @@ async fn stream_link(
     timeout: Duration,
     queue: &mut mpsc::Receiver<Delivery>,
 ) -> Option<Delivery> {
-    // Wrapped so that a status tonic cannot parse never reaches it (see `status`).
-    let mut client = RpcGatewayStreamClient::new(ExposeRawStatus(channel));
+    let mut client = RpcGatewayStreamClient::new(DropStatusDetails(channel));
     let mut request_id = 0u64;
     loop {
         let first = next_reply(queue).await?;
@@ -586,7 +585,7 @@ async fn stream_link(
 /// in queue order.
 async fn unary_link(
     server_id: &str,
-    client: RpcGatewayClient<ExposeRawStatus<Channel>>,
+    client: RpcGatewayClient<DropStatusDetails<Channel>>,
     first: Delivery,
     mut queue: mpsc::Receiver<Delivery>,
 ) {

@@ -7,22 +7,20 @@
 //!   as `Code::Unknown` plus a private header through tonic, and serves its
 //!   unary service wrapped in [`TeamgramStatus`], which moves that header into
 //!   the `grpc-status` of the (trailers-only) error response;
-//! - the gateway side wraps its channel in [`ExposeRawStatus`], which copies a
-//!   `grpc-status` outside 0–16 into [`RAW_STATUS`] before tonic parses it
-//!   (tonic would map it to `Unknown` and drop the number), so
-//!   [`raw_status`] reads the number from the `Status`'s metadata. It also
-//!   drops `grpc-status-details-bin`: the gateway never reads status details,
-//!   and tonic panics on one that is not base64 (`Status::from_header_map`),
-//!   which would let a session end the calling connection's task. The
-//!   session's client of the gateway's reverse path is wrapped too, for that
-//!   second reason.
+//! - the gateway reads `grpc-status` itself (its session clients drive
+//!   HTTP/2 directly), so the numbers reach it as sent.
+//!
+//! The session's tonic client of the gateway's reverse path is wrapped in
+//! [`DropStatusDetails`]: tonic panics on a `grpc-status-details-bin` that is
+//! not base64 (`Status::from_header_map`), which would let a gateway end the
+//! session's delivery task, and nothing here reads status details.
 
 use std::task::{Context, Poll};
 
 use futures::future::{MapOk, TryFutureExt};
 use http_body_util::BodyExt;
 use tonic::body::Body;
-use tonic::codegen::http::{self, HeaderMap, HeaderValue};
+use tonic::codegen::http;
 use tonic::codegen::Service;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::NamedService;
@@ -36,8 +34,6 @@ pub const REDIRECT_CODE: u16 = 700;
 /// The header a session-side status carries its teamgram code in until
 /// [`TeamgramStatus`] turns it into `grpc-status`.
 const STATUS_MARKER: &str = "x-teamgram-grpc-status";
-/// The header [`ExposeRawStatus`] copies a non-standard `grpc-status` into.
-pub const RAW_STATUS: &str = "x-raw-grpc-status";
 const GRPC_STATUS: &str = "grpc-status";
 const GRPC_STATUS_DETAILS: &str = "grpc-status-details-bin";
 
@@ -47,18 +43,6 @@ pub fn teamgram_status(code: u16, message: impl Into<String>) -> Status {
     let mut metadata = MetadataMap::new();
     metadata.insert(STATUS_MARKER, MetadataValue::from(code));
     Status::with_metadata(Code::Unknown, message, metadata)
-}
-
-/// The numeric `grpc-status` of a status received through [`ExposeRawStatus`]
-/// when it was outside gRPC's 0–16.
-pub fn raw_status(status: &Status) -> Option<u32> {
-    status
-        .metadata()
-        .get(RAW_STATUS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Session side: a tonic service whose error responses carry the codes of
@@ -103,13 +87,13 @@ fn raise_status<B>(mut response: http::Response<B>) -> http::Response<B> {
     response
 }
 
-/// Gateway side: a channel that keeps non-standard `grpc-status` numbers
-/// readable with [`raw_status`], from trailers-only responses (how grpc-go
-/// fails a unary call) and from trailers after a body alike.
+/// Client side: a channel whose responses reach tonic without
+/// `grpc-status-details-bin`, in trailers-only responses (how grpc-go fails
+/// a unary call) and in trailers after a body alike.
 #[derive(Debug, Clone)]
-pub struct ExposeRawStatus<S>(pub S);
+pub struct DropStatusDetails<S>(pub S);
 
-impl<S> Service<http::Request<Body>> for ExposeRawStatus<S>
+impl<S> Service<http::Request<Body>> for DropStatusDetails<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
@@ -124,46 +108,30 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         self.0
             .call(request)
-            .map_ok(expose_raw_status as MapResponse<Body>)
+            .map_ok(drop_status_details as MapResponse<Body>)
     }
 }
 
-fn expose_raw_status(response: http::Response<Body>) -> http::Response<Body> {
+fn drop_status_details(response: http::Response<Body>) -> http::Response<Body> {
     let (mut parts, body) = response.into_parts();
     if parts.headers.contains_key(GRPC_STATUS) {
         // Trailers-only: the status is here and the body is empty.
-        expose_status(&mut parts.headers);
+        parts.headers.remove(GRPC_STATUS_DETAILS);
         return http::Response::from_parts(parts, body);
     }
     let body = body.map_frame(|mut frame| {
         if let Some(trailers) = frame.trailers_mut() {
-            expose_status(trailers);
+            trailers.remove(GRPC_STATUS_DETAILS);
         }
         frame
     });
     http::Response::from_parts(parts, Body::new(body))
 }
 
-/// Prepares a status block (headers or trailers) for tonic's parser.
-fn expose_status(headers: &mut HeaderMap) {
-    headers.remove(GRPC_STATUS_DETAILS);
-    copy_raw_status(headers);
-}
-
-fn copy_raw_status(headers: &mut HeaderMap) {
-    let raw = headers
-        .get(GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|code| *code > 16);
-    if let Some(code) = raw {
-        headers.insert(RAW_STATUS, HeaderValue::from(code));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::codegen::http::{HeaderMap, HeaderValue};
 
     #[test]
     fn the_marker_becomes_the_grpc_status_of_an_error_response() {
@@ -174,31 +142,6 @@ mod tests {
         assert_eq!(response.headers()[GRPC_STATUS], "401");
         assert_eq!(response.headers()["grpc-message"], "AUTH_KEY_UNREGISTERED");
         assert!(!response.headers().contains_key(STATUS_MARKER));
-    }
-
-    #[test]
-    fn only_non_standard_codes_are_copied() {
-        for (wire, copied) in [("700", Some("700")), ("14", None), ("2", None), ("x", None)] {
-            let mut headers = HeaderMap::new();
-            headers.insert(GRPC_STATUS, HeaderValue::from_static(wire));
-            copy_raw_status(&mut headers);
-            assert_eq!(
-                headers.get(RAW_STATUS).and_then(|v| v.to_str().ok()),
-                copied,
-                "{wire}"
-            );
-        }
-        let status = Status::from_header_map(&{
-            let mut h = HeaderMap::new();
-            h.insert(GRPC_STATUS, HeaderValue::from_static("401"));
-            copy_raw_status(&mut h);
-            h
-        })
-        .expect("a status");
-        assert_eq!(
-            (status.code(), raw_status(&status)),
-            (Code::Unknown, Some(401))
-        );
     }
 
     /// A status block whose details are not base64, as a hostile or broken
@@ -220,7 +163,7 @@ mod tests {
 
         let mut trailers_only = http::Response::new(Body::empty());
         *trailers_only.headers_mut() = bad_details();
-        let exposed = expose_raw_status(trailers_only);
+        let exposed = drop_status_details(trailers_only);
         let status = Status::from_header_map(exposed.headers()).expect("a status");
         assert_eq!(status.code(), Code::Internal);
         assert!(status.details().is_empty());
@@ -235,7 +178,7 @@ mod tests {
             Ok(http_body::Frame::trailers(bad_details())),
         ]);
         let response = http::Response::new(Body::new(http_body_util::StreamBody::new(frames)));
-        let body = expose_raw_status(response).into_body();
+        let body = drop_status_details(response).into_body();
         let trailers = body
             .collect()
             .await
