@@ -2,6 +2,7 @@
 //! client of remote session services, and key lookups through a session.
 
 mod grpc_h2;
+mod links;
 pub mod remote;
 mod stream_link;
 mod unary_link;

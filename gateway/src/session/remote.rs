@@ -6,8 +6,7 @@
 //! transient errors are retried with backoff, and a node is never evicted
 //! because of a blip.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +19,7 @@ use mtproto_edge_proto::session::{
 use tonic::Code;
 use tracing::{debug, warn};
 
+use super::links::Links;
 use super::stream_link::{encode_request, StreamLink};
 use super::unary_link::{self, UnaryLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
@@ -110,8 +110,8 @@ fn classify_stream_error(code: i32, message: &str) -> Failure {
 pub struct RemoteSession {
     ring: RwLock<Ring>,
     settings: RemoteSettings,
-    unary_links: Mutex<HashMap<String, Arc<UnaryLink>>>,
-    streams: Mutex<HashMap<String, Arc<StreamLink>>>,
+    unary_links: Links<UnaryLink>,
+    streams: Links<StreamLink>,
     metrics: SessionRpcMetrics,
     /// Sessions are dialled with mutual TLS when set.
     tls: Option<Arc<TlsFiles>>,
@@ -128,8 +128,8 @@ impl RemoteSession {
         Self {
             ring: RwLock::new(Ring::new(members)),
             settings,
-            unary_links: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
+            unary_links: Links::new(UnaryLink::is_closed),
+            streams: Links::new(StreamLink::is_closed),
             metrics,
             tls: None,
             members_only: false,
@@ -179,14 +179,32 @@ impl RemoteSession {
 
     /// The open unary link to `addr`, opened if needed.
     async fn unary(&self, addr: &str) -> Result<Arc<UnaryLink>, Failure> {
-        let opening = UnaryLink::open(addr, self.tls.as_ref(), self.settings.call_timeout);
-        live_link(&self.unary_links, addr, UnaryLink::is_closed, opening).await
+        self.unary_links
+            .get(addr, || {
+                let (addr, tls, deadline) = self.link_target(addr);
+                async move { UnaryLink::open(&addr, tls.as_ref(), deadline).await }
+            })
+            .await
     }
 
     /// The open stream to `addr`, opened if needed.
     async fn stream(&self, addr: &str) -> Result<Arc<StreamLink>, Failure> {
-        let opening = StreamLink::open(addr, self.tls.as_ref(), self.settings.call_timeout);
-        live_link(&self.streams, addr, StreamLink::is_closed, opening).await
+        self.streams
+            .get(addr, || {
+                let (addr, tls, deadline) = self.link_target(addr);
+                async move { StreamLink::open(&addr, tls.as_ref(), deadline).await }
+            })
+            .await
+    }
+
+    /// What opening a link to `addr` needs, owned (the opening outlives its
+    /// first caller when others wait for it too).
+    fn link_target(&self, addr: &str) -> (String, Option<Arc<TlsFiles>>, Duration) {
+        (
+            addr.to_string(),
+            self.tls.clone(),
+            self.settings.call_timeout,
+        )
     }
 
     /// One request (encoded by [`encode_request`]) over the stream to
@@ -296,32 +314,6 @@ impl RemoteSession {
             }
         }
     }
-}
-
-/// The live link to `addr` in `links`, else a new one from `opening`. The
-/// map is not locked while a link opens, so one unreachable member does not
-/// hold up calls to the others; when two callers open at once, the first
-/// stored wins.
-async fn live_link<L>(
-    links: &Mutex<HashMap<String, Arc<L>>>,
-    addr: &str,
-    is_closed: fn(&L) -> bool,
-    opening: impl std::future::Future<Output = Result<L, Failure>>,
-) -> Result<Arc<L>, Failure> {
-    let live = |links: &HashMap<String, Arc<L>>| links.get(addr).filter(|l| !is_closed(l)).cloned();
-    let lock = || links.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(link) = live(&lock()) {
-        return Ok(link);
-    }
-    // Boxed: opening is rare, and inline its state would make every call's
-    // future kilobytes larger (an allocation glibc serves slowly).
-    let link = Arc::new(Box::pin(opening).await?);
-    let mut links = lock();
-    if let Some(existing) = live(&links) {
-        return Ok(existing);
-    }
-    links.insert(addr.to_string(), link.clone());
-    Ok(link)
 }
 
 fn bool_or_stream_ack(value: bool) -> Result<(), Failure> {
@@ -480,6 +472,7 @@ mod tests {
     }
 
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
 
     #[tokio::test]
     async fn a_redirect_bounce_backs_off_and_starts_again_from_the_ring() {

@@ -1,0 +1,157 @@
+//! A remote session client's links by session address. Each link is opened
+//! by one attempt however many callers need it at that moment: when a
+//! session restarts, the messages waiting for it share one connection
+//! attempt instead of each opening a connection of its own.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+
+use super::remote::Failure;
+
+type Opening<L> = Shared<BoxFuture<'static, Result<Arc<L>, Failure>>>;
+
+pub(super) struct Links<L> {
+    live: Mutex<HashMap<String, Arc<L>>>,
+    /// Links being opened, each awaited by every caller that needs it.
+    opening: Mutex<HashMap<String, Opening<L>>>,
+    is_closed: fn(&L) -> bool,
+}
+
+impl<L> std::fmt::Debug for Links<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("live", &lock(&self.live).keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<L: Send + Sync + 'static> Links<L> {
+    pub(super) fn new(is_closed: fn(&L) -> bool) -> Self {
+        Self {
+            live: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            is_closed,
+        }
+    }
+
+    /// The live link to `addr`, else the one being opened, else a new one
+    /// from `open`. Nothing is locked while a link opens, so one unreachable
+    /// member does not hold up calls to the others.
+    pub(super) async fn get<F>(
+        &self,
+        addr: &str,
+        open: impl FnOnce() -> F,
+    ) -> Result<Arc<L>, Failure>
+    where
+        F: Future<Output = Result<L, Failure>> + Send + 'static,
+    {
+        if let Some(link) = self.live(addr) {
+            return Ok(link);
+        }
+        let opening = {
+            // Locked in this order (opening, then live) everywhere.
+            let mut opening = lock(&self.opening);
+            if let Some(link) = self.live(addr) {
+                return Ok(link);
+            }
+            opening
+                .entry(addr.to_string())
+                .or_insert_with(|| open().map(|opened| opened.map(Arc::new)).boxed().shared())
+                .clone()
+        };
+        let opened = opening.clone().await;
+        let mut pending = lock(&self.opening);
+        if pending.get(addr).is_some_and(|o| o.ptr_eq(&opening)) {
+            pending.remove(addr);
+            if let Ok(link) = &opened {
+                lock(&self.live).insert(addr.to_string(), link.clone());
+            }
+        }
+        opened
+    }
+
+    fn live(&self, addr: &str) -> Option<Arc<L>> {
+        lock(&self.live)
+            .get(addr)
+            .filter(|link| !(self.is_closed)(link))
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    struct Link(AtomicBool);
+
+    fn closed(link: &Link) -> bool {
+        link.0.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn callers_at_once_share_one_opening_and_a_closed_link_is_replaced() {
+        let links = Arc::new(Links::new(closed));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let open = |opened: Arc<AtomicUsize>| {
+            move || async move {
+                opened.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Link(AtomicBool::new(false)))
+            }
+        };
+        let callers: Vec<_> = (0..100)
+            .map(|_| {
+                let (links, opened) = (links.clone(), opened.clone());
+                tokio::spawn(async move { links.get("a:1", open(opened)).await })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for caller in callers {
+            got.push(caller.await.unwrap().unwrap_or_else(|_| panic!("opened")));
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert!(got.iter().all(|link| Arc::ptr_eq(link, &got[0])));
+
+        got[0].0.store(true, Ordering::SeqCst);
+        let fresh = links
+            .get("a:1", open(opened.clone()))
+            .await
+            .unwrap_or_else(|_| panic!());
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        assert!(!Arc::ptr_eq(&fresh, &got[0]));
+    }
+
+    #[tokio::test]
+    async fn a_failed_opening_fails_its_waiters_once_and_the_next_caller_tries_again() {
+        let links = Arc::new(Links::<Link>::new(closed));
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let failing = |attempts: Arc<AtomicUsize>| {
+            move || async move {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(Failure::Transient("refused".into()))
+            }
+        };
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let (links, attempts) = (links.clone(), attempts.clone());
+                tokio::spawn(async move { links.get("a:1", failing(attempts)).await.is_err() })
+            })
+            .collect();
+        for caller in callers {
+            assert!(caller.await.unwrap());
+        }
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        assert!(links.get("a:1", failing(attempts.clone())).await.is_err());
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+}
