@@ -205,6 +205,15 @@ mod tests {
             .expect("connects")
     }
 
+    /// How a query to the server at `addr` fails.
+    async fn query_failure(addr: &str) -> Failure {
+        link(addr)
+            .await
+            .call::<pb::Bool>(QUERY_AUTH_KEY, &query())
+            .await
+            .unwrap_err()
+    }
+
     fn headers(grpc_status: Option<&'static str>) -> hyper::Response<()> {
         let mut response = hyper::Response::builder().header("content-type", "application/grpc");
         if let Some(code) = grpc_status {
@@ -256,12 +265,10 @@ mod tests {
             respond.send_response(refusal, true).expect("headers");
         })
         .await;
-        let failure = link(&addr)
-            .await
-            .call::<pb::Bool>(QUERY_AUTH_KEY, &query())
-            .await
-            .unwrap_err();
-        assert_eq!(failure, Failure::Redirect("10.1.2.3:20450".into()));
+        assert_eq!(
+            query_failure(&addr).await,
+            Failure::Redirect("10.1.2.3:20450".into())
+        );
     }
 
     #[tokio::test]
@@ -284,11 +291,7 @@ mod tests {
                 send.send_trailers(trailers).expect("trailers");
             })
             .await;
-            let failure = link(&addr)
-                .await
-                .call::<pb::Bool>(QUERY_AUTH_KEY, &query())
-                .await
-                .unwrap_err();
+            let failure = query_failure(&addr).await;
             if expect_unregistered {
                 assert_eq!(failure, Failure::Unregistered);
             } else {
