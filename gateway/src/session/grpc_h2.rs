@@ -130,7 +130,8 @@ pub(super) fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failur
         )));
     }
     if input.len() < PREFIX + len {
-        input.reserve(PREFIX + len - input.len());
+        // Not reserved ahead: a declared length costs memory only as the
+        // bytes arrive (within the HTTP/2 windows).
         return Ok(None);
     }
     input.advance(PREFIX);
