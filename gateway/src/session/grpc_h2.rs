@@ -2,7 +2,9 @@
 //! driven directly (`unary_link`, `stream_link`): the connection, gRPC's
 //! message framing, and how a `grpc-status` is read.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::client::{Connection, SendRequest};
@@ -41,6 +43,18 @@ pub(super) fn unavailable(addr: &str, e: &dyn std::fmt::Display) -> Failure {
 /// The failure of a broken HTTP/2 connection or stream.
 pub(super) fn broken(e: h2::Error) -> Failure {
     Failure::Transient(format!("Unavailable: {e}"))
+}
+
+/// Opening a link to `addr` within `deadline`: a session that does not
+/// complete it in time is unavailable.
+pub(super) async fn open_within<T>(
+    addr: &str,
+    deadline: Duration,
+    opening: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(deadline, opening)
+        .await
+        .unwrap_or_else(|_| Err(unavailable(addr, &"connecting timed out")))
 }
 
 /// Connects to `addr` (with mutual TLS when `tls` is set) and makes the

@@ -71,16 +71,10 @@ impl StreamLink {
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,
     ) -> Result<Self, Failure> {
-        tokio::time::timeout(deadline, Self::open_within(addr, tls, deadline))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Failure::Transient(format!(
-                    "Unavailable: session {addr}: connecting timed out"
-                )))
-            })
+        grpc_h2::open_within(addr, deadline, Self::start(addr, tls, deadline)).await
     }
 
-    async fn open_within(
+    async fn start(
         addr: &str,
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,

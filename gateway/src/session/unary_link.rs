@@ -58,13 +58,8 @@ impl UnaryLink {
         deadline: Duration,
     ) -> Result<Self, Failure> {
         let target = Target::new(tls.is_some(), addr)?;
-        let (client, connection) = tokio::time::timeout(deadline, grpc_h2::connect(addr, tls))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Failure::Transient(format!(
-                    "Unavailable: session {addr}: connecting timed out"
-                )))
-            })?;
+        let (client, connection) =
+            grpc_h2::open_within(addr, deadline, grpc_h2::connect(addr, tls)).await?;
         let ended = Arc::new(AtomicBool::new(false));
         tokio::spawn({
             let ended = ended.clone();
