@@ -24,20 +24,15 @@ pub struct SqlStore {
     name: String,
 }
 
-/// A new key's rows as one SQLite query (sqlx binds the arguments across its
-/// statements in order): one trip to sqlx's SQLite worker thread instead of
-/// six. Each trip wakes that thread and then the caller, which cost about 4%
-/// of an embedded handshake's CPU. MySQL prepares statements one at a time,
-/// so it keeps the step-by-step transaction.
-const SQLITE_INSERT_KEY: &str = "BEGIN IMMEDIATE; \
-     INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?); \
-     INSERT INTO auth_key_infos \
+/// A key's rows, one statement per table.
+const INSERT_AUTH_KEY: &str = "INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?)";
+const INSERT_AUTH_KEY_INFO: &str = "INSERT INTO auth_key_infos \
      (auth_key_id, auth_key_type, perm_auth_key_id, temp_auth_key_id, media_temp_auth_key_id) \
-     VALUES (?, ?, ?, ?, ?); \
-     INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?);";
-const SQLITE_INSERT_EXPIRY: &str =
-    "INSERT INTO mtproto_edge_auth_key_expiry (auth_key_id, expires_at) VALUES (?, ?);";
-const SQLITE_COMMIT: &str = "COMMIT;";
+     VALUES (?, ?, ?, ?, ?)";
+const INSERT_EXPIRY: &str =
+    "INSERT INTO mtproto_edge_auth_key_expiry (auth_key_id, expires_at) VALUES (?, ?)";
+const INSERT_SALT: &str =
+    "INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)";
 
 fn unavailable(name: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{name}: {e}"))
@@ -96,11 +91,15 @@ impl SqlStore {
         }
     }
 
-    /// [`AuthKeyStore::insert`] in one query ([`SQLITE_INSERT_KEY`]), on a
-    /// task of its own: sqlx's worker stops between statements when the
-    /// caller goes away, which would leave the transaction open on a pooled
-    /// connection, so a caller that is cancelled (its client disconnected)
-    /// does not cancel the query.
+    /// [`AuthKeyStore::insert`] as one SQLite query (sqlx binds the
+    /// arguments across its statements in order): one trip to sqlx's SQLite
+    /// worker thread instead of six. Each trip wakes that thread and then the
+    /// caller, which cost about 4% of an embedded handshake's CPU. MySQL
+    /// prepares statements one at a time, so it keeps the step-by-step
+    /// transaction. The query runs on a task of its own: sqlx's worker stops
+    /// between statements when the caller goes away, which would leave the
+    /// transaction open on a pooled connection, so a caller that is
+    /// cancelled (its client disconnected) does not cancel the query.
     async fn insert_sqlite(&self, info: AuthKeyInfo, salt: FutureSalt) -> Result<(), StoreError> {
         let store = self.clone();
         tokio::spawn(async move { store.run_insert_sqlite(info, salt).await })
@@ -116,12 +115,17 @@ impl SqlStore {
         salt: FutureSalt,
     ) -> Result<(), StoreError> {
         let id = info.id();
-        let expiry = if info.expires_at.is_some() {
-            SQLITE_INSERT_EXPIRY
-        } else {
-            ""
-        };
-        let sql = [SQLITE_INSERT_KEY, expiry, SQLITE_COMMIT].concat();
+        let mut statements = vec![
+            "BEGIN IMMEDIATE",
+            INSERT_AUTH_KEY,
+            INSERT_AUTH_KEY_INFO,
+            INSERT_SALT,
+        ];
+        if info.expires_at.is_some() {
+            statements.push(INSERT_EXPIRY);
+        }
+        statements.push("COMMIT");
+        let sql = statements.join("; ");
         let mut query = sqlx::query(&sql)
             .bind(id)
             .bind(STANDARD_NO_PAD.encode(info.key.bytes()))
@@ -253,7 +257,7 @@ impl AuthKeyStore for SqlStore {
         }
         let id = info.id();
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let inserted = sqlx::query("INSERT INTO auth_keys (auth_key_id, body) VALUES (?, ?)")
+        let inserted = sqlx::query(INSERT_AUTH_KEY)
             .bind(id)
             .bind(STANDARD_NO_PAD.encode(info.key.bytes()))
             .execute(&mut *tx)
@@ -261,30 +265,24 @@ impl AuthKeyStore for SqlStore {
         if let Err(e) = inserted {
             return Err(self.insert_err(id, e));
         }
-        sqlx::query(
-            "INSERT INTO auth_key_infos \
-             (auth_key_id, auth_key_type, perm_auth_key_id, temp_auth_key_id, media_temp_auth_key_id) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(info.key_type as i32)
-        .bind(info.perm_auth_key_id)
-        .bind(info.temp_auth_key_id)
-        .bind(info.media_temp_auth_key_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err(e))?;
-        if let Some(expires_at) = info.expires_at {
-            sqlx::query(
-                "INSERT INTO mtproto_edge_auth_key_expiry (auth_key_id, expires_at) VALUES (?, ?)",
-            )
+        sqlx::query(INSERT_AUTH_KEY_INFO)
             .bind(id)
-            .bind(expires_at)
+            .bind(info.key_type as i32)
+            .bind(info.perm_auth_key_id)
+            .bind(info.temp_auth_key_id)
+            .bind(info.media_temp_auth_key_id)
             .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
+        if let Some(expires_at) = info.expires_at {
+            sqlx::query(INSERT_EXPIRY)
+                .bind(id)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
         }
-        sqlx::query("INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)")
+        sqlx::query(INSERT_SALT)
             .bind(id)
             .bind(salt.salt)
             .bind(salt.since())
@@ -325,15 +323,13 @@ impl AuthKeyStore for SqlStore {
             .await
             .map_err(|e| self.err(e))?;
         for salt in salts {
-            let inserted = sqlx::query(
-                "INSERT INTO mtproto_edge_salts (auth_key_id, salt, valid_since, valid_until) VALUES (?, ?, ?, ?)",
-            )
-            .bind(auth_key_id)
-            .bind(salt.salt)
-            .bind(salt.since())
-            .bind(salt.until())
-            .execute(&mut *tx)
-            .await;
+            let inserted = sqlx::query(INSERT_SALT)
+                .bind(auth_key_id)
+                .bind(salt.salt)
+                .bind(salt.since())
+                .bind(salt.until())
+                .execute(&mut *tx)
+                .await;
             match inserted {
                 Err(e)
                     if !e
@@ -380,18 +376,23 @@ impl AuthKeyStore for SqlStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn sqlite_keeps_the_current_salt() {
+    /// A database file in a fresh directory (kept while the guard lives).
+    fn sqlite_url() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        (dir, url)
+    }
+
+    #[tokio::test]
+    async fn sqlite_keeps_the_current_salt() {
+        let (_dir, url) = sqlite_url();
         let store = SqlStore::connect(&url).await.unwrap();
         crate::store::tests::current_salt_survives_future_salts(&store).await;
     }
 
     #[tokio::test]
     async fn sqlite_runs_in_wal_mode_and_keys_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let (_dir, url) = sqlite_url();
         let store = SqlStore::connect(&url).await.unwrap();
         let mode: String = sqlx::query("PRAGMA journal_mode")
             .fetch_one(&store.pool)
@@ -414,8 +415,7 @@ mod tests {
     /// the key stored whole and the store working.
     #[tokio::test]
     async fn a_cancelled_sqlite_insert_still_completes() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let (_dir, url) = sqlite_url();
         let store = SqlStore::connect(&url).await.unwrap();
         let salt = FutureSalt::new(1_800_000_000, 1_800_001_800, 5);
         let first = AuthKeyInfo::new(AuthKey::new([5; 256]), AuthKeyType::Perm, None);
@@ -440,8 +440,7 @@ mod tests {
     /// transaction open for the next caller of the pool.
     #[tokio::test]
     async fn a_failed_sqlite_insert_keeps_nothing_and_the_store_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("keys.db").display());
+        let (_dir, url) = sqlite_url();
         let store = SqlStore::connect(&url).await.unwrap();
         let temp = AuthKeyInfo::new(
             AuthKey::new([3; 256]),
