@@ -65,9 +65,10 @@ pub fn params() -> &'static DhParams {
     static PARAMS: OnceLock<DhParams> = OnceLock::new();
     PARAMS.get_or_init(|| {
         let prime = U2048::from_be_hex(PRIME_HEX);
+        let prime_bytes = prime.to_be_bytes().to_vec();
         DhParams {
-            prime: BigUint::from_bytes_be(&prime.to_be_bytes()),
-            prime_bytes: prime.to_be_bytes().to_vec(),
+            prime: BigUint::from_bytes_be(&prime_bytes),
+            prime_bytes,
             g: BigUint::from(G),
             margin: BigUint::from(1u32) << (2048 - 64),
             powers_of_g: PowersOfG::new(prime),
