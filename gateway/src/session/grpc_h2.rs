@@ -91,6 +91,13 @@ pub(super) struct Target {
     authority: Authority,
 }
 
+/// The session's address, for messages.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.authority.fmt(f)
+    }
+}
+
 impl Target {
     pub(super) fn new(tls: bool, addr: &str) -> Result<Self, Failure> {
         let authority = Authority::try_from(addr)

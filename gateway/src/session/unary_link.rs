@@ -39,7 +39,6 @@ const MAX_IN_FLIGHT: usize = 4096;
 #[derive(Debug)]
 pub(super) struct UnaryLink {
     client: SendRequest<Bytes>,
-    addr: String,
     target: Target,
     deadline: Duration,
     /// The deadline as gRPC's `grpc-timeout`, so the session can give up too.
@@ -75,7 +74,6 @@ impl UnaryLink {
             .map_err(|e| Failure::Fatal(format!("grpc-timeout: {e}")))?;
         Ok(Self {
             client,
-            addr: addr.to_string(),
             target,
             deadline,
             timeout_header,
@@ -102,7 +100,7 @@ impl UnaryLink {
             .unwrap_or_else(|_| {
                 Err(Failure::Transient(format!(
                     "DeadlineExceeded: {path} on {} took over {:?}",
-                    self.addr, self.deadline
+                    self.target, self.deadline
                 )))
             })
     }
