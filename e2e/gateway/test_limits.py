@@ -37,12 +37,13 @@ def open_intermediate(port: int) -> socket.socket:
 
 
 def answers_req_pq(sock: socket.socket) -> bool:
-    """Sends req_pq_multi; true when a resPQ frame comes back."""
-    sock.sendall(intermediate_frame(req_pq_multi()))
+    """Sends req_pq_multi; true when a resPQ frame comes back. A connection
+    the gateway already closed may fail the send itself (broken pipe)."""
     try:
+        sock.sendall(intermediate_frame(req_pq_multi()))
         (length,) = struct.unpack("<I", recv_exactly(sock, 4))
         return length > 20 and len(recv_exactly(sock, length)) == length
-    except (EOFError, ConnectionResetError):
+    except (EOFError, ConnectionError):
         return False
 
 
