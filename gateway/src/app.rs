@@ -22,12 +22,10 @@ use crate::session::SessionKeySource;
 use mtproto_core::handshake::HandshakeSettings;
 use mtproto_core::pq::PqPool;
 use mtproto_core::rsa::ServerKey;
-use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGatewayServer;
-use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStreamServer;
 use mtproto_session::discovery;
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::store;
-use mtproto_session::tls::{self, GrpcSecurity, TlsFiles, TlsSettings};
+use mtproto_session::tls::{GrpcSecurity, TlsFiles, TlsSettings};
 use mtproto_session::SessionService;
 
 /// File names of the generated key in the data directory.
@@ -349,17 +347,9 @@ impl Gateway {
         // connections still get their replies, and probes still get answers.
         let (after_drain, drained) = watch::channel(false);
         let grpc = self.grpc.map(|(listener, reverse, tls)| {
-            let mut stop = drained.clone();
             let addr = listener.local_addr().ok();
             info!(?addr, "serving gateway.RPCGateway for session replies");
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(RpcGatewayServer::new(reverse.clone()))
-                    .add_service(RpcGatewayStreamServer::new(reverse))
-                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    }),
-            )
+            tokio::spawn(reverse.serve(listener, tls, drained.clone()))
         });
         let admin = self.admin.map(|listener| {
             info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz, /readyz");
@@ -401,9 +391,7 @@ impl Gateway {
             // a session that hangs (or is stopped) would hold the exit forever.
             let stop_by = closed_by.min(tokio::time::Instant::now() + GRPC_STOP);
             match tokio::time::timeout_at(stop_by, &mut task).await {
-                Ok(stopped) => stopped
-                    .context("gRPC server task")?
-                    .context("gRPC server")?,
+                Ok(stopped) => stopped.context("gRPC server task")?,
                 Err(_) => {
                     warn!("the reverse-path gRPC server did not stop in time: a session peer does not answer; closing it");
                     task.abort();

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod authkey;
 pub mod config;
+mod grpc_frame;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -1,68 +1,745 @@
 //! The gateway's gRPC server for the reverse path: teamgram's
-//! `gateway.RPCGateway` and `gateway.RPCGatewayStream`, through which session
-//! services hand server messages to the connections of a session.
+//! `gateway.RPCGateway` (unary) and `gateway.RPCGatewayStream`, through
+//! which session services hand server messages to the connections of a
+//! session.
+//!
+//! Served on HTTP/2 directly: one task per session connection reads its
+//! calls, delivers their messages and writes the answers, batched per DATA
+//! frame read. Through tonic and hyper every call also had a task of its
+//! own, a wake-up more each way per batch on stream mode's hottest path.
+//! Every peer is bounded: connections, calls per connection, message size,
+//! bytes held in incomplete messages, and answers the peer does not read.
 
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use mtproto_edge_proto::gateway::rpc_gateway_server::RpcGateway;
-use mtproto_edge_proto::gateway::rpc_gateway_stream_server::RpcGatewayStream;
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use mtproto_edge_proto::gateway::{self as gpb};
 use mtproto_edge_proto::mtproto as pb;
-use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use mtproto_session::tls::{self as grpc_tls, ServedIo, TlsFiles};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::Connected;
+use tracing::{debug, warn};
 
 use super::registry::Registry;
+use crate::grpc_frame::{
+    next_message, put_frame, send_within_window, FrameError, SendError, CONNECTION_WINDOW, PREFIX,
+    STREAM_WINDOW,
+};
+
+pub const UNARY_PATH: &str = "/gateway.RPCGateway/gateway_sendDataToGateway";
+pub const STREAM_PATH: &str = "/gateway.RPCGatewayStream/GatewayDataStream";
+
+/// Session connections served at once; more are closed when accepted.
+const MAX_CONNECTIONS: usize = 128;
+/// Calls open at once on one connection (HTTP/2 `MAX_CONCURRENT_STREAMS`).
+const MAX_CALLS: u32 = 256;
+/// Bytes one connection's calls may hold in incomplete messages; a call
+/// that would pass it fails with `RESOURCE_EXHAUSTED`.
+const MAX_PARTIAL: usize = 32 << 20;
+/// Answers framed and not yet taken by the peer's window, past which a
+/// stream call reads no more requests (so the peer's window fills).
+const MAX_OUT: usize = 256 << 10;
+const MAX_HEADER_LIST: u32 = 16 << 10;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What `grpc-message` percent-encodes.
+const MESSAGE_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 #[derive(Debug, Clone)]
 pub struct ReversePath {
     registry: Arc<Registry>,
+    /// [`MAX_PARTIAL`], smaller in tests.
+    max_partial: usize,
 }
 
 impl ReversePath {
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            max_partial: MAX_PARTIAL,
+        }
     }
 
-    fn deliver(&self, req: gpb::TlGatewaySendDataToGateway) -> bool {
+    /// boolTrue when a live connection of the session took the message into
+    /// its outbox.
+    fn deliver(&self, request: gpb::TlGatewaySendDataToGateway) -> bool {
         self.registry
-            .deliver(req.auth_key_id, req.session_id, req.payload)
+            .deliver(request.auth_key_id, request.session_id, request.payload)
+    }
+
+    /// Serves `listener` (with mutual TLS when `tls` is set) until `stop`
+    /// turns true or its sender is dropped; then each connection gets a
+    /// GOAWAY and is waited for, its calls completing. Dropping the future
+    /// closes every connection at once.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        tls: Option<Arc<TlsFiles>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut incoming = grpc_tls::incoming(listener, tls);
+        let mut connections = JoinSet::new();
+        let drain = stop.clone();
+        loop {
+            tokio::select! {
+                accepted = incoming.next() => match accepted {
+                    Some(Ok(io)) if connections.len() < MAX_CONNECTIONS => {
+                        connections.spawn(self.clone().serve_connection(io, drain.clone()));
+                    }
+                    Some(Ok(io)) => {
+                        warn!(peer = ?io.connect_info().addr, "reverse path at {MAX_CONNECTIONS} session connections: connection closed");
+                    }
+                    Some(Err(e)) => debug!("reverse path accept failed: {e}"),
+                    None => break,
+                },
+                Some(_) = connections.join_next() => {}
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            }
+        }
+        drop(incoming);
+        while connections.join_next().await.is_some() {}
+    }
+
+    async fn serve_connection(self, io: ServedIo, mut stop: watch::Receiver<bool>) {
+        let peer = io.connect_info().addr;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(MAX_CALLS)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(io);
+        let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return debug!(?peer, "reverse path HTTP/2 handshake failed: {e}"),
+            Err(_) => return debug!(?peer, "reverse path HTTP/2 handshake timed out"),
+        };
+        let partial = Arc::new(AtomicUsize::new(0));
+        let mut calls = FuturesUnordered::new();
+        let mut stopping = pin!(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        });
+        let mut draining = false;
+        poll_fn(|cx| {
+            if !draining && stopping.as_mut().poll(cx).is_ready() {
+                connection.graceful_shutdown();
+                draining = true;
+            }
+            loop {
+                let mut progress = false;
+                while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
+                    progress = true;
+                }
+                // Reading and writing the socket happen here too.
+                loop {
+                    match connection.poll_accept(cx) {
+                        Poll::Ready(Some(Ok((request, respond)))) => {
+                            calls.push(self.clone().call(request, respond, partial.clone()));
+                            progress = true;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            debug!(?peer, "reverse path connection failed: {e}");
+                            return Poll::Ready(());
+                        }
+                        Poll::Ready(None) => return Poll::Ready(()),
+                        Poll::Pending => break,
+                    }
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// One call, answered; failures end the call with their status.
+    async fn call(
+        self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        partial: Arc<AtomicUsize>,
+    ) {
+        if request.method() != Method::POST {
+            return http_refusal(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let grpc = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        if !grpc {
+            return http_refusal(&mut respond, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        let path = request.uri().path();
+        let unary = match path {
+            UNARY_PATH => true,
+            STREAM_PATH => false,
+            _ => {
+                debug!(path, "reverse path call of an unknown method");
+                let refusal = Status::new(Code::Unimplemented, "unknown method");
+                return refusal.send_alone(&mut respond);
+            }
+        };
+        let body = Input {
+            body: request.into_body(),
+            held: BytesMut::new(),
+            partial,
+            max_partial: self.max_partial,
+        };
+        if unary {
+            if let Err(status) = self.unary(body, &mut respond).await {
+                status.send_alone(&mut respond);
+            }
+            return;
+        }
+        let send = match respond.send_response(grpc_headers(), false) {
+            Ok(send) => send,
+            Err(e) => return debug!("reverse path stream not answered: {e}"),
+        };
+        let mut call = StreamCall {
+            path: self,
+            input: body,
+            send,
+            out: BytesMut::new(),
+            ended: false,
+        };
+        let status = poll_fn(|cx| call.poll_turn(cx)).await;
+        call.finish(status);
+    }
+
+    async fn unary(
+        &self,
+        mut input: Input,
+        respond: &mut SendResponse<Bytes>,
+    ) -> Result<(), Status> {
+        let mut message = None;
+        while let Some(chunk) = poll_fn(|cx| input.poll_chunk(cx)).await? {
+            input.take(&chunk)?;
+            while let Some(next) = input.next()? {
+                if message.replace(next).is_some() {
+                    return Err(Status::new(Code::Internal, "more than one request message"));
+                }
+            }
+        }
+        input.end()?;
+        let message = message.ok_or_else(|| Status::new(Code::Internal, "no request message"))?;
+        let request = decode::<gpb::TlGatewaySendDataToGateway>(message)?;
+        let mut answer = BytesMut::new();
+        put_frame(&mut answer, &pb::Bool::from_bool(self.deliver(request)));
+        let sent = respond
+            .send_response(grpc_headers(), false)
+            .and_then(|mut send| {
+                send.send_data(answer.freeze(), false)?;
+                send.send_trailers(Status::OK.trailers())
+            });
+        if let Err(e) = sent {
+            debug!("reverse path answer not sent: {e}");
+        }
+        Ok(())
     }
 }
 
-#[async_trait]
-impl RpcGateway for ReversePath {
-    /// boolTrue when a live connection of the session took the message into its outbox.
-    async fn gateway_send_data_to_gateway(
-        &self,
-        request: Request<gpb::TlGatewaySendDataToGateway>,
-    ) -> Result<Response<pb::Bool>, Status> {
-        let ok = self.deliver(request.into_inner());
-        Ok(Response::new(pb::Bool::from_bool(ok)))
+/// A call's request body and the incomplete message it holds, counted
+/// against the connection's budget.
+struct Input {
+    body: RecvStream,
+    held: BytesMut,
+    partial: Arc<AtomicUsize>,
+    max_partial: usize,
+}
+
+impl Input {
+    /// The next DATA chunk, `None` at the end of the requests.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Status>> {
+        match self.body.poll_data(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Ok(None)),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(Status::broken(&e))),
+            Poll::Ready(Some(Ok(chunk))) => {
+                let _ = self.body.flow_control().release_capacity(chunk.len());
+                Poll::Ready(Ok(Some(chunk)))
+            }
+        }
+    }
+
+    /// Adds a chunk to what is held, within the connection's budget.
+    fn take(&mut self, chunk: &[u8]) -> Result<(), Status> {
+        let total = self.partial.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
+        if total > self.max_partial {
+            self.partial.fetch_sub(chunk.len(), Ordering::Relaxed);
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                "too many bytes in incomplete messages on this connection",
+            ));
+        }
+        self.held.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The next complete message held.
+    fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        let message = next_message(&mut self.held).map_err(Status::framing)?;
+        if let Some(message) = &message {
+            self.partial
+                .fetch_sub(PREFIX + message.len(), Ordering::Relaxed);
+        }
+        Ok(message)
+    }
+
+    /// Checks that the requests did not end inside a message.
+    fn end(&self) -> Result<(), Status> {
+        if self.held.is_empty() {
+            Ok(())
+        } else {
+            Err(Status::new(
+                Code::Internal,
+                "requests ended inside a message",
+            ))
+        }
     }
 }
 
-type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<gpb::GatewayStreamResponse, Status>> + Send>>;
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.partial.fetch_sub(self.held.len(), Ordering::Relaxed);
+    }
+}
 
-#[async_trait]
-impl RpcGatewayStream for ReversePath {
-    type GatewayDataStreamStream = ResponseStream;
+/// One `GatewayDataStream` call: each request delivered and answered in
+/// order, the answers to one DATA frame's requests sent together.
+struct StreamCall {
+    path: ReversePath,
+    input: Input,
+    send: SendStream<Bytes>,
+    /// Framed answers not yet handed to HTTP/2 (flow control).
+    out: BytesMut,
+    /// The peer has ended its requests.
+    ended: bool,
+}
 
-    async fn gateway_data_stream(
-        &self,
-        request: Request<Streaming<gpb::GatewayStreamRequest>>,
-    ) -> Result<Response<Self::GatewayDataStreamStream>, Status> {
-        let this = self.clone();
-        let responses = request.into_inner().map(move |item| {
-            let request = item?;
-            let success = request.send_data.is_some_and(|send| this.deliver(send));
-            Ok(gpb::GatewayStreamResponse {
+impl StreamCall {
+    /// Moves everything that can move; ready with the call's status once
+    /// the requests are over and every answer is handed to HTTP/2.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
+        loop {
+            let mut progress = match send_within_window(&mut self.send, &mut self.out, cx) {
+                Ok(sent) => sent,
+                Err(SendError::Broken(e)) => return Poll::Ready(Status::broken(&e)),
+                Err(SendError::Closed) => return Poll::Ready(Status::OK),
+            };
+            if self.ended {
+                if self.out.is_empty() {
+                    return Poll::Ready(Status::OK);
+                }
+            } else if self.out.len() < MAX_OUT {
+                match self.input.poll_chunk(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(Some(chunk))) => {
+                        if let Err(status) = self.answer(&chunk) {
+                            return Poll::Ready(status);
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        if let Err(status) = self.input.end() {
+                            return Poll::Ready(status);
+                        }
+                        self.ended = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(status)) => return Poll::Ready(status),
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Delivers the complete requests of a chunk and frames their answers.
+    fn answer(&mut self, chunk: &[u8]) -> Result<(), Status> {
+        self.input.take(chunk)?;
+        while let Some(message) = self.input.next()? {
+            let request = decode::<gpb::GatewayStreamRequest>(message)?;
+            let success = request
+                .send_data
+                .is_some_and(|send| self.path.deliver(send));
+            let answer = gpb::GatewayStreamResponse {
                 request_id: request.request_id,
                 success,
-            })
-        });
-        Ok(Response::new(Box::pin(responses)))
+            };
+            put_frame(&mut self.out, &answer);
+        }
+        Ok(())
+    }
+
+    /// Ends the call with `status` after the answers framed so far (h2
+    /// sends them as the window opens; at most `MAX_OUT` and one chunk's
+    /// answers).
+    fn finish(mut self, status: Status) {
+        if !self.out.is_empty() {
+            let _ = self.send.send_data(self.out.split().freeze(), false);
+        }
+        if let Err(e) = self.send.send_trailers(status.trailers()) {
+            debug!("reverse path stream not ended: {e}");
+        }
+    }
+}
+
+fn decode<M: Message + Default>(message: Bytes) -> Result<M, Status> {
+    M::decode(message).map_err(|e| Status::new(Code::Internal, format!("undecodable request: {e}")))
+}
+
+fn grpc_headers() -> Response<()> {
+    let mut response = Response::new(());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// A refusal below gRPC (not a gRPC request at all), as the gRPC spec asks.
+fn http_refusal(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(e) = respond.send_response(response, true) {
+        debug!("reverse path refusal not sent: {e}");
+    }
+}
+
+/// gRPC status codes the reverse path answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Ok = 0,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+/// A call's outcome, sent as its trailers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Status {
+    code: Code,
+    message: String,
+}
+
+impl Status {
+    const OK: Status = Status {
+        code: Code::Ok,
+        message: String::new(),
+    };
+
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn broken(e: &h2::Error) -> Self {
+        Self::new(Code::Unavailable, e.to_string())
+    }
+
+    fn framing(e: FrameError) -> Self {
+        let code = match e {
+            FrameError::Compressed => Code::Unimplemented,
+            FrameError::TooLarge(_) => Code::ResourceExhausted,
+        };
+        Self::new(code, e.to_string())
+    }
+
+    fn trailers(&self) -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(self.code as u16));
+        if !self.message.is_empty() {
+            let message =
+                percent_encoding::utf8_percent_encode(&self.message, MESSAGE_ESCAPES).to_string();
+            if let Ok(value) = HeaderValue::try_from(message) {
+                trailers.insert("grpc-message", value);
+            }
+        }
+        trailers
+    }
+
+    /// Sends the status as the whole answer (gRPC's trailers-only form).
+    fn send_alone(&self, respond: &mut SendResponse<Bytes>) {
+        let mut response = grpc_headers();
+        response.headers_mut().extend(self.trailers());
+        if let Err(e) = respond.send_response(response, true) {
+            debug!("reverse path status not sent: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::outbox;
+    use h2::client::SendRequest;
+    use hyper::header::TE;
+
+    struct Served {
+        addr: String,
+        stop: watch::Sender<bool>,
+        serving: tokio::task::JoinHandle<()>,
+    }
+
+    async fn serve(path: ReversePath) -> Served {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop, stopped) = watch::channel(false);
+        let serving = tokio::spawn(path.serve(listener, None, stopped));
+        Served {
+            addr,
+            stop,
+            serving,
+        }
+    }
+
+    async fn client(addr: &str) -> SendRequest<Bytes> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        client.ready().await.expect("ready")
+    }
+
+    fn call(path: &str, content_type: &'static str) -> Request<()> {
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = format!("http://gateway{path}").parse().expect("uri");
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        request
+    }
+
+    fn send_data(
+        auth_key_id: i64,
+        session_id: i64,
+        payload: &'static [u8],
+    ) -> gpb::TlGatewaySendDataToGateway {
+        gpb::TlGatewaySendDataToGateway {
+            constructor: gpb::SEND_DATA_TO_GATEWAY,
+            auth_key_id,
+            session_id,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    fn stream_request(
+        id: &str,
+        data: gpb::TlGatewaySendDataToGateway,
+    ) -> gpb::GatewayStreamRequest {
+        gpb::GatewayStreamRequest {
+            request_id: id.into(),
+            send_data: Some(data),
+        }
+    }
+
+    /// The next `n` messages of a response body.
+    async fn read<M: Message + Default>(body: &mut RecvStream, n: usize) -> Vec<M> {
+        let (mut input, mut messages) = (BytesMut::new(), Vec::new());
+        while messages.len() < n {
+            let chunk = body.data().await.expect("more").expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            input.extend_from_slice(&chunk);
+            while let Some(message) = next_message(&mut input).expect("valid") {
+                messages.push(M::decode(message).expect("decodes"));
+            }
+        }
+        messages
+    }
+
+    fn status_of(headers: &HeaderMap) -> Option<(String, String)> {
+        let text = |name| {
+            headers
+                .get(name)
+                .map(|v: &HeaderValue| v.to_str().expect("ascii").to_string())
+        };
+        Some((
+            text("grpc-status")?,
+            text("grpc-message").unwrap_or_default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_stream_delivers_and_answers_each_request_and_finishes_after_a_drain() {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let (outbox, mut inbox) = outbox::channel(16);
+        registry.attach(1, 2, 10, &outbox);
+        let served = serve(ReversePath::new(registry)).await;
+        let mut client = client(&served.addr).await;
+        let (response, mut requests) = client
+            .send_request(call(STREAM_PATH, "application/grpc"), false)
+            .expect("call");
+        let mut batch = BytesMut::new();
+        put_frame(&mut batch, &stream_request("a", send_data(1, 2, b"one")));
+        put_frame(&mut batch, &stream_request("b", send_data(1, 3, b"lost")));
+        put_frame(&mut batch, &stream_request("c", send_data(1, 2, b"two")));
+        requests.send_data(batch.freeze(), false).expect("send");
+        let response = response.await.expect("headers");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut answers = response.into_body();
+        let got = read::<gpb::GatewayStreamResponse>(&mut answers, 3).await;
+        let got: Vec<_> = got
+            .iter()
+            .map(|a| (a.request_id.as_str(), a.success))
+            .collect();
+        assert_eq!(got, [("a", true), ("b", false), ("c", true)]);
+        assert_eq!(inbox.try_recv().expect("one").payload, &b"one"[..]);
+        assert_eq!(inbox.try_recv().expect("two").payload, &b"two"[..]);
+
+        // Draining: the open call still goes on, then ends with OK.
+        served.stop.send(true).expect("stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        requests
+            .send_data(
+                framed(&stream_request("d", send_data(1, 2, b"three"))),
+                true,
+            )
+            .expect("send after the drain began");
+        let got = read::<gpb::GatewayStreamResponse>(&mut answers, 1).await;
+        assert_eq!((got[0].request_id.as_str(), got[0].success), ("d", true));
+        let trailers = answers.trailers().await.expect("trailers").expect("some");
+        assert_eq!(status_of(&trailers), Some(("0".into(), String::new())));
+        tokio::time::timeout(Duration::from_secs(10), served.serving)
+            .await
+            .expect("the server stops once its calls are over")
+            .expect("join");
+    }
+
+    fn framed(message: &impl Message) -> Bytes {
+        crate::grpc_frame::frame(message)
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_answers_whether_it_was_delivered() {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let (outbox, mut inbox) = outbox::channel(16);
+        registry.attach(1, 2, 10, &outbox);
+        let served = serve(ReversePath::new(registry)).await;
+        let mut client = client(&served.addr).await;
+        for (session, delivered) in [(2, true), (3, false)] {
+            let (response, mut request) = client
+                .send_request(call(UNARY_PATH, "application/grpc+proto"), false)
+                .expect("call");
+            request
+                .send_data(framed(&send_data(1, session, b"m")), true)
+                .expect("send");
+            let mut body = response.await.expect("headers").into_body();
+            let answer = read::<pb::Bool>(&mut body, 1).await;
+            assert_eq!(answer[0].value(), delivered, "session {session}");
+            let trailers = body.trailers().await.expect("trailers").expect("some");
+            assert_eq!(status_of(&trailers), Some(("0".into(), String::new())));
+        }
+        assert_eq!(inbox.try_recv().expect("delivered").payload, &b"m"[..]);
+        assert!(inbox.try_recv().is_none());
+    }
+
+    /// Sends `body` as a whole call of `path` and returns the HTTP status
+    /// and the gRPC status (from the headers or the trailers).
+    async fn refusal(
+        client: &mut SendRequest<Bytes>,
+        path: &str,
+        content_type: &'static str,
+        body: Bytes,
+    ) -> (StatusCode, Option<(String, String)>) {
+        let (response, mut request) = client
+            .send_request(call(path, content_type), false)
+            .expect("call");
+        request.send_data(body, true).expect("send");
+        let response = response.await.expect("headers");
+        let status = response.status();
+        if let Some(grpc) = status_of(response.headers()) {
+            return (status, Some(grpc));
+        }
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.expect("trailers");
+        (status, trailers.as_ref().and_then(status_of))
+    }
+
+    #[tokio::test]
+    async fn bad_calls_get_their_status_and_the_connection_goes_on() {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let served = serve(ReversePath {
+            max_partial: 1000,
+            ..ReversePath::new(registry)
+        })
+        .await;
+        let mut client = client(&served.addr).await;
+        let code = |status: &(StatusCode, Option<(String, String)>)| {
+            status.1.as_ref().map(|(code, _)| code.clone())
+        };
+
+        let unknown = refusal(
+            &mut client,
+            "/gateway.RPCGateway/other",
+            "application/grpc",
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(unknown.0, StatusCode::OK);
+        assert_eq!(code(&unknown).as_deref(), Some("12"));
+
+        let not_grpc = refusal(&mut client, UNARY_PATH, "text/plain", Bytes::new()).await;
+        assert_eq!(not_grpc, (StatusCode::UNSUPPORTED_MEDIA_TYPE, None));
+
+        let compressed = Bytes::from_static(&[1, 0, 0, 0, 1, 0]);
+        let status = refusal(&mut client, STREAM_PATH, "application/grpc", compressed).await;
+        assert_eq!(code(&status).as_deref(), Some("12"));
+
+        let empty = refusal(&mut client, UNARY_PATH, "application/grpc", Bytes::new()).await;
+        assert_eq!(code(&empty).as_deref(), Some("13"));
+
+        let mut cut = BytesMut::from(&framed(&send_data(1, 2, b"abc"))[..]);
+        cut.truncate(cut.len() - 1);
+        let status = refusal(&mut client, STREAM_PATH, "application/grpc", cut.freeze()).await;
+        assert_eq!(code(&status).as_deref(), Some("13"));
+
+        let mut garbage = BytesMut::new();
+        garbage.extend_from_slice(&[0, 0, 0, 0, 2, 0xff, 0xff]);
+        let status = refusal(
+            &mut client,
+            STREAM_PATH,
+            "application/grpc",
+            garbage.freeze(),
+        )
+        .await;
+        assert_eq!(code(&status).as_deref(), Some("13"));
+
+        // A message larger than the connection may hold incomplete.
+        let mut large = BytesMut::new();
+        large.extend_from_slice(&[0, 0, 0, 8, 0]);
+        large.extend_from_slice(&[0; 1200]);
+        let status = refusal(&mut client, STREAM_PATH, "application/grpc", large.freeze()).await;
+        assert_eq!(code(&status).as_deref(), Some("8"));
+
+        // The connection still serves calls after all of those.
+        let ok = refusal(
+            &mut client,
+            UNARY_PATH,
+            "application/grpc",
+            framed(&send_data(1, 2, b"m")),
+        )
+        .await;
+        assert_eq!(ok, (StatusCode::OK, Some(("0".into(), String::new()))));
     }
 }

@@ -6,31 +6,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use h2::client::{Connection, SendRequest};
 use hyper::header::{HeaderValue, CONTENT_TYPE, TE};
 use hyper::http::uri::{self, Authority, PathAndQuery, Scheme};
 use hyper::{HeaderMap, Method, Request, Uri};
 use mtproto_session::tls::{connect_tls, TlsFiles};
-use prost::Message;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tonic::Code;
 
 use super::remote::{classify, Failure};
-
-/// gRPC's message prefix: a compression flag and a 4-byte length.
-pub(super) const PREFIX: usize = 5;
-/// The largest answer accepted.
-pub(super) const MAX_ANSWER: usize = 4 << 20;
-
-/// HTTP/2 receive windows, hyper's client defaults (which tonic used). The
-/// connection window also sets h2's budget for small DATA frames received
-/// and not yet read (half of it): each unary answer is one such frame until
-/// its caller's task reads it, so with h2's 64 KiB default a burst of a few
-/// hundred answers made h2 close the connection (`ENHANCE_YOUR_CALM`).
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 5 << 20;
+use crate::grpc_frame::{self, SendError, CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// The connection to a session, plain or TLS.
 pub(super) type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
@@ -122,41 +109,17 @@ impl Target {
     }
 }
 
-/// One message, framed for gRPC (uncompressed).
-pub(super) fn frame(message: &impl Message) -> Bytes {
-    let len = message.encoded_len();
-    let mut out = BytesMut::with_capacity(PREFIX + len);
-    out.put_u8(0);
-    out.put_u32(len as u32);
-    message
-        .encode(&mut out)
-        .expect("the buffer was reserved for the message");
-    out.freeze()
+/// Splits the next complete answer off `input`.
+pub(super) fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
+    grpc_frame::next_message(input).map_err(|e| Failure::Fatal(format!("session sent {e}")))
 }
 
-/// Splits the next complete gRPC message off `input`.
-pub(super) fn next_message(input: &mut BytesMut) -> Result<Option<Bytes>, Failure> {
-    if input.len() < PREFIX {
-        return Ok(None);
+/// The failure of framed bytes that could not be sent.
+pub(super) fn unsent(e: SendError) -> Failure {
+    match e {
+        SendError::Broken(e) => broken(e),
+        SendError::Closed => Failure::Transient("session stream closed".into()),
     }
-    if input[0] != 0 {
-        return Err(Failure::Fatal(
-            "session sent a compressed answer, which was not offered".into(),
-        ));
-    }
-    let len = u32::from_be_bytes([input[1], input[2], input[3], input[4]]) as usize;
-    if len > MAX_ANSWER {
-        return Err(Failure::Fatal(format!(
-            "session sent a {len}-byte answer (at most {MAX_ANSWER})"
-        )));
-    }
-    if input.len() < PREFIX + len {
-        // Not reserved ahead: a declared length costs memory only as the
-        // bytes arrive (within the HTTP/2 windows).
-        return Ok(None);
-    }
-    input.advance(PREFIX);
-    Ok(Some(input.split_to(len).freeze()))
 }
 
 /// The `grpc-status` of a header or trailer block: `None` without one,
@@ -200,7 +163,6 @@ pub(super) mod tests {
     use std::future::poll_fn;
 
     use h2::RecvStream;
-    use mtproto_edge_proto::mtproto as pb;
     use tokio::net::TcpListener;
 
     /// A raw HTTP/2 server on loopback taking one call: `serve` gets the
@@ -221,42 +183,6 @@ pub(super) mod tests {
             serve(request.into_body(), respond).await;
         });
         addr
-    }
-
-    #[test]
-    fn answers_are_split_off_only_when_complete() {
-        let framed = frame(&pb::Bool::from_bool(true));
-        let mut input = BytesMut::new();
-        for (i, byte) in framed.iter().enumerate() {
-            input.put_u8(*byte);
-            let got = next_message(&mut input).unwrap();
-            assert_eq!(
-                got.is_some(),
-                i == framed.len() - 1,
-                "after {} bytes",
-                i + 1
-            );
-            if let Some(message) = got {
-                assert!(pb::Bool::decode(message).unwrap().value());
-            }
-        }
-        assert!(input.is_empty());
-    }
-
-    #[test]
-    fn compressed_and_oversized_answers_are_refused() {
-        let mut compressed = BytesMut::from(&[1u8, 0, 0, 0, 0][..]);
-        assert!(matches!(
-            next_message(&mut compressed),
-            Err(Failure::Fatal(_))
-        ));
-        let mut oversized = BytesMut::new();
-        oversized.put_u8(0);
-        oversized.put_u32(MAX_ANSWER as u32 + 1);
-        assert!(matches!(
-            next_message(&mut oversized),
-            Err(Failure::Fatal(_))
-        ));
     }
 
     #[test]

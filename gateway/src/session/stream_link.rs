@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::debug;
 
-use super::grpc_h2::{self, broken, grpc_status, next_message, unavailable, Io, PREFIX};
+use super::grpc_h2::{self, broken, grpc_status, next_message, unavailable, unsent, Io};
 use super::remote::Failure;
+use crate::grpc_frame::{send_within_window, PREFIX};
 
 const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
 /// Calls queued for the link task before callers wait (back-pressure).
@@ -275,23 +276,7 @@ impl Link {
 
     /// Hands framed calls to HTTP/2 as far as the peer's window allows.
     fn send_out(&mut self, cx: &mut Context<'_>) -> Result<bool, Failure> {
-        if self.out.is_empty() {
-            return Ok(false);
-        }
-        let send = &mut self.send;
-        send.reserve_capacity(self.out.len());
-        let mut room = send.capacity();
-        if room == 0 {
-            match send.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(n))) => room = n,
-                Poll::Ready(Some(Err(e))) => return Err(broken(e)),
-                Poll::Ready(None) => return Err(closed()),
-                Poll::Pending => return Ok(false),
-            }
-        }
-        let chunk = self.out.split_to(room.min(self.out.len())).freeze();
-        send.send_data(chunk, false).map_err(broken)?;
-        Ok(true)
+        send_within_window(&mut self.send, &mut self.out, cx).map_err(unsent)
     }
 
     /// Reads the response: its headers, then answers; ready when something
@@ -463,7 +448,7 @@ mod tests {
                     })),
                 };
                 answers
-                    .send_data(grpc_h2::frame(&answer), false)
+                    .send_data(crate::grpc_frame::frame(&answer), false)
                     .expect("send");
             }
             std::future::pending::<()>().await;

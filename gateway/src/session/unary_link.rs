@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::grpc_h2::{self, broken, grpc_status, next_message, Target};
 use super::remote::Failure;
+use crate::grpc_frame;
 
 pub(super) const QUERY_AUTH_KEY: &str = "/session.RPCSession/session_queryAuthKey";
 pub(super) const SET_AUTH_KEY: &str = "/session.RPCSession/session_setAuthKey";
@@ -94,7 +95,7 @@ impl UnaryLink {
         path: &'static str,
         request: &impl Message,
     ) -> Result<A, Failure> {
-        let body = grpc_h2::frame(request);
+        let body = grpc_frame::frame(request);
         tokio::time::timeout(self.deadline, self.call_within(path, body))
             .await
             .unwrap_or_else(|_| {
@@ -231,7 +232,7 @@ mod tests {
                 .send_response(headers(None), false)
                 .expect("headers");
             // The answer arrives split across two frames.
-            let framed = grpc_h2::frame(&pb::Bool::from_bool(true));
+            let framed = grpc_frame::frame(&pb::Bool::from_bool(true));
             send.send_data(framed.slice(..3), false).expect("data");
             send.send_data(framed.slice(3..), false).expect("data");
             let mut trailers = hyper::HeaderMap::new();
@@ -271,7 +272,7 @@ mod tests {
                 let mut send = respond
                     .send_response(headers(None), false)
                     .expect("headers");
-                send.send_data(grpc_h2::frame(&pb::Bool::from_bool(true)), false)
+                send.send_data(grpc_frame::frame(&pb::Bool::from_bool(true)), false)
                     .expect("data");
                 let mut trailers = hyper::HeaderMap::new();
                 if let Some(code) = trailer {
