@@ -34,7 +34,7 @@ use tracing::debug;
 
 use super::grpc_h2::{self, broken, grpc_status, next_message, unavailable, unsent, Io};
 use super::remote::Failure;
-use crate::grpc_frame::{send_within_window, PREFIX};
+use crate::grpc_frame::{poll_after_ready_tasks, send_within_window, PREFIX};
 
 const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
 /// Calls queued for the link task before callers wait (back-pressure).
@@ -163,6 +163,9 @@ struct Link {
     /// Sent calls in id order (ids are given in send order).
     waiting: VecDeque<Waiting>,
     next_id: u64,
+    /// Calls were taken and the write put off until the worker's other
+    /// ready tasks have run.
+    deferred: bool,
     deadline: Duration,
     sweep: Interval,
 }
@@ -186,6 +189,7 @@ impl Link {
             input: BytesMut::new(),
             waiting: VecDeque::new(),
             next_id: 1,
+            deferred: false,
             deadline,
             sweep,
         }
@@ -211,6 +215,11 @@ impl Link {
         loop {
             let mut progress = false;
             match self.take_calls(cx) {
+                Ok(true) if !self.deferred => {
+                    self.deferred = true;
+                    poll_after_ready_tasks(cx);
+                    return Poll::Pending;
+                }
                 Ok(taken) => progress |= taken,
                 Err(failure) => return Poll::Ready(failure),
             }
@@ -226,6 +235,7 @@ impl Link {
             if let Poll::Ready(result) = self.connection.poll_unpin(cx) {
                 return Poll::Ready(result.err().map_or_else(closed, broken));
             }
+            self.deferred = false;
             if self.sweep.poll_tick(cx).is_ready() {
                 if let Some(oldest) = self.waiting.front() {
                     if oldest.sent.elapsed() >= self.deadline {
