@@ -82,8 +82,9 @@ impl ReversePath {
 
     /// Serves `listener` (with mutual TLS when `tls` is set) until `stop`
     /// turns true or its sender is dropped; then each connection gets a
-    /// GOAWAY and is waited for, its calls completing. Dropping the future
-    /// closes every connection at once.
+    /// GOAWAY, its open streams end with `UNAVAILABLE` after the answers
+    /// to what they read, its unary calls complete, and it is waited for.
+    /// Dropping the future closes every connection at once.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -113,7 +114,7 @@ impl ReversePath {
         while connections.join_next().await.is_some() {}
     }
 
-    async fn serve_connection(self, io: ServedIo, mut stop: watch::Receiver<bool>) {
+    async fn serve_connection(self, io: ServedIo, stop: watch::Receiver<bool>) {
         let peer = io.connect_info().addr;
         let handshake = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -128,8 +129,11 @@ impl ReversePath {
         };
         let partial = Arc::new(AtomicUsize::new(0));
         let mut calls = FuturesUnordered::new();
-        let mut stopping = pin!(async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
+        let mut stopping = pin!({
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            }
         });
         let mut draining = false;
         poll_fn(|cx| {
@@ -146,7 +150,12 @@ impl ReversePath {
                 loop {
                     match connection.poll_accept(cx) {
                         Poll::Ready(Some(Ok((request, respond)))) => {
-                            calls.push(self.clone().call(request, respond, partial.clone()));
+                            calls.push(self.clone().call(
+                                request,
+                                respond,
+                                partial.clone(),
+                                stop.clone(),
+                            ));
                             progress = true;
                         }
                         Poll::Ready(Some(Err(e))) => {
@@ -171,6 +180,7 @@ impl ReversePath {
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
         partial: Arc<AtomicUsize>,
+        mut stop: watch::Receiver<bool>,
     ) {
         if request.method() != Method::POST {
             return http_refusal(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
@@ -216,7 +226,16 @@ impl ReversePath {
             out: BytesMut::new(),
             ended: false,
         };
-        let status = poll_fn(|cx| call.poll_turn(cx)).await;
+        // The server stops after the drain, when no client connection is
+        // left to deliver to: an open stream is ended then rather than
+        // waited for (the session keeps it open for as long as it may).
+        let status = tokio::select! {
+            biased;
+            status = poll_fn(|cx| call.poll_turn(cx)) => status,
+            _ = stop.wait_for(|stopped| *stopped) => {
+                Status::new(Code::Unavailable, "the gateway is shutting down")
+            }
+        };
         call.finish(status);
     }
 
@@ -577,7 +596,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_delivers_and_answers_each_request_and_finishes_after_a_drain() {
+    async fn a_stream_delivers_and_answers_each_request_and_ends_when_the_server_stops() {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
         let (outbox, mut inbox) = outbox::channel(16);
         registry.attach(1, 2, 10, &outbox);
@@ -603,23 +622,21 @@ mod tests {
         assert_eq!(inbox.try_recv().expect("one").payload, &b"one"[..]);
         assert_eq!(inbox.try_recv().expect("two").payload, &b"two"[..]);
 
-        // Draining: the open call still goes on, then ends with OK.
+        // Stopping: the open stream ends with UNAVAILABLE at once, although
+        // the peer has not ended its requests, and the server stops.
         served.stop.send(true).expect("stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        requests
-            .send_data(
-                framed(&stream_request("d", send_data(1, 2, b"three"))),
-                true,
-            )
-            .expect("send after the drain began");
-        let got = read::<gpb::GatewayStreamResponse>(&mut answers, 1).await;
-        assert_eq!((got[0].request_id.as_str(), got[0].success), ("d", true));
-        let trailers = answers.trailers().await.expect("trailers").expect("some");
-        assert_eq!(status_of(&trailers), Some(("0".into(), String::new())));
+        let trailers = tokio::time::timeout(Duration::from_secs(10), answers.trailers())
+            .await
+            .expect("the stream ends without its peer ending it")
+            .expect("trailers")
+            .expect("some");
+        let status = status_of(&trailers).expect("a status");
+        assert_eq!(status.0, "14", "{status:?}");
         tokio::time::timeout(Duration::from_secs(10), served.serving)
             .await
-            .expect("the server stops once its calls are over")
+            .expect("the server stops while the peer still holds its stream")
             .expect("join");
+        drop(requests);
     }
 
     fn framed(message: &impl Message) -> Bytes {
