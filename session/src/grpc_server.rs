@@ -41,7 +41,9 @@ use crate::ring::Ring;
 use crate::status::{
     teamgram_status, DropStatusDetails, TeamgramStatus, REDIRECT_CODE, UNREGISTERED_CODE,
 };
-use crate::tls::{Connector, Peer, TlsFiles};
+use crate::tls::{
+    Connector, Peer, TlsFiles, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES, KEEPALIVE_TIME,
+};
 use crate::wire::{info_from_proto, info_to_proto, AUTH_KEY_UNREGISTERED, REDIRECT_PREFIX};
 use crate::{GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService};
 use mtproto_core::authkey::{AuthKeyType, FutureSalt};
@@ -452,7 +454,10 @@ impl RemoteGateways {
         let endpoint = endpoint
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(KEEPALIVE_TIME))
+            .tcp_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .tcp_keepalive_retries(Some(KEEPALIVE_RETRIES));
         let channel = match &self.tls {
             Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
             None => endpoint.connect_lazy(),

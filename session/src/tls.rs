@@ -55,6 +55,13 @@ const ACCEPT_QUEUE: usize = 64;
 /// TLS handshakes in progress at once; connections beyond are closed at
 /// accept (peers are a few gateways or sessions, each with few connections).
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// TCP keepalive of gRPC connections, served and dialled: a peer that vanished without
+/// closing (its node lost, a network partition) is found after about
+/// `time + interval × retries` of silence (90 s) and its connection closed,
+/// instead of holding a connection slot and its buffers forever.
+pub const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Where one side's TLS material is and whom it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -446,6 +453,15 @@ impl AsyncWrite for ServedIo {
     }
 }
 
+/// Turns on TCP keepalive probes for a gRPC connection.
+pub fn keep_alive(tcp: &TcpStream) -> io::Result<()> {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&probes)
+}
+
 /// The connections of a gRPC listener, for `serve_with_incoming*`: with TLS,
 /// only those whose handshake proved the peer identity. Accepting stops when
 /// the server drops the stream.
@@ -471,6 +487,9 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            if let Err(e) = keep_alive(&tcp) {
+                debug!(peer = %addr, "gRPC connection without TCP keepalive: {e}");
+            }
             let Some(tls) = &tls else {
                 let io = ServedIo {
                     io: Box::pin(tcp),
@@ -548,6 +567,7 @@ impl tower_service::Service<Uri> for Connector {
                 .to_string();
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
+            keep_alive(&tcp)?;
             Ok(TokioIo::new(connect_tls(&files, tcp).await?))
         })
     }
@@ -601,5 +621,32 @@ impl GrpcSecurity {
                  clients; configure {how_to_configure}, or choose plaintext explicitly"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn served_connections_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (served, _) = accepted.expect("accept");
+        let socket = socket2::SockRef::from(&served);
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"));
+        keep_alive(&served).expect("keepalive");
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(socket.tcp_keepalive_time().expect("idle"), KEEPALIVE_TIME);
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("interval"),
+            KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().expect("retries"),
+            KEEPALIVE_RETRIES
+        );
+        drop(client);
     }
 }

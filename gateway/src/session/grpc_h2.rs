@@ -11,7 +11,7 @@ use h2::client::{Connection, SendRequest};
 use hyper::header::{HeaderValue, CONTENT_TYPE, TE};
 use hyper::http::uri::{self, Authority, PathAndQuery, Scheme};
 use hyper::{HeaderMap, Method, Request, Uri};
-use mtproto_session::tls::{connect_tls, TlsFiles};
+use mtproto_session::tls::{connect_tls, keep_alive, TlsFiles};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tonic::Code;
@@ -54,6 +54,7 @@ pub(super) async fn connect(
         .await
         .map_err(|e| unavailable(addr, &e))?;
     tcp.set_nodelay(true).map_err(|e| unavailable(addr, &e))?;
+    keep_alive(&tcp).map_err(|e| unavailable(addr, &e))?;
     let io: Io = match tls {
         Some(tls) => Either::Right(Box::new(
             connect_tls(tls, tcp)
