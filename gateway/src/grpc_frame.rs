@@ -35,7 +35,7 @@ pub(crate) enum FrameError {
 
 /// One message, framed (uncompressed).
 pub(crate) fn frame(message: &impl Message) -> Bytes {
-    let mut out = BytesMut::with_capacity(PREFIX + message.encoded_len());
+    let mut out = BytesMut::new();
     put_frame(&mut out, message);
     out.freeze()
 }
@@ -110,7 +110,7 @@ pub(crate) fn send_within_window(
 /// Has the task polled again once its worker has run the other tasks that
 /// are ready. A link's task does this before writing what it was handed:
 /// those tasks often hand it more, which then leaves in the same write
-/// (each write to the socket costs about as much as the bytes in it).
+/// (a write's fixed cost in the kernel is large next to a small message).
 pub(crate) fn poll_after_ready_tasks(cx: &mut Context<'_>) {
     let mut yielding = std::pin::pin!(tokio::task::yield_now());
     // The first poll registers the wake-up and is always pending.
