@@ -233,7 +233,11 @@ impl Gateway {
                 remote_session = Some(remote.clone());
                 (
                     remote,
-                    Some((listener, ReversePath::new(registry.clone()), security.tls())),
+                    Some((
+                        listener,
+                        ReversePath::new(registry.clone(), metrics.clone()),
+                        security.tls(),
+                    )),
                     server_id,
                 )
             }

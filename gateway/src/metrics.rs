@@ -146,6 +146,8 @@ pub struct Metrics {
     pub outbox_queued: Gauge,
     /// Server messages no connection wrote, by why.
     pub server_messages_dropped: Family<ReasonLabels, Counter>,
+    /// Session connections and calls the reverse-path server refused, by why.
+    pub reverse_path_refused: Family<ReasonLabels, Counter>,
     /// MTProto sessions with a live connection here (the registry's size).
     pub sessions: Gauge,
     /// Handshakes from `req_pq` until stored or failed (capped by
@@ -182,6 +184,7 @@ impl Default for Metrics {
             messages_sent: Counter::default(),
             outbox_queued: Gauge::default(),
             server_messages_dropped: Family::default(),
+            reverse_path_refused: Family::default(),
             sessions: Gauge::default(),
             handshakes_in_progress: Gauge::default(),
             buffered_bytes: Gauge::default(),
@@ -286,6 +289,11 @@ impl Metrics {
             "mtproto_server_messages_dropped",
             "Server messages no connection took or wrote (no connection, outboxes full, connection closed first)",
             self.server_messages_dropped.clone(),
+        );
+        r.register(
+            "mtproto_reverse_path_refused",
+            "Session connections and calls the reverse-path gRPC server refused (its bounds, malformed calls)",
+            self.reverse_path_refused.clone(),
         );
         r.register(
             "mtproto_sessions",

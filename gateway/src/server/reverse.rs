@@ -39,6 +39,7 @@ use crate::grpc_frame::{
     next_message, put_frame, send_within_window, FrameError, SendError, CONNECTION_WINDOW, PREFIX,
     STREAM_WINDOW,
 };
+use crate::metrics::{Metrics, ReasonLabels};
 
 pub const UNARY_PATH: &str = "/gateway.RPCGateway/gateway_sendDataToGateway";
 pub const STREAM_PATH: &str = "/gateway.RPCGatewayStream/GatewayDataStream";
@@ -61,15 +62,32 @@ const MESSAGE_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
 #[derive(Debug, Clone)]
 pub struct ReversePath {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     /// [`MAX_PARTIAL`], smaller in tests.
     max_partial: usize,
 }
 
 impl ReversePath {
-    pub fn new(registry: Arc<Registry>) -> Self {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
         Self {
             registry,
+            metrics,
             max_partial: MAX_PARTIAL,
+        }
+    }
+
+    /// Counts a refusal in `mtproto_reverse_path_refused_total{reason}`.
+    fn refused(&self, reason: &'static str) {
+        self.metrics
+            .reverse_path_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a call's failure status, when it is the peer's doing.
+    fn count(&self, status: &Status) {
+        if let Some(reason) = status.reason {
+            self.refused(reason);
         }
     }
 
@@ -101,6 +119,7 @@ impl ReversePath {
                         connections.spawn(self.clone().serve_connection(io, drain.clone()));
                     }
                     Some(Ok(io)) => {
+                        self.refused("connections");
                         warn!(peer = ?io.connect_info().addr, "reverse path at {MAX_CONNECTIONS} session connections: connection closed");
                     }
                     Some(Err(e)) => debug!("reverse path accept failed: {e}"),
@@ -199,6 +218,7 @@ impl ReversePath {
             STREAM_PATH => false,
             _ => {
                 debug!(path, "reverse path call of an unknown method");
+                self.refused("unknown_method");
                 let refusal = Status::new(Code::Unimplemented, "unknown method");
                 return refusal.send_alone(&mut respond);
             }
@@ -211,6 +231,7 @@ impl ReversePath {
         };
         if unary {
             if let Err(status) = self.unary(body, &mut respond).await {
+                self.count(&status);
                 status.send_alone(&mut respond);
             }
             return;
@@ -220,7 +241,7 @@ impl ReversePath {
             Err(e) => return debug!("reverse path stream not answered: {e}"),
         };
         let mut call = StreamCall {
-            path: self,
+            path: self.clone(),
             input: body,
             send,
             out: BytesMut::new(),
@@ -236,6 +257,7 @@ impl ReversePath {
                 Status::new(Code::Unavailable, "the gateway is shutting down")
             }
         };
+        self.count(&status);
         call.finish(status);
     }
 
@@ -249,12 +271,17 @@ impl ReversePath {
             input.take(&chunk)?;
             while let Some(next) = input.next()? {
                 if message.replace(next).is_some() {
-                    return Err(Status::new(Code::Internal, "more than one request message"));
+                    return Err(Status::refusal(
+                        Code::Internal,
+                        "more than one request message",
+                        "malformed",
+                    ));
                 }
             }
         }
         input.end()?;
-        let message = message.ok_or_else(|| Status::new(Code::Internal, "no request message"))?;
+        let message = message
+            .ok_or_else(|| Status::refusal(Code::Internal, "no request message", "malformed"))?;
         let request = decode::<gpb::TlGatewaySendDataToGateway>(message)?;
         let mut answer = BytesMut::new();
         put_frame(&mut answer, &pb::Bool::from_bool(self.deliver(request)));
@@ -299,9 +326,10 @@ impl Input {
         let total = self.partial.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
         if total > self.max_partial {
             self.partial.fetch_sub(chunk.len(), Ordering::Relaxed);
-            return Err(Status::new(
+            return Err(Status::refusal(
                 Code::ResourceExhausted,
                 "too many bytes in incomplete messages on this connection",
+                "incomplete_bytes",
             ));
         }
         self.held.extend_from_slice(chunk);
@@ -323,9 +351,10 @@ impl Input {
         if self.held.is_empty() {
             Ok(())
         } else {
-            Err(Status::new(
+            Err(Status::refusal(
                 Code::Internal,
                 "requests ended inside a message",
+                "malformed",
             ))
         }
     }
@@ -419,7 +448,13 @@ impl StreamCall {
 }
 
 fn decode<M: Message + Default>(message: Bytes) -> Result<M, Status> {
-    M::decode(message).map_err(|e| Status::new(Code::Internal, format!("undecodable request: {e}")))
+    M::decode(message).map_err(|e| {
+        Status::refusal(
+            Code::Internal,
+            format!("undecodable request: {e}"),
+            "malformed",
+        )
+    })
 }
 
 fn grpc_headers() -> Response<()> {
@@ -454,18 +489,31 @@ enum Code {
 struct Status {
     code: Code,
     message: String,
+    /// Set when the call was refused for what the peer sent:
+    /// `mtproto_reverse_path_refused_total`'s `reason`.
+    reason: Option<&'static str>,
 }
 
 impl Status {
     const OK: Status = Status {
         code: Code::Ok,
         message: String::new(),
+        reason: None,
     };
 
     fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
+            reason: None,
+        }
+    }
+
+    /// A refusal of what the peer sent, counted under `reason`.
+    fn refusal(code: Code, message: impl Into<String>, reason: &'static str) -> Self {
+        Self {
+            reason: Some(reason),
+            ..Self::new(code, message)
         }
     }
 
@@ -474,11 +522,14 @@ impl Status {
     }
 
     fn framing(e: FrameError) -> Self {
-        let code = match e {
-            FrameError::Compressed => Code::Unimplemented,
-            FrameError::TooLarge(_) => Code::ResourceExhausted,
-        };
-        Self::new(code, e.to_string())
+        match e {
+            FrameError::Compressed => {
+                Self::refusal(Code::Unimplemented, e.to_string(), "malformed")
+            }
+            FrameError::TooLarge(_) => {
+                Self::refusal(Code::ResourceExhausted, e.to_string(), "message_size")
+            }
+        }
     }
 
     fn trailers(&self) -> HeaderMap {
@@ -600,7 +651,7 @@ mod tests {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
         let (outbox, mut inbox) = outbox::channel(16);
         registry.attach(1, 2, 10, &outbox);
-        let served = serve(ReversePath::new(registry)).await;
+        let served = serve(ReversePath::new(registry, Arc::default())).await;
         let mut client = client(&served.addr).await;
         let (response, mut requests) = client
             .send_request(call(STREAM_PATH, "application/grpc"), false)
@@ -648,7 +699,7 @@ mod tests {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
         let (outbox, mut inbox) = outbox::channel(16);
         registry.attach(1, 2, 10, &outbox);
-        let served = serve(ReversePath::new(registry)).await;
+        let served = serve(ReversePath::new(registry, Arc::default())).await;
         let mut client = client(&served.addr).await;
         for (session, delivered) in [(2, true), (3, false)] {
             let (response, mut request) = client
@@ -696,9 +747,10 @@ mod tests {
     #[tokio::test]
     async fn bad_calls_get_their_status_and_the_connection_goes_on() {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let metrics = Arc::new(Metrics::default());
         let served = serve(ReversePath {
             max_partial: 1000,
-            ..ReversePath::new(registry)
+            ..ReversePath::new(registry, metrics.clone())
         })
         .await;
         let mut client = client(&served.addr).await;
@@ -748,6 +800,30 @@ mod tests {
         large.extend_from_slice(&[0; 1200]);
         let status = refusal(&mut client, STREAM_PATH, "application/grpc", large.freeze()).await;
         assert_eq!(code(&status).as_deref(), Some("8"));
+
+        let mut oversized = BytesMut::new();
+        oversized.extend_from_slice(&[0, 0, 0x40, 0, 1]);
+        let status = refusal(
+            &mut client,
+            UNARY_PATH,
+            "application/grpc",
+            oversized.freeze(),
+        )
+        .await;
+        assert_eq!(code(&status).as_deref(), Some("8"));
+
+        for (reason, count) in [
+            ("unknown_method", 1),
+            ("malformed", 4),
+            ("incomplete_bytes", 1),
+            ("message_size", 1),
+        ] {
+            let counted = metrics
+                .reverse_path_refused
+                .get_or_create(&ReasonLabels { reason })
+                .get();
+            assert_eq!(counted, count, "{reason}");
+        }
 
         // The connection still serves calls after all of those.
         let ok = refusal(
