@@ -8,7 +8,7 @@
 //! frame read. Through tonic and hyper every call also had a task of its
 //! own, a wake-up more each way per batch on stream mode's hottest path.
 //! Every peer is bounded: connections, calls per connection, message size,
-//! bytes held in incomplete messages, and answers the peer does not read.
+//! bytes held for unfinished requests, and answers the peer does not read.
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -48,8 +48,9 @@ pub const STREAM_PATH: &str = "/gateway.RPCGatewayStream/GatewayDataStream";
 const MAX_CONNECTIONS: usize = 128;
 /// Calls open at once on one connection (HTTP/2 `MAX_CONCURRENT_STREAMS`).
 const MAX_CALLS: u32 = 256;
-/// Bytes one connection's calls may hold in incomplete messages; a call
-/// that would pass it fails with `RESOURCE_EXHAUSTED`.
+/// Bytes one connection's calls may hold of requests not yet complete
+/// (incomplete messages, and a unary request until its stream ends); a
+/// call that would pass it fails with `RESOURCE_EXHAUSTED`.
 const MAX_PARTIAL: usize = 32 << 20;
 /// Answers framed and not yet taken by the peer's window, past which a
 /// stream call reads no more requests (so the peer's window fills).
@@ -226,6 +227,7 @@ impl ReversePath {
         let body = Input {
             body: request.into_body(),
             held: BytesMut::new(),
+            kept: 0,
             partial,
             max_partial: self.max_partial,
         };
@@ -270,6 +272,7 @@ impl ReversePath {
         while let Some(chunk) = poll_fn(|cx| input.poll_chunk(cx)).await? {
             input.take(&chunk)?;
             while let Some(next) = input.next()? {
+                input.keep(&next);
                 if message.replace(next).is_some() {
                     return Err(Status::refusal(
                         Code::Internal,
@@ -303,6 +306,9 @@ impl ReversePath {
 struct Input {
     body: RecvStream,
     held: BytesMut,
+    /// Bytes of complete messages the call still holds (a unary request
+    /// until its stream ends), counted like `held`.
+    kept: usize,
     partial: Arc<AtomicUsize>,
     max_partial: usize,
 }
@@ -328,7 +334,7 @@ impl Input {
             self.partial.fetch_sub(chunk.len(), Ordering::Relaxed);
             return Err(Status::refusal(
                 Code::ResourceExhausted,
-                "too many bytes in incomplete messages on this connection",
+                "too many bytes held for unfinished requests on this connection",
                 "incomplete_bytes",
             ));
         }
@@ -344,6 +350,14 @@ impl Input {
                 .fetch_sub(PREFIX + message.len(), Ordering::Relaxed);
         }
         Ok(message)
+    }
+
+    /// Keeps counting a message taken by [`Input::next`] until the call
+    /// ends.
+    fn keep(&mut self, message: &Bytes) {
+        let len = PREFIX + message.len();
+        self.partial.fetch_add(len, Ordering::Relaxed);
+        self.kept += len;
     }
 
     /// Checks that the requests did not end inside a message.
@@ -362,7 +376,8 @@ impl Input {
 
 impl Drop for Input {
     fn drop(&mut self) {
-        self.partial.fetch_sub(self.held.len(), Ordering::Relaxed);
+        self.partial
+            .fetch_sub(self.held.len() + self.kept, Ordering::Relaxed);
     }
 }
 
@@ -801,6 +816,28 @@ mod tests {
         let status = refusal(&mut client, STREAM_PATH, "application/grpc", large.freeze()).await;
         assert_eq!(code(&status).as_deref(), Some("8"));
 
+        // A unary request not yet ended keeps its bytes counted: a second
+        // one does not fit beside it, and the first still completes.
+        let payload: &'static [u8] = &[7; 600];
+        let (held, mut first) = client
+            .send_request(call(UNARY_PATH, "application/grpc"), false)
+            .expect("call");
+        first
+            .send_data(framed(&send_data(1, 2, payload)), false)
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let status = refusal(
+            &mut client,
+            UNARY_PATH,
+            "application/grpc",
+            framed(&send_data(1, 2, payload)),
+        )
+        .await;
+        assert_eq!(code(&status).as_deref(), Some("8"));
+        first.send_data(Bytes::new(), true).expect("end");
+        let mut body = held.await.expect("headers").into_body();
+        assert!(!read::<pb::Bool>(&mut body, 1).await[0].value());
+
         let mut oversized = BytesMut::new();
         oversized.extend_from_slice(&[0, 0, 0x40, 0, 1]);
         let status = refusal(
@@ -815,7 +852,7 @@ mod tests {
         for (reason, count) in [
             ("unknown_method", 1),
             ("malformed", 4),
-            ("incomplete_bytes", 1),
+            ("incomplete_bytes", 2),
             ("message_size", 1),
         ] {
             let counted = metrics
