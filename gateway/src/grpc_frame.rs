@@ -118,9 +118,27 @@ pub(crate) fn poll_after_ready_tasks(cx: &mut Context<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use h2::RecvStream;
     use mtproto_edge_proto::mtproto as pb;
+
+    /// The next `n` messages of an HTTP/2 body, for tests of either end.
+    pub(crate) async fn read_messages<M: Message + Default>(
+        body: &mut RecvStream,
+        n: usize,
+    ) -> Vec<M> {
+        let (mut input, mut messages) = (BytesMut::new(), Vec::new());
+        while messages.len() < n {
+            let chunk = body.data().await.expect("more").expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            input.extend_from_slice(&chunk);
+            while let Some(message) = next_message(&mut input).expect("valid") {
+                messages.push(M::decode(message).expect("decodes"));
+            }
+        }
+        messages
+    }
 
     #[test]
     fn messages_are_split_off_only_when_complete() {

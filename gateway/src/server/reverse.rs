@@ -219,8 +219,9 @@ impl ReversePath {
             STREAM_PATH => false,
             _ => {
                 debug!(path, "reverse path call of an unknown method");
-                self.refused("unknown_method");
-                let refusal = Status::new(Code::Unimplemented, "unknown method");
+                let refusal =
+                    Status::refusal(Code::Unimplemented, "unknown method", "unknown_method");
+                self.count(&refusal);
                 return refusal.send_alone(&mut respond);
             }
         };
@@ -573,6 +574,8 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc_frame::frame;
+    use crate::grpc_frame::tests::read_messages;
     use crate::server::outbox;
     use h2::client::SendRequest;
     use hyper::header::TE;
@@ -635,20 +638,6 @@ mod tests {
         }
     }
 
-    /// The next `n` messages of a response body.
-    async fn read<M: Message + Default>(body: &mut RecvStream, n: usize) -> Vec<M> {
-        let (mut input, mut messages) = (BytesMut::new(), Vec::new());
-        while messages.len() < n {
-            let chunk = body.data().await.expect("more").expect("data");
-            let _ = body.flow_control().release_capacity(chunk.len());
-            input.extend_from_slice(&chunk);
-            while let Some(message) = next_message(&mut input).expect("valid") {
-                messages.push(M::decode(message).expect("decodes"));
-            }
-        }
-        messages
-    }
-
     fn status_of(headers: &HeaderMap) -> Option<(String, String)> {
         let text = |name| {
             headers
@@ -679,7 +668,7 @@ mod tests {
         let response = response.await.expect("headers");
         assert_eq!(response.status(), StatusCode::OK);
         let mut answers = response.into_body();
-        let got = read::<gpb::GatewayStreamResponse>(&mut answers, 3).await;
+        let got = read_messages::<gpb::GatewayStreamResponse>(&mut answers, 3).await;
         let got: Vec<_> = got
             .iter()
             .map(|a| (a.request_id.as_str(), a.success))
@@ -705,10 +694,6 @@ mod tests {
         drop(requests);
     }
 
-    fn framed(message: &impl Message) -> Bytes {
-        crate::grpc_frame::frame(message)
-    }
-
     #[tokio::test]
     async fn a_unary_call_answers_whether_it_was_delivered() {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
@@ -721,10 +706,10 @@ mod tests {
                 .send_request(call(UNARY_PATH, "application/grpc+proto"), false)
                 .expect("call");
             request
-                .send_data(framed(&send_data(1, session, b"m")), true)
+                .send_data(frame(&send_data(1, session, b"m")), true)
                 .expect("send");
             let mut body = response.await.expect("headers").into_body();
-            let answer = read::<pb::Bool>(&mut body, 1).await;
+            let answer = read_messages::<pb::Bool>(&mut body, 1).await;
             assert_eq!(answer[0].value(), delivered, "session {session}");
             let trailers = body.trailers().await.expect("trailers").expect("some");
             assert_eq!(status_of(&trailers), Some(("0".into(), String::new())));
@@ -793,7 +778,7 @@ mod tests {
         let empty = refusal(&mut client, UNARY_PATH, "application/grpc", Bytes::new()).await;
         assert_eq!(code(&empty).as_deref(), Some("13"));
 
-        let mut cut = BytesMut::from(&framed(&send_data(1, 2, b"abc"))[..]);
+        let mut cut = BytesMut::from(&frame(&send_data(1, 2, b"abc"))[..]);
         cut.truncate(cut.len() - 1);
         let status = refusal(&mut client, STREAM_PATH, "application/grpc", cut.freeze()).await;
         assert_eq!(code(&status).as_deref(), Some("13"));
@@ -823,20 +808,20 @@ mod tests {
             .send_request(call(UNARY_PATH, "application/grpc"), false)
             .expect("call");
         first
-            .send_data(framed(&send_data(1, 2, payload)), false)
+            .send_data(frame(&send_data(1, 2, payload)), false)
             .expect("send");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let status = refusal(
             &mut client,
             UNARY_PATH,
             "application/grpc",
-            framed(&send_data(1, 2, payload)),
+            frame(&send_data(1, 2, payload)),
         )
         .await;
         assert_eq!(code(&status).as_deref(), Some("8"));
         first.send_data(Bytes::new(), true).expect("end");
         let mut body = held.await.expect("headers").into_body();
-        assert!(!read::<pb::Bool>(&mut body, 1).await[0].value());
+        assert!(!read_messages::<pb::Bool>(&mut body, 1).await[0].value());
 
         let mut oversized = BytesMut::new();
         oversized.extend_from_slice(&[0, 0, 0x40, 0, 1]);
@@ -867,7 +852,7 @@ mod tests {
             &mut client,
             UNARY_PATH,
             "application/grpc",
-            framed(&send_data(1, 2, b"m")),
+            frame(&send_data(1, 2, b"m")),
         )
         .await;
         assert_eq!(ok, (StatusCode::OK, Some(("0".into(), String::new()))));

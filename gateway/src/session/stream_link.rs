@@ -376,6 +376,7 @@ fn frame_request(out: &mut BytesMut, id: u64, body: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc_frame::tests::read_messages;
     use crate::session::grpc_h2::tests::server;
     use mtproto_edge_proto::mtproto as pb;
     use session_stream_request::Payload as Request;
@@ -422,20 +423,6 @@ mod tests {
         assert_eq!(ids, [(7, "1".into()), (8, "2".into())]);
     }
 
-    /// The next `n` requests of a call's body.
-    async fn read_requests(body: &mut RecvStream, n: usize) -> Vec<spb::SessionStreamRequest> {
-        let (mut input, mut requests) = (BytesMut::new(), Vec::new());
-        while requests.len() < n {
-            let chunk = body.data().await.expect("more").expect("data");
-            let _ = body.flow_control().release_capacity(chunk.len());
-            input.extend_from_slice(&chunk);
-            while let Some(message) = next_message(&mut input).expect("valid") {
-                requests.push(spb::SessionStreamRequest::decode(message).expect("decodes"));
-            }
-        }
-        requests
-    }
-
     fn ok_headers() -> hyper::Response<()> {
         hyper::Response::builder()
             .header("content-type", "application/grpc")
@@ -447,7 +434,8 @@ mod tests {
     async fn answers_in_any_order_reach_their_callers() {
         const CALLS: i64 = 50;
         let addr = server(PATH, |mut body, mut respond| async move {
-            let requests = read_requests(&mut body, CALLS as usize).await;
+            let requests =
+                read_messages::<spb::SessionStreamRequest>(&mut body, CALLS as usize).await;
             let mut answers = respond.send_response(ok_headers(), false).expect("headers");
             for request in requests.iter().rev() {
                 let answer = spb::SessionStreamResponse {
@@ -479,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn an_unanswered_call_ends_the_link_after_the_deadline() {
         let addr = server(PATH, |mut body, mut respond| async move {
-            read_requests(&mut body, 1).await;
+            read_messages::<spb::SessionStreamRequest>(&mut body, 1).await;
             let _answers = respond.send_response(ok_headers(), false).expect("headers");
             std::future::pending::<()>().await;
         })
