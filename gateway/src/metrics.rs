@@ -346,18 +346,24 @@ impl Metrics {
 
 /// Keeps a gauge raised while alive.
 #[derive(Debug)]
-pub struct GaugeGuard(Gauge);
+pub struct GaugeGuard(Gauge, i64);
 
 impl GaugeGuard {
     pub fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
+        Self::raise(gauge, 1)
+    }
+
+    /// Raises the gauge by `by` at once.
+    pub fn raise(gauge: &Gauge, by: usize) -> Self {
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        gauge.inc_by(by);
+        Self(gauge.clone(), by)
     }
 }
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.dec_by(self.1);
     }
 }
 

@@ -24,7 +24,7 @@ use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 
-use mtproto_gateway::metrics::SessionRpcMetrics;
+use mtproto_gateway::metrics::{RpcErrorLabels, SessionRpcMetrics};
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
@@ -338,9 +338,15 @@ async fn fail_call(
     mut respond: h2::server::SendResponse<Bytes>,
     answer: Answer,
 ) {
+    // A unary call fails once its request is in; a stream, whose requests
+    // never end, at its first one.
+    let streaming = request.uri().path().ends_with("/SessionDataStream");
     let mut body = request.into_body();
     while let Some(Ok(chunk)) = body.data().await {
         let _ = body.flow_control().release_capacity(chunk.len());
+        if streaming {
+            break;
+        }
     }
     let mut status = HeaderMap::new();
     status.insert("grpc-status", HeaderValue::from_static(answer.grpc_status));
@@ -432,5 +438,87 @@ async fn the_gateway_client_follows_teamgram_700_and_the_older_unknown_form() {
             Err(SessionError::Redirect(to)) => assert_eq!(to, looping.to_string()),
             r => panic!("{grpc_status} {trailers_only}: expected Redirect, got {r:?}"),
         }
+    }
+}
+
+fn client_data(perm_auth_key_id: i64, n: u8) -> mtproto_session::SessionClientData {
+    mtproto_session::SessionClientData {
+        server_id: "127.0.0.1:1".into(),
+        conn_type: 0,
+        auth_key_id: perm_auth_key_id,
+        key_type: 0,
+        perm_auth_key_id,
+        session_id: 7,
+        client_ip: "192.0.2.1".into(),
+        quick_ack: 0,
+        salt: 0,
+        payload: Bytes::from(vec![n; 32]),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_messages_is_answered_one_outcome_each_in_both_modes() {
+    // As above: the gateway's ring has only `a`, which redirects `b`'s keys.
+    let b = reference_session(&[]).await;
+    let a = reference_session(&[&b.to_string()]).await;
+    let members = [a.to_string(), b.to_string()];
+    let (own, foreign) = (
+        key_owned_by(&members, &a.to_string()),
+        key_owned_by(&members, &b.to_string()),
+    );
+    let unknown = raw_session(|_| Answer {
+        grpc_status: "401",
+        message: "AUTH_KEY_UNREGISTERED".into(),
+        trailers_only: true,
+    })
+    .await;
+    for mode in [Mode::Unary, Mode::Stream] {
+        let metrics = SessionRpcMetrics::default();
+        let settings = RemoteSettings {
+            mode,
+            call_timeout: Duration::from_secs(5),
+            retries: 0,
+            backoff: Duration::from_millis(1),
+        };
+        let gateway = RemoteSession::new(vec![a.to_string()], settings.clone(), metrics.clone());
+        let redirected = || {
+            metrics
+                .errors
+                .get_or_create(&RpcErrorLabels {
+                    method: "session_sendDataToSession",
+                    kind: "redirect",
+                })
+                .get()
+        };
+        let batches = [
+            vec![own; 3],
+            // Each message's first attempt is redirected, then taken by `b`.
+            vec![foreign; 3],
+            // Keys of two owners: each goes its own way.
+            vec![own, foreign, own],
+        ];
+        for (keys, redirects) in batches.iter().zip([0, 3, 4]) {
+            let data = keys.iter().zip(0..).map(|(&k, n)| client_data(k, n));
+            let outcomes = gateway.send_data_batch(data.collect()).await;
+            assert_eq!(outcomes.len(), keys.len(), "{mode:?} {keys:?}");
+            for outcome in outcomes {
+                outcome.unwrap_or_else(|e| panic!("{mode:?} {keys:?}: {e}"));
+            }
+            assert_eq!(redirected(), redirects, "{mode:?} {keys:?}");
+        }
+        assert_eq!(metrics.in_flight.get(), 0, "{mode:?}");
+
+        let refusing = RemoteSession::new(vec![unknown.to_string()], settings, metrics.clone());
+        let outcomes = refusing
+            .send_data_batch(vec![client_data(own, 1), client_data(own, 2)])
+            .await;
+        assert_eq!(outcomes.len(), 2);
+        for outcome in outcomes {
+            assert!(
+                matches!(outcome, Err(SessionError::AuthKeyUnregistered)),
+                "{mode:?}: {outcome:?}"
+            );
+        }
+        assert!(refusing.send_data_batch(Vec::new()).await.is_empty());
     }
 }

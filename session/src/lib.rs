@@ -75,6 +75,16 @@ pub trait SessionService: Send + Sync + std::fmt::Debug {
     async fn query_auth_key(&self, auth_key_id: i64) -> Result<AuthKeyInfo, SessionError>;
     async fn set_auth_key(&self, key: &NewAuthKey) -> Result<StoreOutcome, SessionError>;
     async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError>;
+    /// Several messages of one connection, in order, with one outcome
+    /// each. A session may hand them over together (one lookup, one wait);
+    /// by default they go one after another.
+    async fn send_data_batch(&self, data: Vec<SessionClientData>) -> Vec<Result<(), SessionError>> {
+        let mut outcomes = Vec::with_capacity(data.len());
+        for data in data {
+            outcomes.push(self.send_data(data).await);
+        }
+        outcomes
+    }
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError>;
 }
 

@@ -702,7 +702,7 @@ async fn on_encrypted(auth_key_id: i64, body: Bytes, cx: &ConnCx) -> Result<Byte
     let guard = attach(cx, &info, session_id)?;
     let data = shell::client_data(
         shared,
-        cx.peer.ip(),
+        cx.peer.ip().to_string(),
         Forward::new(&info, CONN_TYPE_HTTP, opened),
     );
     match shell::forward(shared.clone(), data).await {

@@ -5,7 +5,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Poll};
@@ -495,7 +495,7 @@ pub(super) async fn store_key(shared: &Shared, id: ConnectionId, key: NewAuthKey
 /// teamgram's `SessionClientData` for a forward from the core.
 pub(super) fn client_data(
     shared: &Shared,
-    client_ip: IpAddr,
+    client_ip: String,
     forward: Forward,
 ) -> SessionClientData {
     SessionClientData {
@@ -505,7 +505,7 @@ pub(super) fn client_data(
         key_type: forward.key_type,
         perm_auth_key_id: forward.perm_auth_key_id,
         session_id: forward.session_id,
-        client_ip: client_ip.to_string(),
+        client_ip,
         quick_ack: 0,
         salt: forward.salt,
         payload: forward.payload,
@@ -514,7 +514,24 @@ pub(super) fn client_data(
 
 /// Hands one message to the session and says how it went.
 pub(super) async fn forward(shared: Arc<Shared>, data: SessionClientData) -> Forwarded {
-    match shared.session.send_data(data).await {
+    let sent = shared.session.send_data(data).await;
+    forwarded(&shared, sent)
+}
+
+/// Hands a connection's messages to the session together and says how each
+/// went, in order.
+pub(super) async fn forward_all(
+    shared: Arc<Shared>,
+    data: Vec<SessionClientData>,
+) -> Vec<Forwarded> {
+    let sent = shared.session.send_data_batch(data).await;
+    sent.into_iter()
+        .map(|sent| forwarded(&shared, sent))
+        .collect()
+}
+
+fn forwarded(shared: &Shared, sent: Result<(), SessionError>) -> Forwarded {
+    match sent {
         Ok(()) => {
             shared.metrics.messages_forwarded.inc();
             Forwarded::Accepted

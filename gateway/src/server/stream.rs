@@ -47,8 +47,14 @@ const LINGER: Duration = Duration::from_secs(2);
 /// gateway's [`CLOSE_AFTER_GRACE`](super::CLOSE_AFTER_GRACE).
 const FORCED_CLOSE: Duration = Duration::from_secs(2);
 
-/// A connection's forwards to the session, answered in order.
-type Forwards = FuturesOrdered<BoxFuture<'static, Forwarded>>;
+/// A connection's forwards to the session, answered in order; made at its
+/// first forward, as connections that forward nothing (handshakes, idle)
+/// need none of it. The messages of one turn of the core go together.
+struct Forwards {
+    pending: FuturesOrdered<BoxFuture<'static, Vec<Forwarded>>>,
+    /// The client's address as every forward carries it, formatted once.
+    client_ip: String,
+}
 
 /// The two stages of a shutdown, as connections see them.
 pub(super) struct Stop {
@@ -214,8 +220,6 @@ impl Cx {
             self.accepted.into_std(),
         );
         let mut held = Held::new(shared.budgets.clone());
-        // Made at the first forward: an empty one still allocates, and
-        // connections that forward nothing (handshakes, idle) need none.
         let mut forwards: Option<Forwards> = None;
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
@@ -278,8 +282,8 @@ impl Cx {
                     }
                 }, if n > 0 || needs_flush => Step::Wrote(wrote),
                 Some(out) = async { outbox.inbox()?.recv().await }, if accepts => Step::Server(out),
-                Some(outcome) = async { forwards.as_mut()?.next().await },
-                    if forwards.as_ref().is_some_and(|f| !f.is_empty()) => Step::Forwarded(outcome),
+                Some(outcome) = async { forwards.as_mut()?.pending.next().await },
+                    if forwards.as_ref().is_some_and(|f| !f.pending.is_empty()) => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
                 _ = draining.changed(), if !drain_started => Step::Drain,
@@ -322,8 +326,19 @@ impl Cx {
                         conn.send_server_message(&out.payload, now, &mut rng);
                     }
                 }
-                Step::Forwarded(outcome) => {
-                    conn.handle_forwarded(outcome, now, &mut host, &mut rand::thread_rng())
+                Step::Forwarded(outcomes) => {
+                    // Answers to several turns' messages often come
+                    // together: all that are ready are taken in this turn.
+                    let mut rng = rand::thread_rng();
+                    let mut ready = Some(outcomes);
+                    while let Some(outcomes) = ready {
+                        for outcome in outcomes {
+                            conn.handle_forwarded(outcome, now, &mut host, &mut rng);
+                        }
+                        ready = forwards
+                            .as_mut()
+                            .and_then(|f| f.pending.next().now_or_never().flatten());
+                    }
                 }
                 Step::Answer(answer) => {
                     waiting = None;
@@ -433,14 +448,20 @@ impl Cx {
         forwards: &mut Option<Forwards>,
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) {
+        let mut batch = Vec::new();
         while let Some(action) = conn.poll_action() {
             let shared = self.shared.clone();
             match action {
                 Action::Forward(forward) => {
-                    let data = shell::client_data(&shared, self.peer.ip(), forward);
-                    forwards
-                        .get_or_insert_with(FuturesOrdered::new)
-                        .push_back(shell::forward(shared, data).boxed());
+                    let forwards = forwards.get_or_insert_with(|| Forwards {
+                        pending: FuturesOrdered::new(),
+                        client_ip: self.peer.ip().to_string(),
+                    });
+                    batch.push(shell::client_data(
+                        &shared,
+                        forwards.client_ip.clone(),
+                        forward,
+                    ));
                 }
                 Action::LookupKey(auth_key_id) => {
                     *waiting = Some(
@@ -465,6 +486,12 @@ impl Cx {
                     Box::pin(shared.keys.cache.remove(auth_key_id)).await
                 }
             }
+        }
+        if let Some(forwards) = forwards.as_mut().filter(|_| !batch.is_empty()) {
+            let shared = self.shared.clone();
+            forwards
+                .pending
+                .push_back(shell::forward_all(shared, batch).boxed());
         }
     }
 
@@ -519,7 +546,7 @@ enum Step {
     /// Bytes written, or `None` for a completed flush.
     Wrote(std::io::Result<Option<usize>>),
     Server(Outgoing),
-    Forwarded(Forwarded),
+    Forwarded(Vec<Forwarded>),
     Answer(Answer),
     Timeout,
     /// The gateway stopped accepting.

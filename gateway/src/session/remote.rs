@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::join_all;
 use mtproto_edge_proto::mtproto as pb;
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
@@ -20,7 +21,7 @@ use tonic::Code;
 use tracing::{debug, warn};
 
 use super::links::Links;
-use super::stream_link::{encode_request, StreamLink};
+use super::stream_link::{encode_request, Answer, StreamLink};
 use super::unary_link::{self, UnaryLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
 use mtproto_core::authkey::AuthKeyInfo;
@@ -34,6 +35,7 @@ use mtproto_session::wire::{
 use mtproto_session::{SessionClientData, SessionClientEvent, SessionError, SessionService};
 
 const MAX_REDIRECTS: usize = 2;
+const SEND_DATA: &str = "session_sendDataToSession";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -210,10 +212,57 @@ impl RemoteSession {
     /// One request (encoded by [`encode_request`]) over the stream to
     /// `addr`: the answer, or the failure an error answer carries.
     async fn stream_call(&self, addr: &str, request: Bytes) -> Result<StreamResponse, Failure> {
-        match self.stream(addr).await?.call(request).await? {
-            StreamResponse::Error(e) => Err(classify_stream_error(e.code, &e.message)),
-            answer => Ok(answer),
+        stream_answer(self.stream(addr).await?.call(request).await)
+    }
+
+    /// One `sendDataToSession` over the stream to `addr`.
+    async fn stream_send_data(&self, addr: String, body: Bytes) -> Result<(), Failure> {
+        send_data_ack(self.stream_call(&addr, body).await)
+    }
+
+    /// A connection's messages over the stream to their owner, queued
+    /// together: one ring lookup, one link lookup and one wait for them
+    /// all. A message whose first attempt fails goes on alone through
+    /// [`RemoteSession::settle`]'s redirects and retries.
+    async fn stream_send_data_batch(
+        &self,
+        data: Vec<SessionClientData>,
+    ) -> Vec<Result<(), SessionError>> {
+        let ring_key = data.first().map_or(0, |d| d.perm_auth_key_id);
+        let target = match self.owner(ring_key) {
+            Ok(target) if data.iter().all(|d| d.perm_auth_key_id == ring_key) => target,
+            // Keys of several owners, or no owner at all: one by one.
+            _ => return join_all(data.into_iter().map(|d| self.send_data(d))).await,
+        };
+        let _in_flight = GaugeGuard::raise(&self.metrics.in_flight, data.len());
+        let started = std::time::Instant::now();
+        let bodies: Vec<Bytes> = data.into_iter().map(send_data_body).collect();
+        let answers = match self.stream(&target).await {
+            Ok(link) => link.call_all(bodies.clone()).await,
+            Err(failure) => vec![Err(failure); bodies.len()],
+        };
+        let mut outcomes = Vec::with_capacity(bodies.len());
+        for (body, answer) in bodies.into_iter().zip(answers) {
+            let outcome = match send_data_ack(stream_answer(answer)) {
+                Ok(()) => Ok(()),
+                Err(failure) => {
+                    let call = |addr| self.stream_send_data(addr, body.clone());
+                    let target = target.clone();
+                    self.settle(ring_key, SEND_DATA, call, target, Err(failure))
+                        .await
+                }
+            };
+            self.observe(SEND_DATA, started);
+            outcomes.push(outcome);
         }
+        outcomes
+    }
+
+    fn observe(&self, method: &'static str, started: std::time::Instant) {
+        self.metrics
+            .duration
+            .get_or_create(&MethodLabels { method })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Runs one request against the owner of `ring_key`, following redirects
@@ -231,10 +280,7 @@ impl RemoteSession {
         let _in_flight = GaugeGuard::new(&self.metrics.in_flight);
         let started = std::time::Instant::now();
         let result = self.route_attempts(ring_key, method, call).await;
-        self.metrics
-            .duration
-            .get_or_create(&MethodLabels { method })
-            .observe(started.elapsed().as_secs_f64());
+        self.observe(method, started);
         result
     }
 
@@ -248,10 +294,28 @@ impl RemoteSession {
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
-        let mut target = self.owner(ring_key)?;
+        let target = self.owner(ring_key)?;
+        let outcome = call(target.clone()).await;
+        self.settle(ring_key, method, call, target, outcome).await
+    }
+
+    /// Goes on from the outcome of a call to `target`: follows redirects
+    /// and retries transient failures with backoff until it succeeds or
+    /// gives up.
+    async fn settle<T, F, Fut>(
+        &self,
+        ring_key: i64,
+        method: &'static str,
+        call: F,
+        mut target: String,
+        mut outcome: Result<T, Failure>,
+    ) -> Result<T, SessionError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
         let (mut redirects, mut attempt) = (0, 0);
         loop {
-            let mut outcome = call(target.clone()).await;
             if let Err(Failure::Redirect(addr)) = &outcome {
                 if self.members_only && !self.is_member(addr) {
                     warn!(method, session = %target, to = %addr, "refused a redirect to a session that is not a ring member");
@@ -312,7 +376,32 @@ impl RemoteSession {
                     )))
                 }
             }
+            outcome = call(target.clone()).await;
         }
+    }
+}
+
+/// A stream answer, with an error answer made the failure it carries.
+fn stream_answer(answer: Answer) -> Result<StreamResponse, Failure> {
+    match answer? {
+        StreamResponse::Error(e) => Err(classify_stream_error(e.code, &e.message)),
+        answer => Ok(answer),
+    }
+}
+
+/// `sendDataToSession` encoded for the stream.
+fn send_data_body(data: SessionClientData) -> Bytes {
+    encode_request(StreamRequest::SendData(spb::TlSessionSendDataToSession {
+        constructor: spb::SEND_DATA_TO_SESSION,
+        data: Some(data_to_proto(data)),
+    }))
+}
+
+/// The outcome of a `sendDataToSession` over the stream.
+fn send_data_ack(answer: Result<StreamResponse, Failure>) -> Result<(), Failure> {
+    match answer? {
+        StreamResponse::Ack(ack) => bool_or_stream_ack(ack.success),
+        _ => Err(Failure::Fatal("auth key for sendData".into())),
     }
 }
 
@@ -393,19 +482,17 @@ impl SessionService for RemoteSession {
     }
 
     async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
-        const METHOD: &str = "session_sendDataToSession";
         let ring_key = data.perm_auth_key_id;
-        let request = spb::TlSessionSendDataToSession {
-            constructor: spb::SEND_DATA_TO_SESSION,
-            data: Some(data_to_proto(data)),
-        };
         match self.settings.mode {
             // Boxed: a unary call's state is larger than a stream call's,
             // and inline it would size every stream-mode message's future
             // too (1.5 KB instead of 1 KB).
             Mode::Unary => {
-                let request = &request;
-                Box::pin(self.route(ring_key, METHOD, |addr| async move {
+                let request = &spb::TlSessionSendDataToSession {
+                    constructor: spb::SEND_DATA_TO_SESSION,
+                    data: Some(data_to_proto(data)),
+                };
+                Box::pin(self.route(ring_key, SEND_DATA, |addr| async move {
                     let answer = self
                         .unary(&addr)
                         .await?
@@ -416,18 +503,19 @@ impl SessionService for RemoteSession {
                 .await
             }
             Mode::Stream => {
-                let body = encode_request(StreamRequest::SendData(request));
-                self.route(ring_key, METHOD, |addr| {
-                    let body = body.clone();
-                    async move {
-                        match self.stream_call(&addr, body).await? {
-                            StreamResponse::Ack(ack) => bool_or_stream_ack(ack.success),
-                            _ => Err(Failure::Fatal("auth key for sendData".into())),
-                        }
-                    }
+                let body = send_data_body(data);
+                self.route(ring_key, SEND_DATA, |addr| {
+                    self.stream_send_data(addr, body.clone())
                 })
                 .await
             }
+        }
+    }
+
+    async fn send_data_batch(&self, data: Vec<SessionClientData>) -> Vec<Result<(), SessionError>> {
+        match self.settings.mode {
+            Mode::Unary => join_all(data.into_iter().map(|d| self.send_data(d))).await,
+            Mode::Stream => self.stream_send_data_batch(data).await,
         }
     }
 

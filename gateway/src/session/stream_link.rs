@@ -108,6 +108,32 @@ impl StreamLink {
     /// Sends one request made by [`encode_request`] and waits for its
     /// answer.
     pub(super) async fn call(&self, body: Bytes) -> Answer {
+        match self.queue(body).await {
+            Ok(answer) => answer.await.unwrap_or_else(|_| Err(closed())),
+            Err(failure) => Err(failure),
+        }
+    }
+
+    /// Sends requests made by [`encode_request`], queued together so that
+    /// they leave together, and waits for their answers, in order.
+    pub(super) async fn call_all(&self, bodies: Vec<Bytes>) -> Vec<Answer> {
+        let mut queued = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            queued.push(self.queue(body).await);
+        }
+        let mut answers = Vec::with_capacity(queued.len());
+        for answer in queued {
+            answers.push(match answer {
+                Ok(answer) => answer.await.unwrap_or_else(|_| Err(closed())),
+                Err(failure) => Err(failure),
+            });
+        }
+        answers
+    }
+
+    /// Queues one request for the link task; its answer comes on the
+    /// receiver.
+    async fn queue(&self, body: Bytes) -> Result<oneshot::Receiver<Answer>, Failure> {
         let (done, answer) = oneshot::channel();
         let call = Call { body, done };
         match self.calls.try_send(call) {
@@ -119,7 +145,7 @@ impl StreamLink {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
         }
-        answer.await.unwrap_or_else(|_| Err(closed()))
+        Ok(answer)
     }
 }
 
