@@ -450,7 +450,7 @@ impl Cx {
     ) {
         let mut batch = Vec::new();
         while let Some(action) = conn.poll_action() {
-            let shared = self.shared.clone();
+            let shared = &self.shared;
             match action {
                 Action::Forward(forward) => {
                     let forwards = forwards.get_or_insert_with(|| Forwards {
@@ -458,12 +458,13 @@ impl Cx {
                         client_ip: self.peer.ip().to_string(),
                     });
                     batch.push(shell::client_data(
-                        &shared,
+                        shared,
                         forwards.client_ip.clone(),
                         forward,
                     ));
                 }
                 Action::LookupKey(auth_key_id) => {
+                    let shared = shared.clone();
                     *waiting = Some(
                         async move { Answer::Key(shell::lookup_key(&shared, auth_key_id).await) }
                             .boxed(),
@@ -474,7 +475,7 @@ impl Cx {
                         Some(async move { Answer::Computed(shell::compute(job).await) }.boxed());
                 }
                 Action::StoreKey(key) => {
-                    let id = self.id;
+                    let (shared, id) = (shared.clone(), self.id);
                     *waiting = Some(
                         async move { Answer::Stored(shell::store_key(&shared, id, key).await) }
                             .boxed(),
