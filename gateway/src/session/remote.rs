@@ -231,7 +231,8 @@ impl RemoteSession {
         let ring_key = data.first().map_or(0, |d| d.perm_auth_key_id);
         let target = match self.owner(ring_key) {
             Ok(target) if data.iter().all(|d| d.perm_auth_key_id == ring_key) => target,
-            // Keys of several owners, or no owner at all: one by one.
+            // Messages of several keys (a temp key bound meanwhile), or no
+            // owner at all: one by one.
             _ => return join_all(data.into_iter().map(|d| self.send_data(d))).await,
         };
         let _in_flight = GaugeGuard::raise(&self.metrics.in_flight, data.len());
@@ -241,19 +242,35 @@ impl RemoteSession {
             Ok(link) => link.call_all(bodies.clone()).await,
             Err(failure) => vec![Err(failure); bodies.len()],
         };
+        let firsts: Vec<_> = answers
+            .into_iter()
+            .map(|answer| send_data_ack(stream_answer(answer)))
+            .collect();
+        let answered = started.elapsed().as_secs_f64();
+        {
+            let duration = self
+                .metrics
+                .duration
+                .get_or_create(&MethodLabels { method: SEND_DATA });
+            firsts
+                .iter()
+                .filter(|first| first.is_ok())
+                .for_each(|_| duration.observe(answered));
+        }
         let mut outcomes = Vec::with_capacity(bodies.len());
-        for (body, answer) in bodies.into_iter().zip(answers) {
-            let outcome = match send_data_ack(stream_answer(answer)) {
+        for (body, first) in bodies.into_iter().zip(firsts) {
+            outcomes.push(match first {
                 Ok(()) => Ok(()),
                 Err(failure) => {
                     let call = |addr| self.stream_send_data(addr, body.clone());
                     let target = target.clone();
-                    self.settle(ring_key, SEND_DATA, call, target, Err(failure))
-                        .await
+                    let outcome = self
+                        .settle(ring_key, SEND_DATA, call, target, Err(failure))
+                        .await;
+                    self.observe(SEND_DATA, started);
+                    outcome
                 }
-            };
-            self.observe(SEND_DATA, started);
-            outcomes.push(outcome);
+            });
         }
         outcomes
     }
