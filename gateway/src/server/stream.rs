@@ -47,14 +47,9 @@ const LINGER: Duration = Duration::from_secs(2);
 /// gateway's [`CLOSE_AFTER_GRACE`](super::CLOSE_AFTER_GRACE).
 const FORCED_CLOSE: Duration = Duration::from_secs(2);
 
-/// A connection's forwards to the session, answered in order; made at its
-/// first forward, as connections that forward nothing (handshakes, idle)
-/// need none of it. The messages of one turn of the core go together.
-struct Forwards {
-    pending: FuturesOrdered<BoxFuture<'static, Vec<Forwarded>>>,
-    /// The client's address as every forward carries it, formatted once.
-    client_ip: String,
-}
+/// A connection's forwards to the session, the messages of one turn of the
+/// core together, answered in order.
+type Forwards = FuturesOrdered<BoxFuture<'static, Vec<Forwarded>>>;
 
 /// The two stages of a shutdown, as connections see them.
 pub(super) struct Stop {
@@ -220,6 +215,8 @@ impl Cx {
             self.accepted.into_std(),
         );
         let mut held = Held::new(shared.budgets.clone());
+        // Made at the first forward: an empty one still allocates, and
+        // connections that forward nothing (handshakes, idle) need none.
         let mut forwards: Option<Forwards> = None;
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
@@ -282,8 +279,8 @@ impl Cx {
                     }
                 }, if n > 0 || needs_flush => Step::Wrote(wrote),
                 Some(out) = async { outbox.inbox()?.recv().await }, if accepts => Step::Server(out),
-                Some(outcome) = async { forwards.as_mut()?.pending.next().await },
-                    if forwards.as_ref().is_some_and(|f| !f.pending.is_empty()) => Step::Forwarded(outcome),
+                Some(outcome) = async { forwards.as_mut()?.next().await },
+                    if forwards.as_ref().is_some_and(|f| !f.is_empty()) => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
                 _ = draining.changed(), if !drain_started => Step::Drain,
@@ -337,7 +334,7 @@ impl Cx {
                         }
                         ready = forwards
                             .as_mut()
-                            .and_then(|f| f.pending.next().now_or_never().flatten());
+                            .and_then(|f| f.next().now_or_never().flatten());
                     }
                 }
                 Step::Answer(answer) => {
@@ -448,20 +445,32 @@ impl Cx {
         forwards: &mut Option<Forwards>,
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) {
+        while let Some(auth_key_id) = self.start_actions(conn, forwards, waiting) {
+            // Boxed: moka's invalidation future is large, and inline it
+            // would be part of every connection's task; forgetting is rare.
+            Box::pin(self.shared.keys.cache.remove(auth_key_id)).await
+        }
+    }
+
+    /// Starts the core's actions up to a key to forget, which it returns:
+    /// the actions after it wait until it is forgotten. Nothing here is
+    /// kept across that wait, so idle connections' tasks stay small.
+    fn start_actions(
+        &self,
+        conn: &mut Connection,
+        forwards: &mut Option<Forwards>,
+        waiting: &mut Option<BoxFuture<'static, Answer>>,
+    ) -> Option<i64> {
         let mut batch = Vec::new();
+        // Formatted once for the batch.
+        let mut client_ip = None;
+        let mut forget = None;
         while let Some(action) = conn.poll_action() {
             let shared = &self.shared;
             match action {
                 Action::Forward(forward) => {
-                    let forwards = forwards.get_or_insert_with(|| Forwards {
-                        pending: FuturesOrdered::new(),
-                        client_ip: self.peer.ip().to_string(),
-                    });
-                    batch.push(shell::client_data(
-                        shared,
-                        forwards.client_ip.clone(),
-                        forward,
-                    ));
+                    let client_ip = client_ip.get_or_insert_with(|| self.peer.ip().to_string());
+                    batch.push(shell::client_data(shared, client_ip.clone(), forward));
                 }
                 Action::LookupKey(auth_key_id) => {
                     let shared = shared.clone();
@@ -481,19 +490,19 @@ impl Cx {
                             .boxed(),
                     );
                 }
-                // Boxed: moka's invalidation future is large, and inline it
-                // would be part of every connection's task; forgetting is rare.
                 Action::ForgetKey(auth_key_id) => {
-                    Box::pin(shared.keys.cache.remove(auth_key_id)).await
+                    forget = Some(auth_key_id);
+                    break;
                 }
             }
         }
-        if let Some(forwards) = forwards.as_mut().filter(|_| !batch.is_empty()) {
+        if !batch.is_empty() {
             let shared = self.shared.clone();
             forwards
-                .pending
+                .get_or_insert_with(FuturesOrdered::new)
                 .push_back(shell::forward_all(shared, batch).boxed());
         }
+        forget
     }
 
     /// Writes what the core left queued (the error code of a close, replies),
