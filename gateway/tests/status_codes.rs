@@ -441,15 +441,17 @@ async fn the_gateway_client_follows_teamgram_700_and_the_older_unknown_form() {
     }
 }
 
+/// A message from the client of [`event`].
 fn client_data(perm_auth_key_id: i64, n: u8) -> mtproto_session::SessionClientData {
+    let client = event(perm_auth_key_id);
     mtproto_session::SessionClientData {
-        server_id: "127.0.0.1:1".into(),
-        conn_type: 0,
-        auth_key_id: perm_auth_key_id,
-        key_type: 0,
+        server_id: client.server_id,
+        conn_type: client.conn_type,
+        auth_key_id: client.auth_key_id,
+        key_type: client.key_type,
         perm_auth_key_id,
-        session_id: 7,
-        client_ip: "192.0.2.1".into(),
+        session_id: client.session_id,
+        client_ip: client.client_ip,
         quick_ack: 0,
         salt: 0,
         payload: Bytes::from(vec![n; 32]),
