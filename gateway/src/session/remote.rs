@@ -228,7 +228,9 @@ impl RemoteSession {
         &self,
         data: Vec<SessionClientData>,
     ) -> Vec<Result<(), SessionError>> {
-        let ring_key = data.first().map_or(0, |d| d.perm_auth_key_id);
+        let Some(ring_key) = data.first().map(|d| d.perm_auth_key_id) else {
+            return Vec::new();
+        };
         let target = match self.owner(ring_key) {
             Ok(target) if data.iter().all(|d| d.perm_auth_key_id == ring_key) => target,
             // Messages of several keys (a temp key bound meanwhile), or no
@@ -257,22 +259,30 @@ impl RemoteSession {
                 .filter(|first| first.is_ok())
                 .for_each(|_| duration.observe(answered));
         }
-        let mut outcomes = Vec::with_capacity(bodies.len());
-        for (body, first) in bodies.into_iter().zip(firsts) {
-            outcomes.push(match first {
-                Ok(()) => Ok(()),
-                Err(failure) => {
+        if firsts.iter().all(Result::is_ok) {
+            return firsts.into_iter().map(|_| Ok(())).collect();
+        }
+        // The failed ones go on at once, each on its own (as separate calls
+        // would), not one after another's backoff.
+        let target = &target;
+        join_all(
+            bodies
+                .into_iter()
+                .zip(firsts)
+                .map(|(body, first)| async move {
+                    let failure = match first {
+                        Ok(()) => return Ok(()),
+                        Err(failure) => failure,
+                    };
                     let call = |addr| self.stream_send_data(addr, body.clone());
-                    let target = target.clone();
                     let outcome = self
-                        .settle(ring_key, SEND_DATA, call, target, Err(failure))
+                        .settle(ring_key, SEND_DATA, call, target.clone(), Err(failure))
                         .await;
                     self.observe(SEND_DATA, started);
                     outcome
-                }
-            });
-        }
-        outcomes
+                }),
+        )
+        .await
     }
 
     fn observe(&self, method: &'static str, started: std::time::Instant) {
