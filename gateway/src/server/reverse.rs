@@ -598,6 +598,16 @@ mod tests {
         }
     }
 
+    /// A server whose registry has one live connection, of key 1 and
+    /// session 2; the connection's outbox (kept to stay attached) and inbox.
+    async fn serve_one_session() -> (Served, outbox::Outbox, outbox::Inbox) {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let (outbox, inbox) = outbox::channel(16);
+        registry.attach(1, 2, 10, &outbox);
+        let served = serve(ReversePath::new(registry, Arc::default())).await;
+        (served, outbox, inbox)
+    }
+
     async fn client(addr: &str) -> SendRequest<Bytes> {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
@@ -652,10 +662,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_delivers_and_answers_each_request_and_ends_when_the_server_stops() {
-        let registry = Arc::new(Registry::new(Arc::default(), 8));
-        let (outbox, mut inbox) = outbox::channel(16);
-        registry.attach(1, 2, 10, &outbox);
-        let served = serve(ReversePath::new(registry, Arc::default())).await;
+        let (served, _outbox, mut inbox) = serve_one_session().await;
         let mut client = client(&served.addr).await;
         let (response, mut requests) = client
             .send_request(call(STREAM_PATH, "application/grpc"), false)
@@ -696,10 +703,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_unary_call_answers_whether_it_was_delivered() {
-        let registry = Arc::new(Registry::new(Arc::default(), 8));
-        let (outbox, mut inbox) = outbox::channel(16);
-        registry.attach(1, 2, 10, &outbox);
-        let served = serve(ReversePath::new(registry, Arc::default())).await;
+        let (served, _outbox, mut inbox) = serve_one_session().await;
         let mut client = client(&served.addr).await;
         for (session, delivered) in [(2, true), (3, false)] {
             let (response, mut request) = client
