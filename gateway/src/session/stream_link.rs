@@ -37,9 +37,11 @@ use super::remote::Failure;
 use crate::grpc_frame::{poll_after_ready_tasks, send_within_window, PREFIX};
 
 const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
-/// Calls queued for the link task before callers wait (back-pressure).
+/// Batches of calls queued for the link task before callers wait
+/// (back-pressure).
 const QUEUE: usize = 1024;
-/// Calls taken off the queue per turn of the link task (one DATA frame).
+/// Calls taken off the queue per turn of the link task (one DATA frame);
+/// a batch is taken whole.
 const BATCH: usize = 64;
 /// Calls sent and unanswered before the link takes no more (callers then
 /// wait on the queue).
@@ -51,16 +53,17 @@ const MAX_OUT: usize = 256 << 10;
 /// The answer to one call, or why there is none.
 pub(super) type Answer = Result<Payload, Failure>;
 
-/// A caller's request, encoded without its `request_id`, which the link adds.
-struct Call {
-    body: Bytes,
-    done: oneshot::Sender<Answer>,
+/// A caller's requests, encoded without their `request_id`, which the link
+/// adds; answered together, in order.
+struct Calls {
+    bodies: Vec<Bytes>,
+    done: oneshot::Sender<Vec<Answer>>,
 }
 
 /// The callers' end of one open stream.
 #[derive(Debug)]
 pub(super) struct StreamLink {
-    calls: mpsc::Sender<Call>,
+    calls: mpsc::Sender<Calls>,
 }
 
 impl StreamLink {
@@ -108,44 +111,26 @@ impl StreamLink {
     /// Sends one request made by [`encode_request`] and waits for its
     /// answer.
     pub(super) async fn call(&self, body: Bytes) -> Answer {
-        match self.queue(body).await {
-            Ok(answer) => answer.await.unwrap_or_else(|_| Err(closed())),
-            Err(failure) => Err(failure),
-        }
+        let mut answers = self.call_all(vec![body]).await;
+        answers.pop().unwrap_or_else(|| Err(closed()))
     }
 
-    /// Sends requests made by [`encode_request`], queued together so that
-    /// they leave together, and waits for their answers, in order.
+    /// Sends requests made by [`encode_request`], queued as one batch so
+    /// that they leave together, and waits for their answers, in order:
+    /// one queue slot and one wake-up for the batch, not one per request.
     pub(super) async fn call_all(&self, bodies: Vec<Bytes>) -> Vec<Answer> {
-        let mut queued = Vec::with_capacity(bodies.len());
-        for body in bodies {
-            queued.push(self.queue(body).await);
-        }
-        let mut answers = Vec::with_capacity(queued.len());
-        for answer in queued {
-            answers.push(match answer {
-                Ok(answer) => answer.await.unwrap_or_else(|_| Err(closed())),
-                Err(failure) => Err(failure),
-            });
-        }
-        answers
-    }
-
-    /// Queues one request for the link task; its answer comes on the
-    /// receiver.
-    async fn queue(&self, body: Bytes) -> Result<oneshot::Receiver<Answer>, Failure> {
-        let (done, answer) = oneshot::channel();
-        let call = Call { body, done };
-        match self.calls.try_send(call) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(call)) => {
-                // The link's deadline sweep ends a stuck link, which closes
-                // the queue and ends this wait.
-                self.calls.send(call).await.map_err(|_| closed())?;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
-        }
-        Ok(answer)
+        let count = bodies.len();
+        let (done, answers) = oneshot::channel();
+        let calls = Calls { bodies, done };
+        let queued = match self.calls.try_send(calls) {
+            Ok(()) => true,
+            // The link's deadline sweep ends a stuck link, which closes the
+            // queue and ends this wait.
+            Err(mpsc::error::TrySendError::Full(calls)) => self.calls.send(calls).await.is_ok(),
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        let answers = if queued { answers.await.ok() } else { None };
+        answers.unwrap_or_else(|| vec![Err(closed()); count])
     }
 }
 
@@ -163,11 +148,46 @@ fn closed() -> Failure {
     Failure::Transient("session stream closed".into())
 }
 
-/// A call sent and not yet answered.
+/// A batch of calls sent and not all answered, numbered from `first`.
 struct Waiting {
-    id: u64,
+    first: u64,
     sent: Instant,
-    done: Option<oneshot::Sender<Answer>>,
+    /// One per call of the batch, filled as they come.
+    answers: Vec<Option<Answer>>,
+    /// Calls of the batch not yet answered.
+    left: usize,
+    /// `None` once the caller is completed.
+    done: Option<oneshot::Sender<Vec<Answer>>>,
+}
+
+impl Waiting {
+    /// Records the answer to call `at` of the batch (past its calls it is
+    /// no call's, and ignored, as a repeated one is); the last completes
+    /// the caller.
+    fn answer(&mut self, at: u64, answer: Answer) {
+        let slot = usize::try_from(at)
+            .ok()
+            .and_then(|at| self.answers.get_mut(at));
+        let Some(slot) = slot.filter(|slot| slot.is_none()) else {
+            return;
+        };
+        *slot = Some(answer);
+        self.left -= 1;
+        if self.left == 0 {
+            self.complete(|| Err(closed()));
+        }
+    }
+
+    /// Completes the caller, the calls still unanswered with `missing`.
+    fn complete(&mut self, missing: impl Fn() -> Answer) {
+        if let Some(done) = self.done.take() {
+            let answers = self
+                .answers
+                .iter_mut()
+                .map(|a| a.take().unwrap_or_else(&missing));
+            let _ = done.send(answers.collect());
+        }
+    }
 }
 
 /// The response side of the call: its headers awaited, then its body.
@@ -181,13 +201,15 @@ struct Link {
     connection: Connection<Io, Bytes>,
     send: SendStream<Bytes>,
     answers: Answers,
-    queue: mpsc::Receiver<Call>,
+    queue: mpsc::Receiver<Calls>,
     /// Encoded calls not yet handed to HTTP/2 (flow control).
     out: BytesMut,
     /// Answer bytes received and not yet decoded.
     input: BytesMut,
-    /// Sent calls in id order (ids are given in send order).
+    /// Sent batches in id order (ids are given in send order).
     waiting: VecDeque<Waiting>,
+    /// Calls of the batches in `waiting`.
+    waiting_calls: usize,
     next_id: u64,
     /// Calls were taken and the write put off until the worker's other
     /// ready tasks have run.
@@ -201,7 +223,7 @@ impl Link {
         connection: Connection<Io, Bytes>,
         send: SendStream<Bytes>,
         response: ResponseFuture,
-        queue: mpsc::Receiver<Call>,
+        queue: mpsc::Receiver<Calls>,
         deadline: Duration,
     ) -> Self {
         let mut sweep = tokio::time::interval(deadline / 4);
@@ -214,6 +236,7 @@ impl Link {
             out: BytesMut::new(),
             input: BytesMut::new(),
             waiting: VecDeque::new(),
+            waiting_calls: 0,
             next_id: 1,
             deferred: false,
             deadline,
@@ -225,13 +248,13 @@ impl Link {
         let failure = poll_fn(|cx| self.poll_turn(cx)).await;
         debug!("session stream ended: {failure:?}");
         self.queue.close();
-        for waiting in self.waiting.drain(..) {
-            if let Some(done) = waiting.done {
-                let _ = done.send(Err(failure.clone()));
-            }
+        for mut waiting in self.waiting.drain(..) {
+            waiting.complete(|| Err(failure.clone()));
         }
-        while let Ok(call) = self.queue.try_recv() {
-            let _ = call.done.send(Err(failure.clone()));
+        while let Ok(calls) = self.queue.try_recv() {
+            let _ = calls
+                .done
+                .send(vec![Err(failure.clone()); calls.bodies.len()]);
         }
     }
 
@@ -282,32 +305,38 @@ impl Link {
     /// some were taken, an error when every caller is gone and nothing is
     /// left to answer.
     fn take_calls(&mut self, cx: &mut Context<'_>) -> Result<bool, Failure> {
-        let mut taken = false;
+        let mut taken = 0;
         let now = Instant::now();
-        for _ in 0..BATCH {
-            if self.waiting.len() >= MAX_WAITING || self.out.len() >= MAX_OUT {
+        while taken < BATCH {
+            if self.waiting_calls >= MAX_WAITING || self.out.len() >= MAX_OUT {
                 break;
             }
             match self.queue.poll_recv(cx) {
-                Poll::Ready(Some(call)) => {
-                    if call.done.is_closed() {
+                Poll::Ready(Some(calls)) => {
+                    if calls.done.is_closed() || calls.bodies.is_empty() {
                         continue;
                     }
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    frame_request(&mut self.out, id, &call.body);
+                    let first = self.next_id;
+                    for body in &calls.bodies {
+                        frame_request(&mut self.out, self.next_id, body);
+                        self.next_id += 1;
+                    }
+                    let count = calls.bodies.len();
                     self.waiting.push_back(Waiting {
-                        id,
+                        first,
                         sent: now,
-                        done: Some(call.done),
+                        answers: std::iter::repeat_with(|| None).take(count).collect(),
+                        left: count,
+                        done: Some(calls.done),
                     });
-                    taken = true;
+                    self.waiting_calls += count;
+                    taken += count;
                 }
                 Poll::Ready(None) if self.waiting.is_empty() => return Err(closed()),
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        Ok(taken)
+        Ok(taken > 0)
     }
 
     /// Hands framed calls to HTTP/2 as far as the peer's window allows.
@@ -367,14 +396,16 @@ impl Link {
                 debug!("session stream answered an unknown request id");
                 continue;
             };
-            if let Ok(at) = self.waiting.binary_search_by_key(&id, |w| w.id) {
-                if let Some(done) = self.waiting[at].done.take() {
-                    let _ = done.send(answer.payload.ok_or_else(|| {
-                        Failure::Fatal("session answered without a payload".into())
-                    }));
-                }
+            // The last batch numbered from `id` or before.
+            let batch = self.waiting.partition_point(|w| w.first <= id);
+            if let Some(waiting) = batch.checked_sub(1).and_then(|at| self.waiting.get_mut(at)) {
+                let payload = answer
+                    .payload
+                    .ok_or_else(|| Failure::Fatal("session answered without a payload".into()));
+                waiting.answer(id - waiting.first, payload);
             }
-            while self.waiting.front().is_some_and(|w| w.done.is_none()) {
+            while let Some(done) = self.waiting.front().filter(|w| w.done.is_none()) {
+                self.waiting_calls -= done.answers.len();
                 self.waiting.pop_front();
             }
         }
