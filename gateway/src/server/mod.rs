@@ -205,18 +205,22 @@ pub async fn serve(
     // Each connection holds a clone of `done_tx`; when all are dropped, they are all closed.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let (force_tx, force_rx) = watch::channel(false);
+    // The same two steps for stream connections, on one watch.
+    let (stage_tx, stage_rx) = watch::channel(stream::Stage::Serving);
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         let shared = shared.clone();
         let force = force_rx.clone();
         let done_tx = done_tx.clone();
         let draining = shutdown.clone();
+        let stage = stage_rx.clone();
         accept_tasks.push(tokio::spawn(accept_loop(
-            listener, shared, draining, force, done_tx,
+            listener, shared, draining, force, stage, done_tx,
         )));
     }
     drop(done_tx);
     let _ = shutdown.wait_for(|stop| *stop).await;
+    let _ = stage_tx.send(stream::Stage::Draining);
     for task in &accept_tasks {
         task.abort();
     }
@@ -225,6 +229,7 @@ pub async fn serve(
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         warn!("grace period over: closing the connections still open");
         let _ = force_tx.send(true);
+        let _ = stage_tx.send(stream::Stage::Forced);
         if tokio::time::timeout_at(closed_by, done_rx.recv())
             .await
             .is_err()
@@ -243,6 +248,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
+    stage: watch::Receiver<stream::Stage>,
     done_tx: mpsc::Sender<()>,
 ) {
     let BoundListener { listener, endpoint } = bound;
@@ -280,12 +286,11 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let force_close = force_close.clone();
-                let draining = draining.clone();
                 let done = done_tx.clone();
                 let endpoint = endpoint.clone();
-                tokio::spawn(async move {
-                    if endpoint.http {
+                if endpoint.http {
+                    let (draining, force_close) = (draining.clone(), force_close.clone());
+                    tokio::spawn(async move {
                         // Boxed: hyper's state would otherwise enlarge every connection's task.
                         Box::pin(http::run(
                             stream,
@@ -298,15 +303,14 @@ async fn accept_loop(
                             done,
                         ))
                         .await;
-                    } else {
-                        let stop = stream::Stop {
-                            draining,
-                            force: force_close,
-                        };
-                        stream::run(stream, peer, slot, &endpoint, shared, stop).await;
+                    });
+                } else {
+                    let stage = stage.clone();
+                    tokio::spawn(async move {
+                        stream::run(stream, peer, slot, &endpoint, shared, stage).await;
                         drop(done);
-                    }
-                });
+                    });
+                }
             }
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.

@@ -5,13 +5,16 @@
 //! session call in flight, a key lookup or a handshake computation leaves
 //! writing, QuickAcks, server messages, timers and drain running.
 
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::future::{BoxFuture, OptionFuture};
+use futures::future::{BoxFuture, Fuse, OptionFuture};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -51,12 +54,15 @@ const FORCED_CLOSE: Duration = Duration::from_secs(2);
 /// core together, answered in order.
 type Forwards = FuturesOrdered<BoxFuture<'static, Vec<Forwarded>>>;
 
-/// The two stages of a shutdown, as connections see them.
-pub(super) struct Stop {
-    /// Flips when accepting stops: read no more, deliver what was read, close when done.
-    pub draining: watch::Receiver<bool>,
-    /// Flips when the grace ends: close now, counting what is undelivered.
-    pub force: watch::Receiver<bool>,
+/// How far a shutdown has got, as stream connections see it. One watch for
+/// both steps: a connection keeps one wait registered on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    Serving,
+    /// Accepting stopped: read no more, deliver what was read, close when done.
+    Draining,
+    /// The grace ended: close now, counting what is undelivered.
+    Forced,
 }
 
 /// The result of the one action a connection may be waiting on.
@@ -75,7 +81,7 @@ pub async fn run(
     mut slot: Slot,
     endpoint: &Endpoint,
     shared: Arc<Shared>,
-    shutdown: Stop,
+    shutdown: watch::Receiver<Stage>,
 ) {
     let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
     let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
@@ -147,7 +153,7 @@ impl Cx {
         ws: &websocket::WsOptions,
         deadline: Instant,
         open: &mut OpenGauge,
-        shutdown: Stop,
+        shutdown: watch::Receiver<Stage>,
     ) {
         let accepted = tokio::time::timeout_at(deadline, tls.0.accept(stream)).await;
         let Some(stream) = self.passed(
@@ -167,7 +173,7 @@ impl Cx {
         ws: &websocket::WsOptions,
         deadline: Instant,
         open: &mut OpenGauge,
-        shutdown: Stop,
+        shutdown: watch::Receiver<Stage>,
     ) {
         let upgraded = tokio::time::timeout_at(deadline, websocket::accept(stream, ws)).await;
         let Some(ws) = self.passed(
@@ -197,12 +203,8 @@ impl Cx {
         (mut reader, mut writer): (R, W),
         initial: BytesMut,
         open: &mut OpenGauge,
-        shutdown: Stop,
+        shutdown: watch::Receiver<Stage>,
     ) {
-        let Stop {
-            mut draining,
-            force: mut shutdown,
-        } = shutdown;
         let mut drain_started = false;
         let mut forced = false;
         let mut closed_when_done = false;
@@ -225,6 +227,12 @@ impl Cx {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_at: Option<Instant> = None;
+        // The shutdown's stage is read here, then through `poll_stage`.
+        let mut stage_seen = shutdown.clone();
+        let mut drain_due = *stage_seen.borrow_and_update() != Stage::Serving;
+        let forced_wait = stage_forced(shutdown).fuse();
+        tokio::pin!(forced_wait);
+        let mut stage_armed = false;
         conn.handle_input(
             0,
             shell::now(),
@@ -237,7 +245,7 @@ impl Cx {
             while let Some(event) = conn.poll_event() {
                 shell::record(&shared.metrics, Some(open), event);
             }
-            if !drain_started && *draining.borrow() {
+            if !drain_started && drain_due {
                 drain_started = true;
                 conn.drain();
             }
@@ -283,8 +291,7 @@ impl Cx {
                     if forwards.as_ref().is_some_and(|f| !f.is_empty()) => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
-                _ = draining.changed(), if !drain_started => Step::Drain,
-                _ = shutdown.changed() => Step::Shutdown,
+                step = poll_fn(|cx| poll_stage(cx, forced_wait.as_mut(), &mut stage_seen, &mut stage_armed)) => step,
             };
             let now = shell::now();
             let mut host = self.host(&mut outbox, &mut held);
@@ -355,11 +362,7 @@ impl Cx {
                     }
                 }
                 Step::Timeout => conn.handle_timeout(now, &mut rand::thread_rng()),
-                // A dropped sender means stop too.
-                Step::Drain => {
-                    drain_started = true;
-                    conn.drain();
-                }
+                Step::Drain => drain_due = true,
                 Step::Shutdown => {
                     // The grace is over: what the outbox holds goes out with
                     // the last write, as far as the transmit budget takes it.
@@ -547,6 +550,37 @@ impl Cx {
             };
             super::report_closed_session(&self.shared, event).await;
         }
+    }
+}
+
+/// Resolves once the stage is forced, or its sender is dropped (which means
+/// stop too).
+async fn stage_forced(mut stage: watch::Receiver<Stage>) {
+    let _ = stage.wait_for(|stage| *stage == Stage::Forced).await;
+}
+
+/// Polls the wait for the forced stage (`stage_forced`) the first time, which
+/// registers it, and again only once the stage has changed (an atomic load
+/// of `seen`): the registration stays, and wakes the task at every change.
+/// Ready with the step it changed to. Polling the watch anew every turn
+/// took its locks, which every connection shares: about 2% of the
+/// gateway's CPU per message.
+fn poll_stage<F: Future<Output = ()>>(
+    cx: &mut Context<'_>,
+    forced: Pin<&mut Fuse<F>>,
+    seen: &mut watch::Receiver<Stage>,
+    armed: &mut bool,
+) -> Poll<Step> {
+    if *armed && !seen.has_changed().unwrap_or(true) {
+        return Poll::Pending;
+    }
+    *armed = true;
+    if forced.poll(cx).is_ready() {
+        return Poll::Ready(Step::Shutdown);
+    }
+    match *seen.borrow_and_update() {
+        Stage::Serving => Poll::Pending,
+        Stage::Draining | Stage::Forced => Poll::Ready(Step::Drain),
     }
 }
 
