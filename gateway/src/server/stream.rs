@@ -598,3 +598,63 @@ enum Step {
     /// The drain grace ended.
     Shutdown,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::task::noop_waker_ref;
+
+    #[test]
+    fn the_stage_wait_reports_each_step_once() {
+        let (stage, seen) = watch::channel(Stage::Serving);
+        let mut seen_here = seen.clone();
+        let wait = stage_forced(seen).fuse();
+        let mut wait = std::pin::pin!(wait);
+        let mut armed = false;
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut poll = |armed: &mut bool| poll_stage(&mut cx, wait.as_mut(), &mut seen_here, armed);
+        assert!(poll(&mut armed).is_pending());
+        assert!(armed, "the first poll registers the wait");
+        assert!(poll(&mut armed).is_pending());
+        stage.send(Stage::Draining).expect("a receiver");
+        assert!(matches!(poll(&mut armed), Poll::Ready(Step::Drain)));
+        assert!(poll(&mut armed).is_pending(), "the drain is reported once");
+        stage.send(Stage::Forced).expect("a receiver");
+        assert!(matches!(poll(&mut armed), Poll::Ready(Step::Shutdown)));
+    }
+
+    #[test]
+    fn the_wait_is_polled_first_and_then_only_after_a_change() {
+        let (stage, mut seen) = watch::channel(Stage::Serving);
+        let polls = std::cell::Cell::new(0);
+        let counted = poll_fn(|_| {
+            polls.set(polls.get() + 1);
+            Poll::<()>::Pending
+        });
+        let mut wait = std::pin::pin!(counted.fuse());
+        let mut armed = false;
+        let mut cx = Context::from_waker(noop_waker_ref());
+        for _ in 0..3 {
+            assert!(poll_stage(&mut cx, wait.as_mut(), &mut seen, &mut armed).is_pending());
+        }
+        assert_eq!(polls.get(), 1);
+        stage.send(Stage::Draining).expect("a receiver");
+        assert!(poll_stage(&mut cx, wait.as_mut(), &mut seen, &mut armed).is_ready());
+        assert_eq!(polls.get(), 2);
+    }
+
+    #[test]
+    fn a_dropped_stage_sender_means_stop() {
+        let (stage, seen) = watch::channel(Stage::Serving);
+        let mut seen_here = seen.clone();
+        let mut wait = std::pin::pin!(stage_forced(seen).fuse());
+        let mut armed = false;
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(poll_stage(&mut cx, wait.as_mut(), &mut seen_here, &mut armed).is_pending());
+        drop(stage);
+        assert!(matches!(
+            poll_stage(&mut cx, wait.as_mut(), &mut seen_here, &mut armed),
+            Poll::Ready(Step::Shutdown)
+        ));
+    }
+}
