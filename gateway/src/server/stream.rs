@@ -608,8 +608,7 @@ mod tests {
     fn the_stage_wait_reports_each_step_once() {
         let (stage, seen) = watch::channel(Stage::Serving);
         let mut seen_here = seen.clone();
-        let wait = stage_forced(seen).fuse();
-        let mut wait = std::pin::pin!(wait);
+        let mut wait = std::pin::pin!(stage_forced(seen).fuse());
         let mut armed = false;
         let mut cx = Context::from_waker(noop_waker_ref());
         let mut poll = |armed: &mut bool| poll_stage(&mut cx, wait.as_mut(), &mut seen_here, armed);

@@ -404,8 +404,8 @@ impl Link {
                     .ok_or_else(|| Failure::Fatal("session answered without a payload".into()));
                 waiting.answer(id - waiting.first, payload);
             }
-            while let Some(done) = self.waiting.front().filter(|w| w.done.is_none()) {
-                self.waiting_calls -= done.answers.len();
+            while let Some(answered) = self.waiting.front().filter(|w| w.done.is_none()) {
+                self.waiting_calls -= answered.answers.len();
                 self.waiting.pop_front();
             }
         }
