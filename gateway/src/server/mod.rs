@@ -2,6 +2,7 @@
 //! protocol core.
 
 pub mod admin;
+mod forwards;
 pub mod http;
 pub mod limiter;
 pub mod outbox;

@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::future::{BoxFuture, Fuse, OptionFuture};
-use futures::stream::FuturesOrdered;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
+use super::forwards;
 use super::limiter::{Refusal, Slot};
 use super::outbox::Inbox;
 use super::registry::{ConnectionId, Outgoing};
@@ -52,7 +52,7 @@ const FORCED_CLOSE: Duration = Duration::from_secs(2);
 
 /// A connection's forwards to the session, the messages of one turn of the
 /// core together, answered in order.
-type Forwards = FuturesOrdered<BoxFuture<'static, Vec<Forwarded>>>;
+type Forwards = forwards::Forwards<Vec<Forwarded>>;
 
 /// How far a shutdown has got, as stream connections see it. One watch for
 /// both steps: a connection keeps one wait registered on it.
@@ -217,9 +217,7 @@ impl Cx {
             self.accepted.into_std(),
         );
         let mut held = Held::new(shared.budgets.clone());
-        // Made at the first forward: an empty one still allocates, and
-        // connections that forward nothing (handshakes, idle) need none.
-        let mut forwards: Option<Forwards> = None;
+        let mut forwards = Forwards::new();
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
         // One timer for the connection, moved only when the core's deadline
@@ -287,8 +285,7 @@ impl Cx {
                     }
                 }, if n > 0 || needs_flush => Step::Wrote(wrote),
                 Some(out) = async { outbox.inbox()?.recv().await }, if accepts => Step::Server(out),
-                Some(outcome) = async { forwards.as_mut()?.next().await },
-                    if forwards.as_ref().is_some_and(|f| !f.is_empty()) => Step::Forwarded(outcome),
+                Some(outcome) = poll_fn(|cx| forwards.poll_next(cx)), if !forwards.is_empty() => Step::Forwarded(outcome),
                 Some(answer) = OptionFuture::from(waiting.as_mut()), if waiting.is_some() => Step::Answer(answer),
                 () = &mut timer, if deadline.is_some() => Step::Timeout,
                 step = poll_fn(|cx| poll_stage(cx, forced_wait.as_mut(), &mut stage_seen, &mut stage_armed)) => step,
@@ -339,9 +336,7 @@ impl Cx {
                         for outcome in outcomes {
                             conn.handle_forwarded(outcome, now, &mut host, &mut rng);
                         }
-                        ready = forwards
-                            .as_mut()
-                            .and_then(|f| f.next().now_or_never().flatten());
+                        ready = forwards.take_done();
                     }
                 }
                 Step::Answer(answer) => {
@@ -445,7 +440,7 @@ impl Cx {
     async fn run_actions(
         &self,
         conn: &mut Connection,
-        forwards: &mut Option<Forwards>,
+        forwards: &mut Forwards,
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) {
         while let Some(auth_key_id) = self.start_actions(conn, forwards, waiting) {
@@ -461,7 +456,7 @@ impl Cx {
     fn start_actions(
         &self,
         conn: &mut Connection,
-        forwards: &mut Option<Forwards>,
+        forwards: &mut Forwards,
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) -> Option<i64> {
         let mut batch = Vec::new();
@@ -501,9 +496,7 @@ impl Cx {
         }
         if !batch.is_empty() {
             let shared = self.shared.clone();
-            forwards
-                .get_or_insert_with(FuturesOrdered::new)
-                .push_back(shell::forward_all(shared, batch).boxed());
+            forwards.push(shell::forward_all(shared, batch).boxed());
         }
         forget
     }
