@@ -174,10 +174,22 @@ pub fn quick_ack_token(msg_key_large: &[u8; 32]) -> u32 {
     ]) | 0x8000_0000
 }
 
+/// The length of [`encrypt`]'s output for a plaintext of `plaintext_len`
+/// bytes: the key id, msg_key, and the plaintext with the least padding
+/// that fills the last block.
+pub fn encrypted_len(plaintext_len: usize) -> usize {
+    24 + plaintext_len + padding_len(plaintext_len)
+}
+
+fn padding_len(plaintext_len: usize) -> usize {
+    MIN_PADDING + (16 - (plaintext_len + MIN_PADDING) % 16) % 16
+}
+
 /// Encrypts a server message (`salt | session_id | msg_id | seq_no | length |
-/// body`) with x = 8 and random padding, appending the frame to `out`.
+/// body`) with x = 8 and random padding, appending the
+/// [`encrypted_len`] bytes to `out`.
 pub fn encrypt(key: &AuthKey, plaintext: &[u8], out: &mut BytesMut, rng: &mut impl RngCore) {
-    let padding = MIN_PADDING + (16 - (plaintext.len() + MIN_PADDING) % 16) % 16;
+    let padding = padding_len(plaintext.len());
     let start = out.len();
     out.reserve(24 + plaintext.len() + padding);
     out.put_i64_le(key.id());

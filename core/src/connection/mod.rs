@@ -39,6 +39,13 @@ use replies::Awaited;
 
 /// Bytes asked of the socket per read while a frame is incomplete.
 const READ_CHUNK: usize = 16 * 1024;
+/// The encoder's buffer grows by at least this much: the replies written
+/// together split off one allocation, not one each. It is dropped once
+/// everything is written, so idle connections hold none of it.
+const SCRATCH_CHUNK: usize = 2048;
+/// The most a transport adds around a payload (the full transport's length,
+/// sequence number and CRC).
+const MAX_FRAME_OVERHEAD: usize = 12;
 
 /// A connection's limits.
 #[derive(Debug, Clone)]
@@ -787,9 +794,16 @@ impl Connection {
         if self.close.is_some() {
             return false;
         }
-        let mut frame = BytesMut::with_capacity(plaintext.len() + 64);
-        message::encrypt(&info.key, plaintext, &mut frame, rng);
-        self.transport.encode_frame(&frame, &mut self.scratch, rng);
+        let len = message::encrypted_len(plaintext.len());
+        // Room for this frame and, at small sizes, the next few: the frames
+        // split off one buffer until it is full.
+        self.scratch
+            .reserve((len + MAX_FRAME_OVERHEAD).max(SCRATCH_CHUNK));
+        let key = &info.key;
+        self.transport
+            .encode_frame_with(len, &mut self.scratch, rng, |out, rng| {
+                message::encrypt(key, plaintext, out, rng)
+            });
         self.push_packet(now, true);
         self.awaited.on_server_message(plaintext);
         self.idle_deadline = now.instant + self.settings.idle_timeout;

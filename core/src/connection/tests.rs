@@ -598,6 +598,40 @@ fn server_messages_are_encrypted_framed_and_bounded() {
     assert!(t.conn.has_transmit());
 }
 
+/// Replies queued together are encrypted in place, into one buffer while
+/// they fit: each still comes out as its own whole packet.
+#[test]
+fn replies_queued_together_are_each_a_whole_packet() {
+    let mut t = Test::with(Settings {
+        max_unsent_bytes: 1 << 16,
+        ..settings()
+    });
+    let info = perm_key();
+    t.bind(&info);
+    let sizes = [48, 1024, 4096, 64, 16];
+    let now = t.at(0);
+    for (i, &size) in sizes.iter().enumerate() {
+        let plaintext = vec![i as u8; size];
+        assert!(t.conn.send_server_message(&plaintext, now, &mut t.rng));
+    }
+    let packets = t.written();
+    assert_eq!(packets.len(), sizes.len());
+    for (i, (packet, &size)) in packets.iter().zip(&sizes).enumerate() {
+        let header = if packet[0] == 0x7f { 4 } else { 1 };
+        let words = if header == 4 {
+            u32::from_le_bytes([packet[1], packet[2], packet[3], 0]) as usize
+        } else {
+            usize::from(packet[0])
+        };
+        assert_eq!(words * 4, packet.len() - header, "packet {i}'s length");
+        assert_eq!(packet.len() - header, crate::message::encrypted_len(size));
+        let reply = crate::message::decrypt_as_server_reply(&info.key, &packet[header..])
+            .unwrap_or_else(|| panic!("packet {i} decrypts"));
+        assert_eq!(&reply[..size], &vec![i as u8; size][..]);
+    }
+    assert_eq!(t.conn.scratch.capacity(), 0, "nothing kept once written");
+}
+
 #[test]
 fn a_write_without_progress_times_out() {
     let mut t = Test::new();

@@ -134,20 +134,38 @@ impl Framing {
 
     /// Appends one framed payload to `out`. Payloads are whole MTProto
     /// messages or 4-byte codes, so their length is a multiple of 4.
-    pub fn encode(&mut self, payload: &[u8], out: &mut BytesMut, rng: &mut impl RngCore) {
+    pub fn encode<R: RngCore>(&mut self, payload: &[u8], out: &mut BytesMut, rng: &mut R) {
+        self.encode_with(payload.len(), out, rng, |out, _| out.put_slice(payload));
+    }
+
+    /// Appends one frame whose payload, `len` bytes, `put_payload` appends
+    /// between the header and any trailer: a payload made in place (an
+    /// encrypted message) needs no buffer of its own and no copy.
+    pub fn encode_with<R: RngCore>(
+        &mut self,
+        len: usize,
+        out: &mut BytesMut,
+        rng: &mut R,
+        put_payload: impl FnOnce(&mut BytesMut, &mut R),
+    ) {
+        let put_payload = |out: &mut BytesMut, rng: &mut R| {
+            let at = out.len();
+            put_payload(out, rng);
+            debug_assert_eq!(out.len() - at, len, "the payload's announced length");
+        };
         match self {
             Framing::Abridged => {
-                let words = payload.len() / 4;
+                let words = len / 4;
                 if words < 0x7f {
                     out.put_u8(words as u8);
                 } else {
                     out.put_u32_le(((words as u32) << 8) | 0x7f);
                 }
-                out.put_slice(payload);
+                put_payload(out, rng);
             }
             Framing::Intermediate => {
-                out.put_u32_le(payload.len() as u32);
-                out.put_slice(payload);
+                out.put_u32_le(len as u32);
+                put_payload(out, rng);
             }
             Framing::PaddedIntermediate => {
                 // 0..=3 padding bytes: valid for every client, and Telethon
@@ -155,15 +173,15 @@ impl Framing {
                 let mut pad = [0u8; 4];
                 rng.fill_bytes(&mut pad);
                 let pad_len = usize::from(pad[3] & 3);
-                out.put_u32_le((payload.len() + pad_len) as u32);
-                out.put_slice(payload);
+                out.put_u32_le((len + pad_len) as u32);
+                put_payload(out, rng);
                 out.put_slice(&pad[..pad_len]);
             }
             Framing::Full { send_seq, .. } => {
                 let start = out.len();
-                out.put_u32_le((payload.len() + 12) as u32);
+                out.put_u32_le((len + 12) as u32);
                 out.put_u32_le(*send_seq);
-                out.put_slice(payload);
+                put_payload(out, rng);
                 let crc = crc32fast::hash(&out[start..]);
                 out.put_u32_le(crc);
                 *send_seq = send_seq.wrapping_add(1);

@@ -9,7 +9,7 @@
 mod framing;
 pub mod obfuscated2;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use rand::RngCore;
 use thiserror::Error;
 
@@ -260,7 +260,19 @@ impl Transport {
     }
 
     /// Appends a framed (and, when obfuscated, encrypted) payload to `out`.
-    pub fn encode_frame(&mut self, payload: &[u8], out: &mut BytesMut, rng: &mut impl RngCore) {
+    pub fn encode_frame<R: RngCore>(&mut self, payload: &[u8], out: &mut BytesMut, rng: &mut R) {
+        self.encode_frame_with(payload.len(), out, rng, |out, _| out.put_slice(payload));
+    }
+
+    /// Appends a frame whose payload, `len` bytes, `put_payload` appends in
+    /// place (see [`Framing::encode_with`]); framed, then obfuscated.
+    pub fn encode_frame_with<R: RngCore>(
+        &mut self,
+        len: usize,
+        out: &mut BytesMut,
+        rng: &mut R,
+        put_payload: impl FnOnce(&mut BytesMut, &mut R),
+    ) {
         let State::Established {
             framing,
             obfuscation,
@@ -269,7 +281,7 @@ impl Transport {
             return;
         };
         let start = out.len();
-        framing.encode(payload, out, rng);
+        framing.encode_with(len, out, rng, put_payload);
         if let Some(obfuscation) = obfuscation {
             obfuscation.encrypt_outbound(&mut out[start..]);
         }
