@@ -317,7 +317,7 @@ impl Gateway {
                 l.max_buffered_bytes,
                 metrics.buffered_bytes.clone(),
             )),
-            server_id,
+            server_id: server_id.into(),
             metrics,
             connection_ids: Default::default(),
             http: Default::default(),

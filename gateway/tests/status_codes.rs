@@ -445,13 +445,13 @@ async fn the_gateway_client_follows_teamgram_700_and_the_older_unknown_form() {
 fn client_data(perm_auth_key_id: i64, n: u8) -> mtproto_session::SessionClientData {
     let client = event(perm_auth_key_id);
     mtproto_session::SessionClientData {
-        server_id: client.server_id,
+        server_id: client.server_id.into(),
         conn_type: client.conn_type,
         auth_key_id: client.auth_key_id,
         key_type: client.key_type,
         perm_auth_key_id,
         session_id: client.session_id,
-        client_ip: client.client_ip,
+        client_ip: client.client_ip.into(),
         quick_ack: 0,
         salt: 0,
         payload: Bytes::from(vec![n; 32]),

@@ -33,7 +33,7 @@ struct SessionState {
     content_messages_sent: i32,
     last_msg_id: i64,
     /// The gateway (`server_id`) that last carried this session: replies go there.
-    gateway: String,
+    gateway: Arc<str>,
     /// `new_session_created` was sent. Not the same as the state existing:
     /// a first message refused for its salt creates the state (its
     /// `bad_server_salt` needs a msg_id) but not the announcement.
@@ -184,7 +184,9 @@ impl Core {
         let plaintext = {
             let mut sessions = self.sessions();
             let state = sessions.entry((auth_key_id, session_id)).or_default();
-            state.gateway.clone_from(&data.server_id);
+            if state.gateway != data.server_id {
+                state.gateway = data.server_id.clone();
+            }
             if replies.len() == 1 {
                 let reply = &replies[0];
                 let msg_id = state.msg_id(reply.is_response);

@@ -137,13 +137,13 @@ impl SessionGrpc {
         );
         self.session
             .send_data(SessionClientData {
-                server_id: data.server_id,
+                server_id: data.server_id.into(),
                 conn_type: data.conn_type,
                 auth_key_id: data.auth_key_id,
                 key_type: data.key_type,
                 perm_auth_key_id: data.perm_auth_key_id,
                 session_id: data.session_id,
-                client_ip: data.client_ip,
+                client_ip: data.client_ip.into(),
                 quick_ack: data.quick_ack,
                 salt: data.salt,
                 payload: data.payload,

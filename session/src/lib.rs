@@ -21,6 +21,8 @@ pub mod store;
 pub mod tls;
 pub mod wire;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use thiserror::Error;
@@ -31,15 +33,17 @@ use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 /// teamgram's `SessionClientData`: one decrypted client message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionClientData {
-    /// This gateway's id (`podIP:grpcPort`), where replies go.
-    pub server_id: String,
+    /// This gateway's id (`podIP:grpcPort`), where replies go. Shared, as
+    /// the client's address is: one gateway forwards many messages with
+    /// the same of each.
+    pub server_id: Arc<str>,
     /// 1 when this session id is new to this gateway (asks the session to create it).
     pub conn_type: i32,
     pub auth_key_id: i64,
     pub key_type: i32,
     pub perm_auth_key_id: i64,
     pub session_id: i64,
-    pub client_ip: String,
+    pub client_ip: Arc<str>,
     pub quick_ack: i32,
     pub salt: i64,
     /// Plaintext from byte 16: msg_id, seq_no, length, body and padding.

@@ -702,7 +702,7 @@ async fn on_encrypted(auth_key_id: i64, body: Bytes, cx: &ConnCx) -> Result<Byte
     let guard = attach(cx, &info, session_id)?;
     let data = shell::client_data(
         shared,
-        cx.peer.ip().to_string(),
+        cx.peer.ip().to_string().into(),
         Forward::new(&info, CONN_TYPE_HTTP, opened),
     );
     match shell::forward(shared.clone(), data).await {
@@ -907,7 +907,7 @@ async fn run_session(
     lock(&shared.http.sessions).remove((info.id(), session_id), &vc);
     if shared.registry.detach(info.id(), session_id, vc.id) {
         let event = SessionClientEvent {
-            server_id: shared.server_id.clone(),
+            server_id: shared.server_id.to_string(),
             auth_key_id: info.id(),
             key_type: info.key_type as i32,
             perm_auth_key_id: info.perm_auth_key_id,

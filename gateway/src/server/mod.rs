@@ -78,7 +78,7 @@ pub struct Shared {
     /// Handshakes in progress and buffered partial frames, gateway-wide.
     pub budgets: Arc<Budgets>,
     /// This gateway's id as sessions address it.
-    pub server_id: String,
+    pub server_id: Arc<str>,
     pub metrics: Arc<Metrics>,
     /// The HTTP transport's handshakes and virtual connections.
     pub http: http::Hub,

@@ -495,7 +495,7 @@ pub(super) async fn store_key(shared: &Shared, id: ConnectionId, key: NewAuthKey
 /// teamgram's `SessionClientData` for a forward from the core.
 pub(super) fn client_data(
     shared: &Shared,
-    client_ip: String,
+    client_ip: Arc<str>,
     forward: Forward,
 ) -> SessionClientData {
     SessionClientData {

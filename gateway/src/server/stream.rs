@@ -467,7 +467,8 @@ impl Cx {
             let shared = &self.shared;
             match action {
                 Action::Forward(forward) => {
-                    let client_ip = client_ip.get_or_insert_with(|| self.peer.ip().to_string());
+                    let client_ip: &Arc<str> =
+                        client_ip.get_or_insert_with(|| self.peer.ip().to_string().into());
                     batch.push(shell::client_data(shared, client_ip.clone(), forward));
                 }
                 Action::LookupKey(auth_key_id) => {
@@ -534,7 +535,7 @@ impl Cx {
                 continue;
             }
             let event = SessionClientEvent {
-                server_id: self.shared.server_id.clone(),
+                server_id: self.shared.server_id.to_string(),
                 auth_key_id: info.id(),
                 key_type: info.key_type as i32,
                 perm_auth_key_id: info.perm_auth_key_id,

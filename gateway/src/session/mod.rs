@@ -4,6 +4,7 @@
 mod grpc_h2;
 mod links;
 pub mod remote;
+mod send_data;
 mod stream_link;
 mod unary_link;
 

@@ -21,6 +21,7 @@ use tonic::Code;
 use tracing::{debug, warn};
 
 use super::links::Links;
+use super::send_data::{send_data_bodies, send_data_body};
 use super::stream_link::{encode_request, Answer, StreamLink};
 use super::unary_link::{self, UnaryLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
@@ -239,7 +240,7 @@ impl RemoteSession {
         };
         let _in_flight = GaugeGuard::raise(&self.metrics.in_flight, data.len());
         let started = std::time::Instant::now();
-        let bodies: Vec<Bytes> = data.into_iter().map(send_data_body).collect();
+        let bodies = send_data_bodies(&data);
         let answers = match self.stream(&target).await {
             Ok(link) => link.call_all(bodies.clone()).await,
             Err(failure) => vec![Err(failure); bodies.len()],
@@ -417,13 +418,6 @@ fn stream_answer(answer: Answer) -> Result<StreamResponse, Failure> {
 }
 
 /// `sendDataToSession` encoded for the stream.
-fn send_data_body(data: SessionClientData) -> Bytes {
-    encode_request(StreamRequest::SendData(spb::TlSessionSendDataToSession {
-        constructor: spb::SEND_DATA_TO_SESSION,
-        data: Some(data_to_proto(data)),
-    }))
-}
-
 /// The outcome of a `sendDataToSession` over the stream.
 fn send_data_ack(answer: Result<StreamResponse, Failure>) -> Result<(), Failure> {
     match answer? {
@@ -530,7 +524,7 @@ impl SessionService for RemoteSession {
                 .await
             }
             Mode::Stream => {
-                let body = send_data_body(data);
+                let body = send_data_body(&data);
                 self.route(ring_key, SEND_DATA, |addr| {
                     self.stream_send_data(addr, body.clone())
                 })
