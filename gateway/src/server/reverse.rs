@@ -437,11 +437,18 @@ impl StreamCall {
     fn answer(&mut self, chunk: &[u8]) -> Result<(), Status> {
         self.input.take(chunk)?;
         while let Some(message) = self.input.next()? {
-            let request = decode::<gpb::GatewayStreamRequest>(message)?;
+            let request = decode::<StreamRequestRead>(message)?;
+            if std::str::from_utf8(&request.request_id).is_err() {
+                return Err(Status::refusal(
+                    Code::Internal,
+                    "undecodable request: request_id is not UTF-8",
+                    "malformed",
+                ));
+            }
             let success = request
                 .send_data
                 .is_some_and(|send| self.path.deliver(send));
-            let answer = gpb::GatewayStreamResponse {
+            let answer = StreamAnswerWrite {
                 request_id: request.request_id,
                 success,
             };
@@ -461,6 +468,26 @@ impl StreamCall {
             debug!("reverse path stream not ended: {e}");
         }
     }
+}
+
+/// `GatewayStreamRequest` and `GatewayStreamResponse` as a stream call
+/// reads and writes them: the same fields (and bytes on the wire), the
+/// `request_id` kept as the bytes it arrived in, so echoing it costs no
+/// `String` per request.
+#[derive(Clone, PartialEq, Message)]
+struct StreamRequestRead {
+    #[prost(bytes = "bytes", tag = "1")]
+    request_id: Bytes,
+    #[prost(message, optional, tag = "10")]
+    send_data: Option<gpb::TlGatewaySendDataToGateway>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StreamAnswerWrite {
+    #[prost(bytes = "bytes", tag = "1")]
+    request_id: Bytes,
+    #[prost(bool, tag = "2")]
+    success: bool,
 }
 
 fn decode<M: Message + Default>(message: Bytes) -> Result<M, Status> {
@@ -798,6 +825,18 @@ mod tests {
         .await;
         assert_eq!(code(&status).as_deref(), Some("13"));
 
+        // A request_id that is not a string (field 1, two bytes of invalid UTF-8).
+        let mut not_text = BytesMut::new();
+        not_text.extend_from_slice(&[0, 0, 0, 0, 4, 0x0a, 2, 0xc3, 0x28]);
+        let status = refusal(
+            &mut client,
+            STREAM_PATH,
+            "application/grpc",
+            not_text.freeze(),
+        )
+        .await;
+        assert_eq!(code(&status).as_deref(), Some("13"));
+
         // A message larger than the connection may hold incomplete.
         let mut large = BytesMut::new();
         large.extend_from_slice(&[0, 0, 0, 8, 0]);
@@ -840,7 +879,7 @@ mod tests {
 
         for (reason, count) in [
             ("unknown_method", 1),
-            ("malformed", 4),
+            ("malformed", 5),
             ("incomplete_bytes", 2),
             ("message_size", 1),
         ] {

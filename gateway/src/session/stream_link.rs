@@ -390,9 +390,10 @@ impl Link {
     /// Decodes the complete answers in `input` and completes their calls.
     fn answer(&mut self) -> Result<(), Failure> {
         while let Some(message) = next_message(&mut self.input)? {
-            let answer = spb::SessionStreamResponse::decode(message)
+            let answer = AnswerRead::decode(message)
                 .map_err(|e| Failure::Fatal(format!("session sent an undecodable answer: {e}")))?;
-            let Ok(id) = answer.request_id.parse::<u64>() else {
+            let id = std::str::from_utf8(&answer.request_id).map(str::parse::<u64>);
+            let Ok(Ok(id)) = id else {
                 debug!("session stream answered an unknown request id");
                 continue;
             };
@@ -411,6 +412,17 @@ impl Link {
         }
         Ok(())
     }
+}
+
+/// `SessionStreamResponse` as the link reads it: the same fields, the
+/// `request_id` kept as the bytes it arrived in (it is only parsed as a
+/// number), which spares a `String` per answer.
+#[derive(Clone, PartialEq, Message)]
+struct AnswerRead {
+    #[prost(bytes = "bytes", tag = "1")]
+    request_id: Bytes,
+    #[prost(oneof = "Payload", tags = "10, 11, 12")]
+    payload: Option<Payload>,
 }
 
 /// Appends one gRPC message: `request_id` (field 1) followed by the
@@ -461,6 +473,25 @@ mod tests {
         assert_eq!(request.request_id, "1234567");
         assert_eq!(queried_id(&request), 42);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_answer_reads_as_the_generated_type_encodes_it() {
+        for payload in [
+            Payload::Ack(spb::SessionStreamAck { success: true }),
+            Payload::Error(spb::SessionStreamError {
+                code: 700,
+                message: "REDIRECT_TO_10.0.0.1:20450".into(),
+            }),
+        ] {
+            let sent = spb::SessionStreamResponse {
+                request_id: "18446744073709551615".into(),
+                payload: Some(payload.clone()),
+            };
+            let read = AnswerRead::decode(&sent.encode_to_vec()[..]).expect("decodes");
+            assert_eq!(&read.request_id[..], b"18446744073709551615");
+            assert_eq!(read.payload, Some(payload));
+        }
     }
 
     #[test]
