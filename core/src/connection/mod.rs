@@ -795,10 +795,12 @@ impl Connection {
             return false;
         }
         let len = message::encrypted_len(plaintext.len());
-        // Room for this frame and, at small sizes, the next few: the frames
-        // split off one buffer until it is full.
-        self.scratch
-            .reserve((len + MAX_FRAME_OVERHEAD).max(SCRATCH_CHUNK));
+        // The frames split off one buffer until it is full; a new one has
+        // room for this frame and, at small sizes, the next few.
+        let room = len + MAX_FRAME_OVERHEAD;
+        if self.scratch.capacity() - self.scratch.len() < room {
+            self.scratch.reserve(room.max(SCRATCH_CHUNK));
+        }
         let key = &info.key;
         self.transport
             .encode_frame_with(len, &mut self.scratch, rng, |out, rng| {

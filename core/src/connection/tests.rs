@@ -614,6 +614,12 @@ fn replies_queued_together_are_each_a_whole_packet() {
         let plaintext = vec![i as u8; size];
         assert!(t.conn.send_server_message(&plaintext, now, &mut t.rng));
     }
+    let first = &t.conn.transmit[0].bytes;
+    assert_eq!(
+        first.as_ptr().wrapping_add(first.len()),
+        t.conn.transmit[1].bytes.as_ptr(),
+        "small replies share a buffer"
+    );
     let packets = t.written();
     assert_eq!(packets.len(), sizes.len());
     for (i, (packet, &size)) in packets.iter().zip(&sizes).enumerate() {
