@@ -56,8 +56,8 @@ pub fn info_from_proto(info: &pb::AuthKeyInfo) -> Result<AuthKeyInfo, String> {
     })
 }
 
-/// Taken by value: its strings move into the message, uncopied (one call
-/// per forwarded message).
+/// The generated message, for unary calls (its payload is shared, not
+/// copied); stream mode encodes its requests without it.
 pub fn data_to_proto(data: SessionClientData) -> spb::SessionClientData {
     spb::SessionClientData {
         predicate_name: "sessionClientData".into(),

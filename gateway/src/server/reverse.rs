@@ -474,7 +474,7 @@ impl StreamCall {
 /// reads and writes them: the same fields (and bytes on the wire), the
 /// `request_id` kept as the bytes it arrived in, so echoing it costs no
 /// `String` per request.
-#[derive(Clone, PartialEq, Message)]
+#[derive(Message)]
 struct StreamRequestRead {
     #[prost(bytes = "bytes", tag = "1")]
     request_id: Bytes,
@@ -482,7 +482,7 @@ struct StreamRequestRead {
     send_data: Option<gpb::TlGatewaySendDataToGateway>,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Message)]
 struct StreamAnswerWrite {
     #[prost(bytes = "bytes", tag = "1")]
     request_id: Bytes,

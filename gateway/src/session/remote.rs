@@ -417,7 +417,6 @@ fn stream_answer(answer: Answer) -> Result<StreamResponse, Failure> {
     }
 }
 
-/// `sendDataToSession` encoded for the stream.
 /// The outcome of a `sendDataToSession` over the stream.
 fn send_data_ack(answer: Result<StreamResponse, Failure>) -> Result<(), Failure> {
     match answer? {

@@ -417,7 +417,7 @@ impl Link {
 /// `SessionStreamResponse` as the link reads it: the same fields, the
 /// `request_id` kept as the bytes it arrived in (it is only parsed as a
 /// number), which spares a `String` per answer.
-#[derive(Clone, PartialEq, Message)]
+#[derive(Message)]
 struct AnswerRead {
     #[prost(bytes = "bytes", tag = "1")]
     request_id: Bytes,
