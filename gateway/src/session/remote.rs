@@ -210,7 +210,7 @@ impl RemoteSession {
         )
     }
 
-    /// One request (encoded by [`encode_request`]) over the stream to
+    /// One request (encoded as [`StreamLink::call`] takes it) over the stream to
     /// `addr`: the answer, or the failure an error answer carries.
     async fn stream_call(&self, addr: &str, request: Bytes) -> Result<StreamResponse, Failure> {
         stream_answer(self.stream(addr).await?.call(request).await)

@@ -108,14 +108,15 @@ impl StreamLink {
         self.calls.is_closed()
     }
 
-    /// Sends one request made by [`encode_request`] and waits for its
+    /// Sends one request, encoded without its `request_id` (by
+    /// [`encode_request`], or `send_data` for messages), and waits for its
     /// answer.
     pub(super) async fn call(&self, body: Bytes) -> Answer {
         let mut answers = self.call_all(vec![body]).await;
         answers.pop().unwrap_or_else(|| Err(closed()))
     }
 
-    /// Sends requests made by [`encode_request`], queued as one batch so
+    /// Sends requests encoded as [`StreamLink::call`] takes them, queued as one batch so
     /// that they leave together, and waits for their answers, in order:
     /// one queue slot and one wake-up for the batch, not one per request.
     pub(super) async fn call_all(&self, bodies: Vec<Bytes>) -> Vec<Answer> {
