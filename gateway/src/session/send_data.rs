@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use mtproto_edge_proto::session as spb;
 use mtproto_session::SessionClientData;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::encoding::{encoded_len_varint, key_len, WireType};
 
 /// `SessionStreamRequest.send_data`.
 const STREAM_SEND_DATA: u32 = 10;
@@ -43,20 +43,39 @@ impl Field<'_> {
         match *self {
             Field::Int(_, 0) | Field::Bytes(_, []) => {}
             Field::Int(tag, value) => {
-                encode_key(tag, WireType::Varint, out);
-                encode_varint(value as u64, out);
+                put_key(tag, WireType::Varint, out);
+                put_varint(value as u64, out);
             }
             Field::Bytes(tag, bytes) => {
-                encode_key(tag, WireType::LengthDelimited, out);
-                encode_varint(bytes.len() as u64, out);
+                put_key(tag, WireType::LengthDelimited, out);
+                put_varint(bytes.len() as u64, out);
                 out.put_slice(bytes);
             }
             Field::Message(tag, len) => {
-                encode_key(tag, WireType::LengthDelimited, out);
-                encode_varint(len as u64, out);
+                put_key(tag, WireType::LengthDelimited, out);
+                put_varint(len as u64, out);
             }
         }
     }
+}
+
+fn put_key(tag: u32, wire_type: WireType, out: &mut BytesMut) {
+    put_varint(u64::from(tag << 3 | wire_type as u32), out);
+}
+
+/// A varint written with one copy: prost's `encode_varint` puts it byte by
+/// byte, each a capacity check, and the ids of every message (auth key,
+/// session, salt) take nine or ten bytes each.
+fn put_varint(mut value: u64, out: &mut BytesMut) {
+    let mut bytes = [0u8; 10];
+    let mut len = 0;
+    while value >= 0x80 {
+        bytes[len] = value as u8 | 0x80;
+        value >>= 7;
+        len += 1;
+    }
+    bytes[len] = value as u8;
+    out.put_slice(&bytes[..=len]);
 }
 
 /// teamgram's `SessionClientData`, field by field in tag order.
@@ -161,6 +180,20 @@ mod tests {
             quick_ack: i32::MIN,
             salt: 0x0102_0304_0506_0708,
             payload: Bytes::from(vec![0xa5; payload_len]),
+        }
+    }
+
+    #[test]
+    fn varints_are_prosts() {
+        let steps = (0..64).flat_map(|bit| {
+            let at = 1u64 << bit;
+            [at - 1, at, at + 1]
+        });
+        for value in steps.chain([u64::MAX, (-1i64) as u64]) {
+            let (mut ours, mut theirs) = (BytesMut::new(), BytesMut::new());
+            put_varint(value, &mut ours);
+            prost::encoding::encode_varint(value, &mut theirs);
+            assert_eq!(ours, theirs, "{value}");
         }
     }
 
