@@ -20,6 +20,10 @@ pub use mtproto_config::{
 
 pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 
+/// The largest `limits.forward_window`: a connection's forwards are polled
+/// together on each of its turns, so their count is its cost per turn.
+const MAX_FORWARD_WINDOW: usize = 1024;
+
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
@@ -253,8 +257,9 @@ impl Layers for Config {
                 "limits.outbox_capacity must be at least 1",
             ),
             (
-                l.forward_window >= 1,
-                "limits.forward_window must be at least 1",
+                (1..=MAX_FORWARD_WINDOW).contains(&l.forward_window),
+                "limits.forward_window must be between 1 and 1024 (a connection polls every \
+                 message it has with the session on each turn and holds each until it is accepted)",
             ),
             (
                 l.max_sessions_per_connection >= 1,
@@ -609,6 +614,8 @@ mod tests {
                 "limits.max_sessions_per_auth_key",
             ),
             ("max_buffered_bytes = 4096", "limits.max_buffered_bytes"),
+            ("forward_window = 0", "limits.forward_window"),
+            ("forward_window = 1025", "limits.forward_window"),
             (
                 "http_requests_per_ip_per_minute = 0",
                 "limits.http_requests_per_ip_per_minute",
