@@ -71,7 +71,12 @@ impl<L: Send + Sync + 'static> Links<L> {
         if pending.get(addr).is_some_and(|o| o.ptr_eq(&opening)) {
             pending.remove(addr);
             if let Ok(link) = &opened {
-                lock(&self.live).insert(addr.to_string(), link.clone());
+                let mut live = lock(&self.live);
+                // Session instances come and go with their addresses (a
+                // rollout gives each pod a new one): closed links are
+                // dropped here, or the map would grow for the gateway's life.
+                live.retain(|_, link| !(self.is_closed)(link));
+                live.insert(addr.to_string(), link.clone());
             }
         }
         opened
@@ -153,5 +158,18 @@ mod tests {
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert!(links.get("a:1", failing(attempts.clone())).await.is_err());
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn closed_links_are_dropped_when_another_opens() {
+        let links = Links::new(closed);
+        let open = || async { Ok(Link(AtomicBool::new(false))) };
+        let first = links.get("a:1", open).await.unwrap_or_else(|_| panic!());
+        links.get("b:1", open).await.unwrap_or_else(|_| panic!());
+        first.0.store(true, Ordering::SeqCst);
+        links.get("c:1", open).await.unwrap_or_else(|_| panic!());
+        let mut kept: Vec<_> = lock(&links.live).keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["b:1", "c:1"]);
     }
 }
