@@ -41,8 +41,11 @@ use replies::Awaited;
 const READ_CHUNK: usize = 16 * 1024;
 /// The encoder's buffer grows by at least this much: the replies written
 /// together split off one allocation, not one each. It is dropped once
-/// everything is written, so idle connections hold none of it.
-const SCRATCH_CHUNK: usize = 2048;
+/// everything is written, so idle connections hold none of it. Under 1 KiB
+/// with the allocator's header, glibc serves it from its per-thread cache;
+/// from 1 KiB on a request first consolidates the allocator's small free
+/// chunks, which cost 2% of the gateway's CPU with one request in flight.
+const SCRATCH_CHUNK: usize = 1008;
 /// The most a transport adds around a payload (the full transport's length,
 /// sequence number and CRC).
 const MAX_FRAME_OVERHEAD: usize = 12;
