@@ -153,8 +153,10 @@ fn closed() -> Failure {
 struct Waiting {
     first: u64,
     sent: Instant,
-    /// One per call of the batch, filled as they come.
+    /// One per call of the batch, filled as they come (handed to the
+    /// caller when it is completed).
     answers: Vec<Option<Answer>>,
+    calls: usize,
     /// Calls of the batch not yet answered.
     left: usize,
     /// `None` once the caller is completed.
@@ -182,10 +184,10 @@ impl Waiting {
     /// Completes the caller, the calls still unanswered with `missing`.
     fn complete(&mut self, missing: impl Fn() -> Answer) {
         if let Some(done) = self.done.take() {
-            let answers = self
-                .answers
-                .iter_mut()
-                .map(|a| a.take().unwrap_or_else(&missing));
+            // Collected in place: the caller gets the batch's own storage.
+            let answers = std::mem::take(&mut self.answers)
+                .into_iter()
+                .map(|a| a.unwrap_or_else(&missing));
             let _ = done.send(answers.collect());
         }
     }
@@ -327,6 +329,7 @@ impl Link {
                         first,
                         sent: now,
                         answers: std::iter::repeat_with(|| None).take(count).collect(),
+                        calls: count,
                         left: count,
                         done: Some(calls.done),
                     });
@@ -407,7 +410,7 @@ impl Link {
                 waiting.answer(id - waiting.first, payload);
             }
             while let Some(answered) = self.waiting.front().filter(|w| w.done.is_none()) {
-                self.waiting_calls -= answered.answers.len();
+                self.waiting_calls -= answered.calls;
                 self.waiting.pop_front();
             }
         }
