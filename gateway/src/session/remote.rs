@@ -240,10 +240,9 @@ impl RemoteSession {
         };
         let _in_flight = GaugeGuard::raise(&self.metrics.in_flight, data.len());
         let started = std::time::Instant::now();
-        let bodies = send_data_bodies(&data);
         let answers = match self.stream(&target).await {
-            Ok(link) => link.call_all(bodies.clone()).await,
-            Err(failure) => vec![Err(failure); bodies.len()],
+            Ok(link) => link.call_all(send_data_bodies(&data)).await,
+            Err(failure) => vec![Err(failure); data.len()],
         };
         let firsts: Vec<_> = answers
             .into_iter()
@@ -264,25 +263,22 @@ impl RemoteSession {
             return firsts.into_iter().map(|_| Ok(())).collect();
         }
         // The failed ones go on at once, each on its own (as separate calls
-        // would), not one after another's backoff.
+        // would), not one after another's backoff; they are encoded again,
+        // which spares every batch that succeeds a copy of its requests.
         let target = &target;
-        join_all(
-            bodies
-                .into_iter()
-                .zip(firsts)
-                .map(|(body, first)| async move {
-                    let failure = match first {
-                        Ok(()) => return Ok(()),
-                        Err(failure) => failure,
-                    };
-                    let call = |addr| self.stream_send_data(addr, body.clone());
-                    let outcome = self
-                        .settle(ring_key, SEND_DATA, call, target.clone(), Err(failure))
-                        .await;
-                    self.observe(SEND_DATA, started);
-                    outcome
-                }),
-        )
+        join_all(data.iter().zip(firsts).map(|(data, first)| async move {
+            let failure = match first {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
+            };
+            let body = send_data_body(data);
+            let call = |addr| self.stream_send_data(addr, body.clone());
+            let outcome = self
+                .settle(ring_key, SEND_DATA, call, target.clone(), Err(failure))
+                .await;
+            self.observe(SEND_DATA, started);
+            outcome
+        }))
         .await
     }
 
