@@ -125,6 +125,16 @@ impl EmbeddedSession {
         Self { core, workers }
     }
 
+    /// Queues a message for the worker of its session.
+    async fn queue(&self, data: SessionClientData) -> Result<(), SessionError> {
+        let shard =
+            (data.auth_key_id ^ data.session_id).unsigned_abs() as usize % self.workers.len();
+        self.workers[shard]
+            .send(data)
+            .await
+            .map_err(|_| SessionError::Unavailable("reference session stopped".into()))
+    }
+
     pub fn store(&self) -> &Arc<dyn AuthKeyStore> {
         &self.core.store
     }
@@ -176,7 +186,7 @@ impl Core {
     }
 
     /// Wraps replies (in a container when there are several) and hands them to the gateway.
-    async fn deliver(&self, data: &SessionClientData, salt: i64, replies: Vec<Reply>) {
+    fn deliver(&self, data: &SessionClientData, salt: i64, replies: Vec<Reply>) {
         if replies.is_empty() {
             return;
         }
@@ -206,16 +216,12 @@ impl Core {
                 plaintext_message(salt, session_id, msg_id, seq_no, &container)
             }
         };
-        if !self
-            .gateway
-            .send_data_to_gateway(
-                &data.server_id,
-                auth_key_id,
-                session_id,
-                Bytes::from(plaintext),
-            )
-            .await
-        {
+        if !self.gateway.send_data_to_gateway(
+            &data.server_id,
+            auth_key_id,
+            session_id,
+            Bytes::from(plaintext),
+        ) {
             debug!(auth_key_id, session_id, gateway = %data.server_id, "reply not taken for delivery");
         }
     }
@@ -298,12 +304,12 @@ impl Core {
         let (salt, salt_ok) = self.check_salt(data.auth_key_id, data.salt, now).await?;
         if !salt_ok {
             let reply = reference::bad_server_salt(msg_id, seq_no, salt);
-            self.deliver(&data, salt, vec![reply]).await;
+            self.deliver(&data, salt, vec![reply]);
             return Ok(());
         }
         if let Err(code) = reference::check_msg_id(msg_id, now) {
             let reply = reference::bad_msg_notification(msg_id, seq_no, code);
-            self.deliver(&data, salt, vec![reply]).await;
+            self.deliver(&data, salt, vec![reply]);
             return Ok(());
         }
         let mut replies = Vec::new();
@@ -374,8 +380,12 @@ impl Core {
                 existed,
             ));
         }
-        replies.extend(outcome.replies);
-        self.deliver(&data, salt, replies).await;
+        if replies.is_empty() {
+            replies = outcome.replies;
+        } else {
+            replies.extend(outcome.replies);
+        }
+        self.deliver(&data, salt, replies);
         Ok(())
     }
 }
@@ -493,12 +503,17 @@ impl SessionService for EmbeddedSession {
     }
 
     async fn send_data(&self, data: SessionClientData) -> Result<(), SessionError> {
-        let shard =
-            (data.auth_key_id ^ data.session_id).unsigned_abs() as usize % self.workers.len();
-        self.workers[shard]
-            .send(data)
-            .await
-            .map_err(|_| SessionError::Unavailable("reference session stopped".into()))
+        self.queue(data).await
+    }
+
+    /// One after another, as the default does, but without a boxed call per
+    /// message.
+    async fn send_data_batch(&self, data: Vec<SessionClientData>) -> Vec<Result<(), SessionError>> {
+        let mut outcomes = Vec::with_capacity(data.len());
+        for data in data {
+            outcomes.push(self.queue(data).await);
+        }
+        outcomes
     }
 
     async fn close_session(&self, event: SessionClientEvent) -> Result<(), SessionError> {
@@ -618,9 +633,8 @@ mod tests {
     #[derive(Debug)]
     struct Nowhere;
 
-    #[async_trait]
     impl GatewayDelivery for Nowhere {
-        async fn send_data_to_gateway(&self, _: &str, _: i64, _: i64, _: Bytes) -> bool {
+        fn send_data_to_gateway(&self, _: &str, _: i64, _: i64, _: Bytes) -> bool {
             false
         }
     }

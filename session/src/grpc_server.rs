@@ -634,11 +634,10 @@ fn report(server_id: &str, done: Option<Result<Response<pb::Bool>, Status>>) {
     }
 }
 
-#[async_trait]
 impl GatewayDelivery for RemoteGateways {
     /// True once the reply is queued for its gateway; whether a connection
     /// there took it is known later, and logged.
-    async fn send_data_to_gateway(
+    fn send_data_to_gateway(
         &self,
         server_id: &str,
         auth_key_id: i64,
@@ -799,11 +798,12 @@ mod tests {
     ) -> Vec<(Path, i64)> {
         let count = session_ids.clone().count();
         for session_id in session_ids {
-            assert!(
-                gateways
-                    .send_data_to_gateway(gateway, 1, session_id, Bytes::from_static(b"r"))
-                    .await
-            );
+            assert!(gateways.send_data_to_gateway(
+                gateway,
+                1,
+                session_id,
+                Bytes::from_static(b"r")
+            ));
         }
         let mut got = Vec::new();
         while got.len() < count {
@@ -837,11 +837,7 @@ mod tests {
         let timeout = Duration::from_millis(500);
         let gateways = RemoteGateways::new(timeout);
         let (gateway, mut taken) = recording_gateway(true, true).await;
-        assert!(
-            gateways
-                .send_data_to_gateway(&gateway, 1, 1, Bytes::from_static(b"lost"))
-                .await
-        );
+        assert!(gateways.send_data_to_gateway(&gateway, 1, 1, Bytes::from_static(b"lost")));
         tokio::time::sleep(3 * timeout).await;
         let got = deliver_all(&gateways, &gateway, &mut taken, 2..4).await;
         assert_eq!(got, vec![(Path::Stream, 2), (Path::Stream, 3)]);
@@ -869,19 +865,18 @@ mod tests {
         // them nor the live gateway's reply may wait on them.
         let run = async {
             for session_id in 0..2 * LINK_IN_FLIGHT as i64 {
-                let queued = gateways
-                    .send_data_to_gateway(&stalled, 1, session_id, Bytes::from_static(b"r"))
-                    .await;
+                let queued = gateways.send_data_to_gateway(
+                    &stalled,
+                    1,
+                    session_id,
+                    Bytes::from_static(b"r"),
+                );
                 assert!(
                     queued,
                     "reply {session_id} to the stalled gateway was not queued"
                 );
             }
-            assert!(
-                gateways
-                    .send_data_to_gateway(&live, 1, 7, Bytes::from_static(b"r"))
-                    .await
-            );
+            assert!(gateways.send_data_to_gateway(&live, 1, 7, Bytes::from_static(b"r")));
             taken.recv().await
         };
         let got = tokio::time::timeout(Duration::from_secs(120), run).await;
@@ -894,10 +889,7 @@ mod tests {
         let stalled = stalled_gateway().await;
         let mut queued = 0;
         for session_id in 0..2 * (LINK_QUEUE + LINK_IN_FLIGHT) as i64 {
-            if gateways
-                .send_data_to_gateway(&stalled, 1, session_id, Bytes::from_static(b"r"))
-                .await
-            {
+            if gateways.send_data_to_gateway(&stalled, 1, session_id, Bytes::from_static(b"r")) {
                 queued += 1;
             }
         }

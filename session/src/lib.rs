@@ -97,10 +97,9 @@ pub trait SessionService: Send + Sync + std::fmt::Debug {
 /// True when it was taken: in process, by a live connection (queued for its
 /// client); over the network, by the bounded queue to that gateway. False at
 /// once when it cannot be (no such connection, a full outbox or queue): a
-/// slow gateway never makes the caller wait.
-#[async_trait]
+/// slow gateway never makes the caller wait, so the call is not `async`.
 pub trait GatewayDelivery: Send + Sync + std::fmt::Debug {
-    async fn send_data_to_gateway(
+    fn send_data_to_gateway(
         &self,
         server_id: &str,
         auth_key_id: i64,

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::outbox::{Outbox, Refused};
-use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::metrics::{GaugeGuard, Metrics, ReasonLabels};
@@ -130,18 +129,22 @@ impl Registry {
             drop(map);
             return self.dropped("no_connection");
         };
-        let mut full = false;
+        let (mut payload, mut full) = (payload, false);
         for (_, tx) in conns.iter().rev() {
             let outgoing = Outgoing {
-                payload: payload.clone(),
+                payload,
                 queued: GaugeGuard::new(&self.metrics.outbox_queued),
             };
-            match tx.try_send(outgoing) {
+            // A refused message comes back, and goes on to the next connection.
+            payload = match tx.try_send(outgoing) {
                 Ok(()) => return true,
-                Err(Refused::Full(_)) => full = true,
+                Err(Refused::Full(back)) => {
+                    full = true;
+                    back.payload
+                }
                 // A connection that is closing (a drained one, before it leaves the registry).
-                Err(Refused::Closed(_)) => {}
-            }
+                Err(Refused::Closed(back)) => back.payload,
+            };
         }
         drop(map);
         self.dropped(if full { "outbox_full" } else { "no_connection" })
@@ -149,9 +152,8 @@ impl Registry {
 }
 
 /// The embedded session's reply path.
-#[async_trait]
 impl GatewayDelivery for Registry {
-    async fn send_data_to_gateway(
+    fn send_data_to_gateway(
         &self,
         _server_id: &str,
         auth_key_id: i64,
@@ -175,18 +177,10 @@ mod tests {
         assert_eq!(registry.attach(1, 2, 10, &old_tx), Attached::New);
         assert_eq!(registry.attach(1, 2, 11, &new_tx), Attached::Known);
         // Nobody reads the outboxes: delivery still returns at once.
-        assert!(
-            registry
-                .send_data_to_gateway("", 1, 2, Bytes::from_static(b"a"))
-                .await
-        );
+        assert!(registry.send_data_to_gateway("", 1, 2, Bytes::from_static(b"a")));
         assert_eq!(new_rx.try_recv().unwrap().payload, Bytes::from_static(b"a"));
         assert!(old_rx.try_recv().is_none());
-        assert!(
-            !registry
-                .send_data_to_gateway("", 1, 3, Bytes::from_static(b"d"))
-                .await
-        );
+        assert!(!registry.send_data_to_gateway("", 1, 3, Bytes::from_static(b"d")));
         assert!(!registry.detach(1, 2, 11));
         assert!(registry.detach(1, 2, 10));
         assert_eq!(registry.metrics.sessions.get(), 0);
@@ -199,21 +193,9 @@ mod tests {
         // A client that stopped reading: its outbox holds one message and is full.
         let (tx, _rx) = outbox::channel(1);
         registry.attach(5, 6, 20, &tx);
-        assert!(
-            registry
-                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"x"))
-                .await
-        );
-        assert!(
-            !registry
-                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"y"))
-                .await
-        );
-        assert!(
-            !registry
-                .send_data_to_gateway("", 7, 8, Bytes::from_static(b"z"))
-                .await
-        );
+        assert!(registry.send_data_to_gateway("", 5, 6, Bytes::from_static(b"x")));
+        assert!(!registry.send_data_to_gateway("", 5, 6, Bytes::from_static(b"y")));
+        assert!(!registry.send_data_to_gateway("", 7, 8, Bytes::from_static(b"z")));
         assert_eq!(metrics.outbox_queued.get(), 1);
         for reason in ["outbox_full", "no_connection"] {
             let dropped = metrics
@@ -232,11 +214,7 @@ mod tests {
         registry.attach(5, 6, 20, &tx);
         // A drained connection closes its outbox before it leaves the registry.
         rx.close();
-        assert!(
-            !registry
-                .send_data_to_gateway("", 5, 6, Bytes::from_static(b"x"))
-                .await
-        );
+        assert!(!registry.send_data_to_gateway("", 5, 6, Bytes::from_static(b"x")));
         let dropped = |reason| {
             metrics
                 .server_messages_dropped
