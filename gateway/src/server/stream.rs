@@ -225,7 +225,10 @@ impl Cx {
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         let mut needs_flush = false;
         // One timer for the connection, moved only when the core's deadline
-        // moves (a new timer per loop turn costs a timer-wheel insert each).
+        // comes sooner than the timer (a new timer per loop turn costs a
+        // timer-wheel insert each). The idle deadline moves later on every
+        // message; the timer is left where it is then, and when it fires
+        // early the core finds nothing due and it is set again.
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_at: Option<Instant> = None;
@@ -272,7 +275,7 @@ impl Cx {
             let want_read = conn.wants_read();
             let accepts = conn.accepts_server_messages();
             let deadline = conn.poll_timeout().map(Instant::from_std);
-            if let Some(at) = deadline.filter(|&at| timer_at != Some(at)) {
+            if let Some(at) = deadline.filter(|&at| timer_at.is_none_or(|armed| at < armed)) {
                 timer.as_mut().reset(at);
                 timer_at = Some(at);
             }
@@ -360,7 +363,10 @@ impl Cx {
                         }
                     }
                 }
-                Step::Timeout => conn.handle_timeout(now, &mut rand::thread_rng()),
+                Step::Timeout => {
+                    timer_at = None;
+                    conn.handle_timeout(now, &mut rand::thread_rng());
+                }
                 Step::Drain => drain_due = true,
                 Step::Shutdown => {
                     // The grace is over: what the outbox holds goes out with
