@@ -9,7 +9,7 @@ use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -94,7 +94,6 @@ pub async fn run(
         peer: admitted.peer,
         shared,
         accepted: admitted.accepted,
-        client_ip: OnceLock::new(),
     };
     let Some(ws) = &endpoint.websocket else {
         // A TCP stream splits into borrowed halves, without the shared
@@ -118,9 +117,6 @@ struct Cx {
     peer: SocketAddr,
     shared: Arc<Shared>,
     accepted: Instant,
-    /// The peer's address as the session is told it, formatted at the
-    /// connection's first forward (connections that never forward hold none).
-    client_ip: OnceLock<Arc<str>>,
 }
 
 impl Cx {
@@ -470,14 +466,15 @@ impl Cx {
         waiting: &mut Option<BoxFuture<'static, Answer>>,
     ) -> Option<i64> {
         let mut batch = Vec::new();
+        // Formatted once for the batch.
+        let mut client_ip = None;
         let mut forget = None;
         while let Some(action) = conn.poll_action() {
             let shared = &self.shared;
             match action {
                 Action::Forward(forward) => {
-                    let client_ip = self
-                        .client_ip
-                        .get_or_init(|| self.peer.ip().to_string().into());
+                    let client_ip: &Arc<str> =
+                        client_ip.get_or_insert_with(|| self.peer.ip().to_string().into());
                     batch.push(shell::client_data(shared, client_ip.clone(), forward));
                 }
                 Action::LookupKey(auth_key_id) => {
