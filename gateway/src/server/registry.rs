@@ -207,6 +207,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_message_goes_on_to_the_older_connection() {
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(metrics.clone(), 8);
+        let (old_tx, mut old_rx) = outbox::channel(1);
+        let (new_tx, mut new_rx) = outbox::channel(1);
+        registry.attach(5, 6, 20, &old_tx);
+        registry.attach(5, 6, 21, &new_tx);
+        assert!(registry.send_data_to_gateway("", 5, 6, Bytes::from_static(b"first")));
+        // The newest connection's outbox is full now: the next message is
+        // refused there and taken, whole, by the older one.
+        assert!(registry.send_data_to_gateway("", 5, 6, Bytes::from_static(b"second")));
+        assert_eq!(
+            new_rx.try_recv().unwrap().payload,
+            Bytes::from_static(b"first")
+        );
+        assert_eq!(
+            old_rx.try_recv().unwrap().payload,
+            Bytes::from_static(b"second")
+        );
+        assert_eq!(metrics.outbox_queued.get(), 0);
+    }
+
+    #[tokio::test]
     async fn a_closing_connection_takes_nothing_and_is_not_full() {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(metrics.clone(), 8);
