@@ -44,7 +44,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// everything is written, so idle connections hold none of it. Under 1 KiB
 /// with the allocator's header, glibc serves it from its per-thread cache;
 /// from 1 KiB on a request first consolidates the allocator's small free
-/// chunks, which cost 2% of the gateway's CPU with one request in flight.
+/// chunks, which cost 2% of the gateway's user CPU with one request in flight.
 const SCRATCH_CHUNK: usize = 1008;
 /// The most a transport adds around a payload (the full transport's length,
 /// sequence number and CRC).
