@@ -6,14 +6,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Latency buckets from 100 µs to ~13 s (doubling): covers a cache-warm RPC
-/// and a handshake on a loaded pod alike.
-fn latency() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
+use mtproto_session::metrics::latency;
 
 type Latency<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -17,8 +17,10 @@ pub struct StoreMetrics {
     pub lookup_duration: Family<TierLabels, Histogram, fn() -> Histogram>,
 }
 
-/// 100 µs to ~13 s, doubling (as the gateway's latency histograms).
-fn latency() -> Histogram {
+/// Latency buckets from 100 µs to ~13 s (doubling): a cache-warm lookup or
+/// RPC and a handshake on a loaded pod alike. The gateway's latency
+/// histograms use them too, so the two processes' percentiles compare.
+pub fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
