@@ -303,7 +303,7 @@ pub async fn run(
         return;
     };
     let (id, peer, stream, buf) = (admitted.id, admitted.peer, admitted.stream, admitted.buf);
-    let deadline = admitted.accepted + shared.limits.handshake_timeout;
+    let deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
     let stream = Prefixed::new(buf, stream);
     let cx = Arc::new(ConnCx {
         id,
@@ -330,7 +330,7 @@ pub async fn run(
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx: Arc<ConnCx>) {
     let (mut draining, mut force_close) = (cx.draining.clone(), cx.force_close.clone());
     let (id, peer, shared) = (cx.id, cx.peer, cx.shared.clone());
-    let timeout = cx.shared.limits.handshake_timeout;
+    let timeout = cx.shared.limits.connection.handshake_timeout;
     let service = service_fn(move |request| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(handle(request, &cx).await) }
@@ -338,9 +338,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, cx
     // Without the Date header, Content-Length is the last header line, where
     // some clients' minimal parsers (Telethon's) look for it.
     // A client that stops reading its responses is closed after
-    // limits.write_timeout, as on the stream transports.
+    // limits.write_timeout_secs, as on the stream transports.
     let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(shared.limits.write_timeout));
+    stream.set_write_timeout(Some(shared.limits.connection.write_timeout));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
@@ -467,7 +467,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
             "unknown path",
         );
     }
-    let max = cx.shared.limits.max_frame_bytes;
+    let max = cx.shared.limits.connection.max_frame_bytes;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -480,7 +480,7 @@ async fn handle(request: Request<Incoming>, cx: &ConnCx) -> Response<Full<Bytes>
             "body too large",
         );
     }
-    let deadline = Instant::now() + cx.shared.limits.handshake_timeout;
+    let deadline = Instant::now() + cx.shared.limits.connection.handshake_timeout;
     let body = match timeout_at(deadline, Limited::new(request.into_body(), max).collect()).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
@@ -605,7 +605,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
             }
             PendingHandshake {
                 flow: HandshakeFlow::new(shared.handshake.clone()),
-                expires: now + shared.limits.handshake_timeout,
+                expires: now + shared.limits.connection.handshake_timeout,
                 held: Held::new(shared.budgets.clone()),
             }
         } else {
@@ -748,7 +748,7 @@ fn attach(cx: &ConnCx, info: &Arc<AuthKeyInfo>, session_id: i64) -> Result<Reque
         return Err(Close::ClientLimit);
     }
     let of_key = sessions.per_key.get(&key.0).copied().unwrap_or(0);
-    if of_key >= shared.limits.max_sessions_per_connection {
+    if of_key >= shared.limits.connection.max_sessions {
         return Err(Close::TooManySessions(of_key));
     }
     let id = shared.connection_ids.next();
@@ -859,7 +859,7 @@ async fn run_session(
     (mut draining, mut force_close): (watch::Receiver<bool>, watch::Receiver<bool>),
     done: mpsc::Sender<()>,
 ) {
-    let idle = shared.limits.idle_timeout;
+    let idle = shared.limits.connection.idle_timeout;
     let max_bytes = shared.limits.http_queue_bytes;
     let mut drain = false;
     loop {

@@ -34,19 +34,11 @@ use registry::Registry;
 /// Per-connection limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// What the connection core enforces (stream connections).
+    /// What the connection core enforces on stream connections; the HTTP
+    /// transport and the shells read their timeouts and sizes here too.
     pub connection: Arc<mtproto_core::connection::Settings>,
-    /// From accept until the connection's first valid encrypted message.
-    pub handshake_timeout: Duration,
-    /// Without traffic in either direction.
-    pub idle_timeout: Duration,
-    /// A write that cannot complete in this time closes the connection (slow reader).
-    pub write_timeout: Duration,
-    pub max_frame_bytes: usize,
     /// Server messages queued for one connection before delivery reports "not delivered".
     pub outbox_capacity: usize,
-    /// Distinct session ids one connection may carry.
-    pub max_sessions_per_connection: usize,
     /// Open connections per listener; on HTTP also the number of virtual connections.
     pub max_connections: usize,
     /// Longest an HTTP long-poll is held.

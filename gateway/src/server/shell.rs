@@ -138,7 +138,7 @@ pub(super) async fn admit(
         buf: BytesMut::new(),
         accepted: Instant::now(),
     };
-    let deadline = admitted.accepted + shared.limits.handshake_timeout;
+    let deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
     match read_proxy_header(shared, &mut admitted, endpoint, deadline).await {
         Ok(()) => match shared.admission.enter_client(slot, admitted.peer.ip()) {
             Ok(()) => return Some(admitted),
@@ -147,7 +147,7 @@ pub(super) async fn admit(
         Err(close) => count_close(shared, admitted.id, admitted.peer, &close),
     }
     stream = admitted.stream;
-    let _ = tokio::time::timeout(shared.limits.write_timeout, stream.shutdown()).await;
+    let _ = tokio::time::timeout(shared.limits.connection.write_timeout, stream.shutdown()).await;
     None
 }
 

@@ -88,7 +88,7 @@ pub async fn run(
         return;
     };
     let (mut stream, buf) = (admitted.stream, admitted.buf);
-    let handshake_deadline = admitted.accepted + shared.limits.handshake_timeout;
+    let handshake_deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
     let cx = Cx {
         id: admitted.id,
         peer: admitted.peer,
@@ -387,9 +387,9 @@ impl Cx {
         // Past the grace the gateway cannot wait a whole write timeout.
         let last_write_by = Instant::now()
             + if forced {
-                shared.limits.write_timeout.min(FORCED_CLOSE)
+                shared.limits.connection.write_timeout.min(FORCED_CLOSE)
             } else {
-                shared.limits.write_timeout
+                shared.limits.connection.write_timeout
             };
         if !matches!(close, Close::Write | Close::Read(_)) {
             let delivered = self.flush(&mut conn, &mut writer, last_write_by).await;
