@@ -279,6 +279,7 @@ pub struct LimitsConfig {
     /// Messages one connection has handed to the session and not yet seen
     /// accepted; at this many the connection stops reading (back-pressure).
     /// They are sent in order; 1 makes each wait for the one before it.
+    /// At most 1,024: a connection polls all of them on each turn.
     pub forward_window: usize,
     pub max_sessions_per_connection: usize,
     /// After SIGTERM, seconds of lame duck: readiness is false but listeners
