@@ -156,6 +156,7 @@ struct Waiting {
     /// One per call of the batch, filled as they come (handed to the
     /// caller when it is completed).
     answers: Vec<Option<Answer>>,
+    /// Calls in the batch (`answers` is empty once handed over).
     calls: usize,
     /// Calls of the batch not yet answered.
     left: usize,
