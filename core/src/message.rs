@@ -191,7 +191,7 @@ fn padding_len(plaintext_len: usize) -> usize {
 pub fn encrypt(key: &AuthKey, plaintext: &[u8], out: &mut BytesMut, rng: &mut impl RngCore) {
     let padding = padding_len(plaintext.len());
     let start = out.len();
-    out.reserve(24 + plaintext.len() + padding);
+    out.reserve(encrypted_len(plaintext.len()));
     out.put_i64_le(key.id());
     out.put_bytes(0, 16);
     let body_at = out.len();
