@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared by scripts/perf.sh and scripts/pipeline-bench.sh (sourced, not run):
 # release binaries of the current tree and of another revision, processes on
-# loopback ports, and CPU accounting from /proc.
+# loopback ports, and the CPU figures mtproto-loadgen reports.
 #
 # The caller sets ROOT (the repository) and WORK (a temporary directory that
 # bench_cleanup removes) before calling anything here.
@@ -11,7 +11,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MTPROTO_CACHE/cargo-target}"
 
 BENCH_PIDS=()
 BENCH_WORKTREE=""
-CLK_TCK="$(getconf CLK_TCK)"
 
 die() { echo "${0##*/}: $*" >&2; exit 1; }
 
@@ -75,35 +74,24 @@ build_revision() {
     BENCH_WORKTREE=""
 }
 
-# CPU ticks (user + system) of a process so far.
-cpu_ticks() {
-    local stat rest
-    local -a f
-    stat="$(<"/proc/$1/stat")"
-    rest="${stat##*) }" # fields from 3 (state) on; utime and stime are 14 and 15
-    read -r -a f <<<"$rest"
-    echo $((f[11] + f[12]))
+# loadgen_cpu OUT WHO UNIT: microseconds of CPU per UNIT (pair, handshake)
+# that mtproto-loadgen reported for WHO ("loadgen", "pid N") in OUT.
+loadgen_cpu() {
+    local re="$2 CPU ([0-9.]+) us/$3"
+    [[ "$1" =~ $re ]] || die "no CPU figure for $2 in: $1"
+    echo "${BASH_REMATCH[1]}"
 }
 
-# CPU ticks that processes of the whole machine used so far (user, nice,
-# system; not idle, iowait, or interrupts, which include loopback traffic's).
-machine_busy_ticks() {
-    local -a f
-    read -r -a f </proc/stat # cpu user nice system idle iowait irq softirq steal ...
-    echo $((f[1] + f[2] + f[3]))
-}
-
-# Microseconds of CPU per unit: ticks / count.
-us_per() {
-    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "-" }'
-}
-
-# Other processes' CPU in % of all cores between two samples: busy ticks of
-# the machine less the measured processes' ticks and the loadgen's CPU seconds.
+# other_load OUT COUNT SECS US_PER_UNIT...: other processes' CPU in % of all
+# cores over the loadgen's window: the machine's busy time it reported in OUT
+# less the measured processes' (COUNT units at US_PER_UNIT each).
 other_load() {
-    local busy="$1" ours="$2" loadgen_secs="$3" ns="$4"
-    awk -v busy="$busy" -v ours="$ours" -v lg="$loadgen_secs" -v hz="$CLK_TCK" -v ns="$ns" -v cores="$(nproc)" \
-        'BEGIN { o = (busy - ours) / hz - lg; if (o < 0) o = 0; printf "%.0f", o / (ns / 1e9 * cores) * 100 }'
+    local out="$1" count="$2" secs="$3" re='machine busy ([0-9.]+) CPU s'
+    shift 3
+    [[ "$out" =~ $re ]] || die "no machine busy figure in: $out"
+    awk -v busy="${BASH_REMATCH[1]}" -v n="$count" -v secs="$secs" -v cores="$(nproc)" -v ours="$*" \
+        'BEGIN { k = split(ours, u, " "); o = busy; for (i = 1; i <= k; i++) o -= u[i] * n / 1e6
+                 if (o < 0) o = 0; printf "%.0f", o / (secs * cores) * 100 }'
 }
 
 free_port() {

@@ -3,7 +3,8 @@
 # this machine, each beside the ceiling or budget it is judged against.
 #
 #   scripts/perf.sh [--quick] [--against REV] [--duration-secs 10]
-#       [--connections 8] [--idle-connections 10000] [--skip-idle] [--skip-bench]
+#       [--connections 8] [--wide-connections 128] [--idle-connections 10000]
+#       [--skip-idle] [--skip-bench]
 #       [--bin-dir DIR]
 #
 # - Handshakes: gateway (embedded default, SQLite keys) CPU per handshake and
@@ -15,8 +16,12 @@
 # - Forwarding: request/response pairs (ping/pong) per second, p50/p99
 #   latency, and gateway CPU per pair with 1 and 8 in flight per connection,
 #   in the embedded default and with a separate mtproto-session over unary
-#   and stream gRPC (unary also with mutual TLS); judged against the load generator's own CPU per pair
-#   (the mirror work: encrypt, decrypt, syscalls).
+#   and stream gRPC (unary also with mutual TLS); judged against the load
+#   generator's own CPU per pair (the mirror work: encrypt, decrypt,
+#   syscalls). Embedded and stream also with 1 in flight on each of
+#   --wide-connections (what most real clients do: one request at a time).
+#   The loadgen measures from the moment all its connections have their keys,
+#   so no handshake is in these figures.
 # - Idle memory: gateway RSS per idle connection at 10,000 connections, TCP
 #   and WebSocket, before a first message and after one (keyed: the key
 #   found, the session made; e2e/gateway/measure_idle.py), against 4 KiB and
@@ -45,13 +50,14 @@ trap bench_cleanup EXIT
 AGAINST=""
 DURATION=10
 CONNECTIONS=8
+WIDE_CONNECTIONS=128
 IDLE_CONNECTIONS=10000
 QUICK=0
 SKIP_IDLE=0
 SKIP_BENCH=0
 BIN=""
 
-usage() { sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while (($#)); do
     case "$1" in
@@ -59,6 +65,7 @@ while (($#)); do
         --against) AGAINST="${2:?--against needs a revision}"; shift 2 ;;
         --duration-secs) DURATION="${2:?}"; shift 2 ;;
         --connections) CONNECTIONS="${2:?}"; shift 2 ;;
+        --wide-connections) WIDE_CONNECTIONS="${2:?}"; shift 2 ;;
         --idle-connections) IDLE_CONNECTIONS="${2:?}"; shift 2 ;;
         --skip-idle) SKIP_IDLE=1; shift ;;
         --skip-bench) SKIP_BENCH=1; shift ;;
@@ -67,7 +74,7 @@ while (($#)); do
         *) echo "perf: unknown argument $1" >&2; usage 2 ;;
     esac
 done
-for n in "$DURATION" "$CONNECTIONS" "$IDLE_CONNECTIONS"; do
+for n in "$DURATION" "$CONNECTIONS" "$WIDE_CONNECTIONS" "$IDLE_CONNECTIONS"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
 done
 
@@ -98,60 +105,55 @@ fi
 
 declare -A R # R[side,row] = value
 
-# measure SIDE KEY SESSION_PID LOADGEN_ARG...: one loadgen run against the
-# gateway in GATEWAY_PID (and the session in SESSION_PID, or "-").
+# measure SIDE KEY SESSION_PID CONNECTIONS LOADGEN_ARG...: one loadgen run
+# against the gateway in GATEWAY_PID (and the session in SESSION_PID, or "-"). The
+# loadgen reads every process's CPU over its own measured window, which
+# with pings opens once all connections have their keys.
 measure() {
-    local side="$1" key="$2" session="$3"
-    shift 3
-    local busy0 busy1 t0 t1 g0 g1 s0=0 s1=0 out re handshakes pings errors count lg
-    busy0="$(machine_busy_ticks)" t0="$(date +%s%N)"
-    g0="$(cpu_ticks "$GATEWAY_PID")"
-    [[ "$session" == - ]] || s0="$(cpu_ticks "$session")"
+    local side="$1" key="$2" session="$3" connections="$4"
+    shift 4
+    local out re handshakes pings errors count unit secs lg gw sess=0 pids=(--measure-pid "$GATEWAY_PID")
+    [[ "$session" == - ]] || pids+=(--measure-pid "$session")
     out="$("$LOADGEN" --target "127.0.0.1:$PORT" --public-key "$DATA/server-rsa-public.pem" \
-        --connections "$CONNECTIONS" --duration-secs "$DURATION" "$@")"
-    g1="$(cpu_ticks "$GATEWAY_PID")"
-    [[ "$session" == - ]] || s1="$(cpu_ticks "$session")"
-    busy1="$(machine_busy_ticks)" t1="$(date +%s%N)"
+        --connections "$connections" --duration-secs "$DURATION" "${pids[@]}" "$@")"
     echo "   ${LABEL[$side]} $key: ${out//$'\n'/ | }" >&2
-    re='([0-9]+) handshakes \(([0-9.]+)/s\), ([0-9]+) ping round trips.* ([0-9]+) errors'
+    re='([0-9]+) handshakes \(([0-9.]+)/s\), ([0-9]+) ping round trips \(([0-9.]+)/s\), ([0-9]+) errors, [0-9]+ connections, ([0-9.]+) s'
     [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
-    handshakes="${BASH_REMATCH[1]}" pings="${BASH_REMATCH[3]}" errors="${BASH_REMATCH[4]}"
+    handshakes="${BASH_REMATCH[1]}" pings="${BASH_REMATCH[3]}" errors="${BASH_REMATCH[5]}" secs="${BASH_REMATCH[6]}"
+    local handshake_rate="${BASH_REMATCH[2]}" pair_rate="${BASH_REMATCH[4]}"
     ((errors == 0)) || echo "   warning: $errors errors ($key)" >&2
-    if [[ "$out" =~ pairs/s ]]; then
-        count="$pings"
-        re='([0-9.]+) pairs/s, latency p50 ([0-9]+) us, p99 ([0-9]+) us.*loadgen CPU ([0-9.]+) us/pair'
+    if ((pings > 0)); then
+        count="$pings" unit=pair
+        R[$side,$key,rate]="$pair_rate"
+        re='latency p50 ([0-9]+) us, p99 ([0-9]+) us'
         [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
-        R[$side,$key,rate]="${BASH_REMATCH[1]}"
-        R[$side,$key,p50]="${BASH_REMATCH[2]}"
-        R[$side,$key,p99]="${BASH_REMATCH[3]}"
-        lg="${BASH_REMATCH[4]}"
+        R[$side,$key,p50]="${BASH_REMATCH[1]}"
+        R[$side,$key,p99]="${BASH_REMATCH[2]}"
     else
-        count="$handshakes"
-        re='handshakes \(([0-9.]+)/s\).*loadgen CPU ([0-9.]+) us/handshake'
-        [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
-        R[$side,$key,rate]="${BASH_REMATCH[1]}"
-        lg="${BASH_REMATCH[2]}"
+        count="$handshakes" unit=handshake
+        R[$side,$key,rate]="$handshake_rate"
     fi
     ((count > 0)) || die "nothing measured ($key)"
-    R[$side,$key,gw]="$(us_per $((g1 - g0)) "$count")"
+    lg="$(loadgen_cpu "$out" loadgen "$unit")" gw="$(loadgen_cpu "$out" "pid $GATEWAY_PID" "$unit")"
+    R[$side,$key,gw]="$gw"
     R[$side,$key,lg]="$lg"
     if [[ "$session" != - ]]; then
-        R[$side,$key,session]="$(us_per $((s1 - s0)) "$count")"
+        sess="$(loadgen_cpu "$out" "pid $session" "$unit")"
+        R[$side,$key,session]="$sess"
     fi
-    R[$side,$key,other]="$(other_load $((busy1 - busy0)) $((g1 - g0 + s1 - s0)) \
-        "$(awk -v u="$lg" -v n="$count" 'BEGIN { print u * n / 1e6 }')" $((t1 - t0)))"
+    R[$side,$key,other]="$(other_load "$out" "$count" "$secs" "$gw" "$sess" "$lg")"
 }
 
 measure_handshakes() {
     local side="$1" bin="${BIN_DIR[$1]}/mtproto-gateway"
     echo "== ${LABEL[$side]}: handshakes" >&2
     start_gateway "$bin" "gateway-$side-hs"
-    measure "$side" hs_2048_c2048 - --pings 0 --dh-secret-bits 2048
-    measure "$side" hs_2048_c256 - --pings 0 --dh-secret-bits 256
+    measure "$side" hs_2048_c2048 - "$CONNECTIONS" --pings 0 --dh-secret-bits 2048
+    measure "$side" hs_2048_c256 - "$CONNECTIONS" --pings 0 --dh-secret-bits 256
     stop_pid "$GATEWAY_PID"
     if [[ "$side" == current ]]; then
         MTPROTO_GATEWAY_HANDSHAKE__DH_SECRET_BITS=256 start_gateway "$bin" "gateway-$side-hs256"
-        measure "$side" hs_256_c256 - --pings 0 --dh-secret-bits 256
+        measure "$side" hs_256_c256 - "$CONNECTIONS" --pings 0 --dh-secret-bits 256
         stop_pid "$GATEWAY_PID"
     fi
 }
@@ -182,8 +184,11 @@ measure_pairs() {
     "$LOADGEN" --target "127.0.0.1:$PORT" --public-key "$DATA/server-rsa-public.pem" \
         --connections "$CONNECTIONS" --duration-secs 2 --pings 1000000000 --dh-secret-bits 256 >/dev/null
     for n in 1 8; do
-        measure "$side" "$mode,$n" "$session" --pings 1000000000 --in-flight "$n" --dh-secret-bits 256
+        measure "$side" "$mode,$n" "$session" "$CONNECTIONS" --pings 1000000000 --in-flight "$n" --dh-secret-bits 256
     done
+    if [[ "$mode" == embedded || "$mode" == stream ]]; then
+        measure "$side" "$mode,wide" "$session" "$WIDE_CONNECTIONS" --pings 1000000000 --in-flight 1 --dh-secret-bits 256
+    fi
     stop_pid "$GATEWAY_PID"
     [[ "$session" == - ]] || stop_pid "$session"
 }
@@ -316,10 +321,13 @@ row "  OpenSSL ceiling us just before / after the handshake rows" \
 row "handshakes/s per core: 256-bit / 2048-bit DH" \
     "$(ratio "$(per_core "$(get current,hs_256_c256,gw)")" "$(per_core "$(get current,hs_2048_c256,gw)")")" "" "2.5 (goal)" ""
 for mode in embedded unary stream unary-mtls; do
-    for n in 1 8; do
+    for n in 1 8 wide; do
         k="$mode,$n"
         cur="$(get "current,$k,gw")" lg="$(get "current,$k,lg")"
-        row "pairs $mode, $n in flight: gateway CPU us/pair" "$cur" "$(get "before,$k,gw")" "$lg (loadgen)" "$(ratio "$cur" "$lg")"
+        [[ "$cur" != - ]] || continue
+        what="$n in flight"
+        [[ "$n" != wide ]] || what="1 in flight, $WIDE_CONNECTIONS connections"
+        row "pairs $mode, $what: gateway CPU us/pair" "$cur" "$(get "before,$k,gw")" "$lg (loadgen)" "$(ratio "$cur" "$lg")"
         if [[ "$mode" != embedded ]]; then
             row "  session CPU us/pair" "$(get "current,$k,session")" "$(get "before,$k,session")" "" ""
         fi
@@ -348,8 +356,8 @@ row "mtproto-gateway release binary MB" "$cur" "$(get before,size)" "40" "$(rati
 others=""
 for side in "${SIDES[@]}"; do
     list=""
-    for k in hs_2048_c2048 hs_2048_c256 hs_256_c256 embedded,1 embedded,8 unary,1 unary,8 stream,1 stream,8 \
-        unary-mtls,1 unary-mtls,8; do
+    for k in hs_2048_c2048 hs_2048_c256 hs_256_c256 embedded,1 embedded,8 embedded,wide unary,1 unary,8 \
+        stream,1 stream,8 stream,wide unary-mtls,1 unary-mtls,8; do
         v="$(get "$side,$k,other")"
         [[ "$v" == - ]] || list+="$v "
     done

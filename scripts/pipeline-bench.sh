@@ -13,7 +13,8 @@
 # Each gateway runs in its embedded default (built-in session, SQLite keys in a
 # temporary data dir) on a loopback port below 30000, with the per-address
 # handshake limit lifted. The current tree's mtproto-loadgen drives both (the
-# protocol is the same); the gateway's CPU time is read from /proc/PID/stat.
+# protocol is the same) and reads the gateway's CPU time (/proc/PID/stat)
+# over its measured window, which opens once every connection has its key.
 # With --rounds R, each gateway is measured R times (fresh process each round,
 # the order alternating) and the table shows the median of each figure. The
 # last rows say how busy the rest of the machine was meanwhile (other
@@ -83,31 +84,27 @@ loadgen() {
 declare -A RESULT
 # Runs one measurement; appends to RESULT[side,n,metric] (one value per round).
 measure() {
-    local side="$1" n="$2" out before after busy0 busy1 t0 t1 pairs errors re
-    busy0="$(machine_busy_ticks)" t0="$(date +%s%N)"
-    before="$(cpu_ticks "$GATEWAY_PID")"
-    out="$(loadgen --duration-secs "$DURATION" --in-flight "$n")"
-    after="$(cpu_ticks "$GATEWAY_PID")"
-    busy1="$(machine_busy_ticks)" t1="$(date +%s%N)"
+    local side="$1" n="$2" out pairs errors secs gw lg re
+    out="$(loadgen --duration-secs "$DURATION" --in-flight "$n" --measure-pid "$GATEWAY_PID")"
     echo "   $side N=$n: ${out//$'\n'/ | }" >&2
-    re='([0-9]+) ping round trips.* ([0-9]+) errors'
+    re='([0-9]+) ping round trips.* ([0-9]+) errors, [0-9]+ connections, ([0-9.]+) s'
     [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
-    pairs="${BASH_REMATCH[1]}" errors="${BASH_REMATCH[2]}"
+    pairs="${BASH_REMATCH[1]}" errors="${BASH_REMATCH[2]}" secs="${BASH_REMATCH[3]}"
     ((errors == 0)) || echo "   warning: $errors errors ($side, N=$n)" >&2
     ((pairs > 0)) || die "no pairs ($side, N=$n)"
-    re='([0-9.]+) pairs/s, latency p50 ([0-9]+) us, p99 ([0-9]+) us, p999 ([0-9]+) us.*loadgen CPU ([0-9.]+) us/pair'
+    re='([0-9.]+) pairs/s, latency p50 ([0-9]+) us, p99 ([0-9]+) us, p999 ([0-9]+) us'
     [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
     RESULT[$side,$n,rate]+=" ${BASH_REMATCH[1]}"
     RESULT[$side,$n,p50]+=" ${BASH_REMATCH[2]}"
     RESULT[$side,$n,p99]+=" ${BASH_REMATCH[3]}"
     RESULT[$side,$n,p999]+=" ${BASH_REMATCH[4]}"
-    RESULT[$side,$n,lgcpu]+=" ${BASH_REMATCH[5]}"
-    RESULT[$side,$n,gwcpu]+=" $(us_per $((after - before)) "$pairs")"
+    lg="$(loadgen_cpu "$out" loadgen pair)" gw="$(loadgen_cpu "$out" "pid $GATEWAY_PID" pair)"
+    RESULT[$side,$n,lgcpu]+=" $lg"
+    RESULT[$side,$n,gwcpu]+=" $gw"
     # CPU used by everything else on the machine meanwhile, in % of all cores:
     # interference from other work makes the figures of this round worse.
-    RESULT[$side,$n,other]+=" $(other_load $((busy1 - busy0)) $((after - before)) \
-        "$(awk -v u="${BASH_REMATCH[5]}" -v p="$pairs" 'BEGIN { print u * p / 1e6 }')" $((t1 - t0)))"
-    echo "   $side N=$n: gateway CPU ${RESULT[$side,$n,gwcpu]##* } us/pair, other processes ${RESULT[$side,$n,other]##* }% of the machine" >&2
+    RESULT[$side,$n,other]+=" $(other_load "$out" "$pairs" "$secs" "$gw" "$lg")"
+    echo "   $side N=$n: gateway CPU $gw us/pair, other processes ${RESULT[$side,$n,other]##* }% of the machine" >&2
 }
 
 measure_side() {

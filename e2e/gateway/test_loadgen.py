@@ -29,3 +29,24 @@ def test_loadgen_completes_handshakes_and_pings_without_errors(loadgen_gateway):
     handshakes, pings, errors = (int(n) for n in re.search(r"(\d+) handshakes.*?(\d+) ping round trips.*?(\d+) errors", out).groups())
     assert handshakes > 0 and pings > 0, out
     assert errors == 0, out
+
+
+def test_loadgen_measures_pairs_after_every_key_and_reports_the_gateways_cpu(loadgen_gateway):
+    """The pair figures perf.sh divides carry no handshakes: the window opens
+    once each connection has its key, and the gateway's CPU is read over it."""
+    loadgen = gateway_binary().parent / "mtproto-loadgen"
+    pid = loadgen_gateway.proc.pid
+    run = subprocess.run(
+        [str(loadgen), "--target", f"127.0.0.1:{loadgen_gateway.port}",
+         "--public-key", str(loadgen_gateway.public_key),
+         "--connections", "3", "--duration-secs", "1", "--pings", "1000000000",
+         "--in-flight", "2", "--dh-secret-bits", "256", "--measure-pid", str(pid)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    out = run.stdout
+    handshakes, pings, errors = (int(n) for n in re.search(r"(\d+) handshakes.*?(\d+) ping round trips.*?(\d+) errors", out).groups())
+    assert (handshakes, errors) == (0, 0) and pings > 0, out
+    assert "3 handshakes before the window" in out, out
+    gateway_cpu = float(re.search(rf"pid {pid} CPU ([0-9.]+) us/pair", out).group(1))
+    assert gateway_cpu > 0, out
+    assert re.search(r"loadgen CPU [0-9.]+ us/pair", out) and re.search(r"machine busy [0-9.]+ CPU s", out), out

@@ -1,17 +1,22 @@
 //! `mtproto-loadgen`: a bounded load generator for a gateway on loopback (or
 //! a test host of your own). Each worker creates an auth key and then sends
 //! pings over it, keeping `--in-flight` of them outstanding on one MTProto
-//! session (a new one as each `pong` arrives); the run stops after
-//! `--duration-secs` and prints rates, per-ping latency percentiles and its
-//! own CPU time per ping. `scripts/bench.sh` gives the same-run references
-//! (OpenSSL) for ratios; `scripts/pipeline-bench.sh` compares two revisions.
+//! session (a new one as each `pong` arrives). With pings, the measured
+//! window opens once every connection has its key, so the figures per pair
+//! carry no handshakes; it lasts `--duration-secs`. The run prints rates,
+//! per-ping latency percentiles and CPU time per ping (or per handshake) of
+//! its own and of each `--measure-pid` process over the same window.
+//! `scripts/perf.sh` gives the same-run references (OpenSSL) for ratios;
+//! `scripts/pipeline-bench.sh` compares two revisions.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -49,6 +54,10 @@ struct Cli {
     #[arg(long, default_value_t = mtproto_core::dh::SPEC_SECRET_BITS,
           value_parser = clap::value_parser!(u32).range(224..=2048))]
     dh_secret_bits: u32,
+    /// Also report the CPU time of this process (the gateway, its session)
+    /// over the measured window, per pair or per handshake. Repeatable.
+    #[arg(long)]
+    measure_pid: Vec<u32>,
 }
 
 /// A worker's pause after a failed connection.
@@ -57,14 +66,43 @@ const ERROR_PAUSE: Duration = Duration::from_millis(100);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Latencies are recorded in microseconds, up to a minute, to 3 significant digits.
 const LATENCY_MAX_US: u64 = 60_000_000;
-/// `/proc/self/stat` counts CPU time in USER_HZ ticks, 100 a second on Linux.
+/// How long the connections may take to make their keys before the window.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// `/proc/*/stat` counts CPU time in USER_HZ ticks, 100 a second on Linux.
 const TICKS_PER_SEC: f64 = 100.0;
 
+/// Counts within the measured window, except `warm_up_handshakes`.
 #[derive(Debug, Default)]
 struct Counters {
     handshakes: AtomicU64,
+    warm_up_handshakes: AtomicU64,
     pings: AtomicU64,
     errors: AtomicU64,
+}
+
+/// The measured window: workers wait (after their first handshake) until
+/// `deadline` is set, which opens it.
+struct Window {
+    deadline: watch::Receiver<Option<Instant>>,
+    keyed: AtomicUsize,
+    all_keyed: Notify,
+    connections: usize,
+}
+
+impl Window {
+    /// Called after a handshake before the window opened (`first`: the
+    /// worker's first key): waits for the window and gives its deadline.
+    async fn keyed(&self, first: bool) -> anyhow::Result<Instant> {
+        if first && self.keyed.fetch_add(1, Ordering::AcqRel) + 1 == self.connections {
+            self.all_keyed.notify_one();
+        }
+        let mut deadline = self.deadline.clone();
+        let open = deadline
+            .wait_for(Option::is_some)
+            .await
+            .context("the run ended before the window opened")?;
+        Ok(open.expect("waited for Some"))
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -161,12 +199,23 @@ async fn connection(
     server: &RsaPublicKey,
     counters: &Counters,
     latencies: &mut Histogram<u64>,
-    deadline: Instant,
+    window: &Window,
+    waits_for_window: &mut bool,
 ) -> anyhow::Result<()> {
     let mut client = Client::connect(cli.target).await?;
     client.set_dh_secret_bits(cli.dh_secret_bits);
     let key = client.create_key(server, None).await?;
-    counters.handshakes.fetch_add(1, Ordering::Relaxed);
+    let open = *window.deadline.borrow();
+    let deadline = match open {
+        Some(deadline) => {
+            counters.handshakes.fetch_add(1, Ordering::Relaxed);
+            deadline
+        }
+        None => {
+            counters.warm_up_handshakes.fetch_add(1, Ordering::Relaxed);
+            window.keyed(std::mem::take(waits_for_window)).await?
+        }
+    };
     let mut p = Pinger {
         client,
         key: &key.key,
@@ -205,11 +254,24 @@ async fn worker(
     cli: Arc<Cli>,
     server: Arc<RsaPublicKey>,
     counters: Arc<Counters>,
-    deadline: Instant,
+    window: Arc<Window>,
 ) -> Histogram<u64> {
     let mut latencies = new_histogram();
-    while Instant::now() < deadline {
-        let result = connection(&cli, &server, &counters, &mut latencies, deadline).await;
+    let mut waits_for_window = true;
+    while window
+        .deadline
+        .borrow()
+        .is_none_or(|deadline| Instant::now() < deadline)
+    {
+        let result = connection(
+            &cli,
+            &server,
+            &counters,
+            &mut latencies,
+            &window,
+            &mut waits_for_window,
+        )
+        .await;
         if let Err(e) = result {
             // The first error says why (a −429 from the gateway's handshake
             // limit, say); a pause keeps a refusing gateway from being hammered.
@@ -222,9 +284,14 @@ async fn worker(
     latencies
 }
 
-/// This process's user + system CPU time so far (all threads).
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// A process's user + system CPU time so far (all threads); `None` for
+/// this one.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name start at field 3 (state);
     // utime and stime are fields 14 and 15.
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
@@ -233,6 +300,64 @@ fn cpu_time() -> Option<Duration> {
     Some(Duration::from_secs_f64(
         (utime + stime) as f64 / TICKS_PER_SEC,
     ))
+}
+
+/// CPU ticks the whole machine's processes used so far (user, nice,
+/// system), from `/proc/stat`.
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|t| t.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some(Duration::from_secs_f64(ticks as f64 / TICKS_PER_SEC))
+}
+
+/// CPU times at the window's opening, to subtract at its end.
+struct CpuSample {
+    own: Option<Duration>,
+    pids: Vec<(u32, Option<Duration>)>,
+    machine: Option<Duration>,
+}
+
+impl CpuSample {
+    fn take(pids: &[u32]) -> Self {
+        Self {
+            own: cpu_time(None),
+            pids: pids.iter().map(|&p| (p, cpu_time(Some(p)))).collect(),
+            machine: machine_busy(),
+        }
+    }
+
+    /// The lines reporting CPU per `count` `unit`s since `start`.
+    fn report(start: &Self, end: &Self, count: u64, unit: &str) -> Vec<String> {
+        let per = |a: Option<Duration>, b: Option<Duration>| {
+            a.zip(b).map_or_else(
+                || "unknown".to_owned(),
+                |(a, b)| {
+                    format!(
+                        "{:.1}",
+                        b.saturating_sub(a).as_secs_f64() * 1e6 / count as f64
+                    )
+                },
+            )
+        };
+        let mut lines = vec![format!("loadgen CPU {} us/{unit}", per(start.own, end.own))];
+        for ((pid, a), (_, b)) in start.pids.iter().zip(&end.pids) {
+            lines.push(format!("pid {pid} CPU {} us/{unit}", per(*a, *b)));
+        }
+        if let Some((a, b)) = start.machine.zip(end.machine) {
+            lines.push(format!(
+                "machine busy {:.2} CPU s",
+                b.saturating_sub(a).as_secs_f64()
+            ));
+        }
+        lines
+    }
 }
 
 #[tokio::main]
@@ -244,19 +369,54 @@ async fn main() -> anyhow::Result<()> {
         RsaPublicKey::from_pkcs1_pem(&pem).context("--public-key: not a PKCS#1 RSA public key")?,
     );
     let counters = Arc::new(Counters::default());
-    let cpu_start = cpu_time();
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(cli.duration_secs);
+    let duration = Duration::from_secs(cli.duration_secs);
+    let (open, deadline) = watch::channel(None);
+    let window = Arc::new(Window {
+        deadline,
+        keyed: AtomicUsize::new(0),
+        all_keyed: Notify::new(),
+        connections: cli.connections,
+    });
+    // Handshakes are what a run without pings measures: its window opens at once.
+    let mut start = None;
+    if cli.pings == 0 {
+        start = Some((CpuSample::take(&cli.measure_pid), Instant::now()));
+        open.send_replace(Some(Instant::now() + duration));
+    }
     let workers: Vec<_> = (0..cli.connections)
         .map(|_| {
             tokio::spawn(worker(
                 cli.clone(),
                 server.clone(),
                 counters.clone(),
-                deadline,
+                window.clone(),
             ))
         })
         .collect();
+    let (cpu_start, started) = match start {
+        Some(start) => start,
+        None => {
+            let all_keyed = async {
+                while window.keyed.load(Ordering::Acquire) < cli.connections {
+                    window.all_keyed.notified().await;
+                }
+            };
+            if tokio::time::timeout(WARM_UP_TIMEOUT, all_keyed)
+                .await
+                .is_err()
+            {
+                bail!(
+                    "only {} of {} connections made a key within {} s",
+                    window.keyed.load(Ordering::Acquire),
+                    cli.connections,
+                    WARM_UP_TIMEOUT.as_secs()
+                );
+            }
+            let start = (CpuSample::take(&cli.measure_pid), Instant::now());
+            open.send_replace(Some(Instant::now() + duration));
+            start
+        }
+    };
     let mut latencies = new_histogram();
     for w in workers {
         latencies
@@ -264,7 +424,7 @@ async fn main() -> anyhow::Result<()> {
             .context("merging latency histograms")?;
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_start.zip(cpu_time()).map(|(a, b)| b.saturating_sub(a));
+    let cpu_end = CpuSample::take(&cli.measure_pid);
     let handshakes = counters.handshakes.load(Ordering::Relaxed);
     let pings = counters.pings.load(Ordering::Relaxed);
     println!(
@@ -274,24 +434,23 @@ async fn main() -> anyhow::Result<()> {
         counters.errors.load(Ordering::Relaxed),
         cli.connections,
     );
+    let warm_up = counters.warm_up_handshakes.load(Ordering::Relaxed);
+    if warm_up > 0 {
+        println!("{warm_up} handshakes before the window (not counted above)");
+    }
     if pings == 0 && handshakes > 0 {
-        let cpu_per_handshake = cpu.map_or_else(
-            || "unknown".to_owned(),
-            |c| format!("{:.1}", c.as_secs_f64() * 1e6 / handshakes as f64),
-        );
         println!(
-            "handshakes only: client DH secret {} bits, loadgen CPU {cpu_per_handshake} us/handshake",
+            "handshakes only: client DH secret {} bits",
             cli.dh_secret_bits
         );
+        for line in CpuSample::report(&cpu_start, &cpu_end, handshakes, "handshake") {
+            println!("{line}");
+        }
     }
     if pings > 0 {
         let us = |q: f64| latencies.value_at_quantile(q);
-        let cpu_per_pair = cpu.map_or_else(
-            || "unknown".to_owned(),
-            |c| format!("{:.1}", c.as_secs_f64() * 1e6 / pings as f64),
-        );
         println!(
-            "in-flight {}: {:.1} pairs/s, latency p50 {} us, p99 {} us, p999 {} us, max {} us, loadgen CPU {cpu_per_pair} us/pair",
+            "in-flight {}: {:.1} pairs/s, latency p50 {} us, p99 {} us, p999 {} us, max {} us",
             cli.in_flight,
             pings as f64 / secs,
             us(0.5),
@@ -299,6 +458,9 @@ async fn main() -> anyhow::Result<()> {
             us(0.999),
             latencies.max(),
         );
+        for line in CpuSample::report(&cpu_start, &cpu_end, pings, "pair") {
+            println!("{line}");
+        }
     }
     Ok(())
 }
