@@ -181,6 +181,9 @@ pub struct SessionConfig {
     /// This gateway's id as sessions dial it; derived from `grpc_listen` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_id: Option<String>,
+    /// Session connections the reverse path (`grpc_listen`) serves at once;
+    /// each session instance that sends replies here holds one.
+    pub max_reverse_connections: usize,
     /// Deadline of one session call.
     pub call_timeout_ms: u64,
     /// Retries of a transient session failure (with exponential backoff).
@@ -241,6 +244,7 @@ pub struct KubernetesDiscovery {
 
 /// How long a NotReady session keeps its place on the ring by default.
 pub const DEFAULT_NOT_READY_GRACE_MS: u64 = 5000;
+pub const DEFAULT_MAX_REVERSE_CONNECTIONS: usize = 128;
 
 fn default_not_ready_grace_ms() -> u64 {
     DEFAULT_NOT_READY_GRACE_MS
@@ -333,6 +337,7 @@ impl Default for Config {
                 endpoints: Vec::new(),
                 grpc_listen: SocketAddr::from(([0, 0, 0, 0], 20110)),
                 server_id: None,
+                max_reverse_connections: DEFAULT_MAX_REVERSE_CONNECTIONS,
                 call_timeout_ms: 5000,
                 retries: 3,
                 kubernetes: None,

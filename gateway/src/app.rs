@@ -235,7 +235,11 @@ impl Gateway {
                     remote,
                     Some((
                         listener,
-                        ReversePath::new(registry.clone(), metrics.clone()),
+                        ReversePath::new(
+                            registry.clone(),
+                            metrics.clone(),
+                            config.session.max_reverse_connections,
+                        ),
                         security.tls(),
                     )),
                     server_id,

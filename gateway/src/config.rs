@@ -23,6 +23,9 @@ pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
 /// The largest `limits.forward_window`: a connection's forwards are polled
 /// together on each of its turns, so their count is its cost per turn.
 const MAX_FORWARD_WINDOW: usize = 1024;
+/// The most `session.max_reverse_connections`: each may hold up to 32 MiB of
+/// unfinished requests.
+const MAX_REVERSE_CONNECTIONS: usize = 4096;
 
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
@@ -231,7 +234,7 @@ impl Layers for Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 15] = [
             (
                 !self.listeners.is_empty(),
                 "listeners: at least one listener is needed (e.g. --listen 0.0.0.0:10443)",
@@ -255,11 +258,6 @@ impl Layers for Config {
             (
                 l.outbox_capacity >= 1,
                 "limits.outbox_capacity must be at least 1",
-            ),
-            (
-                (1..=MAX_FORWARD_WINDOW).contains(&l.forward_window),
-                "limits.forward_window must be between 1 and 1024 (a connection polls every \
-                 message it has with the session on each turn and holds each until it is accepted)",
             ),
             (
                 l.max_sessions_per_connection >= 1,
@@ -306,6 +304,13 @@ impl Layers for Config {
             if !ok {
                 anyhow::bail!("invalid configuration: {message}");
             }
+        }
+        if !(1..=MAX_FORWARD_WINDOW).contains(&l.forward_window) {
+            anyhow::bail!(
+                "invalid configuration: limits.forward_window must be between 1 and \
+                 {MAX_FORWARD_WINDOW} (a connection polls every message it has with the session \
+                 on each turn and holds each until it is accepted)"
+            );
         }
         if !(1..=i32::MAX as u32).contains(&self.handshake.max_temp_key_expires_secs) {
             anyhow::bail!(
@@ -385,6 +390,13 @@ impl Layers for Config {
         }
         if s.call_timeout_ms == 0 {
             anyhow::bail!("invalid configuration: session.call_timeout_ms must be at least 1");
+        }
+        if !(1..=MAX_REVERSE_CONNECTIONS).contains(&s.max_reverse_connections) {
+            anyhow::bail!(
+                "invalid configuration: session.max_reverse_connections must be between 1 and \
+                 {MAX_REVERSE_CONNECTIONS} (one per session instance that replies to this gateway; \
+                 default 128)"
+            );
         }
         Ok(())
     }
@@ -748,6 +760,25 @@ mod tests {
         assert_eq!(c.limits.idle_timeout_secs, 60);
         assert_eq!(c.limits.max_frame_bytes, 1 << 20);
         assert_eq!(c.session.call_timeout_ms, 5000);
+        assert_eq!(c.session.max_reverse_connections, 128);
+    }
+
+    #[test]
+    fn reverse_connections_are_bounded_and_the_error_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let load = |value: &str| {
+            std::fs::write(&path, format!("[session]\nmode = \"stream\"\nendpoints = [\"s:1\"]\nmax_reverse_connections = {value}\n")).unwrap();
+            Config::load_from(&cli(&["--config", path.to_str().unwrap()]), no_env())
+        };
+        assert_eq!(load("512").unwrap().session.max_reverse_connections, 512);
+        for bad in ["0", "4097"] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("session.max_reverse_connections must be between 1 and 4096"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

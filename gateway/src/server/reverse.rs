@@ -44,8 +44,6 @@ use crate::metrics::{Metrics, ReasonLabels};
 pub const UNARY_PATH: &str = "/gateway.RPCGateway/gateway_sendDataToGateway";
 pub const STREAM_PATH: &str = "/gateway.RPCGatewayStream/GatewayDataStream";
 
-/// Session connections served at once; more are closed when accepted.
-const MAX_CONNECTIONS: usize = 128;
 /// Calls open at once on one connection (HTTP/2 `MAX_CONCURRENT_STREAMS`).
 const MAX_CALLS: u32 = 256;
 /// Bytes one connection's calls may hold of requests not yet complete
@@ -64,15 +62,19 @@ const MESSAGE_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
 pub struct ReversePath {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    /// Session connections served at once (`session.max_reverse_connections`);
+    /// more are closed when accepted.
+    max_connections: usize,
     /// [`MAX_PARTIAL`], smaller in tests.
     max_partial: usize,
 }
 
 impl ReversePath {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, max_connections: usize) -> Self {
         Self {
             registry,
             metrics,
+            max_connections,
             max_partial: MAX_PARTIAL,
         }
     }
@@ -116,12 +118,16 @@ impl ReversePath {
         loop {
             tokio::select! {
                 accepted = incoming.next() => match accepted {
-                    Some(Ok(io)) if connections.len() < MAX_CONNECTIONS => {
+                    Some(Ok(io)) if connections.len() < self.max_connections => {
                         connections.spawn(self.clone().serve_connection(io, drain.clone()));
                     }
                     Some(Ok(io)) => {
                         self.refused("connections");
-                        warn!(peer = ?io.connect_info().addr, "reverse path at {MAX_CONNECTIONS} session connections: connection closed");
+                        warn!(
+                            peer = ?io.connect_info().addr,
+                            "reverse path at its {} session connections (session.max_reverse_connections): connection closed",
+                            self.max_connections
+                        );
                     }
                     Some(Err(e)) => debug!("reverse path accept failed: {e}"),
                     None => break,
@@ -631,7 +637,7 @@ mod tests {
         let registry = Arc::new(Registry::new(Arc::default(), 8));
         let (outbox, inbox) = outbox::channel(16);
         registry.attach(1, 2, 10, &outbox);
-        let served = serve(ReversePath::new(registry, Arc::default())).await;
+        let served = serve(ReversePath::new(registry, Arc::default(), 8)).await;
         (served, outbox, inbox)
     }
 
@@ -749,6 +755,70 @@ mod tests {
         assert!(inbox.try_recv().is_none());
     }
 
+    #[tokio::test]
+    async fn session_connections_past_the_limit_are_closed_and_counted() {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let (outbox, mut inbox) = outbox::channel(16);
+        registry.attach(1, 2, 10, &outbox);
+        let metrics = Arc::new(Metrics::default());
+        let served = serve(ReversePath::new(registry, metrics.clone(), 2)).await;
+        let delivers = |client: &mut SendRequest<Bytes>| {
+            let (response, mut request) = client
+                .send_request(call(UNARY_PATH, "application/grpc"), false)
+                .expect("call");
+            request
+                .send_data(frame(&send_data(1, 2, b"m")), true)
+                .expect("send");
+            async move {
+                let mut body = response.await.expect("headers").into_body();
+                read_messages::<pb::Bool>(&mut body, 1).await[0].value()
+            }
+        };
+        // A connection the server kept (it sent its settings, or is still
+        // waiting for ours), or None when it closed it.
+        let accepted = || async {
+            let tcp = tokio::net::TcpStream::connect(&served.addr)
+                .await
+                .expect("connect");
+            let peeked =
+                tokio::time::timeout(Duration::from_millis(300), tcp.peek(&mut [0; 16])).await;
+            (!matches!(peeked, Ok(Ok(0) | Err(_)))).then_some(tcp)
+        };
+        let mut first = client(&served.addr).await;
+        let mut second = client(&served.addr).await;
+        assert!(delivers(&mut first).await && delivers(&mut second).await);
+
+        assert!(accepted().await.is_none(), "the third is closed at once");
+        let refused = || {
+            metrics
+                .reverse_path_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "connections",
+                })
+                .get()
+        };
+        assert_eq!(refused(), 1);
+
+        // A slot comes free when a session hangs up (once the server has
+        // seen it go).
+        drop(first);
+        let mut freed = None;
+        for _ in 0..50 {
+            freed = accepted().await;
+            if freed.is_some() {
+                break;
+            }
+        }
+        let (mut fourth, connection) = h2::client::handshake(freed.expect("a slot came free"))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        assert!(delivers(&mut fourth).await && delivers(&mut second).await);
+        for _ in 0..4 {
+            assert!(inbox.try_recv().is_some());
+        }
+    }
+
     /// Sends `body` as a whole call of `path` and returns the HTTP status
     /// and the gRPC status (from the headers or the trailers).
     async fn refusal(
@@ -781,7 +851,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let served = serve(ReversePath {
             max_partial: 1000,
-            ..ReversePath::new(registry, metrics.clone())
+            ..ReversePath::new(registry, metrics.clone(), 8)
         })
         .await;
         let mut client = client(&served.addr).await;
