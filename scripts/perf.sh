@@ -296,9 +296,9 @@ header=("figure" "${LABEL[current]}")
 header+=("ceiling/budget" "ratio")
 row() { # LABEL CURRENT BEFORE CEILING RATIO
     if [[ -n "$AGAINST" ]]; then
-        printf '%-58s %12s %12s %15s %7s\n' "$1" "$2" "$3" "$4" "$5"
+        printf '%-66s %12s %12s %15s %7s\n' "$1" "$2" "$3" "$4" "$5"
     else
-        printf '%-58s %12s %15s %7s\n' "$1" "$2" "$4" "$5"
+        printf '%-66s %12s %15s %7s\n' "$1" "$2" "$4" "$5"
     fi
 }
 row "${header[@]:0:1}" "${header[1]}" "${LABEL[before]:-}" "ceiling/budget" "ratio"

@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
-
 use anyhow::{bail, Context};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::RsaPublicKey;
+use tokio::sync::{watch, Notify};
 
 use mtproto_core::authkey::AuthKey;
 use mtproto_core::tl::{id, TlReader, TlWrite};
@@ -71,7 +70,8 @@ const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// `/proc/*/stat` counts CPU time in USER_HZ ticks, 100 a second on Linux.
 const TICKS_PER_SEC: f64 = 100.0;
 
-/// Counts within the measured window, except `warm_up_handshakes`.
+/// Handshakes and pings within the measured window, the handshakes before
+/// it apart, and errors throughout the run.
 #[derive(Debug, Default)]
 struct Counters {
     handshakes: AtomicU64,
