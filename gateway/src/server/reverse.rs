@@ -803,11 +803,12 @@ mod tests {
         // seen it go).
         drop(first);
         let mut freed = None;
-        for _ in 0..50 {
+        for _ in 0..100 {
             freed = accepted().await;
             if freed.is_some() {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (mut fourth, connection) = h2::client::handshake(freed.expect("a slot came free"))
             .await
