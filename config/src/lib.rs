@@ -244,6 +244,7 @@ pub struct KubernetesDiscovery {
 
 /// How long a NotReady session keeps its place on the ring by default.
 pub const DEFAULT_NOT_READY_GRACE_MS: u64 = 5000;
+/// Session connections the reverse path serves at once by default.
 pub const DEFAULT_MAX_REVERSE_CONNECTIONS: usize = 128;
 
 fn default_not_ready_grace_ms() -> u64 {

@@ -395,7 +395,8 @@ impl Layers for Config {
             anyhow::bail!(
                 "invalid configuration: session.max_reverse_connections must be between 1 and \
                  {MAX_REVERSE_CONNECTIONS} (one per session instance that replies to this gateway; \
-                 default 128)"
+                 default {})",
+                mtproto_config::DEFAULT_MAX_REVERSE_CONNECTIONS
             );
         }
         Ok(())
