@@ -212,11 +212,7 @@ impl Gateway {
                 info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
                 let remote = Arc::new(
                     RemoteSession::new(members, settings, metrics.session_rpc.clone())
-                        .with_tls(security.tls())
-                        .with_stream_replies(
-                            registry.clone(),
-                            metrics.session_stream_replies.clone(),
-                        ),
+                        .with_tls(security.tls()),
                 );
                 if let Some(k) = &s.kubernetes {
                     let client = kube::Client::try_default().await.context(
