@@ -27,8 +27,8 @@
 #   found, the session made; e2e/gateway/measure_idle.py), against 4 KiB and
 #   8 KiB.
 # - IGE decrypt + msg_key check MB/s at 16 KiB and 1 KiB against OpenSSL
-#   AES-256-CBC encrypt (criterion bench, same run; three rounds, medians,
-#   since the two are measured one after the other and the machine drifts).
+#   AES-256-CBC encrypt (bench `ige`: the two interleaved in short slices,
+#   medians over the rounds, so the machine's drift cancels out).
 # - The release gateway's size against 40 MB.
 #
 # --quick: 4 s per measurement, 2,000 idle connections, shorter benches.
@@ -254,27 +254,17 @@ done
 # --- same-run ceilings (criterion) --------------------------------------------
 
 declare -A B
-# read_bench_results: adds the latest criterion estimates to B, the AES
-# figures and their ratio as one more round (space-separated values).
+# read_bench_results: the handshake figures from criterion's latest estimates.
 read_bench_results() {
     local name value
     while read -r name value; do
-        case "$name" in
-            mtproto_ige_* | openssl_aes256_* | ige_ratio_*) B[$name]="${B[$name]:+${B[$name]} }$value" ;;
-            *) B[$name]="$value" ;;
-        esac
+        B[$name]="$value"
     done < <(python3 - "$CARGO_TARGET_DIR/criterion" <<'PY'
 import json, pathlib, sys
 root = pathlib.Path(sys.argv[1])
 def ns(group, name):
     f = root / group / name / "new" / "estimates.json"
     return json.loads(f.read_text())["mean"]["point_estimate"] if f.exists() else None
-for size in (1024, 16384):
-    ours, ref = ns(f"aes_{size}", "mtproto_ige_decrypt_verify"), ns(f"aes_{size}", "openssl_aes256_cbc_encrypt")
-    if ours and ref:
-        print(f"mtproto_ige_decrypt_verify_{size} {size / ours * 1e3:.1f}")
-        print(f"openssl_aes256_cbc_encrypt_{size} {size / ref * 1e3:.1f}")
-        print(f"ige_ratio_{size} {ref / ours:.2f}")
 for name in ("openssl_ceiling_rsa_and_two_modexps", "server_side_full_handshake",
              "server_side_full_handshake_dh256", "openssl_rsa2048_private_decrypt"):
     t = ns("handshake", name)
@@ -283,7 +273,19 @@ for name in ("openssl_ceiling_rsa_and_two_modexps", "server_side_full_handshake"
 PY
 )
 }
-IGE_ROUNDS=3
+# read_ige_results LOG: the `ige` bench's lines, per size: our MB/s, OpenSSL's,
+# the median ratio and its range over the rounds.
+read_ige_results() {
+    local size ours ref ratio spread
+    while read -r size ours ref ratio spread; do
+        B[ige_$size]="$ours"
+        B[ige_ref_$size]="$ref"
+        B[ige_ratio_$size]="$ratio"
+        B[ige_spread_$size]="$spread"
+    done < <(sed -nE 's|^ige ([0-9]+) B: decrypt\+verify ([0-9.]+) MB/s, .*OpenSSL AES-256-CBC encrypt ([0-9.]+) MB/s; decrypt\+verify/OpenSSL ([0-9.]+) \(([0-9.]+-[0-9.]+) over.*|\1 \2 \3 \4 \5|p' "$1")
+}
+IGE_ROUNDS=101
+((QUICK)) && IGE_ROUNDS=51
 if ((SKIP_BENCH == 0)); then
     echo "== criterion bench crypto (OpenSSL ceilings)" >&2
     BENCH_ARGS=(--warm-up-time 1 --measurement-time 3 --noplot)
@@ -291,24 +293,15 @@ if ((SKIP_BENCH == 0)); then
     nice -n 5 cargo bench -p mtproto-gateway --bench crypto -- "${BENCH_ARGS[@]}" >"$WORK/bench.log" 2>&1 ||
         { tail -n 30 "$WORK/bench.log" >&2; die "cargo bench failed"; }
     read_bench_results
-    # Ours and OpenSSL's AES are measured one after the other, and this
-    # machine's speed drifts in between (0.49-0.67 for one build in
-    # back-to-back runs): the AES group runs IGE_ROUNDS times in all, and the
-    # table shows the median of each figure and of the per-round ratios.
-    for ((round = 2; round <= IGE_ROUNDS; round++)); do
-        echo "== criterion bench crypto, AES group, round $round of $IGE_ROUNDS" >&2
-        nice -n 5 cargo bench -p mtproto-gateway --bench crypto -- "${BENCH_ARGS[@]}" '^aes_' >"$WORK/bench-aes.log" 2>&1 ||
-            { tail -n 30 "$WORK/bench-aes.log" >&2; die "cargo bench failed"; }
-        read_bench_results
-    done
+    # Ours and OpenSSL's AES interleaved in short slices, so the machine's
+    # drift (0.49-0.67 for one build when measured one after the other)
+    # stays out of the ratio.
+    echo "== bench ige ($IGE_ROUNDS interleaved rounds)" >&2
+    nice -n 5 cargo bench -p mtproto-gateway --bench ige -- --rounds "$IGE_ROUNDS" >"$WORK/bench-ige.log" 2>&1 ||
+        { tail -n 30 "$WORK/bench-ige.log" >&2; die "cargo bench failed"; }
+    read_ige_results "$WORK/bench-ige.log"
 fi
 bench() { echo "${B[$1]:--}"; }
-# median_of NAME: the median of a figure measured in several rounds.
-median_of() {
-    local values="${B[$1]:-}"
-    [[ -n "$values" ]] || { echo -; return; }
-    tr ' ' '\n' <<<"$values" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 
 # --- the table ----------------------------------------------------------------
 
@@ -374,9 +367,9 @@ if ((SKIP_IDLE == 0)); then
     done
 fi
 for size in 16384 1024; do
-    ours="$(median_of "mtproto_ige_decrypt_verify_$size")" ref="$(median_of "openssl_aes256_cbc_encrypt_$size")"
-    row "IGE decrypt+verify MB/s, $size B (median of $IGE_ROUNDS rounds)" "$ours" "" "$ref (OpenSSL)" "$(median_of "ige_ratio_$size")"
-    row "  per-round ratios" "${B[ige_ratio_$size]:--}" "" "" ""
+    row "IGE decrypt+verify MB/s, $size B (median of $IGE_ROUNDS interleaved rounds)" "$(bench "ige_$size")" "" \
+        "$(bench "ige_ref_$size") (OpenSSL)" "$(bench "ige_ratio_$size")"
+    row "  ratio range over the rounds" "$(bench "ige_spread_$size")" "" "" ""
 done
 row "criterion: server handshake us, 2048 / 256 DH" "$(bench server_side_full_handshake)/$(bench server_side_full_handshake_dh256)" "" \
     "$(bench openssl_ceiling_rsa_and_two_modexps)" "$(ratio "$(bench server_side_full_handshake)" "$(bench openssl_ceiling_rsa_and_two_modexps)")"

@@ -1,79 +1,22 @@
-//! Throughput of the hot paths next to a reference measured in the same run
-//! on the same machine: IGE decrypt + msg_key check against OpenSSL
-//! AES-256-CBC encrypt, and the server side of a handshake (with the spec's
-//! 2048-bit DH secret and with a 256-bit one) against its unavoidable
-//! cryptography done by OpenSSL: one RSA-2048 private operation plus two
-//! 2048-bit modular exponentiations with 2048-bit exponents.
-//! `scripts/bench.sh` and `scripts/perf.sh` print the ratios.
+//! The server side of a handshake (with the spec's 2048-bit DH secret and
+//! with a 256-bit one) next to its unavoidable cryptography done by OpenSSL
+//! in the same run: one RSA-2048 private operation plus two 2048-bit modular
+//! exponentiations with 2048-bit exponents. `scripts/bench.sh` and
+//! `scripts/perf.sh` print the ratios; the IGE figures are the `ige` bench.
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use openssl::bn::{BigNum, BigNumContext};
-use openssl::symm::{Cipher, Crypter, Mode};
 use rand::RngCore;
 
-use mtproto_core::authkey::AuthKey;
 use mtproto_core::dh;
 use mtproto_core::handshake::{Handshake, HandshakeSettings, Step};
-use mtproto_core::message::{decrypt, encrypt_as_client, plaintext_message};
 use mtproto_core::pq::PqPool;
 use mtproto_core::rsa::ServerKey;
 use mtproto_testclient::{
     read_res_pq, req_dh_params, req_pq_multi, set_client_dh_params, Exchange,
 };
-
-const SIZES: [usize; 2] = [1024, 16 * 1024];
-
-fn ige(c: &mut Criterion) {
-    let key = AuthKey::new(std::array::from_fn(|i| (i * 13) as u8));
-    for size in SIZES {
-        let mut group = c.benchmark_group(format!("aes_{size}"));
-        group.throughput(Throughput::Bytes(size as u64));
-        let body = vec![7u8; size - 32 - 16];
-        let frame = encrypt_as_client(
-            &key,
-            &plaintext_message(1, 2, 4, 1, &body),
-            16,
-            &mut rand::thread_rng(),
-        );
-        group.bench_function("mtproto_ige_decrypt_verify", |b| {
-            b.iter_batched_ref(
-                || frame.clone(),
-                |f| decrypt(&key, f, false).map(|d| d.msg_id),
-                BatchSize::SmallInput,
-            )
-        });
-        let openssl_key = [3u8; 32];
-        let iv = [5u8; 16];
-        let input = vec![9u8; size];
-        let mut output = vec![0u8; size + 32];
-        group.bench_function("openssl_aes256_cbc_encrypt", |b| {
-            b.iter(|| {
-                let mut crypter = Crypter::new(
-                    Cipher::aes_256_cbc(),
-                    Mode::Encrypt,
-                    &openssl_key,
-                    Some(&iv),
-                )
-                .expect("openssl cipher");
-                crypter.pad(false);
-                crypter.update(&input, &mut output).expect("openssl update")
-            })
-        });
-        let mut out = BytesMut::with_capacity(size + 64);
-        let reply = plaintext_message(1, 2, 5, 1, &body);
-        group.bench_function("mtproto_ige_encrypt_reply", |b| {
-            b.iter(|| {
-                out.clear();
-                mtproto_core::message::encrypt(&key, &reply, &mut out, &mut rand::thread_rng());
-                out.len()
-            })
-        });
-        group.finish();
-    }
-}
 
 /// Client messages for one handshake, made outside the measured part.
 struct ClientSide {
@@ -193,5 +136,5 @@ fn server_side(
     });
 }
 
-criterion_group!(benches, ige, handshake);
+criterion_group!(benches, handshake);
 criterion_main!(benches);
