@@ -3,6 +3,7 @@ unary and stream mode: the same client scenarios, a session restart, ring
 redirects between two sessions, and a session that is down."""
 
 import asyncio
+import subprocess
 import time
 
 import pytest
@@ -10,9 +11,11 @@ from telethon.crypto import AuthKey
 from telethon.errors import AuthKeyNotFound, RPCError
 from telethon.tl.functions import PingRequest
 
-from conftest import start_remote_gateway, start_session
+from conftest import REPO, free_port, start_remote_gateway, start_session
 from mtclient import connect, pin_server_key
+from promtext import metric, scrape
 from test_clients import API_NOT_SERVED, api_call
+from test_websocket import GRAMJS, count_gramjs_retries
 
 MODES = ["unary", "stream"]
 
@@ -84,6 +87,49 @@ def test_unknown_key_is_404_through_the_session(fleet):
         await sender.disconnect()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_server_messages_ride_the_gateways_own_stream_in_stream_mode(tmp_path, mode):
+    """In stream mode the gateway asks `mtproto-session` for server messages
+    on its own session stream (our extension of teamgram's protocol), so
+    they skip the reverse path; in unary mode they come through the reverse
+    path as teamgram sends them. Telethon over TCP and GramJS over WebSocket
+    both get their pongs either way; the counter shows which path carried
+    them."""
+    session = start_session(tmp_path)
+    admin, ws_port = free_port(), free_port()
+    gateway = start_remote_gateway(tmp_path, [session.port], mode,
+                                   extra=["--admin-listen", f"127.0.0.1:{admin}",
+                                          "--listen-ws", f"127.0.0.1:{ws_port}"])
+    pin_server_key(gateway.public_key.read_text())
+
+    def on_stream() -> float:
+        return metric(scrape(admin), "mtproto_session_stream_replies")
+
+    async def pings():
+        sender = await connect(gateway.port, "intermediate")
+        try:
+            for i in range(3):
+                assert (await asyncio.wait_for(sender.send(PingRequest(i)), 20)).ping_id == i
+        finally:
+            await sender.disconnect()
+
+    try:
+        asyncio.run(pings())
+        gramjs = subprocess.run(["node", str(REPO / "e2e/gateway/gramjs/ws_ping.js"), GRAMJS, str(ws_port),
+                                 str(gateway.public_key), "obfuscated"], capture_output=True, text=True, timeout=90)
+        count_gramjs_retries(gramjs)
+        assert gramjs.returncode == 0, gramjs.stdout + gramjs.stderr + gateway.log_text()[-3000:]
+        assert "pong 4242" in gramjs.stdout
+        if mode == "stream":
+            # At least each pong: every ping waited for its own.
+            assert on_stream() >= 4, gateway.log_text()[-3000:]
+        else:
+            assert on_stream() == 0
+    finally:
+        assert gateway.stop() == 0
+        session.stop()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -212,7 +212,11 @@ impl Gateway {
                 info!(members = ?members, mode = ?s.mode, %server_id, "forwarding to session services");
                 let remote = Arc::new(
                     RemoteSession::new(members, settings, metrics.session_rpc.clone())
-                        .with_tls(security.tls()),
+                        .with_tls(security.tls())
+                        .with_stream_replies(
+                            registry.clone(),
+                            metrics.session_stream_replies.clone(),
+                        ),
                 );
                 if let Some(k) = &s.kubernetes {
                     let client = kube::Client::try_default().await.context(

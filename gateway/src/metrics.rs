@@ -144,6 +144,10 @@ pub struct Metrics {
     pub server_messages_dropped: Family<ReasonLabels, Counter>,
     /// Session connections and calls the reverse-path server refused, by why.
     pub reverse_path_refused: Family<ReasonLabels, Counter>,
+    /// Server messages sessions sent on this gateway's own session streams
+    /// (stream mode with a session that knows the extension), not through
+    /// the reverse path.
+    pub session_stream_replies: Counter,
     /// MTProto sessions with a live connection here (the registry's size).
     pub sessions: Gauge,
     /// Handshakes from `req_pq` until stored or failed (capped by
@@ -181,6 +185,7 @@ impl Default for Metrics {
             outbox_queued: Gauge::default(),
             server_messages_dropped: Family::default(),
             reverse_path_refused: Family::default(),
+            session_stream_replies: Counter::default(),
             sessions: Gauge::default(),
             handshakes_in_progress: Gauge::default(),
             buffered_bytes: Gauge::default(),
@@ -290,6 +295,11 @@ impl Metrics {
             "mtproto_reverse_path_refused",
             "Session connections and calls the reverse-path gRPC server refused (its bounds, malformed calls)",
             self.reverse_path_refused.clone(),
+        );
+        r.register(
+            "mtproto_session_stream_replies",
+            "Server messages sessions sent on this gateway's own session streams rather than through the reverse path",
+            self.session_stream_replies.clone(),
         );
         r.register(
             "mtproto_sessions",

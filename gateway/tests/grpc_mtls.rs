@@ -5,7 +5,8 @@
 //! role's certificate cannot call `session_queryAuthKey`,
 //! `session_setAuthKey` or `gateway_sendDataToGateway`; a session takes a
 //! message's `server_id` only when it is the calling gateway's own; a gateway
-//! refuses a redirect to a session off its ring; rotated
+//! refuses a redirect to a session off its ring; a gateway's session stream
+//! carries the server messages of the name its certificate proves; rotated
 //! certificate files are served without a restart while established
 //! connections carry on.
 
@@ -28,6 +29,7 @@ use openssl::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
 };
 use openssl::x509::{X509Name, X509};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -44,13 +46,17 @@ use mtproto_edge_proto::session::{self as spb};
 use mtproto_gateway::app::Gateway;
 use mtproto_gateway::config::{Cli, Config, ConfigExt};
 use mtproto_gateway::metrics::{RpcErrorLabels, SessionRpcMetrics};
+use mtproto_gateway::server::outbox;
+use mtproto_gateway::server::registry::Registry;
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
 use mtproto_session::embedded::EmbeddedSession;
 use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_session::ring::Ring;
 use mtproto_session::store::MemoryStore;
 use mtproto_session::tls::{self, TlsFiles, TlsSettings};
-use mtproto_session::{SessionClientEvent, SessionError, SessionService};
+use mtproto_session::{
+    GatewayDelivery, SessionClientData, SessionClientEvent, SessionError, SessionService,
+};
 
 const GATEWAY: &str = "mtproto-gateway";
 const SESSION: &str = "mtproto-session";
@@ -252,6 +258,18 @@ async fn tls_session(files: Arc<TlsFiles>) -> SocketAddr {
 
 /// The same with `others` on its ring besides itself.
 async fn tls_session_on_ring(files: Arc<TlsFiles>, others: &[&str]) -> SocketAddr {
+    let gateways =
+        Arc::new(RemoteGateways::new(Duration::from_secs(1)).with_tls(Some(files.clone())));
+    tls_session_delivering_through(files, gateways, others).await
+}
+
+/// The same, delivering server messages through `gateways` (gateways'
+/// session streams that ask for them included, as `mtproto-session` does).
+async fn tls_session_delivering_through(
+    files: Arc<TlsFiles>,
+    gateways: Arc<RemoteGateways>,
+    others: &[&str],
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let members = std::iter::once(addr.to_string())
@@ -259,19 +277,29 @@ async fn tls_session_on_ring(files: Arc<TlsFiles>, others: &[&str]) -> SocketAdd
         .collect::<Vec<_>>();
     let session = Arc::new(EmbeddedSession::new(
         Arc::new(MemoryStore::default()),
-        Arc::new(RemoteGateways::new(Duration::from_secs(1)).with_tls(Some(files.clone()))),
+        gateways.clone(),
     ));
-    let service = Arc::new(SessionGrpc::new(
-        session,
-        Ring::new(members),
-        addr.to_string(),
-    ));
+    let service = Arc::new(
+        SessionGrpc::new(session, Ring::new(members), addr.to_string())
+            .with_stream_replies(gateways),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_routes(grpc_server::routes(service))
             .serve_with_incoming(tls::incoming(listener, Some(files))),
     );
     addr
+}
+
+/// `role`'s certificate from `fleet`, trusting the other role's.
+fn role_files(dir: &Path, fleet: &Ca, role: &str) -> Arc<TlsFiles> {
+    let (prefix, peer) = if role == SESSION {
+        ("session", GATEWAY)
+    } else {
+        ("gateway", SESSION)
+    };
+    TlsFiles::load(settings(identity(dir, prefix, fleet, role), peer))
+        .unwrap_or_else(|e| panic!("{role} TLS: {e}"))
 }
 
 fn settings(files: (PathBuf, PathBuf, PathBuf), peer_name: &str) -> TlsSettings {
@@ -343,11 +371,7 @@ async fn only_the_other_role_from_the_fleet_ca_may_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = ca("fleet CA");
     let other = ca("another CA");
-    let session_files = TlsFiles::load(settings(
-        identity(dir.path(), "session", &fleet, SESSION),
-        GATEWAY,
-    ))
-    .expect("session TLS");
+    let session_files = role_files(dir.path(), &fleet, SESSION);
     let session = tls_session(session_files).await;
 
     // The gateway, in-process as the binary runs it, with session.tls.
@@ -454,11 +478,7 @@ async fn only_the_other_role_from_the_fleet_ca_may_call() {
 async fn a_session_takes_only_the_calling_gateways_own_server_id() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = ca("fleet CA");
-    let files = TlsFiles::load(settings(
-        identity(dir.path(), "session", &fleet, SESSION),
-        GATEWAY,
-    ))
-    .expect("session TLS");
+    let files = role_files(dir.path(), &fleet, SESSION);
     let session = tls_session(files).await;
     let mut client = RpcSessionClient::new(channel(
         session,
@@ -485,6 +505,59 @@ async fn a_session_takes_only_the_calling_gateways_own_server_id() {
             "{foreign}: {status:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_tls_a_gateway_stream_carries_the_server_messages_of_its_certificates_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = ca("fleet CA");
+    let session_files = role_files(dir.path(), &fleet, SESSION);
+    let gateways =
+        Arc::new(RemoteGateways::new(Duration::from_secs(1)).with_tls(Some(session_files.clone())));
+    let session = tls_session_delivering_through(session_files, gateways.clone(), &[]).await;
+    let gateway_files = role_files(dir.path(), &fleet, GATEWAY);
+    let registry = Arc::new(Registry::new(Arc::default(), 8));
+    let (outbox, mut inbox) = outbox::channel(16);
+    registry.attach(1, 9, 1, &outbox);
+    let on_stream = Counter::default();
+    let client = RemoteSession::new(
+        vec![session.to_string()],
+        RemoteSettings {
+            mode: Mode::Stream,
+            call_timeout: Duration::from_secs(5),
+            retries: 0,
+            backoff: Duration::from_millis(1),
+        },
+        SessionRpcMetrics::default(),
+    )
+    .with_tls(Some(gateway_files))
+    .with_stream_replies(registry, on_stream.clone());
+    // A name the gateway's certificate carries, not its connection's
+    // address: nothing could dial it, so only the stream can deliver.
+    let own = "mtproto-gateway:20110";
+    client
+        .send_data(SessionClientData {
+            server_id: own.into(),
+            conn_type: 1,
+            auth_key_id: 1,
+            key_type: 0,
+            perm_auth_key_id: 1,
+            session_id: 7,
+            client_ip: "192.0.2.1".into(),
+            quick_ack: 0,
+            salt: 0,
+            payload: vec![0; 64].into(),
+        })
+        .await
+        .expect("forwarded");
+
+    assert!(gateways.send_data_to_gateway(own, 1, 9, vec![1; 8].into()));
+    let delivered = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+        .await
+        .expect("delivered on the stream in time")
+        .expect("a message");
+    assert_eq!(&delivered.payload[..], &[1; 8]);
+    assert!(on_stream.get() >= 1);
 }
 
 /// The leaf certificate a server presents to a fresh connection.
@@ -551,19 +624,11 @@ async fn rotated_certificates_are_served_without_a_restart() {
 async fn with_tls_a_redirect_off_the_ring_is_refused_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = ca("fleet CA");
-    let session_files = TlsFiles::load(settings(
-        identity(dir.path(), "session", &fleet, SESSION),
-        GATEWAY,
-    ))
-    .expect("session TLS");
+    let session_files = role_files(dir.path(), &fleet, SESSION);
     // The session's ring has a member this gateway's ring does not.
     const STRANGER: &str = "127.0.0.1:9";
     let session = tls_session_on_ring(session_files, &[STRANGER]).await;
-    let gateway_files = TlsFiles::load(settings(
-        identity(dir.path(), "gateway", &fleet, GATEWAY),
-        SESSION,
-    ))
-    .expect("gateway TLS");
+    let gateway_files = role_files(dir.path(), &fleet, GATEWAY);
     let metrics = SessionRpcMetrics::default();
     let retries = 2;
     let client = RemoteSession::new(

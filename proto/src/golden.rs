@@ -278,6 +278,18 @@ fn gateway_send_data_and_stream() {
     len(10, &b, &mut r);
     assert_eq!(req.encode_to_vec(), r);
 
+    // Our extension: the same message on the gateway's session stream, as
+    // field 20 of its response, with no request_id.
+    let on_stream = session::SessionStreamResponse {
+        request_id: String::new(),
+        payload: req
+            .send_data
+            .map(session::session_stream_response::Payload::SendData),
+    };
+    let mut r = Vec::new();
+    len(20, &b, &mut r);
+    assert_eq!(on_stream.encode_to_vec(), r);
+
     let resp = gateway::GatewayStreamResponse {
         request_id: "x".into(),
         success: true,

@@ -37,6 +37,13 @@ pub mod session {
     pub const SET_AUTH_KEY: i32 = 0x1d11_490b;
     pub const SEND_DATA_TO_SESSION: i32 = 0x876b_2dec_u32 as i32;
     pub const CLOSE_SESSION: i32 = 0x176f_c253;
+
+    /// The request header with which a gateway asks for its server messages
+    /// on its own `SessionDataStream` (`SessionStreamResponse.send_data`, our
+    /// extension), and its value. A session that does not know it (teamgram's)
+    /// ignores it and keeps using the gateway's reverse path.
+    pub const STREAM_REPLIES_HEADER: &str = "mtproto-edge-replies";
+    pub const STREAM_REPLIES_VALUE: &str = "stream";
 }
 
 pub mod gateway {

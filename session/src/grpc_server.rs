@@ -3,13 +3,17 @@
 //! embedded session, checks ring ownership (`REDIRECT_TO_<owner>`), and sends
 //! replies back through the gateway named in each message
 //! (`gateway.RPCGatewayStream`, or unary `gateway.RPCGateway` calls to a
-//! gateway that does not serve the stream). With mutual TLS, a
-//! message's `server_id` must be the calling gateway's own (see
-//! [`Peer::may_claim_host`]), so no caller can have replies sent elsewhere.
+//! gateway that does not serve the stream), or on the gateway's own
+//! `SessionDataStream` when it asked for that (`STREAM_REPLIES_HEADER`, our
+//! extension). With mutual TLS, a message's `server_id` must be the calling
+//! gateway's own (see [`Peer::may_claim_host`]), so no caller can have
+//! replies sent elsewhere; a stream carries the messages of a `server_id`
+//! only if its caller is that gateway (see [`Peer::may_receive_for`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +29,8 @@ use mtproto_edge_proto::session::rpc_session_stream_server::{
 };
 use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
-    session_stream_response::Payload as StreamResponse,
+    session_stream_response::Payload as StreamResponse, STREAM_REPLIES_HEADER,
+    STREAM_REPLIES_VALUE,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -57,6 +62,9 @@ pub struct SessionGrpc {
     ring: RwLock<Ring>,
     /// This instance's member string on the ring.
     me: String,
+    /// Where gateways' streams are attached when they ask for their server
+    /// messages on them; unset, no stream carries any.
+    gateways: Option<Arc<RemoteGateways>>,
 }
 
 impl SessionGrpc {
@@ -65,6 +73,17 @@ impl SessionGrpc {
             session,
             ring: RwLock::new(ring),
             me,
+            gateways: None,
+        }
+    }
+
+    /// Gateway streams that ask for their server messages on themselves
+    /// are attached to `gateways`, which the embedded session delivers
+    /// through.
+    pub fn with_stream_replies(self, gateways: Arc<RemoteGateways>) -> Self {
+        Self {
+            gateways: Some(gateways),
+            ..self
         }
     }
 
@@ -177,9 +196,7 @@ impl SessionGrpc {
 /// Refuses a `server_id` the calling gateway cannot prove is its own.
 /// Served without [`crate::tls::incoming`] there is no [`Peer`]: plaintext.
 fn check_server_id(peer: Option<&Peer>, server_id: &str) -> Result<(), ServiceError> {
-    let host = server_id
-        .rsplit_once(':')
-        .map_or(server_id, |(host, _)| host);
+    let host = server_id_host(server_id);
     match peer {
         Some(peer) if !peer.may_claim_host(host) => {
             warn!(server_id, peer = ?peer.addr, "refused: server_id is not the calling gateway's");
@@ -189,6 +206,13 @@ fn check_server_id(peer: Option<&Peer>, server_id: &str) -> Result<(), ServiceEr
         }
         _ => Ok(()),
     }
+}
+
+/// The host part of a gateway's `server_id` (`host:port`, `[v6]:port`).
+fn server_id_host(server_id: &str) -> &str {
+    server_id
+        .rsplit_once(':')
+        .map_or(server_id, |(host, _)| host)
 }
 
 /// Errors as teamgram reports them.
@@ -360,18 +384,37 @@ impl SessionGrpc {
 impl RpcSessionStream for SessionStreamGrpc {
     type SessionDataStreamStream = ResponseStream;
 
-    /// Requests of one stream are answered one at a time, in order (as teamgram does).
+    /// Requests of one stream are answered one at a time, in order (as
+    /// teamgram does). A stream that asks for its gateway's server messages
+    /// carries them between the answers once a message on it names the
+    /// gateway (`server_id`) and the caller proves it is that gateway.
     async fn session_data_stream(
         &self,
         request: Request<Streaming<spb::SessionStreamRequest>>,
     ) -> Result<Response<Self::SessionDataStreamStream>, Status> {
         let peer = request.extensions().get::<Peer>().cloned();
+        let asks_for_replies = request
+            .metadata()
+            .get(STREAM_REPLIES_HEADER)
+            .is_some_and(|v| v.as_bytes() == STREAM_REPLIES_VALUE.as_bytes());
+        let route = match (&self.0.gateways, asks_for_replies) {
+            (Some(gateways), true) => Some(StreamRoute::new(gateways.clone())),
+            _ => None,
+        };
         let inbound = request.into_inner();
         let service = self.0.clone();
+        let attach = route.as_ref().map(|(route, _)| route.clone());
         let responses = inbound.then(move |item| {
-            let (service, peer) = (service.clone(), peer.clone());
+            let (service, peer, attach) = (service.clone(), peer.clone(), attach.clone());
             async move {
                 let request = item?;
+                if let (Some(route), Some(StreamRequest::SendData(req))) =
+                    (attach.filter(|r| !r.is_attached()), &request.payload)
+                {
+                    if let Some(data) = &req.data {
+                        route.offer(peer.as_ref(), &data.server_id);
+                    }
+                }
                 let payload = match service.handle_stream(peer.as_ref(), request.payload).await {
                     Ok(payload) => payload,
                     Err(e) => StreamResponse::Error(spb::SessionStreamError {
@@ -385,7 +428,99 @@ impl RpcSessionStream for SessionStreamGrpc {
                 })
             }
         });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(match route {
+            Some((route, replies)) => Box::pin(WithReplies {
+                answers: Box::pin(responses),
+                replies,
+                replies_first: false,
+                _route: route,
+            }),
+            None => Box::pin(responses),
+        }))
+    }
+}
+
+/// A gateway's session stream that asked for its server messages: attached
+/// to [`RemoteGateways`] under the gateway's `server_id` once a message
+/// proves it, detached when the stream ends.
+#[derive(Debug)]
+struct StreamRoute {
+    gateways: Arc<RemoteGateways>,
+    replies: mpsc::Sender<spb::SessionStreamResponse>,
+    /// The `server_id` attached under; set once.
+    attached: OnceLock<String>,
+}
+
+impl StreamRoute {
+    /// A route and the receiving end of its messages.
+    fn new(
+        gateways: Arc<RemoteGateways>,
+    ) -> (Arc<Self>, mpsc::Receiver<spb::SessionStreamResponse>) {
+        let (replies, queue) = mpsc::channel(LINK_QUEUE);
+        let route = Self {
+            gateways,
+            replies,
+            attached: OnceLock::new(),
+        };
+        (Arc::new(route), queue)
+    }
+
+    fn is_attached(&self) -> bool {
+        self.attached.get().is_some()
+    }
+
+    /// Attaches the stream for `server_id` if the caller is that gateway
+    /// (else its messages keep going through the gateway's reverse path).
+    fn offer(&self, peer: Option<&Peer>, server_id: &str) {
+        let host = server_id_host(server_id);
+        if !peer.is_some_and(|peer| peer.may_receive_for(host)) {
+            return;
+        }
+        if self.attached.set(server_id.to_string()).is_ok() {
+            debug!(
+                server_id,
+                "server messages go on the gateway's session stream"
+            );
+            self.gateways.attach_stream(server_id, self.replies.clone());
+        }
+    }
+}
+
+impl Drop for StreamRoute {
+    fn drop(&mut self) {
+        if let Some(server_id) = self.attached.get() {
+            self.gateways.detach_stream(server_id, &self.replies);
+        }
+    }
+}
+
+/// A stream's answers with its route's server messages between them, the
+/// two taken in turn when both are ready; over when the answers are.
+struct WithReplies {
+    answers: ResponseStream,
+    replies: mpsc::Receiver<spb::SessionStreamResponse>,
+    replies_first: bool,
+    _route: Arc<StreamRoute>,
+}
+
+impl Stream for WithReplies {
+    type Item = Result<spb::SessionStreamResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        this.replies_first = !this.replies_first;
+        if this.replies_first {
+            if let Poll::Ready(Some(reply)) = this.replies.poll_recv(cx) {
+                return Poll::Ready(Some(Ok(reply)));
+            }
+        }
+        match this.answers.as_mut().poll_next(cx) {
+            Poll::Pending if !this.replies_first => match this.replies.poll_recv(cx) {
+                Poll::Ready(Some(reply)) => Poll::Ready(Some(Ok(reply))),
+                _ => Poll::Pending,
+            },
+            answer => answer,
+        }
     }
 }
 
@@ -416,6 +551,9 @@ type Delivery = gpb::TlGatewaySendDataToGateway;
 #[derive(Debug)]
 pub struct RemoteGateways {
     links: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
+    /// Gateways' own session streams that carry their messages, by
+    /// `server_id`: used before `links` (the newest stream of a gateway).
+    streams: Mutex<HashMap<String, mpsc::Sender<spb::SessionStreamResponse>>>,
     timeout: Duration,
     /// Gateways are dialled with mutual TLS when set.
     tls: Option<Arc<TlsFiles>>,
@@ -426,6 +564,7 @@ impl RemoteGateways {
     pub fn new(timeout: Duration) -> Self {
         Self {
             links: Mutex::default(),
+            streams: Mutex::default(),
             timeout,
             tls: None,
         }
@@ -433,6 +572,48 @@ impl RemoteGateways {
 
     pub fn with_tls(self, tls: Option<Arc<TlsFiles>>) -> Self {
         Self { tls, ..self }
+    }
+
+    /// Sends `server_id`'s messages on `stream` from now on.
+    fn attach_stream(&self, server_id: &str, stream: mpsc::Sender<spb::SessionStreamResponse>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(server_id.to_string(), stream);
+    }
+
+    /// Stops sending `server_id`'s messages on `stream`, unless a newer
+    /// stream of that gateway took its place.
+    fn detach_stream(&self, server_id: &str, stream: &mpsc::Sender<spb::SessionStreamResponse>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams
+            .get(server_id)
+            .is_some_and(|attached| attached.same_channel(stream))
+        {
+            streams.remove(server_id);
+        }
+    }
+
+    /// Queues `delivery` on `server_id`'s own stream if it has a live one
+    /// (true once queued); gives it back if not.
+    fn send_on_stream(&self, server_id: &str, delivery: Delivery) -> Result<bool, Delivery> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stream) = streams.get(server_id).filter(|s| !s.is_closed()) else {
+            return Err(delivery);
+        };
+        let reply = spb::SessionStreamResponse {
+            request_id: String::new(),
+            payload: Some(StreamResponse::SendData(delivery)),
+        };
+        match stream.try_send(reply) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!(server_id, "gateway stream full; reply dropped");
+                Ok(false)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!(server_id, "gateway stream ended; reply dropped");
+                Ok(false)
+            }
+        }
     }
 
     /// The queue to `server_id`'s link, started on first use (and again
@@ -644,11 +825,15 @@ impl GatewayDelivery for RemoteGateways {
         session_id: i64,
         payload: Bytes,
     ) -> bool {
-        let mut request = Delivery {
+        let request = Delivery {
             constructor: gpb::SEND_DATA_TO_GATEWAY,
             auth_key_id,
             session_id,
             payload,
+        };
+        let mut request = match self.send_on_stream(server_id, request) {
+            Ok(queued) => return queued,
+            Err(request) => request,
         };
         // A link that just ended idle is replaced once.
         for _ in 0..2 {
@@ -811,6 +996,155 @@ mod tests {
             got.push(next.ok().flatten().expect("the gateway took every reply"));
         }
         got
+    }
+
+    /// A session service on loopback whose replies go through `gateways`.
+    async fn serve_session(gateways: Arc<RemoteGateways>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let me = listener.local_addr().unwrap().to_string();
+        let session = Arc::new(EmbeddedSession::new(
+            Arc::new(MemoryStore::default()),
+            gateways.clone(),
+        ));
+        let service = Arc::new(
+            SessionGrpc::new(session, Ring::new([me.clone()]), me.clone())
+                .with_stream_replies(gateways),
+        );
+        let server = tonic::transport::Server::builder().add_routes(routes(service));
+        tokio::spawn(server.serve_with_incoming(crate::tls::incoming(listener, None)));
+        me
+    }
+
+    /// Opens a `SessionDataStream` (asking for server messages on it when
+    /// `asks`) and sends one message naming `server_id`; the stream's
+    /// request side and responses, once that message is answered.
+    async fn gateway_stream(
+        session: &str,
+        asks: bool,
+        server_id: &str,
+    ) -> (
+        mpsc::Sender<spb::SessionStreamRequest>,
+        Streaming<spb::SessionStreamResponse>,
+    ) {
+        use mtproto_edge_proto::session::rpc_session_stream_client::RpcSessionStreamClient;
+        let mut client = RpcSessionStreamClient::connect(format!("http://{session}"))
+            .await
+            .expect("connect");
+        let (requests, outbound) = mpsc::channel(4);
+        let mut call = Request::new(ReceiverStream::new(outbound));
+        if asks {
+            call.metadata_mut().insert(
+                STREAM_REPLIES_HEADER,
+                tonic::metadata::MetadataValue::from_static(STREAM_REPLIES_VALUE),
+            );
+        }
+        let message = spb::SessionStreamRequest {
+            request_id: "1".into(),
+            payload: Some(StreamRequest::SendData(spb::TlSessionSendDataToSession {
+                constructor: spb::SEND_DATA_TO_SESSION,
+                data: Some(spb::SessionClientData {
+                    server_id: server_id.into(),
+                    auth_key_id: 1,
+                    perm_auth_key_id: 1,
+                    session_id: 7,
+                    payload: Bytes::from_static(&[0; 64]),
+                    ..Default::default()
+                }),
+            })),
+        };
+        requests.send(message).await.expect("queued");
+        let mut responses = client
+            .session_data_stream(call)
+            .await
+            .expect("stream")
+            .into_inner();
+        let answer = responses.message().await.expect("answer").expect("one");
+        assert_eq!(answer.request_id, "1");
+        (requests, responses)
+    }
+
+    /// The session id of the next reply the recording gateway takes that
+    /// is not one of the session's own for the message [`gateway_stream`]
+    /// sends (session 7).
+    async fn next_taken(taken: &mut mpsc::UnboundedReceiver<(Path, i64)>) -> i64 {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), taken.recv()).await;
+            match next.ok().flatten().expect("the gateway took the reply") {
+                (_, 7) => continue,
+                (_, session_id) => return session_id,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_stream_that_asks_carries_its_gateways_server_messages() {
+        let gateways = Arc::new(RemoteGateways::new(Duration::from_secs(5)));
+        let session = serve_session(gateways.clone()).await;
+        let (gateway, mut taken) = recording_gateway(true, false).await;
+        let send = |session_id| {
+            assert!(gateways.send_data_to_gateway(
+                &gateway,
+                1,
+                session_id,
+                Bytes::from_static(b"m")
+            ));
+        };
+
+        let (_requests, _responses) = gateway_stream(&session, false, &gateway).await;
+        send(8);
+        assert_eq!(
+            next_taken(&mut taken).await,
+            8,
+            "not asked: the reverse path"
+        );
+
+        let (requests, mut responses) = gateway_stream(&session, true, &gateway).await;
+        send(9);
+        let delivery = loop {
+            let on_stream = tokio::time::timeout(Duration::from_secs(30), responses.message())
+                .await
+                .expect("in time")
+                .expect("no error")
+                .expect("a message");
+            assert_eq!(on_stream.request_id, "");
+            match on_stream.payload {
+                Some(StreamResponse::SendData(delivery)) if delivery.session_id == 7 => {}
+                Some(StreamResponse::SendData(delivery)) => break delivery,
+                other => panic!("not a server message: {other:?}"),
+            }
+        };
+        assert_eq!((delivery.auth_key_id, delivery.session_id), (1, 9));
+        assert_eq!(delivery.payload, &b"m"[..]);
+
+        drop((requests, responses));
+        let detached = async {
+            while gateways.streams.lock().unwrap().contains_key(&gateway) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), detached)
+            .await
+            .expect("the ended stream is detached");
+        send(10);
+        assert_eq!(
+            next_taken(&mut taken).await,
+            10,
+            "nothing went the reverse path while the stream was attached; after it, the reverse path again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_naming_another_gateway_is_not_given_its_messages() {
+        let gateways = Arc::new(RemoteGateways::new(Duration::from_secs(5)));
+        let session = serve_session(gateways.clone()).await;
+        let (_requests, _responses) = gateway_stream(&session, true, "10.9.9.9:20450").await;
+        assert!(gateways.streams.lock().unwrap().is_empty());
+        let (_requests, _responses) = gateway_stream(&session, true, "127.0.0.1:20450").await;
+        assert!(gateways
+            .streams
+            .lock()
+            .unwrap()
+            .contains_key("127.0.0.1:20450"));
     }
 
     #[tokio::test]

@@ -386,6 +386,21 @@ impl Peer {
             .and_then(|parsed| verify_server_name(&parsed, &name))
             .is_ok()
     }
+
+    /// Whether messages addressed to the gateway at `host` may go back on
+    /// this connection. With TLS as [`Peer::may_claim_host`]; without, the
+    /// host must be the address the connection comes from, or any caller
+    /// could take another gateway's messages by naming it.
+    pub fn may_receive_for(&self, host: &str) -> bool {
+        if self.certificate.is_some() {
+            return self.may_claim_host(host);
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        matches!(
+            (self.addr, host.parse::<std::net::IpAddr>()),
+            (Some(addr), Ok(ip)) if addr.ip().to_canonical() == ip.to_canonical()
+        )
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Send {}
@@ -648,5 +663,29 @@ mod tests {
             KEEPALIVE_RETRIES
         );
         drop(client);
+    }
+
+    #[test]
+    fn without_tls_only_the_connections_own_address_receives() {
+        let peer = |addr: &str| Peer {
+            addr: Some(addr.parse().expect("socket address")),
+            certificate: None,
+        };
+        let local = peer("10.0.0.7:51000");
+        assert!(local.may_receive_for("10.0.0.7"));
+        assert!(!local.may_receive_for("10.0.0.8"));
+        assert!(
+            !local.may_receive_for("gateway-0.gateway"),
+            "names need TLS"
+        );
+        assert!(local.may_claim_host("10.0.0.8"), "claiming stays open");
+        let mapped = peer("[::ffff:10.0.0.7]:51000");
+        assert!(mapped.may_receive_for("10.0.0.7"));
+        assert!(peer("[fd00::7]:51000").may_receive_for("[fd00::7]"));
+        let unknown = Peer {
+            addr: None,
+            certificate: None,
+        };
+        assert!(!unknown.may_receive_for("10.0.0.7"));
     }
 }

@@ -173,6 +173,18 @@ pub(super) mod tests {
         F: FnOnce(RecvStream, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
+        server_seeing_headers(path, |_, body, respond| serve(body, respond)).await
+    }
+
+    /// [`server`], with `serve` getting the request's headers too.
+    pub(in crate::session) async fn server_seeing_headers<F, Fut>(
+        path: &'static str,
+        serve: F,
+    ) -> String
+    where
+        F: FnOnce(HeaderMap, RecvStream, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         tokio::spawn(async move {
@@ -181,7 +193,8 @@ pub(super) mod tests {
             let (request, respond) = connection.accept().await.expect("a call").expect("ok");
             assert_eq!(request.uri().path(), path);
             tokio::spawn(async move { poll_fn(|cx| connection.poll_closed(cx)).await });
-            serve(request.into_body(), respond).await;
+            let (parts, body) = request.into_parts();
+            serve(parts.headers, body, respond).await;
         });
         addr
     }

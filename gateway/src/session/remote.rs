@@ -17,14 +17,16 @@ use mtproto_edge_proto::session::{
     self as spb, session_stream_request::Payload as StreamRequest,
     session_stream_response::Payload as StreamResponse,
 };
+use prometheus_client::metrics::counter::Counter;
 use tonic::Code;
 use tracing::{debug, warn};
 
 use super::links::Links;
 use super::send_data::{send_data_bodies, send_data_body};
-use super::stream_link::{encode_request, Answer, StreamLink};
+use super::stream_link::{encode_request, Answer, Replies, StreamLink};
 use super::unary_link::{self, UnaryLink};
 use crate::metrics::{GaugeGuard, MethodLabels, RpcErrorLabels, SessionRpcMetrics};
+use crate::server::registry::Registry;
 use mtproto_core::authkey::AuthKeyInfo;
 use mtproto_core::handshake::{NewAuthKey, StoreOutcome};
 use mtproto_session::ring::Ring;
@@ -123,6 +125,8 @@ pub struct RemoteSession {
     /// there is unauthenticated anyway, and a static list may name only an
     /// entry point that redirects to the others.
     members_only: bool,
+    /// Streams ask for server messages on themselves when set.
+    replies: Option<Replies>,
 }
 
 impl RemoteSession {
@@ -136,6 +140,7 @@ impl RemoteSession {
             metrics,
             tls: None,
             members_only: false,
+            replies: None,
         }
     }
 
@@ -143,6 +148,16 @@ impl RemoteSession {
         Self {
             members_only: tls.is_some(),
             tls,
+            ..self
+        }
+    }
+
+    /// Streams (stream mode) ask their session to send server messages on
+    /// them, for `registry`'s connections, rather than through the reverse
+    /// path; `count` counts them.
+    pub fn with_stream_replies(self, registry: Arc<Registry>, count: Counter) -> Self {
+        Self {
+            replies: Some(Replies { registry, count }),
             ..self
         }
     }
@@ -195,7 +210,8 @@ impl RemoteSession {
         self.streams
             .get(addr, || {
                 let (addr, tls, deadline) = self.link_target(addr);
-                async move { StreamLink::open(&addr, tls.as_ref(), deadline).await }
+                let replies = self.replies.clone();
+                async move { StreamLink::open(&addr, tls.as_ref(), deadline, replies).await }
             })
             .await
     }

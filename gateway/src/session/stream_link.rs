@@ -11,6 +11,13 @@
 //! An answer missing for the call deadline ends the link (the session is
 //! stuck or gone), failing every call on it; the caller's retry opens a new
 //! link.
+//!
+//! With [`Replies`], the call asks the session to send this gateway's server
+//! messages on the same stream (`SessionStreamResponse.send_data`, our
+//! extension of teamgram's protocol): the link hands them to the
+//! connections itself, and a reply and the answer to the message it
+//! answers usually arrive in one read. A session that does not know the
+//! extension keeps sending them through the reverse path.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -22,11 +29,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use h2::client::{Connection, ResponseFuture};
 use h2::{RecvStream, SendStream};
+use hyper::header::HeaderValue;
 use hyper::StatusCode;
+use mtproto_edge_proto::gateway as gpb;
 use mtproto_edge_proto::session::{
-    self as spb, session_stream_request, session_stream_response::Payload,
+    self as spb, session_stream_request, session_stream_response::Payload, STREAM_REPLIES_HEADER,
+    STREAM_REPLIES_VALUE,
 };
 use mtproto_session::tls::TlsFiles;
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -35,6 +46,7 @@ use tracing::debug;
 use super::grpc_h2::{self, broken, grpc_status, next_message, unavailable, unsent, Io};
 use super::remote::Failure;
 use crate::grpc_frame::{poll_after_ready_tasks, send_within_window, PREFIX};
+use crate::server::registry::Registry;
 
 const PATH: &str = "/session.RPCSessionStream/SessionDataStream";
 /// Batches of calls queued for the link task before callers wait
@@ -49,6 +61,22 @@ const MAX_WAITING: usize = 4096;
 /// Framed bytes held while the peer's window is shut before the link takes
 /// no more calls.
 const MAX_OUT: usize = 256 << 10;
+
+/// Where server messages the session sends on the stream go.
+#[derive(Debug, Clone)]
+pub(crate) struct Replies {
+    pub(crate) registry: Arc<Registry>,
+    /// Counts them (`mtproto_session_stream_replies_total`).
+    pub(crate) count: Counter,
+}
+
+impl Replies {
+    fn deliver(&self, reply: gpb::TlGatewaySendDataToGateway) {
+        self.count.inc();
+        self.registry
+            .deliver(reply.auth_key_id, reply.session_id, reply.payload);
+    }
+}
 
 /// The answer to one call, or why there is none.
 pub(super) type Answer = Result<Payload, Failure>;
@@ -69,22 +97,31 @@ pub(super) struct StreamLink {
 impl StreamLink {
     /// Connects to `addr` (with mutual TLS when `tls` is set), opens the
     /// stream and starts its task. `deadline` bounds the opening and every
-    /// call's answer.
+    /// call's answer. With `replies`, the session is asked for server
+    /// messages on the stream.
     pub(super) async fn open(
         addr: &str,
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,
+        replies: Option<Replies>,
     ) -> Result<Self, Failure> {
-        grpc_h2::open_within(addr, deadline, Self::start(addr, tls, deadline)).await
+        grpc_h2::open_within(addr, deadline, Self::start(addr, tls, deadline, replies)).await
     }
 
     async fn start(
         addr: &str,
         tls: Option<&Arc<TlsFiles>>,
         deadline: Duration,
+        replies: Option<Replies>,
     ) -> Result<Self, Failure> {
         let (mut client, mut connection) = grpc_h2::connect(addr, tls).await?;
-        let request = grpc_h2::Target::new(tls.is_some(), addr)?.request(PATH);
+        let mut request = grpc_h2::Target::new(tls.is_some(), addr)?.request(PATH);
+        if replies.is_some() {
+            request.headers_mut().insert(
+                STREAM_REPLIES_HEADER,
+                HeaderValue::from_static(STREAM_REPLIES_VALUE),
+            );
+        }
         // The connection is polled meanwhile, so the peer's settings are read.
         poll_fn(|cx| {
             if let Poll::Ready(ended) = connection.poll_unpin(cx) {
@@ -99,7 +136,7 @@ impl StreamLink {
             .send_request(request, false)
             .map_err(|e| unavailable(addr, &e))?;
         let (calls, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(Link::new(connection, send, response, queue, deadline).run());
+        tokio::spawn(Link::new(connection, send, response, queue, deadline, replies).run());
         Ok(Self { calls })
     }
 
@@ -220,6 +257,7 @@ struct Link {
     deferred: bool,
     deadline: Duration,
     sweep: Interval,
+    replies: Option<Replies>,
 }
 
 impl Link {
@@ -229,6 +267,7 @@ impl Link {
         response: ResponseFuture,
         queue: mpsc::Receiver<Calls>,
         deadline: Duration,
+        replies: Option<Replies>,
     ) -> Self {
         let mut sweep = tokio::time::interval(deadline / 4);
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -245,6 +284,7 @@ impl Link {
             deferred: false,
             deadline,
             sweep,
+            replies,
         }
     }
 
@@ -392,11 +432,19 @@ impl Link {
         }
     }
 
-    /// Decodes the complete answers in `input` and completes their calls.
+    /// Decodes the complete answers in `input` and completes their calls;
+    /// server messages among them go to their connections.
     fn answer(&mut self) -> Result<(), Failure> {
         while let Some(message) = next_message(&mut self.input)? {
             let answer = AnswerRead::decode(message)
                 .map_err(|e| Failure::Fatal(format!("session sent an undecodable answer: {e}")))?;
+            if let Some(Payload::SendData(reply)) = answer.payload {
+                match &self.replies {
+                    Some(replies) => replies.deliver(reply),
+                    None => debug!("session sent a server message on a stream that did not ask"),
+                }
+                continue;
+            }
             let id = std::str::from_utf8(&answer.request_id).map(str::parse::<u64>);
             let Ok(Ok(id)) = id else {
                 debug!("session stream answered an unknown request id");
@@ -426,7 +474,7 @@ impl Link {
 struct AnswerRead {
     #[prost(bytes = "bytes", tag = "1")]
     request_id: Bytes,
-    #[prost(oneof = "Payload", tags = "10, 11, 12")]
+    #[prost(oneof = "Payload", tags = "10, 11, 12, 20")]
     payload: Option<Payload>,
 }
 
@@ -451,7 +499,8 @@ fn frame_request(out: &mut BytesMut, id: u64, body: &[u8]) {
 mod tests {
     use super::*;
     use crate::grpc_frame::tests::read_messages;
-    use crate::session::grpc_h2::tests::server;
+    use crate::server::outbox;
+    use crate::session::grpc_h2::tests::{server, server_seeing_headers};
     use mtproto_edge_proto::mtproto as pb;
     use session_stream_request::Payload as Request;
 
@@ -545,7 +594,7 @@ mod tests {
             std::future::pending::<()>().await;
         })
         .await;
-        let link = StreamLink::open(&addr, None, Duration::from_secs(10))
+        let link = StreamLink::open(&addr, None, Duration::from_secs(10), None)
             .await
             .expect("open");
         let answers = futures::future::join_all((0..CALLS).map(|i| link.call(query(i)))).await;
@@ -557,6 +606,74 @@ mod tests {
         }
     }
 
+    /// A session that answers one query and, before the answer, sends a
+    /// server message for key 1, session 2 on the stream; whether the call
+    /// asked for that comes out of `asked`.
+    async fn session_sending_a_server_message(asked: oneshot::Sender<bool>) -> String {
+        server_seeing_headers(PATH, |headers, mut body, mut respond| async move {
+            let wanted = headers
+                .get(STREAM_REPLIES_HEADER)
+                .is_some_and(|v| v == STREAM_REPLIES_VALUE);
+            let _ = asked.send(wanted);
+            let request = read_messages::<spb::SessionStreamRequest>(&mut body, 1).await;
+            let mut answers = respond.send_response(ok_headers(), false).expect("headers");
+            let server_message = spb::SessionStreamResponse {
+                request_id: String::new(),
+                payload: Some(Payload::SendData(gpb::TlGatewaySendDataToGateway {
+                    constructor: gpb::SEND_DATA_TO_GATEWAY,
+                    auth_key_id: 1,
+                    session_id: 2,
+                    payload: Bytes::from_static(b"server message"),
+                })),
+            };
+            let answer = spb::SessionStreamResponse {
+                request_id: request[0].request_id.clone(),
+                payload: Some(Payload::AuthKey(pb::AuthKeyInfo::default())),
+            };
+            for message in [server_message, answer] {
+                answers
+                    .send_data(crate::grpc_frame::frame(&message), false)
+                    .expect("send");
+            }
+            std::future::pending::<()>().await;
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn server_messages_on_the_stream_reach_their_connection_when_asked_for() {
+        let registry = Arc::new(Registry::new(Arc::default(), 8));
+        let (outbox, mut inbox) = outbox::channel(16);
+        registry.attach(1, 2, 10, &outbox);
+        let count = Counter::default();
+        for ask in [false, true] {
+            let (asked, wanted) = oneshot::channel();
+            let addr = session_sending_a_server_message(asked).await;
+            let replies = ask.then(|| Replies {
+                registry: registry.clone(),
+                count: count.clone(),
+            });
+            let link = StreamLink::open(&addr, None, Duration::from_secs(10), replies)
+                .await
+                .expect("open");
+            assert!(
+                matches!(link.call(query(1)).await, Ok(Payload::AuthKey(_))),
+                "the call is answered after the server message (asked: {ask})"
+            );
+            assert_eq!(wanted.await.expect("called"), ask, "header sent");
+            if ask {
+                let delivered = inbox.try_recv().expect("delivered before the answer");
+                assert_eq!(delivered.payload, &b"server message"[..]);
+            } else {
+                assert!(
+                    inbox.try_recv().is_none(),
+                    "a stream that did not ask ignores them"
+                );
+            }
+        }
+        assert_eq!(count.get(), 1);
+    }
+
     #[tokio::test]
     async fn an_unanswered_call_ends_the_link_after_the_deadline() {
         let addr = server(PATH, |mut body, mut respond| async move {
@@ -565,7 +682,7 @@ mod tests {
             std::future::pending::<()>().await;
         })
         .await;
-        let link = StreamLink::open(&addr, None, Duration::from_millis(200))
+        let link = StreamLink::open(&addr, None, Duration::from_millis(200), None)
             .await
             .expect("open");
         let answer = tokio::time::timeout(Duration::from_secs(10), link.call(query(1)))
@@ -591,7 +708,7 @@ mod tests {
             std::future::pending::<()>().await;
         })
         .await;
-        let link = StreamLink::open(&addr, None, Duration::from_secs(10))
+        let link = StreamLink::open(&addr, None, Duration::from_secs(10), None)
             .await
             .expect("open");
         match link.call(query(1)).await {

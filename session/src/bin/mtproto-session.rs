@@ -150,12 +150,11 @@ async fn main() -> anyhow::Result<()> {
     let key_store = store::open(&urls, &StoreMetrics::default())
         .await
         .context("auth key store")?;
-    let session = Arc::new(EmbeddedSession::new(key_store, gateways));
-    let service = Arc::new(SessionGrpc::new(
-        session,
-        Ring::new(members.clone()),
-        me.clone(),
-    ));
+    let session = Arc::new(EmbeddedSession::new(key_store, gateways.clone()));
+    let service = Arc::new(
+        SessionGrpc::new(session, Ring::new(members.clone()), me.clone())
+            .with_stream_replies(gateways),
+    );
     if let Some(name) = &cli.kubernetes_service {
         let client = kube::Client::try_default().await.context(
             "--kubernetes-service: no Kubernetes client config (in-cluster or KUBECONFIG)",
