@@ -4,17 +4,21 @@
 # machine: the current tree ("after") and another revision ("before").
 #
 #   scripts/pipeline-bench.sh --against REV [--before-bin PATH]
-#       [--connections 8] [--duration-secs 10] [--in-flight "1 8"] [--warmup-secs 2]
-#       [--rounds 1]
+#       [--mode embedded|stream|unary] [--connections 8] [--duration-secs 10]
+#       [--in-flight "1 8"] [--warmup-secs 2] [--rounds 1]
 #
 # Builds release binaries of the current tree, and of REV in a temporary git
 # worktree with its own target directory ($MTPROTO_CACHE/target-<rev12>, kept
-# and reused); --before-bin uses an existing gateway binary of REV instead.
-# Each gateway runs in its embedded default (built-in session, SQLite keys in a
-# temporary data dir) on a loopback port below 30000, with the per-address
-# handshake limit lifted. The current tree's mtproto-loadgen drives both (the
-# protocol is the same) and reads the gateway's CPU time (/proc/PID/stat)
-# over its measured window, which opens once every connection has its key.
+# and reused); --before-bin uses an existing gateway binary of REV instead
+# (with --mode stream or unary, REV's mtproto-session beside it too). It warns
+# when both sides' binaries are the same files' contents.
+# Each gateway runs on a loopback port below 30000, with the per-address
+# handshake limit lifted: in its embedded default (built-in session, SQLite
+# keys in a temporary data dir), or with --mode stream or unary in front of
+# its own revision's mtproto-session (in-memory keys). The current tree's
+# mtproto-loadgen drives both (the protocol is the same) and reads the
+# gateway's (and the session's) CPU time (/proc/PID/stat) over its measured
+# window, which opens once every connection has its key.
 # With --rounds R, each gateway is measured R times (fresh process each round,
 # the order alternating) and the table shows the median of each figure. The
 # last rows say how busy the rest of the machine was meanwhile (other
@@ -30,6 +34,7 @@ trap bench_cleanup EXIT
 
 AGAINST=""
 BEFORE_BIN=""
+MODE=embedded
 CONNECTIONS=8
 DURATION=10
 IN_FLIGHT="1 8"
@@ -42,6 +47,7 @@ while (($#)); do
     case "$1" in
         --against) AGAINST="${2:?--against needs a revision}"; shift 2 ;;
         --before-bin) BEFORE_BIN="${2:?--before-bin needs a path}"; shift 2 ;;
+        --mode) MODE="${2:?--mode needs embedded, stream or unary}"; shift 2 ;;
         --connections) CONNECTIONS="${2:?}"; shift 2 ;;
         --duration-secs) DURATION="${2:?}"; shift 2 ;;
         --in-flight) IN_FLIGHT="${2:?}"; shift 2 ;;
@@ -52,6 +58,7 @@ while (($#)); do
     esac
 done
 [[ -n "$AGAINST" ]] || die "--against REV is required (the 'before' revision)"
+[[ "$MODE" =~ ^(embedded|stream|unary)$ ]] || die "--mode: $MODE is not embedded, stream or unary"
 read -r -a NS <<<"$IN_FLIGHT"
 ((${#NS[@]} > 0)) || die "--in-flight needs at least one N"
 for n in "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "${NS[@]}"; do
@@ -60,7 +67,9 @@ done
 
 # --- binaries -----------------------------------------------------------------
 
-build_current mtproto-gateway mtproto-testclient
+PACKAGES=(mtproto-gateway)
+[[ "$MODE" == embedded ]] || PACKAGES+=(mtproto-session)
+build_current "${PACKAGES[@]}" mtproto-testclient
 AFTER_BIN="$WORK/bin/current/mtproto-gateway"
 LOADGEN="$WORK/bin/current/mtproto-loadgen"
 AFTER_LABEL="$CURRENT_LABEL"
@@ -69,10 +78,24 @@ if [[ -n "$BEFORE_BIN" ]]; then
     BEFORE_LABEL="$(git rev-parse --short=7 "$AGAINST^{commit}")" || die "unknown revision $AGAINST"
     echo "== before: $BEFORE_BIN (given as revision $BEFORE_LABEL)" >&2
 else
-    build_revision "$AGAINST" mtproto-gateway
+    build_revision "$AGAINST" "${PACKAGES[@]}"
     BEFORE_BIN="$REV_BIN/mtproto-gateway"
     BEFORE_LABEL="$REV_LABEL"
 fi
+# Each side's session is the mtproto-session beside its gateway.
+session_of() { echo "$(dirname "$1")/mtproto-session"; }
+if [[ "$MODE" != embedded ]]; then
+    [[ -x "$(session_of "$BEFORE_BIN")" ]] || die "--mode $MODE: no mtproto-session beside $BEFORE_BIN"
+fi
+# An A/B of one build with itself measures only noise: say so when the two
+# sides' binaries are the same bytes (a revision that changed only docs, or
+# a mistake).
+same=1
+cmp -s "$BEFORE_BIN" "$AFTER_BIN" || same=0
+if [[ "$MODE" != embedded ]]; then
+    cmp -s "$(session_of "$BEFORE_BIN")" "$(session_of "$AFTER_BIN")" || same=0
+fi
+((same == 0)) || echo "warning: before and after are the same binaries; the two columns measure one build" >&2
 
 # --- measuring ----------------------------------------------------------------
 
@@ -82,10 +105,12 @@ loadgen() {
 }
 
 declare -A RESULT
+SESSION_PID=""
 # Runs one measurement; appends to RESULT[side,n,metric] (one value per round).
 measure() {
-    local side="$1" n="$2" out pairs errors secs gw lg re
-    out="$(loadgen --duration-secs "$DURATION" --in-flight "$n" --measure-pid "$GATEWAY_PID")"
+    local side="$1" n="$2" out pairs errors secs gw lg re sess pids=(--measure-pid "$GATEWAY_PID")
+    [[ -z "$SESSION_PID" ]] || pids+=(--measure-pid "$SESSION_PID")
+    out="$(loadgen --duration-secs "$DURATION" --in-flight "$n" "${pids[@]}")"
     echo "   $side N=$n: ${out//$'\n'/ | }" >&2
     re='([0-9]+) ping round trips.* ([0-9]+) errors, [0-9]+ connections, ([0-9.]+) s'
     [[ "$out" =~ $re ]] || die "unexpected loadgen output: $out"
@@ -101,9 +126,15 @@ measure() {
     lg="$(loadgen_cpu "$out" loadgen pair)" gw="$(loadgen_cpu "$out" "pid $GATEWAY_PID" pair)"
     RESULT[$side,$n,lgcpu]+=" $lg"
     RESULT[$side,$n,gwcpu]+=" $gw"
+    RESULT[$side,$n,ratio]+=" $(ratio "$gw" "$lg")"
+    sess=0
+    if [[ -n "$SESSION_PID" ]]; then
+        sess="$(loadgen_cpu "$out" "pid $SESSION_PID" pair)"
+        RESULT[$side,$n,sesscpu]+=" $sess"
+    fi
     # CPU used by everything else on the machine meanwhile, in % of all cores:
     # interference from other work makes the figures of this round worse.
-    RESULT[$side,$n,other]+=" $(other_load "$out" "$pairs" "$secs" "$gw" "$lg")"
+    RESULT[$side,$n,other]+=" $(other_load "$out" "$pairs" "$secs" "$gw" "$lg" "$sess")"
     echo "   $side N=$n: gateway CPU $gw us/pair, other processes ${RESULT[$side,$n,other]##* }% of the machine" >&2
 }
 
@@ -111,7 +142,13 @@ measure_side() {
     local side="$1" bin
     if [[ "$side" == before ]]; then bin="$BEFORE_BIN"; else bin="$AFTER_BIN"; fi
     echo "== $side: $bin" >&2
-    start_gateway "$bin" "gateway-$side"
+    if [[ "$MODE" == embedded ]]; then
+        start_gateway "$bin" "gateway-$side"
+    else
+        start_session "$(session_of "$bin")" "session-$side"
+        start_gateway "$bin" "gateway-$side" --session "grpc://127.0.0.1:$SESSION_PORT" \
+            --session-mode "$MODE" --grpc-listen "127.0.0.1:$(free_port)"
+    fi
     if ((WARMUP > 0)); then
         loadgen --duration-secs "$WARMUP" >/dev/null
     fi
@@ -119,6 +156,10 @@ measure_side() {
         measure "$side" "$n"
     done
     stop_pid "$GATEWAY_PID"
+    if [[ -n "$SESSION_PID" ]]; then
+        stop_pid "$SESSION_PID"
+        SESSION_PID=""
+    fi
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -135,7 +176,7 @@ done
 # --- the table ----------------------------------------------------------------
 
 echo
-echo "$CONNECTIONS connections, ${DURATION} s per measurement, median of $ROUNDS round(s), loopback, $(nproc) cores shared by gateway and loadgen"
+echo "$MODE mode, $CONNECTIONS connections, ${DURATION} s per measurement, median of $ROUNDS round(s), loopback, $(nproc) cores shared by all the processes"
 printf '%-26s %20s %20s %12s\n' "" "before $BEFORE_LABEL" "after $AFTER_LABEL" "after/before"
 row() {
     local label="$1" n="$2" metric="$3" b a
@@ -150,5 +191,7 @@ for n in "${NS[@]}"; do
     row "p999 latency (us)" "$n" p999
     row "gateway CPU (us/pair)" "$n" gwcpu
     row "loadgen CPU (us/pair)" "$n" lgcpu
+    row "gateway/loadgen CPU" "$n" ratio
+    [[ "$MODE" == embedded ]] || row "session CPU (us/pair)" "$n" sesscpu
     row "other load (% of cores)" "$n" other
 done
