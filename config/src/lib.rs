@@ -36,6 +36,30 @@ pub struct Config {
     pub auth_keys: AuthKeysConfig,
     pub limits: LimitsConfig,
     pub handshake: HandshakeConfig,
+    #[serde(default, skip_serializing_if = "RuntimeConfig::is_unset")]
+    pub runtime: RuntimeConfig,
+}
+
+/// How many threads the gateway runs. Unset, each is the number of CPUs the
+/// process may use (its CPU affinity and cgroup quota), which in a pod with
+/// a CPU request and no limit is every CPU of the node: threads far beyond
+/// the CPU a process gets wake and sleep each other for nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that serve connections and forward their messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
+    /// Handshakes' RSA and DH computations run at once, each on a thread of
+    /// its own; more wait (within `limits.max_handshakes_in_progress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_threads: Option<usize>,
+}
+
+impl RuntimeConfig {
+    fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What handshakes here accept from clients, and their cryptography.
@@ -382,6 +406,7 @@ impl Default for Config {
                 max_temp_key_expires_secs: 86_400,
                 dh_secret_bits: DEFAULT_DH_SECRET_BITS,
             },
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -421,6 +446,10 @@ mod tests {
             peer_name: DEFAULT_SESSION_PEER_NAME.into(),
         });
         full.auth_keys.redis_key_prefix = "gw:".into();
+        full.runtime = RuntimeConfig {
+            worker_threads: Some(2),
+            handshake_threads: Some(4),
+        };
         let mut plaintext = Config::default();
         plaintext.session.plaintext = true;
         plaintext.session.endpoints = vec!["grpc://s:1".into()];
@@ -448,12 +477,15 @@ mod tests {
             "proxy_trusted_sources",
             "allowed_origins",
             "path",
+            "worker_threads",
+            "handshake_threads",
         ] {
             assert!(
                 !text.lines().any(|l| l.starts_with(&format!("{absent} ="))),
                 "{absent} in {text}"
             );
         }
+        assert!(!text.contains("[runtime]"), "{text}");
     }
 
     #[test]

@@ -161,6 +161,15 @@ impl Gateway {
         metrics
             .connections_limit
             .set(i64::try_from(l.max_connections).unwrap_or(i64::MAX));
+        let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+        let handshake_threads = config.handshake_threads();
+        metrics
+            .worker_threads
+            .set(i64::try_from(worker_threads).unwrap_or(i64::MAX));
+        metrics
+            .handshake_threads
+            .set(i64::try_from(handshake_threads).unwrap_or(i64::MAX));
+        info!(worker_threads, handshake_threads, "runtime");
         let registry = Arc::new(Registry::new(
             metrics.clone(),
             config.limits.max_sessions_per_auth_key,
@@ -325,6 +334,7 @@ impl Gateway {
             connection_ids: Default::default(),
             http: Default::default(),
             close_reports: tokio::sync::Semaphore::new(server::CLOSE_REPORTS_IN_FLIGHT),
+            handshake_threads: tokio::sync::Semaphore::new(handshake_threads),
             drain: Default::default(),
         });
         let admin = match config.admin_listen {

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 pub use mtproto_config::{
     AuthKeysConfig, Config, HandshakeConfig, KeyLookup, KubernetesDiscovery, LimitsConfig,
-    Listener, ListenerTransport, ProxyProtocol, RingKind, SessionConfig, SessionMode, SessionTls,
-    DEFAULT_WEBSOCKET_PATH,
+    Listener, ListenerTransport, ProxyProtocol, RingKind, RuntimeConfig, SessionConfig,
+    SessionMode, SessionTls, DEFAULT_WEBSOCKET_PATH,
 };
 
 pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
@@ -26,11 +26,13 @@ const MAX_FORWARD_WINDOW: usize = 1024;
 /// The most `session.max_reverse_connections`: each may hold up to 32 MiB of
 /// unfinished requests.
 const MAX_REVERSE_CONNECTIONS: usize = 4096;
+/// The most `runtime.worker_threads` and `runtime.handshake_threads`.
+const MAX_THREADS: usize = 1024;
 
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
 /// and the like for a Service of that name.
-const ENV_SETTINGS: [&str; 10] = [
+const ENV_SETTINGS: [&str; 11] = [
     "admin_listen",
     "log_level",
     "data_dir",
@@ -41,6 +43,7 @@ const ENV_SETTINGS: [&str; 10] = [
     "auth_keys",
     "limits",
     "handshake",
+    "runtime",
 ];
 
 /// Command-line flags. Each one overrides the same setting from the file and environment.
@@ -148,6 +151,8 @@ pub trait ConfigExt: Sized {
     /// This gateway's `server_id`: configured, or the gRPC listen address
     /// with `$POD_IP` in place of an unspecified host.
     fn server_id(&self) -> anyhow::Result<String>;
+    /// `runtime.handshake_threads`, else the CPUs this process may use.
+    fn handshake_threads(&self) -> usize;
 }
 
 /// The layers and checks behind [`ConfigExt::load`] (a trait: the shared
@@ -312,6 +317,17 @@ impl Layers for Config {
                  on each turn and holds each until it is accepted)"
             );
         }
+        for (field, threads) in [
+            ("worker_threads", self.runtime.worker_threads),
+            ("handshake_threads", self.runtime.handshake_threads),
+        ] {
+            if threads.is_some_and(|n| !(1..=MAX_THREADS).contains(&n)) {
+                anyhow::bail!(
+                    "invalid configuration: runtime.{field} must be between 1 and {MAX_THREADS}; \
+                     leave it unset for one per CPU this process may use"
+                );
+            }
+        }
         if !(1..=i32::MAX as u32).contains(&self.handshake.max_temp_key_expires_secs) {
             anyhow::bail!(
                 "invalid configuration: handshake.max_temp_key_expires_secs must be between 1 and \
@@ -439,6 +455,12 @@ impl ConfigExt for Config {
                  set session.server_id (--server-id) or the POD_IP environment variable"
             ),
         }
+    }
+
+    fn handshake_threads(&self) -> usize {
+        self.runtime
+            .handshake_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 }
 
@@ -750,6 +772,30 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own error type
+    fn runtime_threads_default_to_the_cpus_and_are_checked() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let c = Config::load_from(&cli(&[]), no_env()).unwrap();
+        assert_eq!(c.runtime, RuntimeConfig::default());
+        assert_eq!(c.handshake_threads(), cpus);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MTPROTO_GATEWAY_RUNTIME__WORKER_THREADS", "3");
+            jail.set_env("MTPROTO_GATEWAY_RUNTIME__HANDSHAKE_THREADS", "5");
+            let c = Config::load(&cli(&[])).map_err(|e| e.to_string())?;
+            assert_eq!(c.runtime.worker_threads, Some(3));
+            assert_eq!(c.handshake_threads(), 5);
+            for (field, bad) in [("WORKER_THREADS", "0"), ("HANDSHAKE_THREADS", "1025")] {
+                jail.set_env(format!("MTPROTO_GATEWAY_RUNTIME__{field}"), bad);
+                let err = Config::load(&cli(&[])).unwrap_err().to_string();
+                let name = format!("runtime.{}", field.to_ascii_lowercase());
+                assert!(err.contains(&name), "{err}");
+                jail.set_env(format!("MTPROTO_GATEWAY_RUNTIME__{field}"), "2");
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     /// `limits.max_connections`, so dashboards and alerts can relate open connections to it.
     pub connections_limit: Gauge,
+    /// The runtime's threads serving connections (`runtime.worker_threads`).
+    pub worker_threads: Gauge,
+    /// Handshake computations run at once at most (`runtime.handshake_threads`).
+    pub handshake_threads: Gauge,
     pub connections_accepted: Family<ListenerLabels, Counter>,
     pub connections_open: Family<OpenLabels, Gauge>,
     pub connections_closed: Family<ReasonLabels, Counter>,
@@ -168,6 +172,8 @@ impl Default for Metrics {
         Self {
             build_info: Family::default(),
             connections_limit: Gauge::default(),
+            worker_threads: Gauge::default(),
+            handshake_threads: Gauge::default(),
             connections_accepted: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -210,6 +216,16 @@ impl Metrics {
             "mtproto_connections_limit",
             "Client connections this gateway accepts at most (limits.max_connections)",
             self.connections_limit.clone(),
+        );
+        r.register(
+            "mtproto_runtime_worker_threads",
+            "Threads serving client connections (runtime.worker_threads)",
+            self.worker_threads.clone(),
+        );
+        r.register(
+            "mtproto_runtime_handshake_threads",
+            "Handshake computations (RSA, DH) run at once at most (runtime.handshake_threads)",
+            self.handshake_threads.clone(),
         );
         r.register(
             "mtproto_connections_accepted",

@@ -639,7 +639,7 @@ async fn on_plain(body: &[u8], cx: &ConnCx) -> Result<Bytes, Close> {
     let reply = loop {
         match action {
             Ok(HandshakeAction::Compute(job)) => {
-                let job = shell::compute(job).await?;
+                let job = shell::compute(shared, job).await?;
                 action = pending
                     .flow
                     .on_computed(job, shell::now(), &mut host, &mut events);

@@ -79,6 +79,8 @@ pub struct Shared {
     /// (thousands of connections at once) queues its reports here instead of
     /// opening thousands of HTTP/2 streams that time out and get reset.
     pub close_reports: Semaphore,
+    /// Handshake computations running at once (`runtime.handshake_threads`).
+    pub handshake_threads: Semaphore,
     /// What the shutdown drain delivered and did not.
     pub drain: DrainStats,
 }

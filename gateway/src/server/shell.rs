@@ -13,6 +13,7 @@ use std::task::{ready, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
@@ -448,14 +449,31 @@ pub(super) async fn lookup_key(shared: &Shared, auth_key_id: i64) -> KeyLookup {
     }
 }
 
-/// Runs a heavy handshake step (RSA, 2048-bit modpow) on the blocking pool.
-pub(super) async fn compute(mut job: Box<HandshakeJob>) -> Result<Box<HandshakeJob>, Close> {
-    tokio::task::spawn_blocking(move || {
+/// Runs a heavy handshake step (RSA, 2048-bit modpow) on a handshake thread.
+pub(super) async fn compute(
+    shared: &Shared,
+    mut job: Box<HandshakeJob>,
+) -> Result<Box<HandshakeJob>, Close> {
+    on_handshake_thread(&shared.handshake_threads, move || {
         job.run(&mut rand::thread_rng());
         job
     })
     .await
-    .map_err(|_| Close::Handshake(HandshakeError::OutOfOrder("blocking task", "aborted")))
+    .ok_or(Close::Handshake(HandshakeError::OutOfOrder(
+        "blocking task",
+        "aborted",
+    )))
+}
+
+/// Runs `work` on the blocking pool once one of `threads`' permits is free,
+/// so handshakes compute on at most that many threads at once (tokio's pool
+/// alone would start up to 512). `None` if the work did not finish.
+async fn on_handshake_thread<T: Send + 'static>(
+    threads: &Semaphore,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let _thread = threads.acquire().await.ok()?;
+    tokio::task::spawn_blocking(work).await.ok()
 }
 
 /// Stores a new key (the configured store, else the session) and caches it.
@@ -538,5 +556,44 @@ fn forwarded(shared: &Shared, sent: Result<(), SessionError>) -> Forwarded {
         }
         Err(SessionError::AuthKeyUnregistered) => Forwarded::UnknownKey,
         Err(e) => Forwarded::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshake_work_runs_on_at_most_the_permitted_threads() {
+        let threads = Arc::new(Semaphore::new(2));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..8)
+            .map(|i| {
+                let (threads, running, most) = (threads.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    on_handshake_thread(&threads, move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        i
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for (i, job) in jobs.into_iter().enumerate() {
+            assert_eq!(job.await.expect("joined"), Some(i));
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&most), "{most} ran at once");
+    }
+
+    #[tokio::test]
+    async fn closed_handshake_threads_refuse_the_work() {
+        let threads = Semaphore::new(1);
+        threads.close();
+        assert_eq!(on_handshake_thread(&threads, || 1).await, None);
     }
 }

@@ -485,8 +485,10 @@ impl Cx {
                     );
                 }
                 Action::Compute(job) => {
-                    *waiting =
-                        Some(async move { Answer::Computed(shell::compute(job).await) }.boxed());
+                    let shared = shared.clone();
+                    *waiting = Some(
+                        async move { Answer::Computed(shell::compute(&shared, job).await) }.boxed(),
+                    );
                 }
                 Action::StoreKey(key) => {
                     let (shared, id) = (shared.clone(), self.id);
