@@ -103,6 +103,9 @@ pub struct MtprotoGatewaySpec {
 
     /// CPU and memory of the gateway container; unset means requests of
     /// 100m CPU and 128Mi memory (the HPA's CPU target needs a request).
+    /// The gateway's threads follow the CPU, rounded up: the CPU limit sets
+    /// both its workers and its handshake threads; with a request alone, the
+    /// request sets the workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 

@@ -4,10 +4,15 @@
 //! and serialised with `toml`: values are always escaped and the shape is the one the gateway
 //! parses.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use mtproto_config as gateway;
+
+use super::workload::effective_resources;
 
 use crate::certs::{CA_KEY, CERT_KEY, KEY_KEY};
 use crate::crd::{
@@ -177,7 +182,71 @@ pub fn render(spec: &MtprotoGatewaySpec, v: &ValidatedGateway) -> Result<String,
             - gateway::CLOSE_AFTER_GRACE_SECS as i64)
             .max(0),
     )?;
+    cfg.runtime = runtime(&effective_resources(spec))?;
     Ok(toml::to_string(&cfg)?)
+}
+
+/// The gateway's thread counts from its container's CPU. A limit caps what
+/// the pod may use, so both counts follow it. With a request alone, the
+/// workers follow the request and handshakes may still burst into the
+/// node's idle CPU, as a pod without a limit may. Without either, the
+/// gateway takes the CPUs it sees.
+fn runtime(resources: &ResourceRequirements) -> Result<gateway::RuntimeConfig, Error> {
+    let cpus = |which: &str, amounts: &Option<BTreeMap<String, Quantity>>| {
+        amounts
+            .as_ref()
+            .and_then(|a| a.get("cpu"))
+            .map(|q| whole_cpus(&format!("spec.resources.{which}.cpu"), &q.0))
+            .transpose()
+    };
+    let limit = cpus("limits", &resources.limits)?;
+    let request = cpus("requests", &resources.requests)?;
+    Ok(gateway::RuntimeConfig {
+        worker_threads: limit.or(request),
+        handshake_threads: limit,
+    })
+}
+
+/// The most threads of either kind the operator asks for (the gateway's own cap).
+const MAX_THREADS: u64 = 1024;
+
+/// A CPU amount (`2`, `0.5`, `1500m`) in whole CPUs, rounded up: at least 1,
+/// at most [`MAX_THREADS`].
+fn whole_cpus(field: &str, amount: &str) -> Result<usize, Error> {
+    let invalid = || {
+        Error::Invalid(format!(
+            "{field}: {amount:?} is not a CPU amount the operator reads; \
+             write cores (2, 0.5) or millicores (1500m)"
+        ))
+    };
+    let (number, millis_per_unit) = match amount.strip_suffix('m') {
+        Some(n) => (n, 1),
+        None => (amount, 1000),
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty())
+        || !digits(whole)
+        || !digits(fraction)
+        || (millis_per_unit == 1 && !fraction.is_empty())
+    {
+        return Err(invalid());
+    }
+    // Digits past the thousandths cannot add more than a millicore.
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| invalid())?
+    };
+    let thousandths = format!("{fraction:0<3}");
+    let (kept, rest) = thousandths.split_at(3);
+    let mut millis = whole.saturating_mul(millis_per_unit);
+    millis = millis.saturating_add(kept.parse::<u64>().map_err(|_| invalid())?);
+    if rest.bytes().any(|b| b != b'0') {
+        millis = millis.saturating_add(1);
+    }
+    let cpus = millis.div_ceil(1000).clamp(1, MAX_THREADS);
+    usize::try_from(cpus).map_err(|_| invalid())
 }
 
 #[cfg(test)]
@@ -363,6 +432,58 @@ mod tests {
         assert_eq!(c.auth_keys.writer, gateway_config::KeyLookup::Store);
         assert_eq!(c.session.mode, gateway_config::SessionMode::Stream);
         assert_eq!(server_id, "10.0.0.7:20110");
+    }
+
+    #[test]
+    fn the_gateways_threads_follow_its_cpu() {
+        let cpu = |requests: Option<&str>, limits: Option<&str>| {
+            let amounts = |cpu: Option<&str>| {
+                cpu.map(|c| BTreeMap::from([("cpu".to_owned(), Quantity(c.to_owned()))]))
+            };
+            let mut gw = gateway();
+            gw.spec.resources = Some(ResourceRequirements {
+                requests: amounts(requests),
+                limits: amounts(limits),
+                ..ResourceRequirements::default()
+            });
+            let (c, _) = load_in_pod(&gw, &dereferenced()).expect("loads");
+            (c.runtime.worker_threads, c.runtime.handshake_threads)
+        };
+        assert_eq!(cpu(Some("500m"), Some("1500m")), (Some(2), Some(2)));
+        assert_eq!(cpu(Some("2.5"), None), (Some(3), None));
+        assert_eq!(cpu(None, Some("4")), (Some(4), Some(4)));
+        assert_eq!(cpu(None, None), (None, None));
+        // Unset resources are the defaults: a request of 100m, no limit.
+        let (c, _) = load_in_pod(&gateway(), &dereferenced()).expect("loads");
+        assert_eq!(c.runtime.worker_threads, Some(1));
+        assert_eq!(c.runtime.handshake_threads, None);
+    }
+
+    #[test]
+    fn cpu_amounts_round_up_to_whole_cpus() {
+        for (amount, cpus) in [
+            ("1", 1),
+            ("2", 2),
+            ("0.5", 1),
+            (".5", 1),
+            ("1.001", 2),
+            ("1.0001", 2),
+            ("1.000", 1),
+            ("100m", 1),
+            ("1000m", 1),
+            ("1001m", 2),
+            ("0", 1),
+            ("0m", 1),
+            ("100000", 1024),
+        ] {
+            assert_eq!(whole_cpus("f", amount).expect(amount), cpus, "{amount}");
+        }
+        for bad in ["", "m", ".", "1.5m", "2k", "1e3", "-1", "one", "1.2.3"] {
+            let err = whole_cpus("spec.resources.limits.cpu", bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("spec.resources.limits.cpu"), "{bad}: {err}");
+        }
     }
 
     #[test]

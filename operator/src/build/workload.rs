@@ -235,7 +235,7 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
         args: Some(args),
         ports: Some(ports),
         env: Some(env),
-        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        resources: Some(effective_resources(spec)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         volume_mounts: Some(mounts),
@@ -255,7 +255,12 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
 
 /// Requests only: a limit would throttle handshakes under bursts, and an HPA
 /// CPU target is a percentage of the request.
-fn default_resources() -> ResourceRequirements {
+/// The gateway container's resources: the spec's, else [`default_resources`].
+pub(super) fn effective_resources(spec: &MtprotoGatewaySpec) -> ResourceRequirements {
+    spec.resources.clone().unwrap_or_else(default_resources)
+}
+
+pub(super) fn default_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity("100m".to_owned())),
