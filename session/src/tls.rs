@@ -361,8 +361,10 @@ impl ClientCertVerifier for PeerNameVerifier {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
-    /// The client's verified leaf certificate (TLS only).
-    pub certificate: Option<CertificateDer<'static>>,
+    /// The client's verified leaf certificate (TLS only). Shared: tonic
+    /// copies the connection's `Peer` into every call, and a stream's
+    /// handler into every message.
+    pub certificate: Option<Arc<CertificateDer<'static>>>,
 }
 
 impl Peer {
@@ -382,7 +384,7 @@ impl Peer {
         let Ok(name) = ServerName::try_from(host) else {
             return false;
         };
-        ParsedCertificate::try_from(cert)
+        ParsedCertificate::try_from(cert.as_ref())
             .and_then(|parsed| verify_server_name(&parsed, &name))
             .is_ok()
     }
@@ -533,7 +535,7 @@ pub fn incoming(
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .map(|c| c.clone().into_owned());
+                            .map(|c| Arc::new(c.clone().into_owned()));
                         let io = ServedIo {
                             io: Box::pin(stream),
                             peer: Peer {
