@@ -334,7 +334,7 @@ impl Gateway {
             connection_ids: Default::default(),
             http: Default::default(),
             close_reports: tokio::sync::Semaphore::new(server::CLOSE_REPORTS_IN_FLIGHT),
-            handshake_threads: tokio::sync::Semaphore::new(handshake_threads),
+            handshake_threads: Arc::new(tokio::sync::Semaphore::new(handshake_threads)),
             drain: Default::default(),
         });
         let admin = match config.admin_listen {

@@ -80,7 +80,7 @@ pub struct Shared {
     /// opening thousands of HTTP/2 streams that time out and get reset.
     pub close_reports: Semaphore,
     /// Handshake computations running at once (`runtime.handshake_threads`).
-    pub handshake_threads: Semaphore,
+    pub handshake_threads: Arc<Semaphore>,
     /// What the shutdown drain delivered and did not.
     pub drain: DrainStats,
 }

@@ -467,13 +467,20 @@ pub(super) async fn compute(
 
 /// Runs `work` on the blocking pool once one of `threads`' permits is free,
 /// so handshakes compute on at most that many threads at once (tokio's pool
-/// alone would start up to 512). `None` if the work did not finish.
+/// alone would start up to 512). The work holds its permit until it ends,
+/// even if its connection closes and stops waiting for it. `None` if the
+/// work did not finish.
 async fn on_handshake_thread<T: Send + 'static>(
-    threads: &Semaphore,
+    threads: &Arc<Semaphore>,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
-    let _thread = threads.acquire().await.ok()?;
-    tokio::task::spawn_blocking(work).await.ok()
+    let thread = threads.clone().acquire_owned().await.ok()?;
+    tokio::task::spawn_blocking(move || {
+        let _thread = thread;
+        work()
+    })
+    .await
+    .ok()
 }
 
 /// Stores a new key (the configured store, else the session) and caches it.
@@ -590,9 +597,36 @@ mod tests {
         assert!((1..=2).contains(&most), "{most} ran at once");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_connection_stopped_waiting_keeps_its_thread() {
+        let threads = Arc::new(Semaphore::new(1));
+        let running = Arc::new(AtomicUsize::new(0));
+        let (started, mut start) = tokio::sync::mpsc::channel(1);
+        let first = {
+            let (threads, running) = (threads.clone(), running.clone());
+            tokio::spawn(async move {
+                on_handshake_thread(&threads, move || {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    let _ = started.blocking_send(());
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+                .await
+            })
+        };
+        start.recv().await.expect("the first work started");
+        first.abort();
+        let seen = on_handshake_thread(&threads, {
+            let running = running.clone();
+            move || running.load(Ordering::SeqCst)
+        })
+        .await;
+        assert_eq!(seen, Some(0), "the second work ran beside the first");
+    }
+
     #[tokio::test]
     async fn closed_handshake_threads_refuse_the_work() {
-        let threads = Semaphore::new(1);
+        let threads = Arc::new(Semaphore::new(1));
         threads.close();
         assert_eq!(on_handshake_thread(&threads, || 1).await, None);
     }
