@@ -40,6 +40,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
 }
 
+/// The most `runtime.worker_threads` and `runtime.handshake_threads`.
+pub const MAX_RUNTIME_THREADS: usize = 1024;
+
 /// How many threads the gateway runs. Unset, each is the number of CPUs the
 /// process may use (its CPU affinity and cgroup quota), which in a pod with
 /// a CPU request and no limit is every CPU of the node: threads far beyond

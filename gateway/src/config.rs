@@ -15,7 +15,7 @@ use serde::Serialize;
 pub use mtproto_config::{
     AuthKeysConfig, Config, HandshakeConfig, KeyLookup, KubernetesDiscovery, LimitsConfig,
     Listener, ListenerTransport, ProxyProtocol, RingKind, RuntimeConfig, SessionConfig,
-    SessionMode, SessionTls, DEFAULT_WEBSOCKET_PATH,
+    SessionMode, SessionTls, DEFAULT_WEBSOCKET_PATH, MAX_RUNTIME_THREADS,
 };
 
 pub const ENV_PREFIX: &str = "MTPROTO_GATEWAY_";
@@ -26,8 +26,6 @@ const MAX_FORWARD_WINDOW: usize = 1024;
 /// The most `session.max_reverse_connections`: each may hold up to 32 MiB of
 /// unfinished requests.
 const MAX_REVERSE_CONNECTIONS: usize = 4096;
-/// The most `runtime.worker_threads` and `runtime.handshake_threads`.
-const MAX_THREADS: usize = 1024;
 
 /// Top-level settings that environment variables may set. Other variables with
 /// the prefix are ignored: Kubernetes injects `MTPROTO_GATEWAY_SERVICE_HOST`
@@ -321,9 +319,9 @@ impl Layers for Config {
             ("worker_threads", self.runtime.worker_threads),
             ("handshake_threads", self.runtime.handshake_threads),
         ] {
-            if threads.is_some_and(|n| !(1..=MAX_THREADS).contains(&n)) {
+            if threads.is_some_and(|n| !(1..=MAX_RUNTIME_THREADS).contains(&n)) {
                 anyhow::bail!(
-                    "invalid configuration: runtime.{field} must be between 1 and {MAX_THREADS}; \
+                    "invalid configuration: runtime.{field} must be between 1 and {MAX_RUNTIME_THREADS}; \
                      leave it unset for one per CPU this process may use"
                 );
             }

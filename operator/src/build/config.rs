@@ -207,11 +207,8 @@ fn runtime(resources: &ResourceRequirements) -> Result<gateway::RuntimeConfig, E
     })
 }
 
-/// The most threads of either kind the operator asks for (the gateway's own cap).
-const MAX_THREADS: u64 = 1024;
-
 /// A CPU amount (`2`, `0.5`, `1500m`) in whole CPUs, rounded up: at least 1,
-/// at most [`MAX_THREADS`].
+/// at most the gateway's [`gateway::MAX_RUNTIME_THREADS`].
 fn whole_cpus(field: &str, amount: &str) -> Result<usize, Error> {
     let invalid = || {
         Error::Invalid(format!(
@@ -232,12 +229,13 @@ fn whole_cpus(field: &str, amount: &str) -> Result<usize, Error> {
     {
         return Err(invalid());
     }
-    // Digits past the thousandths cannot add more than a millicore.
+    // Only digits are left, so a failed parse is a number too large to matter.
     let whole: u64 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| invalid())?
+        whole.parse().unwrap_or(u64::MAX)
     };
+    // Digits past the thousandths cannot add more than a millicore.
     let thousandths = format!("{fraction:0<3}");
     let (kept, rest) = thousandths.split_at(3);
     let mut millis = whole.saturating_mul(millis_per_unit);
@@ -245,8 +243,8 @@ fn whole_cpus(field: &str, amount: &str) -> Result<usize, Error> {
     if rest.bytes().any(|b| b != b'0') {
         millis = millis.saturating_add(1);
     }
-    let cpus = millis.div_ceil(1000).clamp(1, MAX_THREADS);
-    usize::try_from(cpus).map_err(|_| invalid())
+    let cpus = usize::try_from(millis.div_ceil(1000)).unwrap_or(usize::MAX);
+    Ok(cpus.clamp(1, gateway::MAX_RUNTIME_THREADS))
 }
 
 #[cfg(test)]
@@ -475,6 +473,7 @@ mod tests {
             ("0", 1),
             ("0m", 1),
             ("100000", 1024),
+            ("99999999999999999999999", 1024),
         ] {
             assert_eq!(whole_cpus("f", amount).expect(amount), cpus, "{amount}");
         }
