@@ -130,6 +130,17 @@ def start_gateway(workdir: Path, extra: list[str] | None = None, data: Path | No
                    log_name=f"gateway-{port}.log")
 
 
+def run_loadgen(gateway: "Process", *args: str) -> str:
+    """Runs `mtproto-loadgen` against `gateway` with `args` (bounded: 60 s) and returns
+    what it printed."""
+    run = subprocess.run(
+        [str(gateway_binary().parent / "mtproto-loadgen"), "--target", f"127.0.0.1:{gateway.port}",
+         "--public-key", str(gateway.public_key), *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return run.stdout + run.stderr
+
+
 def limited_gateway(tmp_path_factory, name: str, limits: str, extra: list[str] | None = None) -> Process:
     """A gateway of its own whose config file's `[limits]` table is `limits` (TOML lines)."""
     workdir = tmp_path_factory.mktemp(name)

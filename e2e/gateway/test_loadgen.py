@@ -1,11 +1,10 @@
 """The load generator keeps working: a short bounded run against a real gateway."""
 
 import re
-import subprocess
 
 import pytest
 
-from conftest import gateway_binary, limited_gateway
+from conftest import limited_gateway, run_loadgen
 
 
 @pytest.fixture
@@ -18,14 +17,7 @@ def loadgen_gateway(tmp_path_factory):
 
 
 def test_loadgen_completes_handshakes_and_pings_without_errors(loadgen_gateway):
-    loadgen = gateway_binary().parent / "mtproto-loadgen"
-    run = subprocess.run(
-        [str(loadgen), "--target", f"127.0.0.1:{loadgen_gateway.port}",
-         "--public-key", str(loadgen_gateway.public_key),
-         "--connections", "2", "--duration-secs", "2", "--pings", "20"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    out = run.stdout + run.stderr
+    out = run_loadgen(loadgen_gateway, "--connections", "2", "--duration-secs", "2", "--pings", "20")
     handshakes, pings, errors = (int(n) for n in re.search(r"(\d+) handshakes.*?(\d+) ping round trips.*?(\d+) errors", out).groups())
     assert handshakes > 0 and pings > 0, out
     assert errors == 0, out
@@ -34,16 +26,9 @@ def test_loadgen_completes_handshakes_and_pings_without_errors(loadgen_gateway):
 def test_loadgen_measures_pairs_after_every_key_and_reports_the_gateways_cpu(loadgen_gateway):
     """The pair figures perf.sh divides carry no handshakes: the window opens
     once each connection has its key, and the gateway's CPU is read over it."""
-    loadgen = gateway_binary().parent / "mtproto-loadgen"
     pid = loadgen_gateway.proc.pid
-    run = subprocess.run(
-        [str(loadgen), "--target", f"127.0.0.1:{loadgen_gateway.port}",
-         "--public-key", str(loadgen_gateway.public_key),
-         "--connections", "3", "--duration-secs", "1", "--pings", "1000000000",
-         "--in-flight", "2", "--dh-secret-bits", "256", "--measure-pid", str(pid)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    out = run.stdout
+    out = run_loadgen(loadgen_gateway, "--connections", "3", "--duration-secs", "1", "--pings", "1000000000",
+                      "--in-flight", "2", "--dh-secret-bits", "256", "--measure-pid", str(pid))
     handshakes, pings, errors = (int(n) for n in re.search(r"(\d+) handshakes.*?(\d+) ping round trips.*?(\d+) errors", out).groups())
     assert (handshakes, errors) == (0, 0) and pings > 0, out
     assert "3 handshakes before the window" in out, out

@@ -5,11 +5,10 @@ Telethon and from the load generator, each waiting its turn."""
 import asyncio
 import os
 import re
-import subprocess
 
 from telethon.tl.functions import PingRequest
 
-from conftest import free_port, gateway_binary, limited_gateway, start_gateway
+from conftest import free_port, limited_gateway, run_loadgen, start_gateway
 from mtclient import connect, pin_server_key
 from promtext import metric, scrape
 
@@ -48,14 +47,7 @@ def test_one_handshake_thread_serves_handshakes_that_arrive_together(tmp_path_fa
 
         asyncio.run(together())
 
-        loadgen = gateway_binary().parent / "mtproto-loadgen"
-        run = subprocess.run(
-            [str(loadgen), "--target", f"127.0.0.1:{gateway.port}",
-             "--public-key", str(gateway.public_key),
-             "--connections", "8", "--duration-secs", "2", "--pings", "0"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )
-        out = run.stdout + run.stderr
+        out = run_loadgen(gateway, "--connections", "8", "--duration-secs", "2", "--pings", "0")
         handshakes, errors = (int(n) for n in re.search(r"(\d+) handshakes.*?(\d+) errors", out).groups())
         assert handshakes >= 8 and errors == 0, out
         created = metric(scrape(admin), "mtproto_handshakes", outcome="created")
