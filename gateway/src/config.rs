@@ -149,6 +149,8 @@ pub trait ConfigExt: Sized {
     /// This gateway's `server_id`: configured, or the gRPC listen address
     /// with `$POD_IP` in place of an unspecified host.
     fn server_id(&self) -> anyhow::Result<String>;
+    /// `runtime.worker_threads`, else the CPUs this process may use.
+    fn worker_threads(&self) -> usize;
     /// `runtime.handshake_threads`, else the CPUs this process may use.
     fn handshake_threads(&self) -> usize;
 }
@@ -455,11 +457,18 @@ impl ConfigExt for Config {
         }
     }
 
-    fn handshake_threads(&self) -> usize {
-        self.runtime
-            .handshake_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    fn worker_threads(&self) -> usize {
+        self.runtime.worker_threads.unwrap_or_else(usable_cpus)
     }
+
+    fn handshake_threads(&self) -> usize {
+        self.runtime.handshake_threads.unwrap_or_else(usable_cpus)
+    }
+}
+
+/// The CPUs this process may use: its affinity, within its cgroup's quota.
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// `grpc://host:port` or `host:port` → `host:port` (the ring member string).
@@ -778,13 +787,12 @@ mod tests {
         let cpus = std::thread::available_parallelism().unwrap().get();
         let c = Config::load_from(&cli(&[]), no_env()).unwrap();
         assert_eq!(c.runtime, RuntimeConfig::default());
-        assert_eq!(c.handshake_threads(), cpus);
+        assert_eq!((c.worker_threads(), c.handshake_threads()), (cpus, cpus));
         figment::Jail::expect_with(|jail| {
             jail.set_env("MTPROTO_GATEWAY_RUNTIME__WORKER_THREADS", "3");
             jail.set_env("MTPROTO_GATEWAY_RUNTIME__HANDSHAKE_THREADS", "5");
             let c = Config::load(&cli(&[])).map_err(|e| e.to_string())?;
-            assert_eq!(c.runtime.worker_threads, Some(3));
-            assert_eq!(c.handshake_threads(), 5);
+            assert_eq!((c.worker_threads(), c.handshake_threads()), (3, 5));
             for (field, bad) in [("WORKER_THREADS", "0"), ("HANDSHAKE_THREADS", "1025")] {
                 jail.set_env(format!("MTPROTO_GATEWAY_RUNTIME__{field}"), bad);
                 let err = Config::load(&cli(&[])).unwrap_err().to_string();

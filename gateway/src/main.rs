@@ -17,11 +17,11 @@ fn main() -> std::process::ExitCode {
     };
     let format = cli.log_format;
     logging::init(&config.log_level, format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.runtime.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads())
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             fatal(format, format_args!("cannot start the runtime: {e}"));
