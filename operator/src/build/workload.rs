@@ -253,14 +253,14 @@ fn container(spec: &MtprotoGatewaySpec) -> Container {
     }
 }
 
-/// Requests only: a limit would throttle handshakes under bursts, and an HPA
-/// CPU target is a percentage of the request.
 /// The gateway container's resources: the spec's, else [`default_resources`].
 pub(super) fn effective_resources(spec: &MtprotoGatewaySpec) -> ResourceRequirements {
     spec.resources.clone().unwrap_or_else(default_resources)
 }
 
-pub(super) fn default_resources() -> ResourceRequirements {
+/// Requests only: a limit would throttle handshakes under bursts, and an HPA
+/// CPU target is a percentage of the request.
+fn default_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity("100m".to_owned())),
