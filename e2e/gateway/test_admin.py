@@ -170,6 +170,10 @@ def test_lame_duck_keeps_accepting_while_not_ready_then_stops(tmp_path):
             except ConnectionRefusedError:
                 refused = True
                 break
+            except ConnectionResetError:
+                # Aborting the accept task closes the listener a moment after
+                # the log line; a connection caught in its backlog is reset.
+                time.sleep(0.05)
         assert refused, "still accepting after the lame-duck delay"
         # Then open connections drain: neither owes anything, both are closed.
         for sender in (late, before):
