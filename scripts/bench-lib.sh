@@ -11,6 +11,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MTPROTO_CACHE/cargo-target}"
 
 BENCH_PIDS=()
 BENCH_WORKTREE=""
+# NAME=VALUE settings start_gateway gives the gateway, besides the environment.
+GATEWAY_ENV=()
 
 die() { echo "${0##*/}: $*" >&2; exit 1; }
 
@@ -82,6 +84,13 @@ loadgen_cpu() {
     echo "${BASH_REMATCH[1]}"
 }
 
+# loadgen_switches OUT WHO UNIT: context switches per UNIT that mtproto-loadgen
+# reported for WHO in OUT ("-" from a load generator too old to count them).
+loadgen_switches() {
+    local re="$2 CPU [0-9.]+ us/$3, ([0-9.]+) switches/$3"
+    if [[ "$1" =~ $re ]]; then echo "${BASH_REMATCH[1]}"; else echo -; fi
+}
+
 # other_load OUT COUNT SECS US_PER_UNIT...: other processes' CPU in % of all
 # cores over the loadgen's window: the machine's busy time it reported in OUT
 # less the measured processes' (COUNT units at US_PER_UNIT each).
@@ -121,14 +130,15 @@ wait_listening() {
 
 # start_gateway BIN NAME [FLAG...]: a gateway on a free loopback port with a
 # fresh data directory and the per-address handshake limit lifted; sets
-# GATEWAY_PID, PORT and DATA. Environment settings pass through.
+# GATEWAY_PID, PORT and DATA. Environment settings pass through, and so do
+# those in GATEWAY_ENV.
 start_gateway() {
     local bin="$1" name="$2"
     shift 2
     PORT="$(free_port)"
     DATA="$WORK/data-$name"
     mkdir -p "$DATA"
-    MTPROTO_GATEWAY_LIMITS__HANDSHAKES_PER_IP_PER_MINUTE=10000000 \
+    env "${GATEWAY_ENV[@]}" MTPROTO_GATEWAY_LIMITS__HANDSHAKES_PER_IP_PER_MINUTE=10000000 \
         "$bin" --listen "127.0.0.1:$PORT" --data-dir "$DATA" --log-level warn "$@" \
         >"$WORK/$name.log" 2>&1 &
     GATEWAY_PID=$!

@@ -20,6 +20,9 @@
 #   generator's own CPU per pair (the mirror work: encrypt, decrypt,
 #   syscalls). Embedded and stream also with 1 in flight on each of
 #   --wide-connections (what most real clients do: one request at a time).
+#   Each row also gives the gateway's and the load generator's context
+#   switches per pair (their threads' sleeps and preemptions), which on a VM
+#   cost far more CPU than the work between them.
 #   The loadgen measures from the moment all its connections have their keys,
 #   so no handshake is in these figures.
 # - Idle memory: gateway RSS per idle connection at 10,000 connections, TCP
@@ -138,6 +141,7 @@ measure() {
     lg="$(loadgen_cpu "$out" loadgen "$unit")" gw="$(loadgen_cpu "$out" "pid $GATEWAY_PID" "$unit")"
     R[$side,$key,gw]="$gw"
     R[$side,$key,lg]="$lg"
+    R[$side,$key,sw]="$(loadgen_switches "$out" "pid $GATEWAY_PID" "$unit")/$(loadgen_switches "$out" loadgen "$unit")"
     if [[ "$session" != - ]]; then
         sess="$(loadgen_cpu "$out" "pid $session" "$unit")"
         R[$side,$key,session]="$sess"
@@ -349,6 +353,7 @@ for mode in embedded unary stream unary-mtls; do
         what="$n in flight"
         [[ "$n" != wide ]] || what="1 in flight, $WIDE_CONNECTIONS connections"
         row "pairs $mode, $what: gateway CPU us/pair" "$cur" "$(get "before,$k,gw")" "$lg (loadgen)" "$(ratio "$cur" "$lg")"
+        row "  context switches/pair, gateway / loadgen" "$(get "current,$k,sw")" "$(get "before,$k,sw")" "" ""
         if [[ "$mode" != embedded ]]; then
             row "  session CPU us/pair" "$(get "current,$k,session")" "$(get "before,$k,session")" "" ""
         fi

@@ -6,6 +6,7 @@
 #   scripts/pipeline-bench.sh --against REV [--before-bin PATH]
 #       [--mode embedded|stream|unary] [--connections 8] [--duration-secs 10]
 #       [--in-flight "1 8"] [--warmup-secs 2] [--rounds 1]
+#       [--after-env "NAME=VALUE ..."]
 #
 # Builds release binaries of the current tree, and of REV in a temporary git
 # worktree with its own target directory ($MTPROTO_CACHE/target-<rev12>, kept
@@ -17,8 +18,12 @@
 # keys in a temporary data dir), or with --mode stream or unary in front of
 # its own revision's mtproto-session (in-memory keys). The current tree's
 # mtproto-loadgen drives both (the protocol is the same) and reads the
-# gateway's (and the session's) CPU time (/proc/PID/stat) over its measured
-# window, which opens once every connection has its key.
+# gateway's (and the session's) CPU time (/proc/PID/stat) and context
+# switches (/proc/PID/task/*/status) over its measured window, which opens
+# once every connection has its key.
+# --after-env gives the "after" gateway settings in its environment
+# (MTPROTO_GATEWAY_RUNTIME__WORKER_THREADS=1, say); with --before-bin set to
+# the current tree's own build it compares a setting on one build.
 # With --rounds R, each gateway is measured R times (fresh process each round,
 # the order alternating) and the table shows the median of each figure. The
 # last rows say how busy the rest of the machine was meanwhile (other
@@ -40,8 +45,9 @@ DURATION=10
 IN_FLIGHT="1 8"
 WARMUP=2
 ROUNDS=1
+AFTER_ENV=()
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while (($#)); do
     case "$1" in
@@ -53,6 +59,7 @@ while (($#)); do
         --in-flight) IN_FLIGHT="${2:?}"; shift 2 ;;
         --warmup-secs) WARMUP="${2:?}"; shift 2 ;;
         --rounds) ROUNDS="${2:?}"; shift 2 ;;
+        --after-env) read -r -a AFTER_ENV <<<"${2:?--after-env needs NAME=VALUE settings}"; shift 2 ;;
         -h | --help) usage 0 ;;
         *) echo "pipeline-bench: unknown argument $1" >&2; usage 2 ;;
     esac
@@ -63,6 +70,9 @@ read -r -a NS <<<"$IN_FLIGHT"
 ((${#NS[@]} > 0)) || die "--in-flight needs at least one N"
 for n in "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "${NS[@]}"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "not a number: $n"
+done
+for setting in "${AFTER_ENV[@]}"; do
+    [[ "$setting" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--after-env: $setting is not NAME=VALUE"
 done
 
 # --- binaries -----------------------------------------------------------------
@@ -95,7 +105,11 @@ cmp -s "$BEFORE_BIN" "$AFTER_BIN" || same=0
 if [[ "$MODE" != embedded ]]; then
     cmp -s "$(session_of "$BEFORE_BIN")" "$(session_of "$AFTER_BIN")" || same=0
 fi
-((same == 0)) || echo "warning: before and after are the same binaries; the two columns measure one build" >&2
+if ((same == 1)) && ((${#AFTER_ENV[@]} == 0)); then
+    echo "warning: before and after are the same binaries; the two columns measure one build" >&2
+fi
+((${#AFTER_ENV[@]} == 0)) || AFTER_LABEL+=" ${AFTER_ENV[*]}"
+
 
 # --- measuring ----------------------------------------------------------------
 
@@ -126,6 +140,8 @@ measure() {
     lg="$(loadgen_cpu "$out" loadgen pair)" gw="$(loadgen_cpu "$out" "pid $GATEWAY_PID" pair)"
     RESULT[$side,$n,lgcpu]+=" $lg"
     RESULT[$side,$n,gwcpu]+=" $gw"
+    RESULT[$side,$n,lgsw]+=" $(loadgen_switches "$out" loadgen pair)"
+    RESULT[$side,$n,gwsw]+=" $(loadgen_switches "$out" "pid $GATEWAY_PID" pair)"
     RESULT[$side,$n,ratio]+=" $(ratio "$gw" "$lg")"
     sess=0
     if [[ -n "$SESSION_PID" ]]; then
@@ -142,6 +158,8 @@ measure_side() {
     local side="$1" bin
     if [[ "$side" == before ]]; then bin="$BEFORE_BIN"; else bin="$AFTER_BIN"; fi
     echo "== $side: $bin" >&2
+    GATEWAY_ENV=()
+    [[ "$side" == before ]] || GATEWAY_ENV=("${AFTER_ENV[@]}")
     if [[ "$MODE" == embedded ]]; then
         start_gateway "$bin" "gateway-$side"
     else
@@ -192,6 +210,8 @@ for n in "${NS[@]}"; do
     row "gateway CPU (us/pair)" "$n" gwcpu
     row "loadgen CPU (us/pair)" "$n" lgcpu
     row "gateway/loadgen CPU" "$n" ratio
+    row "gateway switches/pair" "$n" gwsw
+    row "loadgen switches/pair" "$n" lgsw
     [[ "$MODE" == embedded ]] || row "session CPU (us/pair)" "$n" sesscpu
     row "other load (% of cores)" "$n" other
 done

@@ -53,8 +53,9 @@ struct Cli {
     #[arg(long, default_value_t = mtproto_core::dh::SPEC_SECRET_BITS,
           value_parser = clap::value_parser!(u32).range(224..=2048))]
     dh_secret_bits: u32,
-    /// Also report the CPU time of this process (the gateway, its session)
-    /// over the measured window, per pair or per handshake. Repeatable.
+    /// Also report the CPU time and the context switches of this process
+    /// (the gateway, its session) over the measured window, per pair or per
+    /// handshake. Repeatable.
     #[arg(long)]
     measure_pid: Vec<u32>,
 }
@@ -302,6 +303,30 @@ fn cpu_time(pid: Option<u32>) -> Option<Duration> {
     ))
 }
 
+/// Context switches of a process's threads so far, voluntary and not
+/// (a thread that ended is no longer counted); `None` for this one.
+fn switches(pid: Option<u32>) -> Option<u64> {
+    let dir = pid.map_or_else(
+        || "/proc/self/task".to_owned(),
+        |p| format!("/proc/{p}/task"),
+    );
+    let mut total = 0;
+    for task in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.ends_with("voluntary_ctxt_switches")
+                    .then(|| value.trim().parse::<u64>().ok())?
+            })
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 /// CPU ticks the whole machine's processes used so far (user, nice,
 /// system), from `/proc/stat`.
 fn machine_busy() -> Option<Duration> {
@@ -317,26 +342,42 @@ fn machine_busy() -> Option<Duration> {
     Some(Duration::from_secs_f64(ticks as f64 / TICKS_PER_SEC))
 }
 
+/// One process's CPU time and context switches.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu: Option<Duration>,
+    switches: Option<u64>,
+}
+
+impl Usage {
+    fn take(pid: Option<u32>) -> Self {
+        Self {
+            cpu: cpu_time(pid),
+            switches: switches(pid),
+        }
+    }
+}
+
 /// CPU times at the window's opening, to subtract at its end.
 struct CpuSample {
-    own: Option<Duration>,
-    pids: Vec<(u32, Option<Duration>)>,
+    own: Usage,
+    pids: Vec<(u32, Usage)>,
     machine: Option<Duration>,
 }
 
 impl CpuSample {
     fn take(pids: &[u32]) -> Self {
         Self {
-            own: cpu_time(None),
-            pids: pids.iter().map(|&p| (p, cpu_time(Some(p)))).collect(),
+            own: Usage::take(None),
+            pids: pids.iter().map(|&p| (p, Usage::take(Some(p)))).collect(),
             machine: machine_busy(),
         }
     }
 
-    /// The lines reporting CPU per `count` `unit`s since `start`.
+    /// The lines reporting CPU and switches per `count` `unit`s since `start`.
     fn report(start: &Self, end: &Self, count: u64, unit: &str) -> Vec<String> {
-        let per = |a: Option<Duration>, b: Option<Duration>| {
-            a.zip(b).map_or_else(
+        let per = |a: Usage, b: Usage| {
+            let cpu = a.cpu.zip(b.cpu).map_or_else(
                 || "unknown".to_owned(),
                 |(a, b)| {
                     format!(
@@ -344,11 +385,16 @@ impl CpuSample {
                         b.saturating_sub(a).as_secs_f64() * 1e6 / count as f64
                     )
                 },
-            )
+            );
+            let switches = a.switches.zip(b.switches).map_or_else(
+                || "unknown".to_owned(),
+                |(a, b)| format!("{:.3}", b.saturating_sub(a) as f64 / count as f64),
+            );
+            format!("CPU {cpu} us/{unit}, {switches} switches/{unit}")
         };
-        let mut lines = vec![format!("loadgen CPU {} us/{unit}", per(start.own, end.own))];
+        let mut lines = vec![format!("loadgen {}", per(start.own, end.own))];
         for ((pid, a), (_, b)) in start.pids.iter().zip(&end.pids) {
-            lines.push(format!("pid {pid} CPU {} us/{unit}", per(*a, *b)));
+            lines.push(format!("pid {pid} {}", per(*a, *b)));
         }
         if let Some((a, b)) = start.machine.zip(end.machine) {
             lines.push(format!(
