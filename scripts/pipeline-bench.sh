@@ -110,7 +110,6 @@ if ((same == 1)) && ((${#AFTER_ENV[@]} == 0)); then
 fi
 ((${#AFTER_ENV[@]} == 0)) || AFTER_LABEL+=" ${AFTER_ENV[*]}"
 
-
 # --- measuring ----------------------------------------------------------------
 
 loadgen() {
