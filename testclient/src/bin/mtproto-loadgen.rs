@@ -285,14 +285,18 @@ async fn worker(
     latencies
 }
 
+/// `name` under a process's `/proc` directory; `None` for this one.
+fn proc_path(pid: Option<u32>, name: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{name}"),
+        None => format!("/proc/self/{name}"),
+    }
+}
+
 /// A process's user + system CPU time so far (all threads); `None` for
 /// this one.
 fn cpu_time(pid: Option<u32>) -> Option<Duration> {
-    let path = pid.map_or_else(
-        || "/proc/self/stat".to_owned(),
-        |p| format!("/proc/{p}/stat"),
-    );
-    let stat = std::fs::read_to_string(path).ok()?;
+    let stat = std::fs::read_to_string(proc_path(pid, "stat")).ok()?;
     // Fields after the parenthesised command name start at field 3 (state);
     // utime and stime are fields 14 and 15.
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
@@ -306,12 +310,8 @@ fn cpu_time(pid: Option<u32>) -> Option<Duration> {
 /// Context switches of a process's threads so far, voluntary and not
 /// (a thread that ended is no longer counted); `None` for this one.
 fn switches(pid: Option<u32>) -> Option<u64> {
-    let dir = pid.map_or_else(
-        || "/proc/self/task".to_owned(),
-        |p| format!("/proc/{p}/task"),
-    );
     let mut total = 0;
-    for task in std::fs::read_dir(dir).ok()?.flatten() {
+    for task in std::fs::read_dir(proc_path(pid, "task")).ok()?.flatten() {
         let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
             continue;
         };
