@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource, StoreKeySource};
 use crate::config::{session_address, Config, ConfigExt, KeyLookup, SessionMode};
+use crate::loops::{self, Loops};
 use crate::metrics::{BuildLabels, Metrics};
 use crate::server::admin::{self, Readiness};
 use crate::server::limiter::{Admission, Budgets};
@@ -126,6 +127,9 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     readiness: Arc<Readiness>,
     shared: Arc<Shared>,
+    /// With a remote session, the event loops of TCP and WebSocket
+    /// connections; they stop when serving ends.
+    loops: Option<(Arc<Loops>, loops::Running)>,
     /// Lame duck after SIGTERM, before accepting stops.
     drain_delay: Duration,
     grace: Duration,
@@ -259,6 +263,24 @@ impl Gateway {
                 )
             }
         };
+        // With a remote session, a connection's work (its socket, its session
+        // link, the replies) stays on one thread: see `crate::loops`. The
+        // embedded session's workers run on the main runtime, and its
+        // connections stay there with them.
+        let event_loops = match s.mode {
+            SessionMode::Embedded => 0,
+            SessionMode::Unary | SessionMode::Stream => worker_threads,
+        };
+        let loops = match event_loops {
+            0 => None,
+            n => {
+                info!(
+                    event_loops = n,
+                    "TCP and WebSocket connections run on event loops"
+                );
+                Some(Loops::start(n, metrics.clone()).context("cannot start the event loops")?)
+            }
+        };
         let limits = Limits {
             connection: Arc::new(mtproto_core::connection::Settings {
                 handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
@@ -334,7 +356,7 @@ impl Gateway {
             connection_ids: Default::default(),
             http: Default::default(),
             close_reports: tokio::sync::Semaphore::new(server::CLOSE_REPORTS_IN_FLIGHT),
-            handshake_threads: Arc::new(tokio::sync::Semaphore::new(handshake_threads)),
+            handshake_pool: server::HandshakePool::new(handshake_threads),
             drain: Default::default(),
         });
         let admin = match config.admin_listen {
@@ -347,6 +369,7 @@ impl Gateway {
             admin,
             readiness: Arc::new(Readiness::new(remote_session)),
             shared,
+            loops,
             drain_delay: Duration::from_secs(l.drain_delay_secs),
             grace: Duration::from_secs(l.shutdown_grace_secs),
         })
@@ -357,6 +380,12 @@ impl Gateway {
             .iter()
             .filter_map(BoundListener::local_addr)
             .collect()
+    }
+
+    /// The event loops serving TCP and WebSocket connections (remote
+    /// session modes).
+    pub fn event_loops(&self) -> Option<&Arc<Loops>> {
+        self.loops.as_ref().map(|(loops, _)| loops)
     }
 
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -397,8 +426,18 @@ impl Gateway {
             // Also reached when the sender is dropped: stop then too.
             let _ = stop_accepting_tx.send(true);
         });
-        let closed_by =
-            server::serve(self.listeners, self.shared, stop_accepting, self.grace).await;
+        let (loops, running) = self.loops.unzip();
+        let closed_by = server::serve(
+            self.listeners,
+            self.shared,
+            loops,
+            stop_accepting,
+            self.grace,
+        )
+        .await;
+        // Whatever is left on the loops (connections still closing at the
+        // deadline) is dropped with them.
+        drop(running);
         let _ = after_drain.send(true);
         if let Some(task) = admin {
             task.await.context("admin task")?.context("admin server")?;

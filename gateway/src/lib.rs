@@ -4,6 +4,7 @@ pub mod app;
 pub mod authkey;
 pub mod config;
 mod grpc_frame;
+pub mod loops;
 pub mod metrics;
 pub mod server;
 pub mod session;

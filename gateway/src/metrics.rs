@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use mtproto_session::metrics::latency;
 
@@ -29,6 +30,12 @@ pub struct OpenLabels {
     /// The MTProto transport (`abridged`, `obfuscated_intermediate`, …), or
     /// `undetected` before the first bytes tell.
     pub transport: &'static str,
+}
+
+/// An event loop by number (`mtproto-loop-N`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoopLabels {
+    pub event_loop: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,6 +129,12 @@ pub struct Metrics {
     pub worker_threads: Gauge,
     /// Handshake computations run at once at most (`runtime.handshake_threads`).
     pub handshake_threads: Gauge,
+    /// CPU each event loop used, as a share of one core, smoothed (remote session modes).
+    pub event_loop_cpu: Family<LoopLabels, Gauge<f64, AtomicU64>>,
+    /// Stream connections on each event loop.
+    pub event_loop_connections: Family<LoopLabels, Gauge>,
+    /// Connections moved between event loops.
+    pub connections_moved: Counter,
     pub connections_accepted: Family<ListenerLabels, Counter>,
     pub connections_open: Family<OpenLabels, Gauge>,
     pub connections_closed: Family<ReasonLabels, Counter>,
@@ -174,6 +187,9 @@ impl Default for Metrics {
             connections_limit: Gauge::default(),
             worker_threads: Gauge::default(),
             handshake_threads: Gauge::default(),
+            event_loop_cpu: Family::default(),
+            event_loop_connections: Family::default(),
+            connections_moved: Counter::default(),
             connections_accepted: Family::default(),
             connections_open: Family::default(),
             connections_closed: Family::default(),
@@ -226,6 +242,21 @@ impl Metrics {
             "mtproto_runtime_handshake_threads",
             "Handshake computations (RSA, DH) run at once at most (runtime.handshake_threads)",
             self.handshake_threads.clone(),
+        );
+        r.register(
+            "mtproto_event_loop_cpu_ratio",
+            "CPU each event loop used, as a share of one core, smoothed over about 200 ms (remote session modes)",
+            self.event_loop_cpu.clone(),
+        );
+        r.register(
+            "mtproto_event_loop_connections",
+            "TCP and WebSocket connections on each event loop (remote session modes)",
+            self.event_loop_connections.clone(),
+        );
+        r.register(
+            "mtproto_connections_moved",
+            "Connections moved from a busy event loop to another, or merged onto one from a nearly idle one",
+            self.connections_moved.clone(),
         );
         r.register(
             "mtproto_connections_accepted",

@@ -9,6 +9,8 @@ pub mod outbox;
 pub mod registry;
 pub mod reverse;
 mod shell;
+
+pub use shell::HandshakePool;
 mod stream;
 pub mod tls;
 pub mod websocket;
@@ -24,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::authkey::cache::{KeyCache, KeySource};
 use crate::config::{Listener, ListenerTransport, ProxyProtocol};
+use crate::loops::Loops;
 use crate::metrics::{DrainLabels, ListenerLabels, Metrics, ReasonLabels};
 use limiter::{Admission, Budgets, ListenerSlots};
 use mtproto_core::handshake::HandshakeSettings;
@@ -79,8 +82,8 @@ pub struct Shared {
     /// (thousands of connections at once) queues its reports here instead of
     /// opening thousands of HTTP/2 streams that time out and get reset.
     pub close_reports: Semaphore,
-    /// Handshake computations running at once (`runtime.handshake_threads`).
-    pub handshake_threads: Arc<Semaphore>,
+    /// Where handshakes compute (`runtime.handshake_threads` at once).
+    pub handshake_pool: HandshakePool,
     /// What the shutdown drain delivered and did not.
     pub drain: DrainStats,
 }
@@ -190,10 +193,12 @@ pub const CLOSE_AFTER_GRACE: Duration = Duration::from_secs(mtproto_config::CLOS
 /// rest are closed within [`CLOSE_AFTER_GRACE`], what they could not
 /// deliver counted (each closed session is reported to its session
 /// service). Ends with one summary line, and returns the time by which the
-/// rest of the shutdown must be done.
+/// rest of the shutdown must be done. TCP and WebSocket connections run on
+/// `loops` if given, else on the calling runtime.
 pub async fn serve(
     listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
+    loops: Option<Arc<Loops>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> tokio::time::Instant {
@@ -210,7 +215,13 @@ pub async fn serve(
         let draining = shutdown.clone();
         let stage = stage_rx.clone();
         accept_tasks.push(tokio::spawn(accept_loop(
-            listener, shared, draining, force, stage, done_tx,
+            listener,
+            shared,
+            loops.clone(),
+            draining,
+            force,
+            stage,
+            done_tx,
         )));
     }
     drop(done_tx);
@@ -241,6 +252,7 @@ pub async fn serve(
 async fn accept_loop(
     bound: BoundListener,
     shared: Arc<Shared>,
+    loops: Option<Arc<Loops>>,
     draining: watch::Receiver<bool>,
     force_close: watch::Receiver<bool>,
     stage: watch::Receiver<stream::Stage>,
@@ -301,10 +313,31 @@ async fn accept_loop(
                     });
                 } else {
                     let stage = stage.clone();
-                    tokio::spawn(async move {
-                        stream::run(stream, peer, slot, &endpoint, shared, stage).await;
-                        drop(done);
-                    });
+                    let Some(loops) = &loops else {
+                        tokio::spawn(async move {
+                            let moving =
+                                stream::run(stream, peer, slot, &endpoint, shared, stage, None);
+                            moving.await;
+                            drop(done);
+                        });
+                        continue;
+                    };
+                    let stream = match stream.into_std() {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            warn!(%peer, "cannot hand a connection to an event loop: {e}");
+                            continue;
+                        }
+                    };
+                    let start = stream::Start::Accepted {
+                        stream,
+                        peer,
+                        slot,
+                        endpoint,
+                        shared,
+                        shutdown: stage,
+                    };
+                    stream::place(loops, loops.place(), start, done);
                 }
             }
             Err(e) => {

@@ -13,6 +13,7 @@ use std::task::{ready, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
@@ -454,7 +455,7 @@ pub(super) async fn compute(
     shared: &Shared,
     mut job: Box<HandshakeJob>,
 ) -> Result<Box<HandshakeJob>, Close> {
-    on_handshake_thread(&shared.handshake_threads, move || {
+    on_handshake_thread(&shared.handshake_pool, move || {
         job.run(&mut rand::thread_rng());
         job
     })
@@ -465,22 +466,42 @@ pub(super) async fn compute(
     )))
 }
 
-/// Runs `work` on the blocking pool once one of `threads`' permits is free,
-/// so handshakes compute on at most that many threads at once (tokio's pool
-/// alone would start up to 512). The work holds its permit until it ends,
-/// even if its connection closes and stops waiting for it. `None` if the
-/// work did not finish.
+/// Where handshakes compute: the main runtime's blocking pool, whichever
+/// event loop a connection is on (each loop's runtime has a pool of its own).
+#[derive(Debug)]
+pub struct HandshakePool {
+    /// One per computation at once (`runtime.handshake_threads`).
+    threads: Arc<Semaphore>,
+    runtime: Handle,
+}
+
+impl HandshakePool {
+    /// A pool of `threads` on the calling runtime.
+    pub fn new(threads: usize) -> Self {
+        Self {
+            threads: Arc::new(Semaphore::new(threads)),
+            runtime: Handle::current(),
+        }
+    }
+}
+
+/// Runs `work` on the pool's blocking threads once one of its permits is
+/// free, so handshakes compute on at most that many threads at once
+/// (tokio's pool alone would start up to 512). The work holds its permit
+/// until it ends, even if its connection closes and stops waiting for it.
+/// `None` if the work did not finish.
 async fn on_handshake_thread<T: Send + 'static>(
-    threads: &Arc<Semaphore>,
+    pool: &HandshakePool,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
-    let thread = threads.clone().acquire_owned().await.ok()?;
-    tokio::task::spawn_blocking(move || {
-        let _thread = thread;
-        work()
-    })
-    .await
-    .ok()
+    let thread = pool.threads.clone().acquire_owned().await.ok()?;
+    pool.runtime
+        .spawn_blocking(move || {
+            let _thread = thread;
+            work()
+        })
+        .await
+        .ok()
 }
 
 /// Stores a new key (the configured store, else the session) and caches it.
@@ -573,7 +594,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn handshake_work_runs_on_at_most_the_permitted_threads() {
-        let threads = Arc::new(Semaphore::new(2));
+        let threads = Arc::new(HandshakePool::new(2));
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let jobs: Vec<_> = (0..8)
             .map(|i| {
@@ -599,7 +620,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn work_whose_connection_stopped_waiting_keeps_its_thread() {
-        let threads = Arc::new(Semaphore::new(1));
+        let threads = Arc::new(HandshakePool::new(1));
         let running = Arc::new(AtomicUsize::new(0));
         let (started, mut start) = tokio::sync::mpsc::channel(1);
         let first = {
@@ -626,8 +647,8 @@ mod tests {
 
     #[tokio::test]
     async fn closed_handshake_threads_refuse_the_work() {
-        let threads = Arc::new(Semaphore::new(1));
-        threads.close();
+        let threads = HandshakePool::new(1);
+        threads.threads.close();
         assert_eq!(on_handshake_thread(&threads, || 1).await, None);
     }
 }

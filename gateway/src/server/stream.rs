@@ -18,9 +18,9 @@ use futures::future::{BoxFuture, Fuse, OptionFuture};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::forwards;
 use super::limiter::{Refusal, Slot};
@@ -29,6 +29,7 @@ use super::registry::{ConnectionId, Outgoing};
 use super::shell::{self, GatewayHost, Held, LazyOutbox, OpenGauge};
 use super::websocket::{self, Prefixed};
 use super::{Endpoint, Shared};
+use crate::loops::{Loops, Seat};
 use mtproto_core::connection::{Action, Close, Connection, Forwarded, HandshakeJob, KeyLookup};
 use mtproto_core::handshake::StoreOutcome;
 use mtproto_session::SessionClientEvent;
@@ -72,9 +73,11 @@ enum Answer {
     Stored(StoreOutcome),
 }
 
-/// Serves one accepted connection. `slot` holds its place under the
-/// listener's cap; the per-client cap is applied once the client address is
-/// known (after the PROXY header, if any).
+/// Serves one accepted connection; with a `seat` on an event loop, a
+/// plain TCP connection may stop between turns to move to another loop,
+/// and is returned to be moved. `slot` holds its place under the listener's
+/// cap; the per-client cap is applied once the client address is known
+/// (after the PROXY header, if any).
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -82,12 +85,11 @@ pub async fn run(
     endpoint: &Endpoint,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<Stage>,
-) {
+    seat: Option<&Seat>,
+) -> Option<Box<Moving>> {
     let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
-    let Some(admitted) = shell::admit(&shared, stream, peer, &mut slot, endpoint).await else {
-        return;
-    };
-    let (mut stream, buf) = (admitted.stream, admitted.buf);
+    let admitted = shell::admit(&shared, stream, peer, &mut slot, endpoint).await?;
+    let (stream, buf) = (admitted.stream, admitted.buf);
     let handshake_deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
     let cx = Cx {
         id: admitted.id,
@@ -96,9 +98,10 @@ pub async fn run(
         accepted: admitted.accepted,
     };
     let Some(ws) = &endpoint.websocket else {
-        // A TCP stream splits into borrowed halves, without the shared
-        // allocation a generic split costs every connection.
-        return cx.serve(stream.split(), buf, &mut open, shutdown).await;
+        let state = cx.start(buf);
+        return cx
+            .serve_tcp(stream, state, open, slot, shutdown, seat)
+            .await;
     };
     // TLS and the upgrade count against the handshake deadline too. Their
     // state is boxed, all of it (a TLS stream held in this function's frame
@@ -106,9 +109,115 @@ pub async fn run(
     // the tasks of plain TCP connections, most of the idle ones, stay small.
     let stream = Prefixed::new(buf, stream);
     let Some(tls) = &endpoint.tls else {
-        return Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
+        Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
+        return None;
     };
-    Box::pin(cx.tls_upgrade(stream, tls, ws, handshake_deadline, &mut open, shutdown)).await
+    Box::pin(cx.tls_upgrade(stream, tls, ws, handshake_deadline, &mut open, shutdown)).await;
+    None
+}
+
+/// Where to start serving a connection on an event loop.
+pub(super) enum Start {
+    /// Just accepted (by the main runtime, so the socket is handed over
+    /// unregistered).
+    Accepted {
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        slot: Slot,
+        endpoint: Arc<Endpoint>,
+        shared: Arc<Shared>,
+        shutdown: watch::Receiver<Stage>,
+    },
+    Moved(Box<Moving>),
+}
+
+/// Serves a connection on event loop `to`, and again on the next loop
+/// each time it moves; `done` is dropped when it closes.
+pub(super) fn place(loops: &Arc<Loops>, to: usize, start: Start, done: mpsc::Sender<()>) {
+    loops.spawn(to, move |seat| async move {
+        let moving = match start {
+            Start::Accepted {
+                stream,
+                peer,
+                slot,
+                endpoint,
+                shared,
+                shutdown,
+            } => match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    run(stream, peer, slot, &endpoint, shared, shutdown, Some(&seat)).await
+                }
+                Err(e) => {
+                    warn!(%peer, "cannot serve an accepted connection on an event loop: {e}");
+                    None
+                }
+            },
+            Start::Moved(moving) => moving.resume(&seat).await,
+        };
+        let Some(moving) = moving else {
+            drop(done);
+            return;
+        };
+        let (loops, to) = (seat.loops().clone(), moving.to);
+        // Counted on the next loop from here.
+        drop(seat);
+        place(&loops, to, Start::Moved(moving), done);
+    });
+}
+
+/// A plain TCP connection on its way to another event loop: its socket,
+/// unregistered, and everything its serving loop keeps across turns.
+pub(super) struct Moving {
+    cx: Cx,
+    stream: std::net::TcpStream,
+    state: State,
+    open: OpenGauge,
+    slot: Slot,
+    shutdown: watch::Receiver<Stage>,
+    to: usize,
+}
+
+impl Moving {
+    async fn resume(self, seat: &Seat) -> Option<Box<Moving>> {
+        let Self {
+            cx,
+            stream,
+            state,
+            open,
+            slot,
+            shutdown,
+            to: _,
+        } = self;
+        match TcpStream::from_std(stream) {
+            Ok(stream) => {
+                cx.serve_tcp(stream, state, open, slot, shutdown, Some(seat))
+                    .await
+            }
+            Err(e) => {
+                warn!(conn = cx.id, peer = %cx.peer, "cannot resume a moved connection: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// What a connection keeps across turns of its loop, and across a move.
+/// Forwards and a lookup started on one loop are polled from the next (the
+/// session link that carries them stays on the first); the socket and the
+/// timer are registered anew.
+struct State {
+    conn: Connection,
+    outbox: LazyOutbox,
+    held: Held,
+    forwards: Forwards,
+    waiting: Option<BoxFuture<'static, Answer>>,
+}
+
+/// How a connection's serving ended.
+enum Served {
+    Closed,
+    /// Between turns, for the event loop numbered.
+    Moving(Box<State>, usize),
 }
 
 /// One connection's identity, shared by its loop and its close.
@@ -183,8 +292,70 @@ impl Cx {
         ) else {
             return;
         };
-        self.serve(tokio::io::split(ws), BytesMut::new(), open, shutdown)
-            .await
+        let state = self.start(BytesMut::new());
+        self.serve(tokio::io::split(ws), state, open, shutdown, None)
+            .await;
+    }
+
+    /// A new connection's state, `initial` (bytes read with the PROXY
+    /// header) taken in.
+    fn start(&self, initial: BytesMut) -> State {
+        let shared = &self.shared;
+        let mut state = State {
+            conn: Connection::new(
+                shared.limits.connection.clone(),
+                shared.handshake.clone(),
+                initial,
+                self.accepted.into_std(),
+            ),
+            outbox: LazyOutbox::new(shared.limits.outbox_capacity),
+            held: Held::new(shared.budgets.clone()),
+            forwards: Forwards::new(),
+            waiting: None,
+        };
+        state.conn.handle_input(
+            0,
+            shell::now(),
+            &mut self.host(&mut state.outbox, &mut state.held),
+            &mut rand::thread_rng(),
+        );
+        state
+    }
+
+    /// Serves a plain TCP connection; returns it to be moved if it stopped
+    /// for that.
+    async fn serve_tcp(
+        self,
+        mut stream: TcpStream,
+        state: State,
+        mut open: OpenGauge,
+        slot: Slot,
+        shutdown: watch::Receiver<Stage>,
+        seat: Option<&Seat>,
+    ) -> Option<Box<Moving>> {
+        // A TCP stream splits into borrowed halves, without the shared
+        // allocation a generic split costs every connection.
+        let served = self
+            .serve(stream.split(), state, &mut open, shutdown.clone(), seat)
+            .await;
+        let Served::Moving(state, to) = served else {
+            return None;
+        };
+        match stream.into_std() {
+            Ok(stream) => Some(Box::new(Moving {
+                cx: self,
+                stream,
+                state: *state,
+                open,
+                slot,
+                shutdown,
+                to,
+            })),
+            Err(e) => {
+                warn!(conn = self.id, peer = %self.peer, "cannot move a connection between event loops: {e}");
+                None
+            }
+        }
     }
 
     fn host<'a>(&'a self, outbox: &'a mut LazyOutbox, held: &'a mut Held) -> GatewayHost<'a> {
@@ -197,28 +368,28 @@ impl Cx {
         }
     }
 
-    /// Serves the connection whose two directions are `reader` and `writer`.
+    /// Serves the connection whose two directions are `reader` and `writer`
+    /// from `state`; with a `seat`, stops between turns when its loop sheds
+    /// connections.
     async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-        self,
+        &self,
         (mut reader, mut writer): (R, W),
-        initial: BytesMut,
+        state: State,
         open: &mut OpenGauge,
         shutdown: watch::Receiver<Stage>,
-    ) {
+        seat: Option<&Seat>,
+    ) -> Served {
         let mut drain_started = false;
         let mut forced = false;
         let mut closed_when_done = false;
         let shared = self.shared.clone();
-        let mut outbox = LazyOutbox::new(shared.limits.outbox_capacity);
-        let mut conn = Connection::new(
-            shared.limits.connection.clone(),
-            shared.handshake.clone(),
-            initial,
-            self.accepted.into_std(),
-        );
-        let mut held = Held::new(shared.budgets.clone());
-        let mut forwards = Forwards::new();
-        let mut waiting: Option<BoxFuture<'static, Answer>> = None;
+        let State {
+            mut conn,
+            mut outbox,
+            mut held,
+            mut forwards,
+            mut waiting,
+        } = state;
         let mut needs_flush = false;
         // One timer for the connection, moved only when the core's deadline
         // comes sooner than the timer (a new timer per loop turn costs a
@@ -234,12 +405,6 @@ impl Cx {
         let forced_wait = stage_forced(shutdown).fuse();
         tokio::pin!(forced_wait);
         let mut stage_armed = false;
-        conn.handle_input(
-            0,
-            shell::now(),
-            &mut self.host(&mut outbox, &mut held),
-            &mut rand::thread_rng(),
-        );
         loop {
             self.run_actions(&mut conn, &mut forwards, &mut waiting)
                 .await;
@@ -267,6 +432,21 @@ impl Cx {
             }
             if conn.closing().is_some() {
                 break;
+            }
+            // Between turns, all the connection is, is `State`: what it
+            // started (forwards, a lookup) is finished on the next loop.
+            if let Some(to) = seat
+                .filter(|_| !drain_due && !needs_flush)
+                .and_then(Seat::take_move)
+            {
+                let state = State {
+                    conn,
+                    outbox,
+                    held,
+                    forwards,
+                    waiting,
+                };
+                return Served::Moving(Box::new(state), to);
             }
             let want_read = conn.wants_read();
             let accepts = conn.accepts_server_messages();
@@ -440,6 +620,7 @@ impl Cx {
             let _ = tokio::time::timeout_at(linger_until, discard).await;
         }
         self.detach_sessions(&conn).await;
+        Served::Closed
     }
 
     /// Starts what the core asked for.
