@@ -36,8 +36,13 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const PLACE_BELOW: f64 = 0.6;
 /// A loop busier than this sheds connections to one below [`PLACE_BELOW`].
 const SHED_ABOVE: f64 = 0.9;
-/// Two loops together less busy than this are merged into the lower one.
-const MERGE_BELOW: f64 = 0.5;
+/// Two loops together less busy than this are merged into the lower one:
+/// below [`SHED_ABOVE`] by a margin, so that a merge never calls for a shed
+/// (nor a shed, which leaves the two loops above this together, a merge).
+const MERGE_BELOW: f64 = 0.7;
+/// The weight of the newest sample in a loop's smoothed load: a move
+/// follows load that lasts about half a second, not one burst.
+const SMOOTHING: f64 = 0.25;
 
 thread_local! {
     /// The loop this thread runs, if it runs one.
@@ -229,8 +234,8 @@ impl Loops {
             let total = l.cpu.as_deref().and_then(cpu_ns).unwrap_or(0);
             let spent = total.saturating_sub(sampled.cpu_ns[i]) as f64;
             sampled.cpu_ns[i] = total;
-            // Smoothed over about two samples: one burst alone moves nothing.
-            let load = (sampled.loads[i] + (spent / window).min(1.0)) / 2.0;
+            let load =
+                sampled.loads[i] + ((spent / window).min(1.0) - sampled.loads[i]) * SMOOTHING;
             sampled.loads[i] = load;
             l.load.store((load * 1000.0) as usize, Ordering::Relaxed);
             let labels = LoopLabels { event_loop: i };
@@ -406,14 +411,14 @@ mod tests {
     #[test]
     fn nearly_idle_loops_merge_into_the_lowest() {
         assert_eq!(
-            shed_plan(&[0.2, 0.1], &[5, 3]),
+            shed_plan(&[0.4, 0.25], &[5, 3]),
             Some(Shed {
                 from: 1,
                 to: 0,
                 count: 3
             })
         );
-        assert_eq!(shed_plan(&[0.3, 0.3], &[5, 3]), None);
+        assert_eq!(shed_plan(&[0.4, 0.4], &[5, 3]), None, "split after a shed");
         assert_eq!(
             shed_plan(&[0.1, 0.0, 0.0], &[5, 0, 0]),
             None,

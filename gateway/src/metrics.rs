@@ -245,7 +245,7 @@ impl Metrics {
         );
         r.register(
             "mtproto_event_loop_cpu_ratio",
-            "CPU each event loop used, as a share of one core, smoothed over about 200 ms (remote session modes)",
+            "CPU each event loop used, as a share of one core, smoothed over about half a second (remote session modes)",
             self.event_loop_cpu.clone(),
         );
         r.register(
