@@ -74,8 +74,8 @@ struct Loop {
     /// The last smoothed load, in thousandths of the loop's time.
     load: AtomicUsize,
     connections: AtomicUsize,
-    /// Connections asked to move away, taken one each by connections at a
-    /// turn; and where they go.
+    /// Connections asked to move away, taken one each by the next
+    /// connections to run; and where they go.
     shed: AtomicUsize,
     shed_to: AtomicUsize,
 }
@@ -196,9 +196,10 @@ impl Loops {
             .collect()
     }
 
-    /// Asks `count` connections on loop `from` to move to loop `to`, each at
-    /// its next turn (a connection idle until the next sample stays).
-    /// The sampler decides this every 100 ms, replacing what is left.
+    /// Asks `count` connections on loop `from` to move to loop `to`: the
+    /// next ones to run (an idle one stays) move once what they forwarded is
+    /// answered; plain TCP only, WebSocket connections stay. The sampler
+    /// decides this every 100 ms, replacing what is left.
     pub fn shed(&self, from: usize, to: usize, count: usize) {
         let here = &self.loops[from];
         here.shed_to.store(to, Ordering::Relaxed);
@@ -300,7 +301,6 @@ impl Seat {
         here.shed
             .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| n.checked_sub(1))
             .ok()?;
-        self.loops.metrics.connections_moved.inc();
         Some(here.shed_to.load(Ordering::Relaxed))
     }
 

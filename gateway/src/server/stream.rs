@@ -74,8 +74,8 @@ enum Answer {
 }
 
 /// Serves one accepted connection; with a `seat` on an event loop, a
-/// plain TCP connection may stop between turns to move to another loop,
-/// and is returned to be moved. `slot` holds its place under the listener's
+/// plain TCP connection may stop to move to another loop, and is returned
+/// to be moved. `slot` holds its place under the listener's
 /// cap; the per-client cap is applied once the client address is known
 /// (after the PROXY header, if any).
 pub async fn run(
@@ -201,22 +201,19 @@ impl Moving {
     }
 }
 
-/// What a connection keeps across turns of its loop, and across a move.
-/// Forwards and a lookup started on one loop are polled from the next (the
-/// session link that carries them stays on the first); the socket and the
-/// timer are registered anew.
+/// What a connection keeps across turns of its loop, and across a move
+/// (which waits until nothing else is started: no forwards, no lookup);
+/// the socket and the timer are registered anew.
 struct State {
     conn: Connection,
     outbox: LazyOutbox,
     held: Held,
-    forwards: Forwards,
-    waiting: Option<BoxFuture<'static, Answer>>,
 }
 
 /// How a connection's serving ended.
 enum Served {
     Closed,
-    /// Between turns, for the event loop numbered.
+    /// To the event loop numbered.
     Moving(Box<State>, usize),
 }
 
@@ -310,8 +307,6 @@ impl Cx {
             ),
             outbox: LazyOutbox::new(shared.limits.outbox_capacity),
             held: Held::new(shared.budgets.clone()),
-            forwards: Forwards::new(),
-            waiting: None,
         };
         state.conn.handle_input(
             0,
@@ -369,7 +364,7 @@ impl Cx {
     }
 
     /// Serves the connection whose two directions are `reader` and `writer`
-    /// from `state`; with a `seat`, stops between turns when its loop sheds
+    /// from `state`; with a `seat`, stops to move when its loop sheds
     /// connections.
     async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
@@ -387,9 +382,11 @@ impl Cx {
             mut conn,
             mut outbox,
             mut held,
-            mut forwards,
-            mut waiting,
         } = state;
+        let mut forwards = Forwards::new();
+        let mut waiting: Option<BoxFuture<'static, Answer>> = None;
+        // The loop this connection was asked to move to.
+        let mut moving = None;
         let mut needs_flush = false;
         // One timer for the connection, moved only when the core's deadline
         // comes sooner than the timer (a new timer per loop turn costs a
@@ -433,22 +430,21 @@ impl Cx {
             if conn.closing().is_some() {
                 break;
             }
-            // Between turns, all the connection is, is `State`: what it
-            // started (forwards, a lookup) is finished on the next loop.
-            if let Some(to) = seat
-                .filter(|_| !drain_due && !needs_flush)
-                .and_then(Seat::take_move)
-            {
-                let state = State {
-                    conn,
-                    outbox,
-                    held,
-                    forwards,
-                    waiting,
-                };
-                return Served::Moving(Box::new(state), to);
+            // Asked to move, the connection reads nothing more until what
+            // it forwarded is answered (so its messages reach the session
+            // in order, though the next ones go on the next loop's link);
+            // then all it is, is `State`.
+            if moving.is_none() && !drain_due {
+                moving = seat.and_then(Seat::take_move);
             }
-            let want_read = conn.wants_read();
+            if let Some(to) = moving {
+                if !drain_due && !needs_flush && forwards.is_empty() && waiting.is_none() {
+                    shared.metrics.connections_moved.inc();
+                    let state = State { conn, outbox, held };
+                    return Served::Moving(Box::new(state), to);
+                }
+            }
+            let want_read = conn.wants_read() && moving.is_none();
             let accepts = conn.accepts_server_messages();
             let deadline = conn.poll_timeout().map(Instant::from_std);
             if let Some(at) = deadline.filter(|&at| timer_at.is_none_or(|armed| at < armed)) {
