@@ -39,7 +39,7 @@ const SHED_ABOVE: f64 = 0.9;
 /// Two loops together less busy than this are merged into the lower one:
 /// below [`SHED_ABOVE`] by a margin, so that a merge never calls for a shed
 /// (nor a shed, which leaves the two loops above this together, a merge).
-const MERGE_BELOW: f64 = 0.7;
+const MERGE_BELOW: f64 = 0.8;
 /// The weight of the newest sample in a loop's smoothed load: a move
 /// follows load that lasts about half a second, not one burst.
 const SMOOTHING: f64 = 0.25;

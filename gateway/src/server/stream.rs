@@ -78,42 +78,48 @@ enum Answer {
 /// to be moved. `slot` holds its place under the listener's
 /// cap; the per-client cap is applied once the client address is known
 /// (after the PROXY header, if any).
-pub async fn run(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in the task"
+)]
+pub fn run<'a>(
     stream: TcpStream,
     peer: SocketAddr,
     mut slot: Slot,
-    endpoint: &Endpoint,
+    endpoint: &'a Endpoint,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<Stage>,
-    seat: Option<&Seat>,
-) -> Option<Box<Moving>> {
-    let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
-    let admitted = shell::admit(&shared, stream, peer, &mut slot, endpoint).await?;
-    let (stream, buf) = (admitted.stream, admitted.buf);
-    let handshake_deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
-    let cx = Cx {
-        id: admitted.id,
-        peer: admitted.peer,
-        shared,
-        accepted: admitted.accepted,
-    };
-    let Some(ws) = &endpoint.websocket else {
-        let state = cx.start(buf);
-        return cx
-            .serve_tcp(stream, state, open, slot, shutdown, seat)
-            .await;
-    };
-    // TLS and the upgrade count against the handshake deadline too. Their
-    // state is boxed, all of it (a TLS stream held in this function's frame
-    // across an await added 1.3 KB to every connection's task), so
-    // the tasks of plain TCP connections, most of the idle ones, stay small.
-    let stream = Prefixed::new(buf, stream);
-    let Some(tls) = &endpoint.tls else {
-        Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
-        return None;
-    };
-    Box::pin(cx.tls_upgrade(stream, tls, ws, handshake_deadline, &mut open, shutdown)).await;
-    None
+    seat: Option<&'a Seat>,
+) -> impl Future<Output = Option<Box<Moving>>> + Send + 'a {
+    async move {
+        let mut open = OpenGauge::new(shared.metrics.clone(), endpoint.kind(), "undetected");
+        let admitted = shell::admit(&shared, stream, peer, &mut slot, endpoint).await?;
+        let (stream, buf) = (admitted.stream, admitted.buf);
+        let handshake_deadline = admitted.accepted + shared.limits.connection.handshake_timeout;
+        let cx = Cx {
+            id: admitted.id,
+            peer: admitted.peer,
+            shared,
+            accepted: admitted.accepted,
+        };
+        let Some(ws) = &endpoint.websocket else {
+            let state = cx.start(buf);
+            return cx
+                .serve_tcp(stream, state, open, slot, shutdown, seat)
+                .await;
+        };
+        // TLS and the upgrade count against the handshake deadline too. Their
+        // state is boxed, all of it (a TLS stream held in this function's frame
+        // across an await added 1.3 KB to every connection's task), so
+        // the tasks of plain TCP connections, most of the idle ones, stay small.
+        let stream = Prefixed::new(buf, stream);
+        let Some(tls) = &endpoint.tls else {
+            Box::pin(cx.upgrade(stream, ws, handshake_deadline, &mut open, shutdown)).await;
+            return None;
+        };
+        Box::pin(cx.tls_upgrade(stream, tls, ws, handshake_deadline, &mut open, shutdown)).await;
+        None
+    }
 }
 
 /// Where to start serving a connection on an event loop.
@@ -170,7 +176,7 @@ pub(super) fn place(loops: &Arc<Loops>, to: usize, start: Start, done: mpsc::Sen
 pub(super) struct Moving {
     cx: Cx,
     stream: std::net::TcpStream,
-    state: State,
+    state: Box<State>,
     open: OpenGauge,
     slot: Slot,
     shutdown: watch::Receiver<Stage>,
@@ -295,10 +301,12 @@ impl Cx {
     }
 
     /// A new connection's state, `initial` (bytes read with the PROXY
-    /// header) taken in.
-    fn start(&self, initial: BytesMut) -> State {
+    /// header) taken in. Boxed: an async function's arguments are kept
+    /// apart from its locals, so the state passed down by value would be
+    /// stored once per level in every connection's task.
+    fn start(&self, initial: BytesMut) -> Box<State> {
         let shared = &self.shared;
-        let mut state = State {
+        let mut state = Box::new(State {
             conn: Connection::new(
                 shared.limits.connection.clone(),
                 shared.handshake.clone(),
@@ -307,7 +315,7 @@ impl Cx {
             ),
             outbox: LazyOutbox::new(shared.limits.outbox_capacity),
             held: Held::new(shared.budgets.clone()),
-        };
+        });
         state.conn.handle_input(
             0,
             shell::now(),
@@ -318,37 +326,46 @@ impl Cx {
     }
 
     /// Serves a plain TCP connection; returns it to be moved if it stopped
-    /// for that.
-    async fn serve_tcp(
+    /// for that. Not an `async fn`: that would store each argument twice in
+    /// every connection's task (as an argument and as the local it is
+    /// moved into), some 200 bytes here; an `async move` block keeps each
+    /// once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice in the task"
+    )]
+    fn serve_tcp<'a>(
         self,
         mut stream: TcpStream,
-        state: State,
+        state: Box<State>,
         mut open: OpenGauge,
         slot: Slot,
         shutdown: watch::Receiver<Stage>,
-        seat: Option<&Seat>,
-    ) -> Option<Box<Moving>> {
-        // A TCP stream splits into borrowed halves, without the shared
-        // allocation a generic split costs every connection.
-        let served = self
-            .serve(stream.split(), state, &mut open, shutdown.clone(), seat)
-            .await;
-        let Served::Moving(state, to) = served else {
-            return None;
-        };
-        match stream.into_std() {
-            Ok(stream) => Some(Box::new(Moving {
-                cx: self,
-                stream,
-                state: *state,
-                open,
-                slot,
-                shutdown,
-                to,
-            })),
-            Err(e) => {
-                warn!(conn = self.id, peer = %self.peer, "cannot move a connection between event loops: {e}");
-                None
+        seat: Option<&'a Seat>,
+    ) -> impl Future<Output = Option<Box<Moving>>> + Send + 'a {
+        async move {
+            // A TCP stream splits into borrowed halves, without the shared
+            // allocation a generic split costs every connection.
+            let served = self
+                .serve(stream.split(), state, &mut open, shutdown.clone(), seat)
+                .await;
+            let Served::Moving(state, to) = served else {
+                return None;
+            };
+            match stream.into_std() {
+                Ok(stream) => Some(Box::new(Moving {
+                    cx: self,
+                    stream,
+                    state,
+                    open,
+                    slot,
+                    shutdown,
+                    to,
+                })),
+                Err(e) => {
+                    warn!(conn = self.id, peer = %self.peer, "cannot move a connection between event loops: {e}");
+                    None
+                }
             }
         }
     }
@@ -369,7 +386,7 @@ impl Cx {
     async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
         (mut reader, mut writer): (R, W),
-        state: State,
+        state: Box<State>,
         open: &mut OpenGauge,
         shutdown: watch::Receiver<Stage>,
         seat: Option<&Seat>,
@@ -378,11 +395,16 @@ impl Cx {
         let mut forced = false;
         let mut closed_when_done = false;
         let shared = self.shared.clone();
+        // Out of the box at once: a box moved out of is freed only when it
+        // goes out of scope, here the end of the connection.
         let State {
             mut conn,
             mut outbox,
             mut held,
-        } = state;
+        } = {
+            let state = state;
+            *state
+        };
         let mut forwards = Forwards::new();
         let mut waiting: Option<BoxFuture<'static, Answer>> = None;
         // The loop this connection was asked to move to.
