@@ -6,9 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,10 +17,6 @@ use mtproto_core::tl::{id, TlReader, TlWrite};
 use mtproto_gateway::app::Gateway;
 use mtproto_gateway::config::{Cli, Config, ConfigExt};
 use mtproto_gateway::loops::Loops;
-use mtproto_session::embedded::EmbeddedSession;
-use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
-use mtproto_session::ring::Ring;
-use mtproto_session::store::MemoryStore;
 use mtproto_testclient::Client;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::RsaPublicKey;
@@ -29,26 +25,6 @@ use tokio::net::TcpListener;
 const WAIT: Duration = Duration::from_secs(10);
 /// Pings outstanding while the connection moves.
 const IN_FLIGHT: i64 = 4;
-
-async fn reference_session() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let session = Arc::new(EmbeddedSession::new(
-        Arc::new(MemoryStore::default()),
-        Arc::new(RemoteGateways::new(Duration::from_secs(1))),
-    ));
-    let service = Arc::new(SessionGrpc::new(
-        session,
-        Ring::new(vec![addr.to_string()]),
-        addr.to_string(),
-    ));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(grpc_server::routes(service))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
-}
 
 /// One client session's pings: sent with fresh ids, each pong checked off once.
 struct Pinger {
@@ -156,7 +132,7 @@ async fn until_on(pinger: &mut Pinger, loops: &Loops, on: usize, ask: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_moves_between_loops_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let session = reference_session().await;
+    let session = common::reference_session(&[]).await;
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
     drop(grpc);

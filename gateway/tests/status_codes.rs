@@ -10,8 +10,10 @@
 //!   headers) and the older `Unknown` + message form to the right
 //!   `SessionError`.
 
+mod common;
+
+use common::reference_session;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,10 +28,7 @@ use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 
 use mtproto_gateway::metrics::{RpcErrorLabels, SessionRpcMetrics};
 use mtproto_gateway::session::remote::{Mode, RemoteSession, RemoteSettings};
-use mtproto_session::embedded::EmbeddedSession;
-use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
 use mtproto_session::ring::Ring;
-use mtproto_session::store::MemoryStore;
 use mtproto_session::{SessionClientEvent, SessionError, SessionService};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -40,27 +39,6 @@ async fn listener() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     (listener, addr)
-}
-
-/// The reference session as `mtproto-session` serves it, with `members` on
-/// its ring (itself first).
-async fn reference_session(others: &[&str]) -> SocketAddr {
-    let (listener, addr) = listener().await;
-    let me = addr.to_string();
-    let members = std::iter::once(me.clone())
-        .chain(others.iter().map(|s| s.to_string()))
-        .collect::<Vec<_>>();
-    let session = Arc::new(EmbeddedSession::new(
-        Arc::new(MemoryStore::default()),
-        Arc::new(RemoteGateways::new(Duration::from_secs(1))),
-    ));
-    let service = Arc::new(SessionGrpc::new(session, Ring::new(members), me));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(grpc_server::routes(service))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
 }
 
 /// A `perm_auth_key_id` that `owner` owns on the ring of `members`.

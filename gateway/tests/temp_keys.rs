@@ -5,9 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -16,10 +17,6 @@ use mtproto_core::bind::{build_request, Outer};
 use mtproto_core::tl::{id, TlReader, TlWrite};
 use mtproto_gateway::app::Gateway;
 use mtproto_gateway::config::{Cli, Config, ConfigExt};
-use mtproto_session::embedded::EmbeddedSession;
-use mtproto_session::grpc_server::{self, RemoteGateways, SessionGrpc};
-use mtproto_session::ring::Ring;
-use mtproto_session::store::MemoryStore;
 use mtproto_testclient::{Client, ClientError, CreatedKey};
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::RsaPublicKey;
@@ -214,34 +211,13 @@ async fn expired_temp_keys_get_404() {
     let _ = stop.send(true);
 }
 
-/// The reference session as `mtproto-session` serves it, on loopback.
-async fn remote_session() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let session = Arc::new(EmbeddedSession::new(
-        Arc::new(MemoryStore::default()),
-        Arc::new(RemoteGateways::new(Duration::from_secs(1))),
-    ));
-    let service = Arc::new(SessionGrpc::new(
-        session,
-        Ring::new(vec![addr.to_string()]),
-        addr.to_string(),
-    ));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(grpc_server::routes(service))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
-}
-
 /// A temp key made through gateway A and used on gateway B, both in front of
 /// a remote session: B learns the key from `session_queryAuthKey`, whose
 /// conversion used to drop the expiry, so B served the key forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_temp_keys_get_404_when_looked_up_through_a_remote_session() {
     let dir = tempfile::tempdir().unwrap();
-    let session = format!("grpc://{}", remote_session().await);
+    let session = format!("grpc://{}", common::reference_session(&[]).await);
     let args = ["--session", &session, "--grpc-listen", "127.0.0.1:0"];
     let (a, stop_a) = start_with(dir.path(), &args).await;
     let (b, stop_b) = start_with(dir.path(), &args).await;
