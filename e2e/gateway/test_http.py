@@ -11,10 +11,11 @@ import os
 import socket
 import struct
 import time
+import warnings
 
 import pytest
 from telethon.crypto import AuthKey
-from telethon.errors import AuthKeyNotFound
+from telethon.errors import AuthKeyNotFound, SecurityError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender, authenticator
 from telethon.network.connection.http import ConnectionHttp, HttpPacketCodec
@@ -175,23 +176,41 @@ class OneConnectionPerRequest:
             return r.tgread_object()
 
 
+async def authenticate(port: int, forge: bool = False) -> tuple[OneConnectionPerRequest, AuthKey, int]:
+    """Telethon's handshake over OneConnectionPerRequest: the transport, the
+    key and the attempts it took. Retried once for Telethon's own 1-in-256
+    flaw (it drops a leading zero byte of the shared key, so its
+    `new_nonce_hash` check fails although the server made the key);
+    each retry shows as a warning in the test summary."""
+    for attempt in (1, 2):
+        plain = OneConnectionPerRequest(port, forge=forge)
+        try:
+            key, _ = await asyncio.wait_for(authenticator.do_authentication(plain), 60)
+            return plain, key, attempt
+        except SecurityError as e:
+            if attempt == 2 or "invalid new nonce hash" not in str(e):
+                raise
+            warnings.warn(f"Telethon handshake retried once ({e})")
+    raise AssertionError("unreachable")
+
+
 def test_handshake_continues_across_tcp_connections(http_gateway):
     """Each handshake step on its own TCP connection: the state is found by nonce."""
     pin_server_key(http_gateway.public_key.read_text())
     before = http_gateway.log_text().count("auth key created")
 
-    async def scenario():
-        plain = OneConnectionPerRequest(http_gateway.port)
-        key, _ = await asyncio.wait_for(authenticator.do_authentication(plain), 60)
+    async def scenario() -> int:
+        plain, key, attempts = await authenticate(http_gateway.port)
         assert plain.connections == 3
         sender = await http_sender(http_gateway.port, auth_key=key)
         try:
             assert (await asyncio.wait_for(sender.send(PingRequest(9)), 20)).ping_id == 9
         finally:
             await sender.disconnect()
+        return attempts
 
-    asyncio.run(scenario())
-    assert http_gateway.log_text().count("auth key created") == before + 1
+    attempts = asyncio.run(scenario())
+    assert http_gateway.log_text().count("auth key created") == before + attempts
 
 
 def test_a_forged_step_does_not_end_the_real_handshake(http_gateway):
@@ -200,8 +219,7 @@ def test_a_forged_step_does_not_end_the_real_handshake(http_gateway):
     pin_server_key(http_gateway.public_key.read_text())
 
     async def scenario():
-        plain = OneConnectionPerRequest(http_gateway.port, forge=True)
-        await asyncio.wait_for(authenticator.do_authentication(plain), 60)
+        plain, _, _ = await authenticate(http_gateway.port, forge=True)
         assert plain.forged_refused == 2
 
     asyncio.run(scenario())
