@@ -9,11 +9,11 @@ pub mod outbox;
 pub mod registry;
 pub mod reverse;
 mod shell;
-
-pub use shell::HandshakePool;
 mod stream;
 pub mod tls;
 pub mod websocket;
+
+pub use shell::HandshakePool;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -315,9 +315,7 @@ async fn accept_loop(
                     let stage = stage.clone();
                     let Some(loops) = &loops else {
                         tokio::spawn(async move {
-                            let moving =
-                                stream::run(stream, peer, slot, &endpoint, shared, stage, None);
-                            moving.await;
+                            stream::run(stream, peer, slot, &endpoint, shared, stage, None).await;
                             drop(done);
                         });
                         continue;
