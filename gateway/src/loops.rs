@@ -231,6 +231,7 @@ impl Loops {
         let now = Instant::now();
         let window = now.duration_since(sampled.at).as_nanos().max(1) as f64;
         sampled.at = now;
+        let connections = self.connections();
         for (i, l) in self.loops.iter().enumerate() {
             let total = l.cpu.as_deref().and_then(cpu_ns).unwrap_or(0);
             let spent = total.saturating_sub(sampled.cpu_ns[i]) as f64;
@@ -244,9 +245,9 @@ impl Loops {
             self.metrics
                 .event_loop_connections
                 .get_or_create(&labels)
-                .set(l.connections.load(Ordering::Relaxed) as i64);
+                .set(connections[i] as i64);
         }
-        let plan = shed_plan(&sampled.loads, &self.connections());
+        let plan = shed_plan(&sampled.loads, &connections);
         // A budget left over from the last sample is replaced.
         for (i, l) in self.loops.iter().enumerate() {
             match plan.filter(|p| p.from == i) {
