@@ -267,18 +267,16 @@ impl Gateway {
         // link, the replies) stays on one thread: see `crate::loops`. The
         // embedded session's workers run on the main runtime, and its
         // connections stay there with them.
-        let event_loops = match s.mode {
-            SessionMode::Embedded => 0,
-            SessionMode::Unary | SessionMode::Stream => worker_threads,
-        };
-        let loops = match event_loops {
-            0 => None,
-            n => {
+        let loops = match s.mode {
+            SessionMode::Embedded => None,
+            SessionMode::Unary | SessionMode::Stream => {
                 info!(
-                    event_loops = n,
+                    event_loops = worker_threads,
                     "TCP and WebSocket connections run on event loops"
                 );
-                Some(Loops::start(n, metrics.clone()).context("cannot start the event loops")?)
+                let loops = Loops::start(worker_threads, metrics.clone())
+                    .context("cannot start the event loops")?;
+                Some(loops)
             }
         };
         let limits = Limits {
